@@ -21,6 +21,7 @@ from ddist.data import dataset_spec
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger, info
 from ddist.stages.training import resolve_device, seed_everything
+from ddist.threads import configure_threads
 
 # stage name -> module with run(cfg, ctx) -> ctx (imported lazily: diffusion pulls in diffusers)
 STAGES = {name: f"ddist.stages.{name}" for name in
@@ -38,6 +39,7 @@ def validate(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    configure_threads(cfg.threads)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)

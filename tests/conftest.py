@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per test process (and per subprocess, which inherits it): the suite
+# shares a 2-core machine with other jobs, where spinning OpenMP threads slow it 3x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
