@@ -1,7 +1,14 @@
-"""`python -m ddist` (or `ddist`): the Hydra entry point over conf/config.yaml."""
+"""`python -m ddist` (or `ddist`): the Hydra entry point over conf/config.yaml.
+
+A single run that fails on a user-fixable problem prints one paragraph and exits 2. In a
+multirun a failing job must not end the sweep: its message goes to `error.json` in its job
+directory, the other jobs run, and the sweep exits non-zero at the end with a summary of
+the failed jobs (ddist.sweep.FailureSummary, a Hydra callback in conf/hydra/default.yaml).
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -18,17 +25,26 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> None:
-    from ddist import pipeline  # after Hydra has parsed the command line: `--help` stays fast
+    from ddist import pipeline, sweep  # after Hydra has parsed the command line: `--help` stays fast
 
+    job_dir = Path(cfg.paths.output_dir)
+    sweep.clear_error(job_dir)  # a rerun of a job in a reused sweep directory starts clean
     try:
         pipeline.run(cfg)
-    except DdistError as err:
-        # a user-fixable problem: one paragraph, no traceback, non-zero exit
-        print(f"ddist: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OmegaConfBaseException as err:  # e.g. a missing key or a bad interpolation in an override
-        print(f"ddist: config error: {err}\nCheck the overrides and the config files under conf/.", file=sys.stderr)
-        sys.exit(2)
+    except (DdistError, OmegaConfBaseException) as err:
+        # a user-fixable problem: one paragraph, no traceback
+        message = f"ddist: error: {err}" if isinstance(err, DdistError) else (
+            f"ddist: config error: {err}\nCheck the overrides and the config files under conf/.")
+        print(message, file=sys.stderr)
+        if not sweep.in_multirun():
+            sys.exit(2)
+        sweep.record_error(job_dir, message, exit_code=2)
+    except Exception as err:
+        if not sweep.in_multirun():
+            raise
+        # a bug: keep the traceback in the job's log, and let the sweep go on
+        logging.getLogger("ddist").exception("job failed")
+        sweep.record_error(job_dir, f"{type(err).__name__}: {err}", exit_code=1)
 
 
 def main() -> None:

@@ -35,6 +35,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from ddist.sweep import read_error
+
 # Columns taken from the analyse stage's output: (column, path into the analysis dict).
 ANALYSIS_COLUMNS = [
     ("proto_dist", ("prototype_distance", "synthetic")),
@@ -322,7 +324,12 @@ def write_markdown(path: Path, rows: list[dict], collected: Collected, missing: 
     for dataset, method, ipc, seed in missing:
         out.append(f"- no run for dataset={dataset} method={method} ipc={ipc} seed={seed}")
     for job, overrides in collected.incomplete:
-        out.append(f"- unfinished job (no results.json): `{os.path.relpath(job, path.parent)}` {overrides}".rstrip())
+        where = f"`{os.path.relpath(job, path.parent)}` {overrides}".rstrip()
+        error = read_error(job)
+        if error is None:
+            out.append(f"- unfinished job (no results.json): {where}")
+        else:
+            out.append(f"- failed job: {where}: {error['message'].splitlines()[0].removeprefix('ddist: error: ')}")
     for file, why in collected.unreadable:
         out.append(f"- unreadable: `{os.path.relpath(file, path.parent)}` ({why})")
     if collected.duplicates:
