@@ -25,7 +25,8 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> None:
-    from ddist import pipeline, sweep  # after Hydra has parsed the command line: `--help` stays fast
+    # imported after Hydra has parsed the command line: `--help` stays fast
+    from ddist import pipeline, sweep
 
     job_dir = Path(cfg.paths.output_dir)
     sweep.clear_error(job_dir)  # a rerun of a job in a reused sweep directory starts clean
