@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from safetensors import SafetensorError
@@ -56,6 +57,18 @@ def cache_entry(cfg: DictConfig, kind: str, key_obj: Any) -> Path:
     if not key_file.exists():
         atomic_write_text(key_file, json.dumps(to_plain(key_obj), indent=2, sort_keys=True, default=str))
     return path
+
+
+@contextlib.contextmanager
+def building(entry: Path) -> Iterator[Path]:
+    """Hold the cache entry's lock while checking for and building its artifact.
+
+    Two runs that need the same entry at once (a joblib sweep, two terminals) build it
+    once: the second waits here, then finds the finished artifact. The lock is a file
+    lock (`filelock`), so it also holds across processes on a shared file system.
+    """
+    with FileLock(str(entry / ".lock")):
+        yield entry
 
 
 # ----------------------------------------------------------------------------- atomic writes

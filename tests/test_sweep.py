@@ -31,3 +31,16 @@ def test_a_rerun_that_succeeds_clears_the_old_error(tmp_path, cache_dir):
     (run_dir / "error.json").write_text('{"message": "old", "exit_code": 2}')
     run_ddist("pipeline=random", run_dir=run_dir, cache_dir=cache_dir)
     assert not (run_dir / "error.json").exists()
+
+
+def test_two_runs_needing_one_teacher_train_it_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = tmp_path / "cache"  # empty: both runs miss at the same moment
+    runs = [tmp_path / "a", tmp_path / "b"]
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda d: run_ddist("pipeline.stages=[squeeze]", run_dir=d, cache_dir=cache), runs))
+    logs = [p.stderr + p.stdout for p in procs]
+    assert sum("(measured:" in log for log in logs) == 1, logs  # one trained it ...
+    assert sum("(cached:" in log for log in logs) == 1  # ... the other waited and read it
+    assert len(list((cache / "teacher").glob("*/teacher.pt"))) == 1

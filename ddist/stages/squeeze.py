@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import (
     atomic_write_text,
+    building,
     cache_entry,
     load_checkpoint,
     load_model_state,
@@ -78,13 +79,21 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
         _report(ctx, cached=False)
         return ctx
 
-    # -- the cache: a hit skips training
+    # -- the cache: a hit skips training; the lock makes a concurrent run wait for this one
     entry = cache_entry(cfg, "teacher", teacher_key(cfg))
+    with building(entry):
+        ctx["teacher"], ctx["teacher_acc"], cached = cached_or_trained(cfg, ctx, entry)
+    _report(ctx, cached=cached)
+    return ctx
+
+
+def cached_or_trained(cfg: DictConfig, ctx: dict, entry: Path) -> tuple[Path, float, bool]:
+    """(checkpoint, test accuracy, cached?) of the teacher in cache `entry`, training it on a miss."""
+    spec, device = ctx["spec"], ctx["device"]
+    cache_dir = Path(cfg.paths.cache_dir)
     path, meta_path = entry / "teacher.pt", entry / "meta.json"
     if path.exists() and meta_path.exists():
-        ctx["teacher"], ctx["teacher_acc"] = path, json.loads(meta_path.read_text())["test_acc"]
-        _report(ctx, cached=True)
-        return ctx
+        return path, json.loads(meta_path.read_text())["test_acc"], True
 
     # -- train on the real train split
     seed_everything(cfg.teacher.seed)
@@ -118,9 +127,7 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     acc = accuracy(model, test, spec, device)
     save_checkpoint(path, model, {"test_acc": acc})
     atomic_write_text(meta_path, json.dumps({"test_acc": acc, "epochs": tcfg.epochs}))
-    ctx["teacher"], ctx["teacher_acc"] = path, acc
-    _report(ctx, cached=False)
-    return ctx
+    return path, acc, False
 
 
 def _report(ctx: dict, cached: bool) -> None:
