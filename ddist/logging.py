@@ -6,8 +6,10 @@ no-op, so stages log unconditionally. Metric keys are "<stage>/<name>".
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,29 @@ def warn(msg: str) -> None:
     log.warning(msg)
 
 
+# Seconds between progress lines when stderr is not a terminal (a log file, CI, a SLURM job).
+LOG_INTERVAL = 30.0
+
+
+class _ProgressLines(tqdm):
+    """A tqdm that logs one plain line at most every `mininterval` seconds instead of redrawing
+    a bar with carriage returns (which fill a log file with thousands of frames)."""
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        if msg != "":  # close() with leave=False asks to erase the bar: nothing to erase
+            log.info(msg or self.format_meter(**self.format_dict))
+        return True
+
+
 def progress(iterable: Iterable | None = None, desc: str = "", total: int | None = None, **kwargs) -> tqdm:
-    """A tqdm bar; silent when DDIST_PROGRESS=0 (tests, CI logs)."""
-    disable = os.environ.get("DDIST_PROGRESS", "1") == "0"
-    return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+    """A progress bar on a terminal, a line every LOG_INTERVAL seconds in a log; silent with DDIST_PROGRESS=0."""
+    if os.environ.get("DDIST_PROGRESS", "1") == "0":
+        return tqdm(iterable, desc=desc, total=total, disable=True, **kwargs)
+    if not sys.stderr.isatty():
+        # the lines go to the log; tqdm's own writes (a closing carriage return) go nowhere
+        return _ProgressLines(iterable, desc=desc, total=total, mininterval=LOG_INTERVAL, leave=False, ascii=True,
+                              file=io.StringIO(), **kwargs)
+    return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False, **kwargs)
 
 
 class RunLogger:
@@ -38,6 +59,7 @@ class RunLogger:
 
     def __init__(self, run=None):
         self.run = run
+        self._steps: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: Path, job_type: str) -> RunLogger:
@@ -46,17 +68,30 @@ class RunLogger:
             return cls(None)
         import wandb  # imported lazily: it is slow to import and unused with logger=none
 
-        group = lcfg.group or _sweep_group(run_dir)
+        method, dataset = cfg.pipeline.name, cfg.dataset.name
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config["overrides"] = hydra_overrides()
         run = wandb.init(
-            project=lcfg.project, entity=lcfg.entity, mode=lcfg.mode, dir=str(run_dir), group=group,
-            job_type=job_type, tags=list(lcfg.tags), name=run_dir.name, reinit="finish_previous",
-            config=OmegaConf.to_container(cfg, resolve=True),
+            project=lcfg.project, entity=lcfg.entity, mode=lcfg.mode, dir=str(run_dir),
+            group=lcfg.group or _sweep_group(run_dir), job_type=job_type,
+            name=f"{method}-{dataset}-ipc{cfg.ipc}-s{cfg.seed}",
+            tags=[method, dataset, f"ipc{cfg.ipc}", f"pipeline:{cfg.pipeline.name}", *lcfg.tags],
+            reinit="finish_previous", config=config,
         )
+        # one x axis per stage: a stage's curves are plotted against its own steps
+        for stage in cfg.pipeline.stages:
+            run.define_metric(f"{stage}/step", hidden=True)
+            run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
         return cls(run)
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        """Log metrics keyed "<stage>/<name>" against that stage's step: `step` when given
+        (an iteration or epoch), else the count of this stage's earlier log calls."""
+        if self.run is None:
+            return
+        stage = next(iter(metrics)).split("/", 1)[0]
+        self._steps[stage] = self._steps.get(stage, -1) + 1 if step is None else step
+        self.run.log({**metrics, f"{stage}/step": self._steps[stage]})
 
     def summary(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:
@@ -89,10 +124,25 @@ class RunLogger:
             self.run = None
 
 
-def _sweep_group(run_dir: Path) -> str:
-    """Jobs of one multirun share its sweep directory: that directory's name groups them."""
-    parent = run_dir.parent
-    return f"{parent.parent.name}_{parent.name}" if "multirun" in run_dir.parts else run_dir.name
+def _sweep_group(run_dir: Path) -> str | None:
+    """The jobs of one multirun share its sweep directory (whatever hydra.sweep.dir is): its
+    last two path parts name their group. A single run has no group."""
+    from ddist.sweep import in_multirun
+
+    if not in_multirun():
+        return None
+    sweep_dir = run_dir.parent  # job directories are one level below the sweep directory
+    return f"{sweep_dir.parent.name}_{sweep_dir.name}"
+
+
+def hydra_overrides() -> list[str]:
+    """The command line's overrides of this job ([] outside @hydra.main)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
 
 
 def _artifact_name(name: str) -> str:

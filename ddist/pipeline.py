@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from ddist.artifacts import atomic_write_text
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError
-from ddist.logging import RunLogger, info
+from ddist.logging import RunLogger, hydra_overrides, info
 from ddist.stages.training import resolve_device, seed_everything
 from ddist.threads import configure_threads
 
@@ -78,7 +78,7 @@ def collect_results(cfg: DictConfig, ctx: dict) -> dict:
         "peak_memory_mb": ctx["peak_memory_mb"],
         "distilled": str(ctx["distilled"]) if ctx.get("distilled") else None,
         **{k: v for k, v in ctx["results"].items() if k != "students"},
-        "overrides": _overrides(),
+        "overrides": hydra_overrides(),
     }
 
 
@@ -104,15 +104,6 @@ def report_to_logger(logger: RunLogger, results: dict, ctx: dict) -> None:
     if ctx.get("distilled"):
         logger.log_artifact(ctx["distilled"], f"distilled-{results['method']}-{results['dataset']}-ipc{results['ipc']}",
                             "distilled_set")
-
-
-def _overrides() -> list[str]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # not running under @hydra.main (e.g. a test calling run directly)
-        return []
 
 
 class PeakMemory:

@@ -70,6 +70,11 @@ def test_multirun_makes_one_wandb_run_per_job_with_the_final_accuracy(tmp_path, 
         row = dict(zip(logged["columns"], logged["data"][0]))
         assert row["ipc"] == results["ipc"]
         assert row["acc_mean"] == pytest.approx(results["students"][0]["acc_mean"])
+        # the run's record names its sweep's group (a custom sweep dir), its name and its tags
+        record = next(runs[0].glob("*.wandb")).read_bytes()
+        assert f"{sweep.parent.name}_{sweep.name}".encode() in record
+        assert f"random-digits-ipc{results['ipc']}-s0".encode() in record
+        assert b"pipeline:random" in record
 
 
 @pytest.mark.parametrize("override, needle", [
