@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -71,6 +72,27 @@ def building(entry: Path) -> Iterator[Path]:
         yield entry
 
 
+def strict_json(obj: Any) -> str:
+    """JSON that every parser reads: a NaN or infinite number becomes null, and a top-level
+    "notes" list says which key held what (json.dumps would write bare NaN / Infinity)."""
+    notes: list[str] = []
+
+    def clean(x: Any, where: str) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            notes.append(f"{where}: {x} (undefined here), written as null")
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v, f"{where}.{k}" if where else str(k)) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        return x
+
+    out = clean(to_plain(obj), "")
+    if notes and isinstance(out, dict):
+        out["notes"] = [*out.get("notes", []), *notes]
+    return json.dumps(out, indent=2, allow_nan=False, default=str)
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -105,23 +127,29 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def load_tensors(path: str | os.PathLike, what: str = "artifact") -> dict[str, torch.Tensor]:
-    """Load a safetensors file, turning a missing or corrupt file into a CheckpointError."""
+def load_tensors(path: str | os.PathLike, what: str = "artifact",
+                 fix: str = "Delete it (a cache entry is rebuilt on the next run) or point the option at a valid file."
+                 ) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning a missing or corrupt file into a CheckpointError that says `fix`."""
     try:
         return load_file(str(path))
     except (FileNotFoundError, SafetensorError, OSError) as err:
-        raise CheckpointError(f"Cannot read the {what} at {path}: {err}. Delete it (a cache entry is rebuilt "
-                              "on the next run) or point the option at a valid file.") from None
+        raise CheckpointError(f"Cannot read the {what} at {path}: {err}. {fix}") from None
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `path` (the old one is removed last)."""
+    """Yield a temporary directory; on success it replaces `path` (the old one is removed last).
+
+    The finished directory and everything in it are world-readable (mkdtemp makes 0700 and
+    some writers 0600): sets and caches are shared like any output.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        _share(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -132,6 +160,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _share(root: Path) -> None:
+    """chmod a+rX over a tree: directories 0755, files 0644."""
+    os.chmod(root, 0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o755)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o644)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -200,16 +238,26 @@ def code_version() -> str:
         return "unknown"
 
 
+def tensor_checksum(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' bytes (in order): meta.json records it, loading verifies it."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor, spec, meta: dict) -> Path:
     """Write a DistilledSet directory atomically.
 
-    images/<class>/<i>.png are viewable (and ImageFolder-compatible), data.safetensors keeps the
-    exact float tensors, meta.json says what made them.
+    images/<class>/<i>.png are viewable (and ImageFolder-compatible: file names are
+    zero-padded, so their sorted order is the order in data.safetensors), data.safetensors
+    keeps the exact float tensors, meta.json says what made them and their checksum.
     """
     images, labels = images.detach().float().cpu(), labels.detach().long().cpu()
     meta = {**meta, "num_images": len(labels), "classes": list(spec.classes), "mean": list(spec.mean),
-            "std": list(spec.std), "code_version": code_version()}
+            "std": list(spec.std), "code_version": code_version(), "sha256": tensor_checksum(images, labels)}
     path = Path(path)
+    width = len(str(max(int(labels.bincount().max()) - 1, 0))) if len(labels) else 1
     with atomic_dir(path) as tmp:
         save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp / "data.safetensors"))
         pixels = spec.denormalize(images).clamp(0, 1).mul(255).round().to(torch.uint8)
@@ -219,23 +267,53 @@ def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.
             counters[label] = i + 1
             class_dir = tmp / "images" / f"{label:04d}_{_safe(spec.classes[label])}"
             class_dir.mkdir(parents=True, exist_ok=True)
-            array = img.permute(1, 2, 0).squeeze(-1).numpy()
-            Image.fromarray(array).save(class_dir / f"{i}.png")
+            array = img.permute(1, 2, 0).squeeze(-1).numpy()  # [H, W] for one channel: a greyscale PNG
+            Image.fromarray(array).save(class_dir / f"{i:0{width}d}.png")
         (tmp / "meta.json").write_text(json.dumps(to_plain(meta), indent=2, default=str))
     return path
 
 
-def load_distilled(path: str | os.PathLike) -> DistilledSet:
+def load_distilled(path: str | os.PathLike, spec=None, option: str = "evaluate.distilled") -> DistilledSet:
+    """Read a DistilledSet and check it: its checksum, meta.json against the tensors, and (given
+    the run's dataset `spec`) image shape and label range. `option` names what to change."""
     path = Path(path)
+    redo = (f"Recreate the set (rerun the pipeline that made it) or set {option} to an intact DistilledSet "
+            "directory (images/, data.safetensors, meta.json).")
     if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{path} is not a DistilledSet (no meta.json). Set evaluate.distilled to a directory "
-                              "written by ddist (images/, data.safetensors, meta.json).")
-    tensors = load_tensors(path / "data.safetensors", what="DistilledSet tensors")
+        raise CheckpointError(f"{path} is not a DistilledSet (no meta.json). {redo}")
+    tensors = load_tensors(path / "data.safetensors", what="DistilledSet tensors", fix=redo)
     try:
         meta = json.loads((path / "meta.json").read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}/meta.json is corrupt ({err}).") from None
-    return DistilledSet(tensors["images"], tensors["labels"], meta)
+        raise CheckpointError(f"{path}/meta.json is corrupt ({err}). {redo}") from None
+    if "images" not in tensors or "labels" not in tensors:
+        raise CheckpointError(f"{path}/data.safetensors lacks 'images' or 'labels'. {redo}")
+    images, labels = tensors["images"], tensors["labels"]
+    problem = _distilled_problem(images, labels, meta, spec)
+    if problem:
+        raise CheckpointError(f"The DistilledSet at {path} {problem}. {redo}")
+    return DistilledSet(images, labels, meta)
+
+
+def _distilled_problem(images: torch.Tensor, labels: torch.Tensor, meta: dict, spec) -> str | None:
+    """What is wrong with a set's tensors and metadata (None if nothing)."""
+    if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
+        return f"has images {tuple(images.shape)} and labels {tuple(labels.shape)}, not [N, C, H, W] and [N]"
+    if "sha256" in meta and meta["sha256"] != tensor_checksum(images, labels):
+        return "has tensors whose checksum differs from meta.json's (the file was changed or damaged)"
+    if meta.get("num_images", len(labels)) != len(labels):
+        return f"has {len(labels)} images but meta.json says {meta['num_images']}"
+    if "ipc" in meta and len(labels) and set(labels.bincount()[labels.unique()].tolist()) != {int(meta["ipc"])}:
+        return f"does not have meta.json's ipc={meta['ipc']} images in every class"
+    if spec is None:
+        return None
+    expected = (spec.channels, spec.resolution, spec.resolution)
+    if tuple(images.shape[1:]) != expected:
+        return (f"has images of shape {tuple(images.shape[1:])} but dataset {spec.name} needs {expected} "
+                "(channels, resolution, resolution)")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
+        return f"has labels outside 0..{spec.num_classes - 1} of dataset {spec.name}"
+    return None
 
 
 def _safe(name: str) -> str:

@@ -6,7 +6,6 @@ At the end: results.json in the run directory, the same table on the console and
 from __future__ import annotations
 
 import importlib
-import json
 import resource
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import Self
 import torch
 from omegaconf import DictConfig
 
-from ddist.artifacts import atomic_write_text
+from ddist.artifacts import atomic_write_text, strict_json
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger, hydra_overrides, info
@@ -57,8 +56,8 @@ def run(cfg: DictConfig) -> dict:
             ctx["peak_memory_mb"][name] = peak.mb
             logger.log({f"{name}/seconds": ctx["timings"][name], f"{name}/peak_memory_mb": peak.mb})
         results = collect_results(cfg, ctx)
-        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2))
-        print(format_table(results))
+        atomic_write_text(run_dir / "results.json", strict_json(results))
+        print(format_table(results) + f"\n  run directory: {run_dir}")
         report_to_logger(logger, results, ctx)
         exit_code = 0
         return results

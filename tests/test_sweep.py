@@ -29,8 +29,9 @@ def test_a_rerun_that_succeeds_clears_the_old_error(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "error.json").write_text('{"message": "old", "exit_code": 2}')
-    run_ddist("pipeline=random", run_dir=run_dir, cache_dir=cache_dir)
+    proc = run_ddist("pipeline=random", run_dir=run_dir, cache_dir=cache_dir)
     assert not (run_dir / "error.json").exists()
+    assert proc.stdout.rstrip().endswith(f"run directory: {run_dir}")  # the table ends by saying where it is
 
 
 def test_two_runs_needing_one_teacher_train_it_once(tmp_path):

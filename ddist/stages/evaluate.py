@@ -59,7 +59,7 @@ def evaluate_set(cfg: DictConfig, ctx: dict, distilled_path: str | Path, overrid
     ev = OmegaConf.merge(cfg.evaluate, overrides or {})
     if ev.protocol not in ("soft", "hard"):
         raise ConfigError(f"Unknown evaluate.protocol '{ev.protocol}'. Set it to soft or hard.")
-    distilled = load_distilled(distilled_path)
+    distilled = load_distilled(distilled_path, ctx["spec"])
     test = load_split(cfg.dataset, "test", Path(cfg.paths.cache_dir))
     teacher = load_teacher(cfg, ctx) if ev.protocol == "soft" else None
     stored = stored if ev.protocol == "soft" else None

@@ -51,7 +51,7 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     if cfg.relabel.mode == "online" or cfg.evaluate.protocol != "soft":
         return ctx
 
-    distilled = load_distilled(cfg.evaluate.distilled or ctx["distilled"])
+    distilled = load_distilled(cfg.evaluate.distilled or ctx["distilled"], ctx["spec"])
     teacher, device = load_teacher(cfg, ctx), ctx["device"]
     epochs = epochs_for(cfg.relabel.epochs, distilled.ipc)
     settings = {**plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, len(distilled.labels), epochs),
