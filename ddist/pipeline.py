@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from ddist.artifacts import atomic_write_text, strict_json
+from ddist.checks import check_config
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger, hydra_overrides, info
@@ -28,12 +29,11 @@ STAGES = {name: f"ddist.stages.{name}" for name in
 
 
 def validate(cfg: DictConfig) -> None:
-    """Fail before any work on options that cannot run."""
-    if not isinstance(cfg.ipc, int) or cfg.ipc < 1:
-        raise ConfigError(f"ipc must be an integer >= 1 (got {cfg.ipc!r}). Set ipc=1, ipc=10, ...")
+    """Fail before any work on options that cannot run (ddist.checks)."""
     unknown = [s for s in cfg.pipeline.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"Unknown stage(s) {unknown} in pipeline.stages. Valid stages: {', '.join(STAGES)}.")
+    check_config(cfg)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -45,3 +45,13 @@ def test_two_runs_needing_one_teacher_train_it_once(tmp_path):
     assert sum("(measured:" in log for log in logs) == 1, logs  # one trained it ...
     assert sum("(cached:" in log for log in logs) == 1  # ... the other waited and read it
     assert len(list((cache / "teacher").glob("*/teacher.pt"))) == 1
+
+
+def test_a_corrupt_cached_teacher_is_rebuilt(tmp_path):
+    cache = tmp_path / "cache"
+    run_ddist("pipeline.stages=[squeeze]", run_dir=tmp_path / "a", cache_dir=cache)
+    (checkpoint,) = (cache / "teacher").glob("*/teacher.pt")
+    checkpoint.write_bytes(b"truncated")
+    proc = run_ddist("pipeline.stages=[squeeze]", run_dir=tmp_path / "b", cache_dir=cache)
+    assert "training it again" in proc.stderr + proc.stdout
+    assert checkpoint.read_bytes() != b"truncated"

@@ -26,7 +26,8 @@ from ddist.artifacts import (
 )
 from ddist.data import load_split
 from ddist.data.augment import apply, sample_params
-from ddist.logging import info, progress
+from ddist.errors import CheckpointError
+from ddist.logging import info, progress, warn
 from ddist.models import build_model
 from ddist.stages.training import (
     accuracy,
@@ -93,7 +94,11 @@ def cached_or_trained(cfg: DictConfig, ctx: dict, entry: Path) -> tuple[Path, fl
     cache_dir = Path(cfg.paths.cache_dir)
     path, meta_path = entry / "teacher.pt", entry / "meta.json"
     if path.exists() and meta_path.exists():
-        return path, json.loads(meta_path.read_text())["test_acc"], True
+        try:  # a damaged entry is rebuilt, like every cache entry, rather than blamed on teacher.checkpoint
+            load_model_state(build_teacher(cfg, spec), load_checkpoint(path, "teacher"), path, "teacher")
+            return path, json.loads(meta_path.read_text())["test_acc"], True
+        except (CheckpointError, ValueError, KeyError) as err:
+            warn(f"the cached teacher {path} is unreadable ({str(err)[:120]}); training it again")
 
     # -- train on the real train split
     seed_everything(cfg.teacher.seed)

@@ -1,0 +1,177 @@
+"""Up-front checks of a composed config: ranges, devices, paths, stage inputs, memory.
+
+Every check runs before any work, so a mistake costs seconds, not an hour of recover, and
+every message names the option to change. Settings that run but can hardly be meant are
+warned about loudly instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from ddist.errors import ConfigError
+from ddist.logging import warn
+from ddist.threads import thread_count
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _epochs(v: Any) -> bool:
+    """An epoch count >= 1, or a table {ipc bound: epochs, max: epochs} of them."""
+    if isinstance(v, DictConfig):
+        return all(_int(e) and e >= 1 for e in v.values())
+    return _int(v) and v >= 1
+
+
+AT_LEAST_1 = (lambda v: _int(v) and v >= 1, "an integer >= 1")
+AT_LEAST_0 = (lambda v: _int(v) and v >= 0, "an integer >= 0")
+POSITIVE = (lambda v: _number(v) and v > 0, "a number > 0")
+NON_NEGATIVE = (lambda v: _number(v) and v >= 0, "a number >= 0")
+
+# option -> (test, what it must be). Options absent from a config are skipped.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (_int, "an integer"),
+    "ipc": AT_LEAST_1,
+    "dataset.num_classes": AT_LEAST_1,
+    "dataset.channels": AT_LEAST_1,
+    "dataset.resolution": AT_LEAST_1,
+    "teacher.epochs": (AT_LEAST_0[0], "an integer >= 0 (0 keeps the model's initial weights)"),
+    "teacher.batch_size": AT_LEAST_1,
+    "teacher.lr": POSITIVE,
+    "recover.iterations": AT_LEAST_1,
+    "recover.lr": POSITIVE,
+    "evaluate.epochs": (_epochs, "an integer >= 1 or a table {ipc bound: epochs, max: epochs} of them"),
+    "evaluate.batch_size": AT_LEAST_1,
+    "evaluate.test_batch_size": AT_LEAST_1,
+    "evaluate.repeats": AT_LEAST_1,
+    "evaluate.lr": POSITIVE,
+    "evaluate.temperature": (POSITIVE[0], "a number > 0 (the soft labels are softmax(logits / temperature))"),
+    "diffusion.train.steps": AT_LEAST_0,
+    "diffusion.train.batch_size": AT_LEAST_1,
+    "diffusion.finetune.batch_size": AT_LEAST_1,
+    "diffusion.sample.steps": AT_LEAST_1,
+    "diffusion.sample.batch_size": AT_LEAST_1,
+    "diffusion.sample.guidance_scale": NON_NEGATIVE,
+    "analyse.real_samples_per_class": AT_LEAST_1,
+}
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# Loss weights above this cannot be meant: they drown every other term (and float32).
+WEIGHT_LIMIT = 1e6
+WEIGHTS = ("recover.ce_weight", "recover.deda.mean_weight", "recover.deda.gamma", "recover.deda.lambda_diag",
+           "recover.deda.lambda_offdiag", "recover.bn_matching.r_bn", "diffusion.finetune.rsm.lambda",
+           "diffusion.sample.cgs.eta_dpp", "diffusion.sample.cgs.mu_dm")
+# What each stage reads from the stages before it, and who provides it.
+NEEDS = {
+    "recover": {"teacher"}, "relabel": {"teacher", "distilled"}, "evaluate": {"teacher", "distilled"},
+    "analyse": {"teacher", "distilled"},
+}
+MAKES = {"squeeze": {"teacher"}, "random": {"distilled"}, "recover": {"distilled"}, "diffusion": {"distilled"}}
+PROVIDERS = {"teacher": "add squeeze before it", "distilled": "add random, recover or diffusion before it, "
+                                                                "or set evaluate.distilled=PATH"}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first option that cannot run; warn on those that cannot be meant."""
+    for key, (test, what) in RULES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not test(value):
+            raise ConfigError(f"{key} must be {what} (got {value!r}). Set {key}=... accordingly.")
+    if not DEVICE.fullmatch(str(cfg.device)):
+        raise ConfigError(f"device={cfg.device!r} is not a device. Set device=auto, cpu, cuda or cuda:N.")
+    thread_count(cfg.threads)
+    check_stage_inputs(cfg)
+    check_cache_dir(Path(cfg.paths.cache_dir))
+    check_set_fits_memory(cfg)
+    for key in WEIGHTS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if _number(value) and abs(value) > WEIGHT_LIMIT:
+            warn(f"{key}={value:g} is larger than {WEIGHT_LIMIT:g}: that term will drown every other one "
+                 "(and float32). Is that meant?")
+    if cfg.dataset.num_classes == 1:
+        warn("dataset.num_classes is 1: cross-entropy and soft labels carry no information with one class.")
+
+
+def check_stage_inputs(cfg: DictConfig) -> None:
+    """Every stage finds what it reads: made by an earlier stage, or given as an option."""
+    have = {"distilled"} if OmegaConf.select(cfg, "evaluate.distilled") else set()
+    for stage in cfg.pipeline.stages:
+        missing = NEEDS.get(stage, set()) - have
+        if missing:
+            need = min(missing)
+            raise ConfigError(f"pipeline.stages runs {stage} before any stage makes the {need} it needs "
+                              f"(pipeline.stages={list(cfg.pipeline.stages)}): {PROVIDERS[need]}.")
+        have |= MAKES.get(stage, set())
+
+
+def check_cache_dir(path: Path) -> None:
+    check_writable_dir(path, "paths.cache_dir")
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """`path` is (or can become) a directory this user can write."""
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise ConfigError(f"{option}={path} lies under {existing}, which is a file, not a directory. "
+                          f"Set {option} to a directory.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}={path} is not writable ({existing} is read-only for this user). "
+                          f"Set {option} to a writable directory.")
+
+
+class OutputDirCheck(Callback):
+    """Checks Hydra's run or sweep directory before Hydra creates it and opens its log file there,
+    where a file in the way or a read-only parent would end in a traceback from Hydra's logging."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_on_error(check_writable_dir, Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_on_error(check_writable_dir, Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def _exit_on_error(check: Callable[..., None], *args: Any) -> None:
+    try:
+        check(*args)
+    except ConfigError as err:
+        print(f"ddist: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_set_fits_memory(cfg: DictConfig) -> None:
+    """The distilled set (float32, [classes x ipc, C, H, W]) must fit in the memory available."""
+    d = cfg.dataset
+    nbytes = d.num_classes * cfg.ipc * d.channels * d.resolution**2 * 4
+    available = _available_memory()
+    if available is not None and nbytes > available:
+        raise ConfigError(f"ipc={cfg.ipc} makes a set of {nbytes / 2**30:.1f} GiB ({d.num_classes} classes x "
+                          f"{d.channels}x{d.resolution}x{d.resolution} float32), more than the "
+                          f"{available / 2**30:.1f} GiB of memory available. Lower ipc.")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

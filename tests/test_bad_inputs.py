@@ -1,0 +1,93 @@
+"""The catalogue of bad inputs: each is refused up front with a ConfigError that names the option
+to change (the entry point turns it into one paragraph and exit code 2, see test_pipeline), or
+run with a loud warning when it is legal but can hardly be meant."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+from conftest import CONF
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ddist.errors import ConfigError
+from ddist.pipeline import validate
+
+
+def composed(overrides: list[str], tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    cfg.paths.root_dir = str(tmp_path)  # the hydra-runtime interpolations exist only inside a run
+    cfg.paths.output_dir = str(tmp_path / "run")
+    if "paths.cache_dir" not in " ".join(overrides):
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    return cfg
+
+
+# (overrides, the option the message must name)
+ERRORS = [
+    (["seed=abc"], "seed"),
+    (["device=banana"], "device"),
+    (["ipc=0"], "ipc"),
+    (["threads=0"], "threads"),
+    (["evaluate.batch_size=0"], "evaluate.batch_size"),
+    (["evaluate.epochs=0"], "evaluate.epochs"),
+    (["evaluate.repeats=0"], "evaluate.repeats"),
+    (["evaluate.temperature=0"], "evaluate.temperature"),
+    (["evaluate.lr=-1"], "evaluate.lr"),
+    (["dataset.resolution=0"], "dataset.resolution"),
+    (["teacher.epochs=-1"], "teacher.epochs"),
+    (["teacher.lr=0"], "teacher.lr"),
+    (["recover.iterations=0"], "recover.iterations"),
+    (["pipeline=rsm_cgs", "diffusion.sample.steps=0"], "diffusion.sample.steps"),
+    (["pipeline.stages=[evaluate]"], "evaluate.distilled"),
+    (["pipeline.stages=[random,evaluate]"], "squeeze"),
+    (["pipeline.stages=[squeeze,nosuchstage]"], "pipeline.stages"),
+    (["ipc=100000000"], "Lower ipc"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "option"), ERRORS, ids=[" ".join(o) for o, _ in ERRORS])
+def test_bad_input_is_refused_naming_the_option(overrides, option, tmp_path):
+    cfg = composed(overrides, tmp_path)
+    with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_a_cache_dir_that_is_a_file_or_read_only(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="paths.cache_dir.*is a file"):
+        validate(composed([f"paths.cache_dir={blocker}/cache"], tmp_path))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root may write anywhere
+        with pytest.raises(ConfigError, match="paths.cache_dir.*not writable"):
+            validate(composed([f"paths.cache_dir={locked}/cache"], tmp_path))
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["recover.deda.gamma=1e30"], "recover.deda.gamma"),
+    (["dataset.num_classes=1", "dataset.classes=[a]"], "num_classes is 1"),
+])
+def test_legal_but_unlikely_settings_warn(overrides, needle, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="ddist"):
+        validate(composed(overrides, tmp_path))
+    assert any(needle in r.getMessage() for r in caplog.records)
+
+
+def test_the_defaults_pass(tmp_path):
+    validate(composed([], tmp_path))
+    assert OmegaConf.select(composed([], tmp_path), "ipc") == 10
+
+
+def test_a_run_directory_under_a_file_is_a_clear_error(tmp_path, cache_dir):
+    from conftest import run_ddist
+
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    proc = run_ddist("pipeline=random", run_dir=blocker / "run", cache_dir=cache_dir, check=False)
+    assert proc.returncode == 2 and "hydra.run.dir" in proc.stderr and "Traceback" not in proc.stderr
+    assert blocker.read_text() == "keep me"
