@@ -18,9 +18,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddist.errors import DdistError
 
-# An absolute path: Hydra resolves a relative one differently for `python -m ddist` (a file)
-# and for the `ddist` console script (a module), and the config tree lives beside the package.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The config tree ships inside the package (ddist/conf, a link to the checkout's top-level conf/
+# that wheels turn into files), so a non-editable install runs from any directory. An absolute
+# path: Hydra resolves a relative one differently for `python -m ddist` and the console script.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
