@@ -60,6 +60,24 @@ def test_stored_labels_for_other_settings_are_refused(stored_run):
         next(stored_batches(run_dir / "relabel", settings))
 
 
+def test_stored_labels_of_another_teacher_or_with_a_missing_epoch_are_refused(stored_run, tmp_path):
+    import shutil
+
+    run_dir, teacher_path, overrides = stored_run
+    cfg = compose_cfg(overrides)
+    settings = plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, 30, 3)
+    assert len(list(stored_batches(run_dir / "relabel", settings, teacher_path))) == 3  # the right teacher
+    other = tmp_path / "other.pt"
+    other.write_bytes(teacher_path.read_bytes() + b"\0")
+    with pytest.raises(CheckpointError, match="another teacher"):
+        next(stored_batches(run_dir / "relabel", settings, other))
+    damaged = tmp_path / "relabel"
+    shutil.copytree(run_dir / "relabel", damaged)
+    (damaged / "epoch_0001.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="lack epoch_0001"):
+        next(stored_batches(damaged, settings))
+
+
 def test_top_k_storage_renormalises_over_the_kept_classes(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     run_ddist("ipc=1", "relabel=stored", "relabel.top_k=3", run_dir=run_dir, cache_dir=cache_dir)

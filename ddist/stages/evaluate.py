@@ -86,7 +86,7 @@ def train_student(cfg: DictConfig, ctx: dict, ev: DictConfig, distilled: Distill
     student = build_model(student_cfg, spec.num_classes, spec.channels, spec.resolution).to(device)
     epochs = epochs_for(ev.epochs, distilled.ipc)
     settings = plan_settings(ev, spec.resolution, cfg.seed, len(labels), epochs)
-    batches = stored_batches(stored, settings) if stored else plan(settings)
+    batches = stored_batches(stored, settings, ctx["teacher"]) if stored else plan(settings)
     total = epochs * -(-len(labels) // settings["batch_size"])
     optimizer = make_optimizer(student.parameters(), ev, "evaluate")
     schedule = make_schedule(optimizer, ev, total, "evaluate")

@@ -12,6 +12,7 @@ Layout: <run_dir>/relabel/{meta.json, epoch_0000.safetensors, ...}, written atom
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,7 +56,7 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     teacher, device = load_teacher(cfg, ctx), ctx["device"]
     epochs = epochs_for(cfg.relabel.epochs, distilled.ipc)
     settings = {**plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, len(distilled.labels), epochs),
-                "top_k": cfg.relabel.top_k}
+                "top_k": cfg.relabel.top_k, "teacher_sha256": file_sha256(ctx["teacher"])}
     steps_per_epoch = -(-settings["num_images"] // settings["batch_size"])
     out = Path(ctx["run_dir"]) / "relabel"
     with atomic_dir(out) as tmp, torch.no_grad():
@@ -77,8 +78,9 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     return ctx
 
 
-def stored_batches(path: str | Path, expected: dict) -> Iterator[dict]:
-    """Replay stored batches (plan parameters + dense fp32 logits), after checking they fit `expected`."""
+def stored_batches(path: str | Path, expected: dict, teacher: str | Path | None = None) -> Iterator[dict]:
+    """Replay stored batches (plan parameters + dense fp32 logits), after checking they fit `expected`,
+    were made by the checkpoint `teacher` (when given) and that no epoch file is missing."""
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
@@ -88,13 +90,30 @@ def stored_batches(path: str | Path, expected: dict) -> Iterator[dict]:
     if mismatched or meta["epochs"] < expected["epochs"]:
         raise CheckpointError(f"The stored soft labels in {path} were made for other settings ({mismatched or 'epochs'}). "
                               "Rerun relabel with the evaluate settings, or set relabel.mode=online.")
-    for file in sorted(path.glob("epoch_*.safetensors"))[: expected["epochs"]]:
+    if teacher is not None and meta.get("teacher_sha256") != file_sha256(teacher):
+        raise CheckpointError(f"The stored soft labels in {path} were made by another teacher than {teacher}. "
+                              "Rerun relabel with this teacher, or set relabel.mode=online.")
+    files = [path / f"epoch_{e:04d}.safetensors" for e in range(expected["epochs"])]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"The stored soft labels in {path} lack {', '.join(missing[:5])} "
+                              f"({len(missing)} of {len(files)} epochs): rerun relabel, or set relabel.mode=online.")
+    for file in files:
         tensors = load_tensors(file, "stored soft labels")
         for step in sorted({k.split("/")[0] for k in tensors}):
             batch = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith(step + "/")}
             num_classes = int(batch.pop("num_classes"))
             yield {**{k: v for k, v in batch.items() if k not in ("logits", "topk_index")},
                    "logits": _expand(batch, num_classes)}
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: the identity of the teacher that made stored labels."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _compress(logits: torch.Tensor, top_k: int | None) -> dict[str, torch.Tensor]:
