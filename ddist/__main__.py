@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from ddist import CONF_DIR
 from ddist.errors import DdistError
 
-# An absolute path: Hydra resolves a relative one differently for `python -m ddist` (a file)
-# and for the `ddist` console script (a module), and the config tree lives beside the package.
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig) -> None:
     from ddist import pipeline  # after Hydra has parsed the command line: `--help` stays fast
 

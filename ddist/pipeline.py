@@ -20,6 +20,7 @@ from ddist.artifacts import atomic_write_text
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger, info
+from ddist.models import student_config
 from ddist.stages.training import resolve_device, seed_everything
 
 # stage name -> module with run(cfg, ctx) -> ctx (imported lazily: diffusion pulls in diffusers)
@@ -34,6 +35,8 @@ def validate(cfg: DictConfig) -> None:
     unknown = [s for s in cfg.pipeline.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"Unknown stage(s) {unknown} in pipeline.stages. Valid stages: {', '.join(STAGES)}.")
+    for entry in cfg.evaluate.students:  # a bad name fails now, not after hours of distillation
+        student_config(entry)
 
 
 def run(cfg: DictConfig) -> dict:
