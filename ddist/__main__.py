@@ -16,15 +16,11 @@ import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from ddist import CONF_DIR
 from ddist.errors import DdistError
 
-# The config tree ships inside the package (ddist/conf, a link to the checkout's top-level conf/
-# that wheels turn into files), so a non-editable install runs from any directory. An absolute
-# path: Hydra resolves a relative one differently for `python -m ddist` and the console script.
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig) -> None:
     # imported after Hydra has parsed the command line: `--help` stays fast
     from ddist import pipeline, sweep

@@ -20,6 +20,7 @@ from ddist.checks import check_config
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger, hydra_overrides, info
+from ddist.models import student_config
 from ddist.stages.training import resolve_device, seed_everything
 from ddist.threads import configure_threads
 
@@ -34,6 +35,8 @@ def validate(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"Unknown stage(s) {unknown} in pipeline.stages. Valid stages: {', '.join(STAGES)}.")
     check_config(cfg)
+    for entry in cfg.evaluate.students:  # a bad name fails now, not after hours of distillation
+        student_config(entry)
 
 
 def run(cfg: DictConfig) -> dict:

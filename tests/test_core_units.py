@@ -88,6 +88,18 @@ def test_augmentation_replays_exactly_and_identity_params_change_nothing():
     assert torch.equal(apply(x, {"roll": torch.tensor([1, -2])}), torch.roll(x, (1, -2), (2, 3)))
 
 
+def test_roll_offsets_follow_the_reference_by_default():
+    # SRe2L's reference: random.randint(0, lim), inclusive; DeepInversion's: randint(-lim, lim)
+    gen = torch.Generator().manual_seed(0)
+    draws = lambda aug: torch.stack([sample_params(2, aug, 8, gen)["roll"] for _ in range(400)])
+    default = draws({"roll": 3})
+    assert set(default.flatten().tolist()) == {0, 1, 2, 3}
+    assert torch.equal(default, default.clamp(0, 3))
+    assert set(draws({"roll": 3, "roll_mode": "symmetric"}).flatten().tolist()) == set(range(-3, 4))
+    with pytest.raises(ConfigError, match="roll_mode"):
+        sample_params(2, {"roll": 3, "roll_mode": "both"}, 8, gen)
+
+
 def test_cutmix_pastes_a_box_and_lambda_is_the_kept_area():
     x = torch.zeros(2, 1, 10, 10)
     x[1] = 1.0

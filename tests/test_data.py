@@ -41,10 +41,11 @@ SCHEMA_KEYS = {
     "mean",
     "std",
     "in_memory",
+    "subset",
     "augment",
     "protocol",
 }
-AUGMENT_KEYS = {"crop_scale", "flip", "roll"}
+AUGMENT_KEYS = {"student": {"crop_scale", "flip", "roll"}, "recover": {"crop_scale", "flip", "roll", "roll_mode"}}
 # hard_epochs: conf/evaluate/hard.yaml interpolates it ({max_ipc: epochs, ..., max: epochs}).
 PROTOCOL_KEYS = {
     "teacher_epochs",
@@ -95,7 +96,7 @@ def test_dataset_yaml_has_schema(name):
     assert cfg.format in FORMATS
     assert set(cfg.augment.keys()) == {"student", "recover"}
     for part in ("student", "recover"):
-        assert set(cfg.augment[part].keys()) == AUGMENT_KEYS
+        assert set(cfg.augment[part].keys()) == AUGMENT_KEYS[part]
     assert set(cfg.protocol.keys()) == PROTOCOL_KEYS
     assert "max" in cfg.protocol.hard_epochs
     assert len(cfg.mean) == len(cfg.std) == cfg.channels
@@ -227,6 +228,34 @@ def test_cifar_folder_labels_shapes(cifar_folder, tmp_path):
     test = load_split(cfg, "test", tmp_path / "cache")
     assert test.targets.tolist() == list(range(10))
     _assert_labels_match_colours(test)
+
+
+def test_subset_keeps_the_first_classes_and_images_of_a_folder_and_of_digits(cifar_folder, tmp_path):
+    subset = {"classes": 3, "per_class": 1}
+    cfg = _cfg("cifar10", format="folder", root=str(cifar_folder), subset=subset)
+    assert dataset_spec(cfg).classes == ("airplane", "automobile", "bird")
+    train = load_split(cfg, "train", tmp_path / "cache")
+    assert train.targets.tolist() == [0, 1, 2]
+    _assert_labels_match_colours(train)
+    whole = load_split(_cfg("cifar10", format="folder", root=str(cifar_folder)), "train", tmp_path / "cache")
+    assert torch.equal(train.images, whole.images[[0, 2, 4]])  # the first image of each class
+    digits = load_split(_cfg("digits", subset={"classes": 2, "per_class": None}), "test")
+    everything = load_split(_cfg("digits"), "test")
+    assert torch.equal(digits.targets, everything.targets[everything.targets < 2])
+    with pytest.raises(ConfigError, match="dataset.subset.classes"):
+        dataset_spec(_cfg("digits", subset={"classes": 11}))
+
+
+def test_synthetic_format_stands_in_for_absent_data():
+    cfg = _cfg("imagenet1k", format="synthetic", root=None, subset={"classes": 2, "per_class": 3}, resolution=24)
+    spec = dataset_spec(cfg)  # the classes of an absent ImageNet are made up, not read from disk
+    assert spec.classes == ("class_0", "class_1") and spec.num_classes == 2
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    assert train.images.shape == (6, 3, 24, 24) and train.targets.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(load_split(cfg, "train").images, train.images)
+    assert not torch.equal(train.images, test.images)
+    with pytest.raises(ConfigError, match="dataset.subset.per_class"):
+        load_split(_cfg("imagenet1k", format="synthetic", root=None), "train")
 
 
 def test_cifar_folder_must_match_class_list(cifar_folder):

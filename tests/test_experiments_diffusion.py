@@ -7,6 +7,8 @@ import pytest
 from conftest import run_ddist
 from hydra import compose, initialize_config_dir
 
+from ddist.models import student_config
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PIPELINES = ["diffusion", "minimax", "rsm", "cgs", "rsm_cgs"]
 # pipeline -> (fine-tuning objective, sampling method)
@@ -41,7 +43,11 @@ def check_imagenet_common(cfg, dataset: str, ipc: int) -> None:
     assert (d.sample.steps, d.sample.guidance_scale, d.sample.scheduler) == (50, 4.0, "ddpm")
     assert (d.finetune.params, d.finetune.batch_size, d.finetune.epochs, d.finetune.steps) == ("difffit", 8, 8, None)
     assert cfg.evaluate.protocol == "hard"
-    assert list(cfg.evaluate.students) == ["convnet6", "resnet_ap10", "resnet18"]
+    # MiniMax's students: ConvNet-6 (instance norm), ResNetAP-10 and ResNet-18, by conf/model preset
+    students = [student_config(s) for s in cfg.evaluate.students]
+    assert [(name, model["name"]) for name, model in students] == [
+        ("convnet6", "convnet"), ("resnet_ap10", "resnet_ap10"), ("resnet18", "resnet18")]
+    assert (students[0][1]["depth"], students[0][1]["norm"]) == (6, "instance")
 
 
 @pytest.mark.parametrize("dataset,ipc", list(TABLE1))

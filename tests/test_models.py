@@ -10,7 +10,7 @@ from torch import nn
 
 import ddist.models.resnet as resnet_module
 from ddist.errors import ConfigError
-from ddist.models import MODEL_NAMES, build_model
+from ddist.models import MODEL_NAMES, build_model, preset_names, student_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 SIZES = [(1, 16), (3, 32), (3, 64)]
@@ -216,3 +216,20 @@ def test_every_conf_file_builds(path):
 def test_expected_conf_files_exist():
     names = {p.stem for p in CONF_DIR.glob("*.yaml")}
     assert {"convnet", "convnet_in", "convnet6", "resnet18", "resnet_ap10", "resnet50"} <= names
+
+
+def test_students_are_named_by_conf_model_presets():
+    name, cfg = student_config("convnet6")
+    assert (name, cfg) == ("convnet6", {"name": "convnet", "depth": 6, "width": 128, "norm": "instance"})
+    model = build_model(cfg, 10, 3, 128)
+    assert len(model.blocks) == 6 and model(torch.randn(1, 3, 128, 128)).shape == (1, 10)
+    # a mapping overrides the preset's fields and keeps the preset's name
+    name, cfg = student_config({"name": "convnet_in", "width": 8})
+    assert (name, cfg) == ("convnet_in", {"name": "convnet", "depth": 3, "width": 8, "norm": "instance"})
+    assert set(MODEL_NAMES) <= set(preset_names())  # every builder has a preset of its own name
+
+
+@pytest.mark.parametrize("entry", ["nosuchnet", {"name": "vgg11"}, {"width": 8}])
+def test_an_unknown_student_lists_the_presets(entry):
+    with pytest.raises(ConfigError, match="evaluate.students.*convnet6.*resnet_ap10"):
+        student_config(entry)

@@ -7,7 +7,9 @@ same code serves recover (differentiable, on the synthetic pixels) and student t
 
 - crop + flip: RandomResizedCrop(scale, ratio 3/4..4/3) and horizontal flip per image,
   done as one affine `grid_sample` so it is vectorised and differentiable.
-- roll: one random circular shift of the whole batch by up to `roll` pixels (SRe2L's jitter).
+- roll: one random circular shift of the whole batch (SRe2L's jitter), each offset drawn from
+  [0, roll] (`roll_mode: sre2l`, the reference's `random.randint(0, lim)`, which includes lim)
+  or [-roll, roll] (`roll_mode: symmetric`, DeepInversion's `randint(-lim, lim)`).
 - CutMix (Yun et al. 2019) and Mixup (Zhang et al. 2018): one lambda and one partner
   permutation per batch.
 """
@@ -20,7 +22,12 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
+from ddist.errors import ConfigError
+
 Params = dict[str, torch.Tensor]
+# reading: SRe2L's paper only says "random shifts"; its code rolls by randint(0, lim) in both
+# dimensions, so that is the default. symmetric keeps DeepInversion's two-sided jitter.
+ROLL_MODES = ("sre2l", "symmetric")
 
 
 # ----------------------------------------------------------------------------- crop, flip, roll
@@ -43,9 +50,17 @@ def sample_params(n: int, aug: Mapping, resolution: int, generator: torch.Genera
     if aug.get("flip"):
         params["flip"] = torch.rand(n, generator=generator) < 0.5
     if aug.get("roll"):
-        r = int(aug["roll"])
-        params["roll"] = torch.randint(-r, r + 1, (2,), generator=generator)
+        params["roll"] = sample_roll(int(aug["roll"]), aug.get("roll_mode", "sre2l"), generator)
     return params
+
+
+def sample_roll(lim: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """The (dy, dx) offsets of one roll: each in [0, lim] (sre2l) or [-lim, lim] (symmetric)."""
+    if mode not in ROLL_MODES:
+        raise ConfigError(f"Unknown roll_mode {mode!r}; set dataset.augment.recover.roll_mode to one of "
+                          f"{', '.join(ROLL_MODES)}.")
+    low = 0 if mode == "sre2l" else -lim
+    return torch.randint(low, lim + 1, (2,), generator=generator)
 
 
 def apply(x: torch.Tensor, params: Params) -> torch.Tensor:
@@ -80,8 +95,6 @@ def sample_mix(n: int, kind: str, alpha: float, resolution: int, generator: torc
     if kind == "none":
         return {}
     if kind not in ("cutmix", "mixup"):
-        from ddist.errors import ConfigError
-
         raise ConfigError(f"Unknown mix '{kind}'. Set evaluate.mix to one of: cutmix, mixup, none.")
     lam = _beta(alpha, generator)
     perm = torch.randperm(n, generator=generator)

@@ -125,6 +125,8 @@ def discover_classes(cfg: dict) -> tuple[list[str], list[str] | None]:
         return names, (names if fmt == "imagenet" else None)
     if fmt == "imagenet_subset" and cfg.get("wnids"):
         return list(cfg["wnids"]), list(cfg["wnids"])
+    if fmt == "synthetic" and cfg.get("num_classes"):
+        return [f"class_{i}" for i in range(cfg["num_classes"])], None
     raise ConfigError(
         f"Dataset {cfg.get('name')!r} (format {fmt!r}) cannot find its classes on disk: "
         "set dataset.classes (and dataset.wnids for ImageNet subsets) in the dataset config."

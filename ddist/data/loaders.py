@@ -22,7 +22,15 @@ from torch.utils.data import Dataset
 from ddist.data.cache import cache_key, cached_images
 from ddist.data.decode import Resize, decode_all, decode_image
 from ddist.data.layouts import SplitFiles, list_split
-from ddist.data.spec import SPLITS, DatasetSpec, as_dict, check_format, data_root, dataset_spec
+from ddist.data.spec import (
+    SPLITS,
+    DatasetSpec,
+    as_dict,
+    check_format,
+    data_root,
+    dataset_spec,
+    subset_size,
+)
 from ddist.errors import ConfigError
 
 log = logging.getLogger("ddist")
@@ -157,6 +165,43 @@ def _torchvision_split(
     return _resize_uint8(images, spec.resolution), torch.tensor(ds.targets, dtype=torch.long)
 
 
+def _synthetic_split(cfg: dict, spec: DatasetSpec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dataset.subset.per_class` uniform random images per class, the same on every call (dry runs)."""
+    _, per_class = subset_size(cfg)
+    if per_class is None:
+        raise ConfigError("dataset.format=synthetic needs dataset.subset.per_class (the images per class to make).")
+    generator = torch.Generator().manual_seed(SPLITS.index(split))
+    n = spec.num_classes * per_class
+    images = torch.randint(0, 256, (n, spec.channels, spec.resolution, spec.resolution), generator=generator)
+    return images.to(torch.uint8), torch.arange(spec.num_classes).repeat_interleave(per_class)
+
+
+def subset_indices(targets, classes: int | None, per_class: int | None) -> torch.Tensor:
+    """Indices, in order, of the first `per_class` items of each label below `classes` (None: no limit)."""
+    targets = torch.as_tensor(targets)
+    labels = range(int(targets.max()) + 1 if classes is None else classes)
+    keep = [torch.nonzero(targets == c).flatten()[:per_class] for c in labels]
+    return torch.cat(keep).sort().values
+
+
+def _keep(cfg: dict, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `dataset.subset` of an in-memory split."""
+    classes, per_class = subset_size(cfg)
+    if classes is None and per_class is None:
+        return images, targets
+    idx = subset_indices(targets, classes, per_class)
+    return images[idx], targets[idx]
+
+
+def _keep_files(cfg: dict, files: SplitFiles) -> SplitFiles:
+    """The `dataset.subset` of a split's file list (before anything is decoded)."""
+    classes, per_class = subset_size(cfg)
+    if classes is None and per_class is None:
+        return files
+    idx = subset_indices(files.targets, classes, per_class).tolist()
+    return SplitFiles(files.root, tuple(files.paths[i] for i in idx), tuple(files.targets[i] for i in idx))
+
+
 def load_split(
     cfg_dataset: Mapping[str, Any] | DictConfig, split: str, cache_dir: Path | str | None = None
 ) -> Dataset:
@@ -166,18 +211,23 @@ def load_split(
     `ds.targets` is a LongTensor [N] and `ds.images` the uint8 [N,C,H,W]
     tensor when the split is in memory (None otherwise). Decoded image files
     are cached under `<cache_dir>/datasets/` when `cache_dir` is given.
+    `dataset.subset` keeps the first `per_class` items of each of the first `classes` labels.
     """
     cfg = as_dict(cfg_dataset)
     if split not in SPLITS:
         raise ConfigError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
     fmt = check_format(cfg)
     spec = dataset_spec(cfg)
+    # the files and tensors are read as the whole dataset's, then cut to dataset.subset
+    whole = {**cfg, "subset": None}
+    if fmt == "synthetic":
+        return ImageTensorDataset(*_synthetic_split(cfg, spec, split), spec)
     if fmt == "digits":
-        return ImageTensorDataset(*_digits_split(cfg, spec, split), spec)
+        return ImageTensorDataset(*_keep(cfg, *_digits_split(whole, dataset_spec(whole), split)), spec)
     if fmt == "torchvision":
-        return ImageTensorDataset(*_torchvision_split(cfg, spec, split), spec)
+        return ImageTensorDataset(*_keep(cfg, *_torchvision_split(whole, dataset_spec(whole), split)), spec)
 
-    files = list_split(cfg, spec, split)
+    files = _keep_files(cfg, list_split(whole, dataset_spec(whole), split))
     resize = Resize.for_split(fmt, split, spec.resolution)
     if not cfg.get("in_memory", True):
         return ImageFileDataset(files, resize, spec)

@@ -3,7 +3,10 @@
 `dataset_spec(cfg.dataset)` turns the `dataset` config group into a
 `DatasetSpec`. Datasets whose classes are only known from disk (`folder`,
 `imagenet1k`) list their class folders here, so the spec and the loaders agree
-on one label order.
+on one label order. `dataset.subset: {classes: K, per_class: N}` keeps the
+first K labels (quick runs, `dry_run`); the loaders then keep the first N
+images of each. Format `synthetic` stands in for absent data with random
+images (dry runs only: nothing can be learned from it).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddist.errors import ConfigError
 
 # Formats and the data layout each one reads (see ddist/data/layouts.py).
-FORMATS = ("torchvision", "folder", "digits", "tiny_imagenet", "imagenet", "imagenet_subset")
+FORMATS = ("torchvision", "folder", "digits", "tiny_imagenet", "imagenet", "imagenet_subset", "synthetic")
 SPLITS = ("train", "test")
 
 
@@ -95,6 +98,26 @@ def _per_channel(cfg: dict, key: str, channels: int) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
+def subset_size(cfg: dict) -> tuple[int | None, int | None]:
+    """(classes, per_class) of `dataset.subset`; None where the whole dataset is kept."""
+    subset = cfg.get("subset") or {}
+    sizes = (subset.get("classes"), subset.get("per_class"))
+    if any(v is not None and (not isinstance(v, int) or v < 1) for v in sizes):
+        raise ConfigError(f"dataset.subset={subset} needs integers >= 1 (or null) for classes and per_class; fix it.")
+    return sizes
+
+
+def _keep_subset(cfg: dict, classes, wnids, num_classes: int):
+    """The first `dataset.subset.classes` labels, or all of them."""
+    keep, _ = subset_size(cfg)
+    if keep is None:
+        return classes, wnids, num_classes
+    if keep > num_classes:
+        raise ConfigError(f"dataset.subset.classes={keep} but dataset {cfg.get('name')!r} has {num_classes} classes; "
+                          f"set dataset.subset.classes <= {num_classes}.")
+    return classes[:keep], None if wnids is None else wnids[:keep], keep
+
+
 def dataset_spec(cfg_dataset: Mapping[str, Any] | DictConfig) -> DatasetSpec:
     """Build the DatasetSpec of a `dataset` config node (DictConfig or dict)."""
     # Local import: layouts imports this module for its helpers.
@@ -119,6 +142,7 @@ def dataset_spec(cfg_dataset: Mapping[str, Any] | DictConfig) -> DatasetSpec:
             f"{len(classes)} classes; set dataset.num_classes={len(classes)} "
             "(or point dataset.root at the intended data)."
         )
+    classes, wnids, num_classes = _keep_subset(cfg, classes, wnids, num_classes)
     channels = int(cfg["channels"])
     return DatasetSpec(
         name=str(cfg["name"]),

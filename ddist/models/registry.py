@@ -1,10 +1,16 @@
-"""One registry from a model config (a name, or a mapping with `name` and keyword args) to a model."""
+"""One registry from a model config (a name, or a mapping with `name` and keyword args) to a model.
+
+Evaluate's students are named by the presets in conf/model (`student_config`), the same
+files `model@teacher.model` selects, so "convnet6" means conf/model/convnet6.yaml wherever
+it appears.
+"""
 
 import inspect
 from collections.abc import Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from ddist import CONF_DIR
 from ddist.errors import ConfigError
 from ddist.models.base import NORMS, FeatureModel
 from ddist.models.convnet import ConvNet
@@ -76,6 +82,7 @@ _BUILDERS = {
     "resnet_ap10": _resnet_ap10,
 }
 MODEL_NAMES = tuple(sorted(_BUILDERS))
+PRESET_DIR = CONF_DIR / "model"
 
 
 def _check_choice(key: str, value, choices) -> None:
@@ -125,3 +132,24 @@ def build_model(model_cfg, num_classes: int, channels: int, resolution: int) -> 
             f"config (valid options: {allowed})."
         )
     return builder(num_classes, channels, resolution, **kwargs)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def student_config(entry) -> tuple[str, dict]:
+    """An `evaluate.students` entry -> (its name, the model config for build_model).
+
+    An entry is a preset name of conf/model ("convnet6") or a mapping {name: <preset>, ...}
+    whose other keys override the preset's fields ({name: convnet, width: 16}).
+    """
+    fields = _as_dict(entry)
+    name = fields.pop("name", None)
+    presets = preset_names()
+    if name not in presets:
+        raise ConfigError(
+            f"evaluate.students names {name!r}, which is not a model preset; use the name of a "
+            f"file in {PRESET_DIR}: {', '.join(presets)} (or {{name: <preset>, <field>: <value>}})."
+        )
+    return name, {**OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml")), **fields}

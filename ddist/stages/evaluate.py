@@ -25,7 +25,7 @@ from ddist.data import load_split
 from ddist.data.augment import mix_targets, split_mix
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
-from ddist.models import build_model
+from ddist.models import build_model, student_config
 from ddist.stages.relabel import augmented_batch, plan, plan_settings, stored_batches
 from ddist.stages.squeeze import load_teacher
 from ddist.stages.training import (
@@ -64,9 +64,9 @@ def evaluate_set(cfg: DictConfig, ctx: dict, distilled_path: str | Path, overrid
     teacher = load_teacher(cfg, ctx) if ev.protocol == "soft" else None
     stored = stored if ev.protocol == "soft" else None
     results = []
-    for student_cfg in ev.students:
-        name = student_cfg if isinstance(student_cfg, str) else student_cfg["name"]
-        accs = [train_student(cfg, ctx, ev, distilled, student_cfg, repeat, teacher, stored, test)
+    for entry in ev.students:
+        name, model_cfg = student_config(entry)
+        accs = [train_student(cfg, ctx, ev, distilled, model_cfg, repeat, teacher, stored, test)
                 for repeat in range(ev.repeats)]
         results.append({"name": name, "protocol": ev.protocol, "accs": accs, "acc_mean": statistics.fmean(accs),
                         "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0})
@@ -74,7 +74,7 @@ def evaluate_set(cfg: DictConfig, ctx: dict, distilled_path: str | Path, overrid
     return results
 
 
-def train_student(cfg: DictConfig, ctx: dict, ev: DictConfig, distilled: DistilledSet, student_cfg, repeat: int,
+def train_student(cfg: DictConfig, ctx: dict, ev: DictConfig, distilled: DistilledSet, model_cfg: dict, repeat: int,
                   teacher: torch.nn.Module | None, stored: Path | None, test) -> float:
     """One student: the recipe is setup, loop over the planned batches, test."""
     spec, device = ctx["spec"], ctx["device"]
@@ -83,7 +83,7 @@ def train_student(cfg: DictConfig, ctx: dict, ev: DictConfig, distilled: Distill
 
     # -- setup
     seed_everything(cfg.seed * 1000 + repeat)
-    student = build_model(student_cfg, spec.num_classes, spec.channels, spec.resolution).to(device)
+    student = build_model(model_cfg, spec.num_classes, spec.channels, spec.resolution).to(device)
     epochs = epochs_for(ev.epochs, distilled.ipc)
     settings = plan_settings(ev, spec.resolution, cfg.seed, len(labels), epochs)
     batches = stored_batches(stored, settings, ctx["teacher"]) if stored else plan(settings)

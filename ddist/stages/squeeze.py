@@ -49,6 +49,8 @@ def teacher_key(cfg: DictConfig) -> dict:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     for key in _NOT_TEACHER_KEYS:
         dataset.pop(key, None)
+    if dataset.get("subset") is None:  # keeps the keys of teachers cached before the option valid
+        dataset.pop("subset", None)
     dataset["augment"] = dataset.get("augment", {}).get("student")
     teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
     teacher.pop("checkpoint", None)

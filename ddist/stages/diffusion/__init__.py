@@ -34,6 +34,7 @@ from ddist.stages.diffusion.backbones import (
     fresh_denoiser,
     make_codec,
     model_image_size,
+    pretrained_denoiser,
     resize,
     saved_denoiser,
     to_signed,
@@ -62,8 +63,7 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     # base model (loaded or trained only when a model derived from it is not cached)
     base_key = _base_key(cfg, dcfg)
     if dcfg["model"]["pretrained"] is not None:
-        base = lambda: saved_denoiser(dcfg, dcfg["model"]["pretrained"], spec.num_classes,
-                                      "diffusion.model.pretrained", subfolder=dcfg["model"].get("subfolder"))
+        base = lambda: pretrained_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec)
     else:
         base = lambda: _cached_model(
             cfg, dcfg, "diffusion", base_key, spec,
@@ -103,7 +103,8 @@ def _trains(dcfg: dict) -> bool:
 
 def data_key(cfg: DictConfig) -> dict:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    return {k: v for k, v in dataset.items() if k not in _NOT_DATA_KEYS}
+    # subset only when set, so the keys of models cached before the option stay valid
+    return {k: v for k, v in dataset.items() if k not in _NOT_DATA_KEYS and (k != "subset" or v)}
 
 
 def _base_key(cfg: DictConfig, dcfg: dict) -> dict:
@@ -111,7 +112,9 @@ def _base_key(cfg: DictConfig, dcfg: dict) -> dict:
 
     The data is part of the key even for a pretrained model: fine-tuning, keyed by this, reads it.
     """
-    key = {"backbone": dcfg["backbone"], "model": dcfg["model"], "schedule": dcfg["schedule"], "data": data_key(cfg)}
+    # random_weights only when set, so the keys of models cached before the option stay valid
+    model = {k: v for k, v in dcfg["model"].items() if k != "random_weights" or v}
+    key = {"backbone": dcfg["backbone"], "model": model, "schedule": dcfg["schedule"], "data": data_key(cfg)}
     if dcfg["model"]["pretrained"] is None:
         key["train"] = dcfg["train"]
     return key

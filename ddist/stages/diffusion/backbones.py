@@ -114,16 +114,23 @@ def build_vae(model_cfg: Mapping, channels: int) -> AutoencoderKL:
 
 
 def build_dit(model_cfg: Mapping, num_classes: int, latent_channels: int, latent_size: int) -> DiTTransformer2DModel:
-    """A fresh DiTTransformer2DModel from `diffusion.model.dit`, predicting eps and a variance like DiT."""
+    """A fresh DiTTransformer2DModel from `diffusion.model.dit`, predicting eps and a variance like DiT.
+
+    Its class table has `dit.num_embeds_ada_norm` entries (DiT-XL/2: ImageNet-1k's 1000) when
+    given, else one per dataset class (plus DiT's null class either way).
+    """
+    args = dict(model_cfg["dit"])
+    table = args.pop("num_embeds_ada_norm", None) or num_classes
     return DiTTransformer2DModel(in_channels=latent_channels, out_channels=2 * latent_channels,
-                                 sample_size=latent_size, num_embeds_ada_norm=num_classes,
-                                 **model_cfg["dit"])
+                                 sample_size=latent_size, num_embeds_ada_norm=table, **args)
 
 
 def load_vae(model_cfg: Mapping, key: str, channels: int) -> AutoencoderKL:
-    """The VAE named by diffusion.model.<key> (hub id or directory), or a random tiny one when it is null."""
+    """The VAE named by diffusion.model.<key> (hub id or directory); a random one from vae_config when it
+    is null or diffusion.model.random_weights is set."""
     path = model_cfg[key]
-    vae = build_vae(model_cfg, channels) if path is None else from_pretrained(
+    random = path is None or model_cfg.get("random_weights")
+    vae = build_vae(model_cfg, channels) if random else from_pretrained(
         AutoencoderKL, path, f"diffusion.model.{key}", subfolder=model_cfg.get("vae_subfolder"))
     if vae.config.in_channels != channels:
         raise ConfigError(f"The VAE {path} takes {vae.config.in_channels}-channel images but the dataset has "
@@ -175,6 +182,17 @@ def fresh_denoiser(dcfg: Mapping, num_classes: int, channels: int, resolution: i
                            num_classes)
 
 
+def pretrained_denoiser(dcfg: Mapping, num_classes: int, channels: int, resolution: int,
+                        codec: PixelCodec | VaeCodec) -> Denoiser:
+    """The denoiser `diffusion.model.pretrained` names, or its architecture with random weights when
+    diffusion.model.random_weights is set (dry runs and timings without the download)."""
+    model_cfg = dcfg["model"]
+    if model_cfg.get("random_weights"):
+        return fresh_denoiser(dcfg, num_classes, channels, resolution, codec)
+    return saved_denoiser(dcfg, model_cfg["pretrained"], num_classes, "diffusion.model.pretrained",
+                          subfolder=model_cfg.get("subfolder"))
+
+
 def saved_denoiser(dcfg: Mapping, path: str, num_classes: int, option: str, subfolder: str | None = None) -> Denoiser:
     """A denoiser saved with save_pretrained (a hub id or directory)."""
     model_cfg = dcfg["model"]
@@ -192,7 +210,7 @@ def make_codec(dcfg: Mapping, channels: int, need_encoder: bool) -> PixelCodec |
         raise ConfigError(f"Unknown diffusion.backbone {dcfg['backbone']!r}; set it to pixel or latent.")
     model_cfg = dcfg["model"]
     decoder = load_vae(model_cfg, "vae_decode", channels)
-    same = model_cfg["vae"] == model_cfg["vae_decode"]
+    same = model_cfg["vae"] == model_cfg["vae_decode"] or model_cfg.get("random_weights")  # random: both from vae_config
     encoder = (decoder if same else load_vae(model_cfg, "vae", channels)) if need_encoder else None
     return VaeCodec(encoder, decoder)
 
