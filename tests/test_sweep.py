@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from conftest import run_ddist
+
 from ddist import report
-from tests.conftest import run_ddist
 
 
 def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):

@@ -27,21 +27,23 @@ from ddist.artifacts import (
 from ddist.data import load_split
 from ddist.data.augment import apply, sample_params
 from ddist.errors import CheckpointError
-from ddist.logging import info, progress, warn
+from ddist.logging import info, warn
 from ddist.models import build_model
 from ddist.stages.training import (
     accuracy,
-    check_finite,
     make_optimizer,
     make_schedule,
     real_batches,
     seed_everything,
 )
+from ddist.train import fit
 
 __all__ = ["load_teacher", "run", "seed_everything", "teacher_key"]
 
 # dataset keys that do not change the teacher (they steer other stages)
 _NOT_TEACHER_KEYS = ("protocol", "download")
+# teacher keys that do not change its weights
+_NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every")
 
 
 def teacher_key(cfg: DictConfig) -> dict:
@@ -53,7 +55,10 @@ def teacher_key(cfg: DictConfig) -> dict:
         dataset.pop("subset", None)
     dataset["augment"] = dataset.get("augment", {}).get("student")
     teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
-    teacher.pop("checkpoint", None)
+    for key in _NOT_WEIGHT_KEYS:
+        teacher.pop(key, None)
+    if teacher.get("clip_grad_norm") is None:  # keeps the keys of teachers cached before the option valid
+        teacher.pop("clip_grad_norm", None)
     return {"dataset": dataset, "teacher": teacher}
 
 
@@ -102,7 +107,7 @@ def cached_or_trained(cfg: DictConfig, ctx: dict, entry: Path) -> tuple[Path, fl
         except (CheckpointError, ValueError, KeyError) as err:
             warn(f"the cached teacher {path} is unreadable ({str(err)[:120]}); training it again")
 
-    # -- train on the real train split
+    # -- train on the real train split (resumable: fit checkpoints each epoch into the entry)
     seed_everything(cfg.teacher.seed)
     train, test = load_split(cfg.dataset, "train", cache_dir), load_split(cfg.dataset, "test", cache_dir)
     model = build_teacher(cfg, spec).to(device)
@@ -112,23 +117,19 @@ def cached_or_trained(cfg: DictConfig, ctx: dict, entry: Path) -> tuple[Path, fl
     schedule = make_schedule(optimizer, tcfg, max(tcfg.epochs * steps_per_epoch, 1), "teacher")
     generator = torch.Generator().manual_seed(cfg.teacher.seed)
     augment = cfg.dataset.augment.student
-    step = 0
-    for epoch in range(tcfg.epochs):
-        model.train()
-        bar = progress(real_batches(train, spec, tcfg.batch_size, True, generator, tcfg.get("num_workers", 0)),
-                       desc=f"teacher epoch {epoch + 1}/{tcfg.epochs}", total=steps_per_epoch)
-        for x, y in bar:
-            x = apply(x, sample_params(len(y), augment, spec.resolution, generator))
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
-            check_finite(loss, "squeeze", step, "Lower teacher.lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if step % 50 == 0:
-                ctx["logger"].log({"squeeze/loss": loss.item(), "squeeze/lr": schedule.get_last_lr()[0]})
-        info(f"teacher epoch {epoch + 1}/{tcfg.epochs}: last loss {loss.item():.4f}")
+
+    def stream():  # (images, labels, augmentation) of every step: replayable from the seed alone
+        for _ in range(tcfg.epochs):
+            for x, y in real_batches(train, spec, tcfg.batch_size, True, generator, tcfg.num_workers):
+                yield x, y, sample_params(len(y), augment, spec.resolution, generator)
+
+    def loss_fn(model, batch):
+        x, y, params = batch
+        return F.cross_entropy(model(apply(x, params).to(device)), y.to(device))
+
+    fit(model, stream(), loss_fn, optimizer, schedule, total_steps=tcfg.epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch, stage="squeeze", hint="Lower teacher.lr.", logger=ctx["logger"],
+        log_every=tcfg.log_every, desc="teacher", clip_grad_norm=tcfg.clip_grad_norm, work_dir=entry)
 
     # -- measure and cache (checkpoint first, meta last: meta marks a complete entry)
     acc = accuracy(model, test, spec, device)

@@ -1,0 +1,81 @@
+"""Killed training resumes where it stopped and ends byte-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, TINY, read_results, run_ddist
+
+from ddist.artifacts import load_checkpoint
+from ddist.logging import RunLogger
+from ddist.train import CHECKPOINT, fit
+
+
+def _train(work, crash_at=None):
+    """A tiny regression fit over a seeded stream (3 steps an epoch, 4 epochs); optionally crash."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 12)
+    gen = torch.Generator().manual_seed(1)
+    stream = ((torch.randn(5, 4, generator=gen), torch.randn(5, 1, generator=gen)) for _ in range(12))
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(len(seen))
+        if crash_at is not None and len(seen) > crash_at:
+            raise KeyboardInterrupt  # stands for a kill: nothing after this point runs
+        x, y = batch
+        return torch.nn.functional.mse_loss(m(x), y)
+
+    fit(model, stream, loss_fn, opt, schedule, total_steps=12, steps_per_epoch=3, stage="t", hint="",
+        logger=RunLogger(None), log_every=100, desc="t", work_dir=work)
+    return model, len(seen)
+
+
+def test_fit_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(tmp_path):
+    reference, _ = _train(None)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, crash_at=7)  # during the third epoch: two epochs are checkpointed
+    assert (tmp_path / CHECKPOINT).is_file()
+    resumed, computed = _train(tmp_path)
+    assert computed == 12 - 6  # only the unfinished epochs ran again
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not (tmp_path / CHECKPOINT).exists()  # a finished fit leaves no partial checkpoint
+
+
+def test_a_killed_teacher_training_resumes_to_the_same_weights(tmp_path):
+    args = ["pipeline.stages=[squeeze]", "teacher.epochs=8"]
+    run_ddist(*args, run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache")
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "ddist", *TINY, *args, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'a'}"]
+    env = {**os.environ, "DDIST_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(cache.glob(f"teacher/*/{CHECKPOINT}")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the teacher finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(cache.glob("teacher/*/teacher.pt"))
+    rerun = run_ddist(*args, run_dir=tmp_path / "b", cache_dir=cache)
+    assert "resuming at step" in rerun.stderr + rerun.stdout
+    (ref,) = (tmp_path / "ref_cache").glob("teacher/*/teacher.pt")
+    (got,) = cache.glob("teacher/*/teacher.pt")
+    a, b = load_checkpoint(ref, "x")["state_dict"], load_checkpoint(got, "x")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_students_are_not_trained_again(tmp_path, cache_dir):
+    first = run_ddist("pipeline=random", "ipc=2", run_dir=tmp_path / "a", cache_dir=cache_dir)
+    second = run_ddist("pipeline=random", "ipc=2", run_dir=tmp_path / "b", cache_dir=cache_dir)
+    assert "finished earlier" not in first.stderr + first.stdout
+    assert "finished earlier" in second.stderr + second.stdout
+    assert read_results(tmp_path / "a")["students"] == read_results(tmp_path / "b")["students"]
