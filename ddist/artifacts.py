@@ -318,3 +318,12 @@ def _distilled_problem(images: torch.Tensor, labels: torch.Tensor, meta: dict, s
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(name))
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: the identity of the teacher that made stored labels."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

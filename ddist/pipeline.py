@@ -21,8 +21,8 @@ from ddist.data import dataset_spec
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger, hydra_overrides, info
 from ddist.models import student_config
-from ddist.stages.training import resolve_device, seed_everything
 from ddist.threads import configure_threads
+from ddist.train import resolve_device, seed_everything
 
 # stage name -> module with run(cfg, ctx) -> ctx (imported lazily: diffusion pulls in diffusers)
 STAGES = {name: f"ddist.stages.{name}" for name in

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import run_ddist
 
+from ddist.data.subsets import pick_random_real
 from ddist.metrics import robust
 from ddist.stages.analyse import real_subsample, same_ipc_rows
-from ddist.stages.random import pick_random_real
 
 
 @pytest.fixture(scope="module")

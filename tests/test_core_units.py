@@ -21,8 +21,8 @@ from ddist.artifacts import (
 from ddist.data import dataset_spec
 from ddist.data.augment import apply, apply_mix, batch_plan, mix_targets, sample_mix, sample_params
 from ddist.errors import CheckpointError, ConfigError
-from ddist.stages.evaluate import hard_label_loss, soft_label_loss
-from ddist.stages.training import epochs_for
+from ddist.objectives.distill import hard_label_loss, soft_label_loss
+from ddist.train import epochs_for
 
 DIGITS = OmegaConf.load("conf/dataset/digits.yaml")
 
@@ -156,7 +156,7 @@ def test_epochs_by_ipc_table():
 
 
 def test_cosine_schedule_reaches_zero():
-    from ddist.stages.training import make_schedule
+    from ddist.train import make_schedule
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = make_schedule(opt, {"schedule": "cosine"}, 10, "x")

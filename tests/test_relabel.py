@@ -11,9 +11,9 @@ from hydra import compose, initialize_config_dir
 
 from ddist.artifacts import load_distilled
 from ddist.data import dataset_spec
+from ddist.data.plan import augmented_batch, plan, plan_settings, stored_batches
 from ddist.errors import CheckpointError
-from ddist.stages.relabel import augmented_batch, plan, plan_settings, stored_batches
-from ddist.stages.squeeze import load_teacher
+from ddist.teacher import load_teacher
 
 
 def compose_cfg(overrides):

@@ -5,7 +5,8 @@ ds = load_split(cfg.dataset, "train", cache_dir)   # ds[i] = (normalised image, 
 idx = class_indices(ds, c)
 """
 
+from ddist.data.layouts import dataset_spec
 from ddist.data.loaders import class_indices, load_split
-from ddist.data.spec import DatasetSpec, dataset_spec
+from ddist.data.spec import DatasetSpec
 
 __all__ = ["DatasetSpec", "class_indices", "dataset_spec", "load_split"]

@@ -1,4 +1,5 @@
-"""Where the image files of each on-disk layout are, and which label each gets.
+"""Where the image files of each on-disk layout are, which label each gets, and the dataset
+spec a config makes (`dataset_spec`: it reads the class list from disk when the config has none).
 
 Layouts (`dataset.format`):
   folder           <root>/train/<class>/**, <root>/test/<class>/**
@@ -15,10 +16,14 @@ order); for tiny_imagenet the line order of wnids.txt.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ddist.data.spec import DatasetSpec, data_root
+from omegaconf import DictConfig
+
+from ddist.data.spec import DatasetSpec, as_dict, check_format, data_root, per_channel, subset_size
 from ddist.errors import ConfigError
 
 # Same suffixes torchvision's ImageFolder accepts.
@@ -203,3 +208,49 @@ def list_split(cfg: dict, spec: DatasetSpec, split: str) -> SplitFiles:
     if cfg["format"] == "tiny_imagenet":
         return _tiny_split(cfg, spec, split)
     return _folder_split(cfg, spec, split)
+
+
+def _keep_subset(cfg: dict, classes, wnids, num_classes: int):
+    """The first `dataset.subset.classes` labels, or all of them."""
+    keep, _ = subset_size(cfg)
+    if keep is None:
+        return classes, wnids, num_classes
+    if keep > num_classes:
+        raise ConfigError(f"dataset.subset.classes={keep} but dataset {cfg.get('name')!r} has {num_classes} classes; "
+                          f"set dataset.subset.classes <= {num_classes}.")
+    return classes[:keep], None if wnids is None else wnids[:keep], keep
+
+
+def dataset_spec(cfg_dataset: Mapping[str, Any] | DictConfig) -> DatasetSpec:
+    """Build the DatasetSpec of a `dataset` config node (DictConfig or dict)."""
+    cfg = as_dict(cfg_dataset)
+    check_format(cfg)
+    classes, wnids = cfg.get("classes"), cfg.get("wnids")
+    if classes is None:
+        classes, wnids = discover_classes(cfg)
+    if wnids is not None and len(wnids) != len(classes):
+        raise ConfigError(
+            f"dataset.wnids has {len(wnids)} entries but dataset.classes has {len(classes)}; "
+            "they must list the same classes in label order."
+        )
+    num_classes = cfg.get("num_classes")
+    if num_classes is None:
+        num_classes = len(classes)
+    if num_classes != len(classes):
+        raise ConfigError(
+            f"dataset.num_classes is {num_classes} but dataset {cfg.get('name')!r} has "
+            f"{len(classes)} classes; set dataset.num_classes={len(classes)} "
+            "(or point dataset.root at the intended data)."
+        )
+    classes, wnids, num_classes = _keep_subset(cfg, classes, wnids, num_classes)
+    channels = int(cfg["channels"])
+    return DatasetSpec(
+        name=str(cfg["name"]),
+        classes=tuple(str(c) for c in classes),
+        wnids=None if wnids is None else tuple(str(w) for w in wnids),
+        channels=channels,
+        resolution=int(cfg["resolution"]),
+        mean=per_channel(cfg, "mean", channels),
+        std=per_channel(cfg, "std", channels),
+        num_classes=int(num_classes),
+    )

@@ -1,6 +1,6 @@
 """What a dataset is: classes, channels, resolution and normalisation.
 
-`dataset_spec(cfg.dataset)` turns the `dataset` config group into a
+`ddist.data.layouts.dataset_spec(cfg.dataset)` turns the `dataset` config group into a
 `DatasetSpec`. Datasets whose classes are only known from disk (`folder`,
 `imagenet1k`) list their class folders here, so the spec and the loaders agree
 on one label order. `dataset.subset: {classes: K, per_class: N}` keeps the
@@ -85,7 +85,7 @@ def data_root(cfg: dict) -> Path:
     return Path(root).expanduser().resolve()
 
 
-def _per_channel(cfg: dict, key: str, channels: int) -> tuple[float, ...]:
+def per_channel(cfg: dict, key: str, channels: int) -> tuple[float, ...]:
     values = cfg.get(key)
     values = [values] if isinstance(values, (int, float)) else list(values)
     if len(values) == 1:
@@ -107,50 +107,3 @@ def subset_size(cfg: dict) -> tuple[int | None, int | None]:
     return sizes
 
 
-def _keep_subset(cfg: dict, classes, wnids, num_classes: int):
-    """The first `dataset.subset.classes` labels, or all of them."""
-    keep, _ = subset_size(cfg)
-    if keep is None:
-        return classes, wnids, num_classes
-    if keep > num_classes:
-        raise ConfigError(f"dataset.subset.classes={keep} but dataset {cfg.get('name')!r} has {num_classes} classes; "
-                          f"set dataset.subset.classes <= {num_classes}.")
-    return classes[:keep], None if wnids is None else wnids[:keep], keep
-
-
-def dataset_spec(cfg_dataset: Mapping[str, Any] | DictConfig) -> DatasetSpec:
-    """Build the DatasetSpec of a `dataset` config node (DictConfig or dict)."""
-    # Local import: layouts imports this module for its helpers.
-    from ddist.data.layouts import discover_classes
-
-    cfg = as_dict(cfg_dataset)
-    check_format(cfg)
-    classes, wnids = cfg.get("classes"), cfg.get("wnids")
-    if classes is None:
-        classes, wnids = discover_classes(cfg)
-    if wnids is not None and len(wnids) != len(classes):
-        raise ConfigError(
-            f"dataset.wnids has {len(wnids)} entries but dataset.classes has {len(classes)}; "
-            "they must list the same classes in label order."
-        )
-    num_classes = cfg.get("num_classes")
-    if num_classes is None:
-        num_classes = len(classes)
-    if num_classes != len(classes):
-        raise ConfigError(
-            f"dataset.num_classes is {num_classes} but dataset {cfg.get('name')!r} has "
-            f"{len(classes)} classes; set dataset.num_classes={len(classes)} "
-            "(or point dataset.root at the intended data)."
-        )
-    classes, wnids, num_classes = _keep_subset(cfg, classes, wnids, num_classes)
-    channels = int(cfg["channels"])
-    return DatasetSpec(
-        name=str(cfg["name"]),
-        classes=tuple(str(c) for c in classes),
-        wnids=None if wnids is None else tuple(str(w) for w in wnids),
-        channels=channels,
-        resolution=int(cfg["resolution"]),
-        mean=_per_channel(cfg, "mean", channels),
-        std=_per_channel(cfg, "std", channels),
-        num_classes=int(num_classes),
-    )

@@ -33,11 +33,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import atomic_write_text, cache_entry, load_distilled, save_distilled
 from ddist.data import class_indices, load_split
+from ddist.data.subsets import pick_random_real
 from ddist.logging import info
 from ddist.metrics import diversity, fid, robust, spectrum
-from ddist.stages.evaluate import evaluate_set
-from ddist.stages.random import pick_random_real
-from ddist.stages.squeeze import load_teacher
+from ddist.students import evaluate_set
+from ddist.teacher import load_teacher
 
 # The image grid shows at most this many classes (rows) and images per class (columns).
 GRID_CLASSES, GRID_IMAGES = 20, 10

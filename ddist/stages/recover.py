@@ -31,12 +31,12 @@ from torch.utils.data import DataLoader, Subset
 from ddist.artifacts import atomic_save_tensors, cache_entry, load_tensors, save_distilled, to_plain
 from ddist.data import load_split
 from ddist.data.augment import apply, sample_params
+from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
 from ddist.objectives import RECOVER_OBJECTIVES, ClassMomentSums, DEDAObjective, SRe2LObjective
-from ddist.stages.random import pick_random_real
-from ddist.stages.squeeze import load_teacher, teacher_key
-from ddist.stages.training import check_finite, make_schedule, seed_everything
+from ddist.teacher import load_teacher, teacher_key
+from ddist.train import check_finite, make_schedule, seed_everything
 
 BATCH_MODES = ("ipc_slice", "whole_class")
 INITS = ("noise", "real")

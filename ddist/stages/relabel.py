@@ -12,39 +12,17 @@ Layout: <run_dir>/relabel/{meta.json, epoch_0000.safetensors, ...}, written atom
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ddist.artifacts import atomic_dir, load_distilled, load_tensors
-from ddist.data.augment import apply, apply_mix, batch_plan, split_mix
-from ddist.errors import CheckpointError
+from ddist.artifacts import atomic_dir, file_sha256, load_distilled
+from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings
 from ddist.logging import info, progress
-from ddist.stages.squeeze import load_teacher
-from ddist.stages.training import epochs_for
-
-
-def plan_settings(ev: DictConfig, resolution: int, seed: int, num_images: int, epochs: int) -> dict:
-    """Everything that determines the batch plan of evaluate settings `ev`; stored with the labels."""
-    return {"num_images": num_images, "batch_size": int(ev.batch_size), "epochs": int(epochs),
-            "augment": OmegaConf.to_container(ev.augment, resolve=True), "mix": ev.mix,
-            "mix_alpha": float(ev.mix_alpha), "resolution": int(resolution), "seed": int(seed)}
-
-
-def plan(settings: dict) -> Iterator[dict]:
-    s = settings
-    return batch_plan(s["num_images"], s["batch_size"], s["epochs"], s["augment"], s["mix"], s["mix_alpha"],
-                      s["resolution"], s["seed"])
-
-
-def augmented_batch(images: torch.Tensor, batch: dict, device: torch.device) -> torch.Tensor:
-    """The student's input for one planned batch: augment, then mix."""
-    aug, mix = split_mix(batch)
-    return apply_mix(apply(images[batch["indices"]].to(device), aug), mix)
+from ddist.teacher import load_teacher
+from ddist.train import epochs_for
 
 
 def run(cfg: DictConfig, ctx: dict) -> dict:
@@ -64,7 +42,7 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
         for step, batch in enumerate(progress(plan(settings), desc="relabel",
                                               total=steps_per_epoch * settings["epochs"])):
             logits = teacher(augmented_batch(distilled.images, batch, device)).float().cpu()
-            stored = {**batch, **_compress(logits, settings["top_k"])}
+            stored = {**batch, **compress_logits(logits, settings["top_k"])}
             epoch_tensors.update({f"{step:07d}/{k}": v for k, v in stored.items()})
             if (step + 1) % steps_per_epoch == 0:
                 _save(tmp / f"epoch_{step // steps_per_epoch:04d}.safetensors", epoch_tensors)
@@ -76,60 +54,6 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     ctx["results"]["relabel_bytes"] = nbytes
     ctx["relabel"] = out
     return ctx
-
-
-def stored_batches(path: str | Path, expected: dict, teacher: str | Path | None = None) -> Iterator[dict]:
-    """Replay stored batches (plan parameters + dense fp32 logits), after checking they fit `expected`,
-    were made by the checkpoint `teacher` (when given) and that no epoch file is missing."""
-    path = Path(path)
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"Cannot read stored soft labels in {path} ({err}). Rerun with relabel.mode=stored.") from None
-    mismatched = [k for k, v in expected.items() if k != "epochs" and meta.get(k) != v]
-    if mismatched or meta["epochs"] < expected["epochs"]:
-        raise CheckpointError(f"The stored soft labels in {path} were made for other settings ({mismatched or 'epochs'}). "
-                              "Rerun relabel with the evaluate settings, or set relabel.mode=online.")
-    if teacher is not None and meta.get("teacher_sha256") != file_sha256(teacher):
-        raise CheckpointError(f"The stored soft labels in {path} were made by another teacher than {teacher}. "
-                              "Rerun relabel with this teacher, or set relabel.mode=online.")
-    files = [path / f"epoch_{e:04d}.safetensors" for e in range(expected["epochs"])]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"The stored soft labels in {path} lack {', '.join(missing[:5])} "
-                              f"({len(missing)} of {len(files)} epochs): rerun relabel, or set relabel.mode=online.")
-    for file in files:
-        tensors = load_tensors(file, "stored soft labels")
-        for step in sorted({k.split("/")[0] for k in tensors}):
-            batch = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith(step + "/")}
-            num_classes = int(batch.pop("num_classes"))
-            yield {**{k: v for k, v in batch.items() if k not in ("logits", "topk_index")},
-                   "logits": _expand(batch, num_classes)}
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes: the identity of the teacher that made stored labels."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _compress(logits: torch.Tensor, top_k: int | None) -> dict[str, torch.Tensor]:
-    if top_k is None or top_k >= logits.shape[1]:
-        return {"logits": logits.half(), "num_classes": torch.tensor(logits.shape[1])}
-    values, index = logits.topk(top_k, dim=1)
-    return {"logits": values.half(), "topk_index": index.to(torch.int16), "num_classes": torch.tensor(logits.shape[1])}
-
-
-def _expand(batch: dict, num_classes: int) -> torch.Tensor:
-    """Dense fp32 logits; with top-k, the other classes get -inf so a softmax renormalises over k."""
-    logits = batch["logits"].float()
-    if "topk_index" not in batch:
-        return logits
-    dense = torch.full((logits.shape[0], num_classes), float("-inf"))
-    return dense.scatter(1, batch["topk_index"].long(), logits)
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:

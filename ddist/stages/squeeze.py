@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ddist.artifacts import (
     atomic_write_text,
@@ -28,51 +28,15 @@ from ddist.data import load_split
 from ddist.data.augment import apply, sample_params
 from ddist.errors import CheckpointError
 from ddist.logging import info, warn
-from ddist.models import build_model
-from ddist.stages.training import (
+from ddist.teacher import build_teacher, load_teacher, teacher_key
+from ddist.train import (
     accuracy,
+    fit,
     make_optimizer,
     make_schedule,
     real_batches,
     seed_everything,
 )
-from ddist.train import fit
-
-__all__ = ["load_teacher", "run", "seed_everything", "teacher_key"]
-
-# dataset keys that do not change the teacher (they steer other stages)
-_NOT_TEACHER_KEYS = ("protocol", "download")
-# teacher keys that do not change its weights
-_NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every")
-
-
-def teacher_key(cfg: DictConfig) -> dict:
-    """Exactly the config that determines the teacher's weights."""
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    for key in _NOT_TEACHER_KEYS:
-        dataset.pop(key, None)
-    if dataset.get("subset") is None:  # keeps the keys of teachers cached before the option valid
-        dataset.pop("subset", None)
-    dataset["augment"] = dataset.get("augment", {}).get("student")
-    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
-    for key in _NOT_WEIGHT_KEYS:
-        teacher.pop(key, None)
-    if teacher.get("clip_grad_norm") is None:  # keeps the keys of teachers cached before the option valid
-        teacher.pop("clip_grad_norm", None)
-    return {"dataset": dataset, "teacher": teacher}
-
-
-def build_teacher(cfg: DictConfig, spec) -> torch.nn.Module:
-    return build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution)
-
-
-def load_teacher(cfg: DictConfig, ctx: dict) -> torch.nn.Module:
-    """The teacher made by this stage, in eval mode on ctx['device'], with gradients off for its weights."""
-    model = build_teacher(cfg, ctx["spec"])
-    path = ctx["teacher"]
-    load_model_state(model, load_checkpoint(path, "teacher.checkpoint"), path, "teacher.checkpoint")
-    model.requires_grad_(False)
-    return model.to(ctx["device"]).eval()
 
 
 def run(cfg: DictConfig, ctx: dict) -> dict:

@@ -41,7 +41,7 @@ from ddist.stages.diffusion.backbones import (
 )
 from ddist.stages.diffusion.sampling import make_scheduler, sample_latents
 from ddist.stages.diffusion.train import train_denoiser
-from ddist.stages.training import real_batches
+from ddist.train import real_batches
 
 __all__ = ["run"]
 

@@ -24,7 +24,7 @@ from ddist.logging import info, progress
 from ddist.objectives.minimax import ClassMemory, minimax_loss
 from ddist.objectives.rsm import denoising_loss, predict_x0, rsm_loss
 from ddist.stages.diffusion.backbones import Denoiser, resize, to_signed
-from ddist.stages.training import check_finite, real_batches, seed_everything
+from ddist.train import check_finite, real_batches, seed_everything
 
 OBJECTIVES = ("plain", "minimax", "rsm")
 PARAM_SUBSETS = ("all", "difffit")

@@ -1,0 +1,47 @@
+"""The frozen teacher: what identifies it (its cache key), how it is built and loaded.
+
+The squeeze stage trains or loads it; recover, relabel, evaluate, analyse and the CGS
+teacher kernel read it through `load_teacher`.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ddist.artifacts import load_checkpoint, load_model_state
+from ddist.models import build_model
+
+# dataset keys that do not change the teacher (they steer other stages)
+_NOT_TEACHER_KEYS = ("protocol", "download")
+# teacher keys that do not change its weights
+_NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every")
+
+
+def teacher_key(cfg: DictConfig) -> dict:
+    """Exactly the config that determines the teacher's weights."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for key in _NOT_TEACHER_KEYS:
+        dataset.pop(key, None)
+    if dataset.get("subset") is None:  # keeps the keys of teachers cached before the option valid
+        dataset.pop("subset", None)
+    dataset["augment"] = dataset.get("augment", {}).get("student")
+    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+    for key in _NOT_WEIGHT_KEYS:
+        teacher.pop(key, None)
+    if teacher.get("clip_grad_norm") is None:  # keeps the keys of teachers cached before the option valid
+        teacher.pop("clip_grad_norm", None)
+    return {"dataset": dataset, "teacher": teacher}
+
+
+def build_teacher(cfg: DictConfig, spec) -> torch.nn.Module:
+    return build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution)
+
+
+def load_teacher(cfg: DictConfig, ctx: dict) -> torch.nn.Module:
+    """The teacher made by the squeeze stage, in eval mode on ctx['device'], with gradients off for its weights."""
+    model = build_teacher(cfg, ctx["spec"])
+    path = ctx["teacher"]
+    load_model_state(model, load_checkpoint(path, "teacher.checkpoint"), path, "teacher.checkpoint")
+    model.requires_grad_(False)
+    return model.to(ctx["device"]).eval()

@@ -1,0 +1,70 @@
+"""The import graph flows one way: entry point -> stages -> the layers below; no cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ddist"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, top_level_only: bool) -> set[str]:
+    """ddist modules imported by the file (module level only, or anywhere in it)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ddist"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from ddist import pipeline`
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("ddist"))
+    return found
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py") if "conf" not in p.parts}
+
+
+def stage_of(module: str) -> str | None:
+    """ddist.stages.<name>[...] -> <name>; None outside the stages."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[1] == "stages" else None
+
+
+def test_no_stage_imports_another_stage_and_nothing_below_imports_a_stage():
+    wrong = []
+    for name, path in MODULES.items():
+        for imported in imports(path, top_level_only=False) & MODULES.keys():
+            target = stage_of(imported)
+            if target is None:
+                continue
+            own = stage_of(name)
+            if own != target and name not in ("ddist.pipeline", "ddist.__main__"):
+                wrong.append(f"{name} imports {imported}")
+    assert not wrong, wrong
+
+
+def test_no_import_cycles():
+    graph = {name: {m for m in imports(path, top_level_only=False) if m in MODULES and m != name}
+             for name, path in MODULES.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1 and not (node.startswith(nxt + ".") or nxt == "ddist"):
+                cycles.append(" -> ".join([*trail[trail.index(nxt):], nxt]) if nxt in trail else f"{node} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, cycles
