@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddist.errors import ConfigError
 from ddist.logging import warn
 from ddist.threads import thread_count
+from ddist.train import PRECISIONS
 
 
 def _int(v: Any) -> bool:
@@ -95,6 +96,8 @@ def check_config(cfg: DictConfig) -> None:
     if not DEVICE.fullmatch(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is not a device. Set device=auto, cpu, cuda or cuda:N.")
     thread_count(cfg.threads)
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}. Set precision=fp32.")
     check_stage_inputs(cfg)
     check_cache_dir(Path(cfg.paths.cache_dir))
     check_set_fits_memory(cfg)

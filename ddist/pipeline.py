@@ -45,7 +45,9 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    ctx = {"run_dir": run_dir, "device": resolve_device(cfg.device), "spec": dataset_spec(cfg.dataset),
+    device = resolve_device(cfg.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels
+    ctx = {"run_dir": run_dir, "device": device, "spec": dataset_spec(cfg.dataset),
            "results": {}, "timings": {}, "peak_memory_mb": {}}
     ctx["logger"] = logger = RunLogger.from_config(cfg, run_dir, job_type=cfg.pipeline.name)
     exit_code = 1

@@ -91,7 +91,7 @@ def student_base_key(cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, c
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.pop("protocol", None)
     return {"set": distilled.meta.get("sha256") or tensor_checksum(distilled.images, distilled.labels),
-            "evaluate": settings, "seed": cfg.seed, "dataset": dataset,
+            "evaluate": settings, "seed": cfg.seed, "dataset": dataset, "precision": cfg.precision,
             "teacher": file_sha256(ctx["teacher"]) if ev.protocol == "soft" else None}
 
 
@@ -144,7 +144,7 @@ def train_student(cfg: DictConfig, ctx: dict, ev: DictConfig, distilled: Distill
     fit(student, batches, loss_fn, optimizer, schedule, total_steps=epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch, stage="evaluate", hint="Lower evaluate.lr.", logger=ctx["logger"],
         log_every=ev.log_every, desc=f"student {name} {repeat}", clip_grad_norm=ev.clip_grad_norm, work_dir=work,
-        log_key=key)
+        log_key=key, precision=cfg.precision, compile=cfg.compile)
     acc = accuracy(student, test, spec, device, ev.test_batch_size)
     ctx["logger"].log({f"{key}/test_acc": acc}, step=epochs * steps_per_epoch)
     return acc

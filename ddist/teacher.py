@@ -31,7 +31,10 @@ def teacher_key(cfg: DictConfig) -> dict:
         teacher.pop(key, None)
     if teacher.get("clip_grad_norm") is None:  # keeps the keys of teachers cached before the option valid
         teacher.pop("clip_grad_norm", None)
-    return {"dataset": dataset, "teacher": teacher}
+    key = {"dataset": dataset, "teacher": teacher}
+    if cfg.precision != "fp32":  # fp32 keys stay those of teachers cached before the option
+        key["precision"] = cfg.precision
+    return key
 
 
 def build_teacher(cfg: DictConfig, spec) -> torch.nn.Module:

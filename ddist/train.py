@@ -17,6 +17,7 @@ result is byte-identical to an uninterrupted run on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -116,47 +117,67 @@ def accuracy(model: torch.nn.Module, ds, spec, device: torch.device, batch_size:
     return correct / max(total, 1)
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device_type: str):
+    """Mixed precision for the forward pass: torch.autocast at bf16/fp16, nothing at fp32."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"Unknown precision {precision!r}. Set precision to fp32, bf16 or fp16.")
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
 def fit(model: torch.nn.Module, stream: Iterable[Any], loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
         optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler, *, total_steps: int,
         steps_per_epoch: int, stage: str, hint: str, logger: RunLogger, log_every: int, desc: str,
-        clip_grad_norm: float | None = None, work_dir: Path | None = None, log_key: str | None = None) -> None:
+        clip_grad_norm: float | None = None, work_dir: Path | None = None, log_key: str | None = None,
+        precision: str = "fp32", compile: bool = False) -> None:
     """Train `model` on `stream` (total_steps batches). `hint` says what to change when the loss
-    is NaN; `log_key` prefixes the logged names (default: the stage); `work_dir` enables resume."""
+    is NaN; `log_key` prefixes the logged names (default: the stage); `work_dir` enables resume.
+    `precision` bf16/fp16 runs the forward pass under autocast (fp16 with a GradScaler);
+    `compile` runs it through torch.compile (checkpoints keep the plain model's names)."""
     key = log_key or stage
-    start = resume(work_dir, model, optimizer, schedule)
+    device_type = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+    start = resume(work_dir, model, optimizer, schedule, scaler)
     if start:
         info(f"{desc}: resuming at step {start}/{total_steps} (epoch {start // steps_per_epoch + 1})")
+    forward = torch.compile(model) if compile else model
     model.train()
     for step, batch in enumerate(progress(stream, desc=desc, total=total_steps)):
         if step < start:
             continue  # replayed, already trained on
-        loss = loss_fn(model, batch)
+        with autocast(precision, device_type):
+            loss = loss_fn(forward, batch)
         check_finite(loss, stage, step, hint)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if clip_grad_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         done = step + 1
         if done % log_every == 0 or done == total_steps:
             logger.log({f"{key}/loss": loss.item(), f"{key}/lr": schedule.get_last_lr()[0]}, step=done)
         if work_dir is not None and done % steps_per_epoch == 0 and done < total_steps:
-            save_partial(work_dir, model, optimizer, schedule, done)
+            save_partial(work_dir, model, optimizer, schedule, scaler, done)
     if work_dir is not None:
         (work_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the caller keeps the result
 
 
 def save_partial(work_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 schedule: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+                 schedule: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, step: int) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "step": step, "torch_rng": torch.get_rng_state()}
+             "scaler": scaler.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}
     with atomic_path(work_dir / CHECKPOINT) as tmp:
         torch.save(state, tmp)
 
 
 def resume(work_dir: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           schedule: torch.optim.lr_scheduler.LRScheduler) -> int:
+           schedule: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> int:
     """Load the work directory's checkpoint into model, optimiser and schedule; its step (0: none)."""
     path = None if work_dir is None else work_dir / CHECKPOINT
     if path is None or not path.is_file():
@@ -166,6 +187,8 @@ def resume(work_dir: Path | None, model: torch.nn.Module, optimizer: torch.optim
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        if state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
     except Exception as err:  # noqa: BLE001 - a damaged checkpoint only costs the work since the start
         info(f"ignoring the unreadable checkpoint {path} ({type(err).__name__}); starting over")
         return 0

@@ -17,7 +17,7 @@ from ddist.logging import RunLogger
 from ddist.train import CHECKPOINT, fit
 
 
-def _train(work, crash_at=None):
+def _train(work, crash_at=None, precision="fp32", dtypes=None):
     """A tiny regression fit over a seeded stream (3 steps an epoch, 4 epochs); optionally crash."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -32,10 +32,13 @@ def _train(work, crash_at=None):
         if crash_at is not None and len(seen) > crash_at:
             raise KeyboardInterrupt  # stands for a kill: nothing after this point runs
         x, y = batch
-        return torch.nn.functional.mse_loss(m(x), y)
+        out = m(x)
+        if dtypes is not None:
+            dtypes.append(out.dtype)
+        return torch.nn.functional.mse_loss(out.float(), y)
 
     fit(model, stream, loss_fn, opt, schedule, total_steps=12, steps_per_epoch=3, stage="t", hint="",
-        logger=RunLogger(None), log_every=100, desc="t", work_dir=work)
+        logger=RunLogger(None), log_every=100, desc="t", work_dir=work, precision=precision)
     return model, len(seen)
 
 
@@ -79,3 +82,20 @@ def test_finished_students_are_not_trained_again(tmp_path, cache_dir):
     assert "finished earlier" not in first.stderr + first.stdout
     assert "finished earlier" in second.stderr + second.stdout
     assert read_results(tmp_path / "a")["students"] == read_results(tmp_path / "b")["students"]
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_runs_the_forward_pass_in_low_precision(precision, dtype):
+    dtypes: list[torch.dtype] = []
+    model, _ = _train(None, precision=precision, dtypes=dtypes)
+    assert set(dtypes) == {dtype}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    reference, _ = _train(None)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+
+
+def test_an_unknown_precision_names_the_option():
+    from ddist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision"):
+        _train(None, precision="fp8")

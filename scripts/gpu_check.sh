@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# First numbers on a GPU machine: the main pipelines on CUDA, fp32 and bf16, with time and peak
+# memory per stage from each run's results.json. Says it skipped (exit 0) where no GPU is present.
+#
+#   scripts/gpu_check.sh [OUT_DIR] [extra Hydra overrides for every run...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: no CUDA device here; skipped"
+  exit 0
+fi
+OUT=outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)
+if [[ $# -gt 0 && $1 != *=* ]]; then OUT=$1; shift; fi
+export DDIST_PROGRESS=0
+mkdir -p "$OUT"
+"$PYTHON" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+for precision in fp32 bf16; do
+  for pipeline in sre2l deda rsm_cgs; do
+    "$PYTHON" -m ddist pipeline=$pipeline device=cuda precision=$precision logger=none \
+      "paths.cache_dir=$OUT/cache" "hydra.run.dir=$OUT/${pipeline}_${precision}" "$@" \
+      > "$OUT/${pipeline}_${precision}.log" 2>&1 || echo "gpu_check: $pipeline $precision failed (see its log)"
+  done
+done
+"$PYTHON" - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+print(f"{'run':<16}{'acc':>8}  seconds / peak MB per stage")
+for results in sorted(Path(sys.argv[1]).glob("*/results.json")):
+    r = json.loads(results.read_text())
+    acc = r["students"][0]["acc_mean"] if r["students"] else float("nan")
+    stages = ", ".join(f"{k} {v:.1f}s/{r['peak_memory_mb'].get(k, 0):.0f}MB" for k, v in r["timings"].items())
+    print(f"{results.parent.name:<16}{100 * acc:>7.2f}%  {stages}")
+PY
