@@ -33,7 +33,13 @@ from ddist.data import load_split
 from ddist.data.augment import apply, sample_params
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
-from ddist.objectives import RECOVER_OBJECTIVES, ClassMomentSums, DEDAObjective, SRe2LObjective
+from ddist.objectives import (
+    RECOVER_OBJECTIVES,
+    REG_NORMALISATIONS,
+    ClassMomentSums,
+    DEDAObjective,
+    SRe2LObjective,
+)
 from ddist.stages.random import pick_random_real
 from ddist.stages.squeeze import load_teacher, teacher_key
 from ddist.stages.training import check_finite, make_schedule, seed_everything
@@ -156,6 +162,9 @@ def check_options(cfg: DictConfig) -> None:
     for option, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"recover.{option}={value!r} is not one of {list(allowed)}; set recover.{option}.")
+    if rcfg.objective == "deda" and rcfg.deda.reg_normalisation not in REG_NORMALISATIONS:
+        raise ConfigError(f"recover.deda.reg_normalisation={rcfg.deda.reg_normalisation!r} is not one of "
+                          f"{list(REG_NORMALISATIONS)}; set recover.deda.reg_normalisation.")
     if rcfg.objective == "deda" and rcfg.batch.mode != "whole_class":
         raise ConfigError("DEDA's statistics are per class, so every class needs all its images in one batch: "
                           "set recover.batch.mode=whole_class.")
@@ -179,7 +188,8 @@ def build_objective(cfg: DictConfig, ctx: dict, teacher):
     real = load_class_stats(cfg, ctx, teacher, layers)
     return DEDAObjective(teacher, real, cfg.ipc, mean_weight=dcfg.mean_weight, gamma=dcfg.gamma,
                          lambda_diag=dcfg.lambda_diag, lambda_offdiag=dcfg.lambda_offdiag,
-                         reg_iterations=dcfg.reg_iterations, class_reduction=dcfg.class_reduction,
+                         reg_iterations=dcfg.reg_iterations, reg_normalisation=dcfg.reg_normalisation,
+                         class_reduction=dcfg.class_reduction,
                          ce_weight=rcfg.ce_weight)
 
 
