@@ -12,15 +12,19 @@ average-pooled features of the teacher, `FeatureModel.forward_features`):
                 + lambda_offdiag * O(Cov_S,c^L - Diag(Cov_S,c^L))        (supplement, Eq. 12)
     loss      = ce_weight * CE(teacher(x), y) + reduce_c (align_c + [reg_c])
 
-Cov is the class covariance (the supplement's Eq. 10 for Cov_S,c^L); reading: the biased
-estimator (1/n) sum (f - mu)(f - mu)^T for the synthetic (S) and the real (R) class alike,
-so both sides are the same function of their samples. D and O reduce the diagonal
-and the squared off-diagonal entries; how is `reg_normalisation` (see diversity_regulariser).
-Readings where the public text is silent, all exposed as options: `mean_weight` (1), the
-1/d_l scaling of the covariance term, the layers (by default every stage of the teacher), the
-regulariser only in the last `reg_iterations` iterations, `reg_normalisation`, and
-`class_reduction` (mean over the classes in the batch: with CE averaged over the batch this
-gives each class's images the same loss as optimising that class alone, up to a constant factor).
+Cov is the class covariance (the supplement's Eq. 10 for Cov_S,c^L). D and O reduce the
+diagonal and the squared off-diagonal entries, as `reg_normalisation` says (see
+diversity_regulariser). Where the public text is silent, each choice is an option:
+- reading: the biased estimator (1/n) sum (f - mu)(f - mu)^T for the synthetic (S) and the
+  real (R) class alike, so both sides are the same function of their samples;
+- reading: `mean_weight` = 1, as no weight of the mean term is given;
+- reading: the covariance term divided by d_l, so layers of different widths weigh alike;
+- reading: `layers` = every pooled stage of the teacher by default, none privileged;
+- reading: the regulariser only in the last `reg_iterations` iterations (half, in the
+  configs), so the images first match the real class statistics and are then spread;
+- reading: `class_reduction` = mean over the classes in the batch: with CE averaged over the
+  batch this gives each class's images the same loss as optimising that class alone, up to a
+  constant factor.
 
 reading: L, the "final layer" of the regulariser, is the last of the aligned layers, by
 default the pooled last block ("stageK"), not the classifier's input ("penultimate"). They
