@@ -158,9 +158,9 @@ def diversity_regulariser(cov: torch.Tensor, lambda_diag: float, lambda_offdiag:
     diag = cov.diagonal(dim1=-2, dim2=-1)
     off_sq = (cov - torch.diag_embed(diag)).pow(2).sum(dim=(-2, -1))
     d = cov.shape[-1]
-    diag_norm, off_norm = normalisation.split("_") if normalisation in REG_NORMALISATIONS else (None, None)
-    if diag_norm is None:
+    if normalisation not in REG_NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {REG_NORMALISATIONS}")
+    diag_norm, off_norm = normalisation.split("_")
     diag_term = diag.mean(dim=-1) if diag_norm == "mean" else diag.sum(dim=-1)
     if off_norm == "sum":
         off_term = off_sq
