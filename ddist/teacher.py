@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import load_checkpoint, load_model_state
+from ddist.errors import ConfigError
 from ddist.models import build_model
 
 # dataset keys that do not change the teacher (they steer other stages)
@@ -48,3 +49,16 @@ def load_teacher(cfg: DictConfig, ctx: dict) -> torch.nn.Module:
     load_model_state(model, load_checkpoint(path, "teacher.checkpoint"), path, "teacher.checkpoint")
     model.requires_grad_(False)
     return model.to(ctx["device"]).eval()
+
+
+def deda_layers(cfg: DictConfig, teacher) -> list[str]:
+    """The feature stages DEDA aligns, in teacher order; default: every "stageK" (pooled maps)."""
+    names = list(teacher.feature_names)
+    wanted = cfg.recover.deda.layers
+    if wanted is None:
+        return [n for n in names if n.startswith("stage")]
+    unknown = [n for n in wanted if n not in names]
+    if unknown or not wanted:
+        raise ConfigError(f"recover.deda.layers={list(wanted)} names no or unknown teacher features {unknown}; "
+                          f"set it to a non-empty subset of {names} (or null for every stage).")
+    return [n for n in names if n in wanted]

@@ -83,7 +83,8 @@ def make_objective(cfg, teacher, spec, ipc: int):
     real = random_real_stats(teacher, spec, torch.Generator().manual_seed(0))
     return DEDAObjective(teacher, real, ipc, mean_weight=d.mean_weight, gamma=d.gamma, lambda_diag=d.lambda_diag,
                          lambda_offdiag=d.lambda_offdiag, reg_iterations=d.reg_iterations,
-                         class_reduction=d.class_reduction, ce_weight=cfg.recover.ce_weight)
+                         reg_normalisation=d.reg_normalisation, class_reduction=d.class_reduction,
+                         ce_weight=cfg.recover.ce_weight)
 
 
 def rss_mb() -> float:

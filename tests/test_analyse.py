@@ -39,6 +39,19 @@ def test_analysis_written_to_results_and_file(run_dir):
     assert spec["synthetic"]["num_samples"] == 20 and spec["real"]["num_samples"] == 100
     assert spec["synthetic"]["normalized_singular_values"][0] == pytest.approx(1.0)
     assert set(analysis["cost"]["seconds"]) == {"squeeze", "random", "relabel", "evaluate"}
+    json.loads((run_dir / "results.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN/inf
+
+
+def test_covariance_figures_of_the_final_layer_per_class(run_dir):
+    cov = json.loads((run_dir / "analysis.json").read_text())["covariance"]
+    # a random run reports DEDA's default L: the pooled last block of the width-16 ConvNet-3
+    assert (cov["layer"], cov["dim"]) == ("stage3", 16)
+    for side in ("synthetic", "real_same_ipc"):
+        figs = cov[side]
+        assert len(figs["mean_diagonal_per_class"]) == 10 and figs["mean_diagonal"] > 0
+        assert figs["offdiag_norm"] >= 0 and figs["min_eigenvalue"] > 0
+        # IPC 2: two images per class span one direction, so lambda_max = lambda_min
+        assert figs["condition_number_per_class"] == pytest.approx([1.0] * 10)
 
 
 def test_robust_scores_follow_the_definitions(run_dir):

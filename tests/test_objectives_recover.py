@@ -6,9 +6,14 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import CONF, TRAINED_TEACHER, compose_cfg, stage_ctx
+from omegaconf import OmegaConf
 from torch import nn
 
+from ddist.data import load_split
+from ddist.data.subsets import pick_random_real
 from ddist.objectives import (
+    REG_NORMALISATIONS,
     ClassMomentSums,
     DEDAObjective,
     SRe2LObjective,
@@ -19,7 +24,9 @@ from ddist.objectives import (
     diversity_regulariser,
     mean_alignment,
 )
+from ddist.stages import squeeze
 from ddist.stages.recover import real_class_stats
+from ddist.teacher import deda_layers, load_teacher
 
 LOG2 = math.log(2.0)
 
@@ -98,7 +105,27 @@ def test_alignment_terms_by_hand():
 def test_diversity_regulariser_by_hand():
     _, cov = class_moments(*two_classes(), torch.tensor([0, 1]))
     # class 0: -0.5 * mean(1, 1) + 2 * (1 + 1) = 3.5; class 1: -0.5 * mean(0, 4) + 0 = -1
-    assert diversity_regulariser(cov, lambda_diag=0.5, lambda_offdiag=2.0).tolist() == [3.5, -1.0]
+    assert diversity_regulariser(cov, 0.5, 2.0, "mean_sum").tolist() == [3.5, -1.0]
+
+
+@pytest.mark.parametrize(("normalisation", "expected"), [
+    ("mean_sum", -0.5 * 2 + 3 * 4),           # mean diag 2, sum of squared off-diagonals 4
+    ("mean_mean", -0.5 * 2 + 3 * 4 / 6),      # d(d-1) = 6 off-diagonal entries
+    ("sum_sum", -0.5 * 6 + 3 * 4),            # trace 6
+    ("mean_rel", -0.5 * 2 + 3 * 4 / 6 / 4),   # mean squared off-diagonal / mean diag^2
+    ("sum_rel", -0.5 * 6 + 3 * 4 / 6 / 4),
+])
+def test_diversity_regulariser_normalisations_by_hand(normalisation, expected):
+    # diag (1, 2, 3): mean 2, sum 6; off-diagonal 1, 0, -1 (each twice): squares sum to 4
+    cov = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 2.0, -1.0], [0.0, -1.0, 3.0]]])
+    assert diversity_regulariser(cov, 0.5, 3.0, normalisation).item() == pytest.approx(expected)
+
+
+def test_relative_regulariser_of_a_collapsed_class_is_zero_not_nan():
+    cov = torch.zeros(1, 3, 3, requires_grad=True)
+    value = diversity_regulariser(cov, 0.2, 4.0, "sum_rel")
+    value.sum().backward()
+    assert value.item() == 0.0 and torch.isfinite(cov.grad).all()
 
 
 class FeatureTeacher(nn.Module):
@@ -114,7 +141,8 @@ class FeatureTeacher(nn.Module):
 
 def deda(layers, ipc=2, **kw):
     real = {k: (torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2)) for k in layers}
-    opts = {"mean_weight": 1.0, "gamma": 1.0, "lambda_diag": 0.5, "lambda_offdiag": 2.0, "reg_iterations": 5}
+    opts = {"mean_weight": 1.0, "gamma": 1.0, "lambda_diag": 0.5, "lambda_offdiag": 2.0, "reg_iterations": 5,
+            "reg_normalisation": "mean_sum"}
     return DEDAObjective(FeatureTeacher(), real, ipc, **{**opts, **kw})
 
 
@@ -140,37 +168,79 @@ def test_deda_regulariser_acts_on_the_last_layer():
     assert loss.item() == pytest.approx(LOG2 + 29.0)
 
 
-def regulariser_step(feats: torch.Tensor, lambda_diag: float, lambda_offdiag: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The class covariance before and after one gradient step on the regulariser alone."""
+def regulariser_step(feats: torch.Tensor, labels: torch.Tensor, lambda_diag: float, lambda_offdiag: float,
+                     normalisation: str, step: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class covariances before and after one gradient step of the regulariser alone on the
+    features, each class moved by `step` x its centred feature norm (the normalisations differ
+    by orders of magnitude in gradient size; the direction decides the effect)."""
+    classes = labels.unique()
     feats = feats.clone().requires_grad_(True)
-    labels, classes = torch.zeros(len(feats), dtype=torch.long), torch.tensor([0])
     cov = class_moments(feats, labels, classes)[1]
-    diversity_regulariser(cov, lambda_diag, lambda_offdiag).sum().backward()
+    diversity_regulariser(cov, lambda_diag, lambda_offdiag, normalisation).sum().backward()
     with torch.no_grad():
-        after = class_moments(feats - 0.01 * feats.grad, labels, classes)[1]
-    return cov.detach()[0], after[0]
+        onehot = (labels[:, None] == classes[None, :]).to(feats.dtype)
+        centred = feats - onehot @ (onehot.T @ feats / onehot.sum(0)[:, None])
+        norm = lambda t: (onehot * t.pow(2).sum(1, keepdim=True)).sum(0).sqrt()
+        scale = onehot @ (step * norm(centred) / norm(feats.grad))
+        after = class_moments(feats - scale[:, None] * feats.grad, labels, classes)[1]
+    return cov.detach(), after
 
 
-def off_diagonal_norm(cov: torch.Tensor) -> torch.Tensor:
-    return (cov - torch.diag(cov.diagonal())).norm()
+def diag_and_offdiag(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class: mean(diag Cov) and ||Cov - Diag(Cov)||_F."""
+    diag = cov.diagonal(dim1=-2, dim2=-1)
+    return diag.mean(-1), (cov - torch.diag_embed(diag)).flatten(1).norm(dim=-1)
 
 
-def test_deda_regulariser_gradient_spreads_and_decorrelates():
+@pytest.mark.parametrize("normalisation", REG_NORMALISATIONS)
+def test_each_regulariser_term_alone_does_its_part(normalisation):
     g = torch.Generator().manual_seed(0)
     correlated = torch.randn(8, 1, generator=g) + 0.5 * torch.randn(8, 4, generator=g)
-    # each part alone: the diagonal term raises every variance, the off-diagonal term decorrelates
-    before, after = regulariser_step(correlated, lambda_diag=0.2, lambda_offdiag=0.0)
-    assert bool((after.diagonal() > before.diagonal()).all())
-    before, after = regulariser_step(correlated, lambda_diag=0.0, lambda_offdiag=4.0)
-    assert off_diagonal_norm(after) < off_diagonal_norm(before)
-    # both, with the paper's CIFAR weights, on a weakly correlated class: both effects at once
-    # (on strongly correlated features the off-diagonal term dominates and also lowers variances)
-    noise = torch.randn(8, 4, generator=g, dtype=torch.float64)
-    uncorrelated = torch.linalg.qr(noise - noise.mean(0))[0] * 3.0  # centred, orthogonal columns
-    weak = uncorrelated + 0.02 * torch.randn(8, 1, generator=g, dtype=torch.float64)
-    before, after = regulariser_step(weak, lambda_diag=0.2, lambda_offdiag=4.0)
-    assert after.diagonal().mean() > before.diagonal().mean()
-    assert off_diagonal_norm(after) < off_diagonal_norm(before)
+    labels = torch.zeros(8, dtype=torch.long)
+    before, after = regulariser_step(correlated, labels, 0.2, 0.0, normalisation)
+    assert bool((after.diagonal(dim1=-2, dim2=-1) > before.diagonal(dim1=-2, dim2=-1)).all())
+    before, after = regulariser_step(correlated, labels, 0.0, 4.0, normalisation)
+    assert diag_and_offdiag(after)[1] < diag_and_offdiag(before)[1]
+
+
+def config_weights() -> list[tuple[float, float]]:
+    """The distinct (lambda1, lambda2) of the configs: digits' default and the paper cells
+    (CIFAR/Tiny-ImageNet 0.2, 4.0; ImageNet-1K 0.01, 0.25)."""
+    nodes = [OmegaConf.load(CONF / "recover/deda.yaml").deda,
+             OmegaConf.load(CONF / "experiment/deda/cifar10_ipc10.yaml").recover.deda,
+             OmegaConf.load(CONF / "experiment/deda/tiny_imagenet_ipc50.yaml").recover.deda,
+             OmegaConf.load(CONF / "experiment/deda/imagenet1k_ipc10.yaml").recover.deda]
+    return sorted({(float(n.lambda_diag), float(n.lambda_offdiag)) for n in nodes})
+
+
+@pytest.fixture(scope="module")
+def teacher_features(trained_digits_teacher, cache_dir, tmp_path_factory):
+    """DEDA's final-layer features L of 10 real train images per class through a trained digits
+    teacher (post-ReLU, correlated), the labels, and the default normalisation of the config."""
+    run_dir = tmp_path_factory.mktemp("features")
+    cfg = compose_cfg(*TRAINED_TEACHER, "pipeline=deda", cache_dir=cache_dir, run_dir=run_dir)
+    ctx = stage_ctx(cfg, run_dir)
+    teacher = load_teacher(cfg, squeeze.run(cfg, ctx))
+    train = load_split(cfg.dataset, "train", cache_dir)
+    idx = pick_random_real(train, 10, 10, seed=0)
+    with torch.no_grad():
+        feats = teacher.forward_features(torch.stack([train[int(i)][0] for i in idx]))[1]
+    return feats[deda_layers(cfg, teacher)[-1]], train.targets[idx], cfg.recover.deda.reg_normalisation
+
+
+@pytest.mark.parametrize(("lambda_diag", "lambda_offdiag"), config_weights())
+def test_default_regulariser_spreads_and_decorrelates_teacher_features(teacher_features, lambda_diag,
+                                                                       lambda_offdiag):
+    feats, labels, default = teacher_features
+    assert float(feats.min()) >= 0.0  # post-ReLU, pooled
+    before, after = regulariser_step(feats, labels, lambda_diag, lambda_offdiag, default)
+    (d0, o0), (d1, o1) = diag_and_offdiag(before), diag_and_offdiag(after)
+    assert float(o0.min()) > float(d0.max())  # correlated: the off-diagonal is far from 0
+    # the configured reading raises the mean variance and lowers the off-diagonal norm at once,
+    # in every class; mean_sum (what the regulariser was) lowers the variances instead
+    assert bool((d1 > d0).all()) and bool((o1 < o0).all())
+    before, after = regulariser_step(feats, labels, lambda_diag, lambda_offdiag, "mean_sum")
+    assert bool((diag_and_offdiag(after)[0] < diag_and_offdiag(before)[0]).all())
 
 
 def test_ipc1_skips_covariance_terms_with_one_warning(caplog):

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_results, run_ddist
+from conftest import TRAINED_TEACHER, compose_cfg, read_results, run_ddist
+from conftest import stage_ctx as pipeline_ctx
 from hydra import compose, initialize_config_dir
 
 from ddist.artifacts import load_distilled, save_checkpoint
@@ -12,7 +13,7 @@ from ddist.data import dataset_spec
 from ddist.errors import ConfigError, DivergenceError
 from ddist.logging import RunLogger
 from ddist.models import build_model
-from ddist.stages import recover
+from ddist.stages import analyse, recover, squeeze
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,3 +105,33 @@ def test_recover_end_to_end_on_digits(method, cache_dir, tmp_path):
     assert accs and all(0.0 <= a <= 1.0 for a in accs)
     if method == "deda":  # the real class statistics are cached for the next run
         assert list(cache_dir.glob("class_stats/*/class_stats.safetensors"))
+
+
+def test_unknown_regulariser_normalisation_names_the_option(tmp_path):
+    cfg = digits_cfg(tmp_path, "recover.deda.reg_normalisation=trace")
+    with pytest.raises(ConfigError, match=r"recover\.deda\.reg_normalisation='trace'.*mean_sum"):
+        recover.run(cfg, stage_ctx(cfg, tmp_path))
+
+
+def deda_covariance(cache_dir: Path, run_dir: Path, *overrides: str) -> dict:
+    """Squeeze (a cache hit), DEDA recover and analyse in-process on digits at IPC 10; the
+    analysis's covariance figures."""
+    cfg = compose_cfg(*TRAINED_TEACHER, "pipeline=deda", "ipc=10", "recover.iterations=60",
+                      "recover.deda.reg_iterations=30", "analyse.real_samples_per_class=10", "analyse.figures=false",
+                      *overrides, cache_dir=cache_dir, run_dir=run_dir)
+    ctx = pipeline_ctx(cfg, run_dir)
+    for stage in (squeeze, recover, analyse):
+        ctx = stage.run(cfg, ctx)
+    return ctx["results"]["analysis"]["covariance"]
+
+
+def test_deda_regulariser_spreads_and_conditions_the_class_covariance(trained_digits_teacher, cache_dir, tmp_path):
+    with_reg = deda_covariance(cache_dir, tmp_path / "reg")
+    without = deda_covariance(cache_dir, tmp_path / "zero", "recover.deda.lambda_diag=0",
+                              "recover.deda.lambda_offdiag=0")
+    assert with_reg["layer"] == without["layer"] == "stage3"  # L: the pooled last block
+    syn, syn0 = with_reg["synthetic"], without["synthetic"]
+    assert syn["condition_number_classes"] == syn0["condition_number_classes"] == 10
+    assert syn["mean_diagonal"] > syn0["mean_diagonal"]
+    assert syn["condition_number"] < syn0["condition_number"]
+    assert with_reg["real_same_ipc"] == without["real_same_ipc"]  # the same real reference

@@ -2,10 +2,13 @@
 
     diversity  class-prototype cosine distance, within-class SSIM and feature similarity
     spectrum   normalised singular values, effective rank, decay slope
+    covariance per-class covariance figures: mean diagonal, off-diagonal norm, smallest
+               eigenvalue and condition number over the spanned spectrum
     fid        Frechet distance (teacher features: fd_teacher; InceptionV3: fid)
     robust     DD-Ranking's HLR, IOR, LRS and ARS from accuracies
 """
 
+from ddist.metrics.covariance import class_covariance_figures, covariance_figures
 from ddist.metrics.diversity import (
     class_centres,
     mean_pairwise_cosine,
@@ -27,6 +30,8 @@ from ddist.metrics.spectrum import decay_slope, effective_rank, spectrum_summary
 __all__ = [
     "augmentation_robust_score",
     "class_centres",
+    "class_covariance_figures",
+    "covariance_figures",
     "decay_slope",
     "effective_rank",
     "frechet_distance",

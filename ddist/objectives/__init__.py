@@ -8,6 +8,7 @@ Recover objectives share one call signature, so the recover loop is written once
 
 from ddist.objectives.bn_matching import SRe2LObjective, batch_moments, bn_statistic_loss
 from ddist.objectives.deda import (
+    REG_NORMALISATIONS,
     ClassMomentSums,
     DEDAObjective,
     class_moments,
@@ -20,6 +21,7 @@ RECOVER_OBJECTIVES = ("sre2l", "deda")
 
 __all__ = [
     "RECOVER_OBJECTIVES",
+    "REG_NORMALISATIONS",
     "ClassMomentSums",
     "DEDAObjective",
     "SRe2LObjective",

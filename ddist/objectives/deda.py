@@ -2,22 +2,40 @@
 covariance regulariser that spreads the final-layer features.
 
 Li, Zhou, Gu, Li and Wang, "Diversity-Enhanced Distribution Alignment for Dataset
-Distillation", ICCV 2025, Eq. (10)-(12). For each class c and each selected feature
-stage l (globally average-pooled features of the teacher, `FeatureModel.forward_features`):
+Distillation", ICCV 2025. For each class c and each selected feature stage l (globally
+average-pooled features of the teacher, `FeatureModel.forward_features`):
 
     align_c   = sum_l  mean_weight * ||mu_S,c^l - mu_R,c^l||_2^2
-                     + gamma * ||Cov_S,c^l - Cov_R,c^l||_F^2 / d_l              (Eq. 10-11)
-    reg_c     = - lambda_diag * mean(diag(Cov_S,c^L))
-                + lambda_offdiag * ||Cov_S,c^L - Diag(Cov_S,c^L)||_F^2          (Eq. 12)
+                     + gamma * ||Cov_S,c^l - Cov_R,c^l||_F^2 / d_l       (main paper: mean and
+                                                                          covariance alignment)
+    reg_c     = - lambda_diag * D(diag(Cov_S,c^L))                       (supplement, Eq. 11)
+                + lambda_offdiag * O(Cov_S,c^L - Diag(Cov_S,c^L))        (supplement, Eq. 12)
     loss      = ce_weight * CE(teacher(x), y) + reduce_c (align_c + [reg_c])
 
-Cov = (1/n) sum (f - mu)(f - mu)^T, the biased estimator, for the synthetic (S) and the
-real (R) class alike. Readings where the public text is silent, all exposed as options:
-`mean_weight` (1), the 1/d_l scaling of the covariance term, the layers (by default every
-stage of the teacher, with L = the last of them, the final pooled feature map), the
-regulariser only in the last `reg_iterations` iterations, and `class_reduction` (mean over
-the classes in the batch: with CE averaged over the batch this gives each class's images
-the same loss as optimising that class alone, up to a constant factor).
+Cov is the class covariance (the supplement's Eq. 10 for Cov_S,c^L). D and O reduce the
+diagonal and the squared off-diagonal entries, as `reg_normalisation` says (see
+diversity_regulariser). Where the public text is silent, each choice is an option:
+- reading: the biased estimator (1/n) sum (f - mu)(f - mu)^T for the synthetic (S) and the
+  real (R) class alike, so both sides are the same function of their samples;
+- reading: `mean_weight` = 1, as no weight of the mean term is given;
+- reading: the covariance term divided by d_l, so layers of different widths weigh alike;
+- reading: `layers` = every pooled stage of the teacher by default, none privileged;
+- reading: the regulariser only in the last `reg_iterations` iterations (half, in the
+  configs), so the images first match the real class statistics and are then spread;
+- reading: `class_reduction` = mean over the classes in the batch: with CE averaged over the
+  batch this gives each class's images the same loss as optimising that class alone, up to a
+  constant factor.
+
+reading: L, the "final layer" of the regulariser, is the last of the aligned layers, by
+default the pooled last block ("stageK"), not the classifier's input ("penultimate"). They
+are the same vector for the paper's ResNet teachers (the last block is globally pooled into
+the classifier); for the ConvNet the classifier reads the flattened last map (C x H x W:
+512 features on 16px digits, 2048 on CIFAR), whose covariance mostly relates the same channel
+at different positions, which recover's random shifts (roll) keep changing, and which the
+alignment terms (all on pooled features) never see. Pooled keeps Cov^L the covariance of the
+same features the alignment acts on, as the notation Cov_S,c^l / Cov_S,c^L says.
+`recover.deda.layers=[..., penultimate]` makes L the classifier input instead.
+
 A class with one synthetic image has no covariance: with IPC = 1 the covariance terms
 (gamma and the regulariser) are skipped.
 """
@@ -33,6 +51,7 @@ from torch import nn
 from ddist.logging import warn
 
 CLASS_REDUCTIONS = ("mean", "sum")
+REG_NORMALISATIONS = ("mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel")
 
 
 # ----------------------------------------------------------------------------- class statistics
@@ -94,22 +113,64 @@ class ClassMomentSums:
 
 
 def mean_alignment(mean_s: torch.Tensor, mean_r: torch.Tensor) -> torch.Tensor:
-    """||mu_S,c - mu_R,c||_2^2 per class: [K, d] x [K, d] -> [K] (Eq. 10, first term)."""
+    """||mu_S,c - mu_R,c||_2^2 per class: [K, d] x [K, d] -> [K] (the main paper's mean alignment)."""
     return (mean_s - mean_r).pow(2).sum(dim=-1)
 
 
 def covariance_alignment(cov_s: torch.Tensor, cov_r: torch.Tensor) -> torch.Tensor:
-    """||Cov_S,c - Cov_R,c||_F^2 / d per class: [K, d, d] x [K, d, d] -> [K] (Eq. 11)."""
+    """||Cov_S,c - Cov_R,c||_F^2 / d per class: [K, d, d] x [K, d, d] -> [K] (the main paper's
+    covariance alignment; reading: the 1/d keeps layers of different widths comparable)."""
     return (cov_s - cov_r).pow(2).sum(dim=(-2, -1)) / cov_s.shape[-1]
 
 
-def diversity_regulariser(cov: torch.Tensor, lambda_diag: float, lambda_offdiag: float) -> torch.Tensor:
-    """-lambda_diag * mean(diag Cov_c) + lambda_offdiag * ||Cov_c - Diag(Cov_c)||_F^2 per class
-    (Eq. 12): [K, d, d] -> [K]. Raising the diagonal spreads each feature; shrinking the rest
-    decorrelates them."""
+def diversity_regulariser(cov: torch.Tensor, lambda_diag: float, lambda_offdiag: float,
+                          normalisation: str) -> torch.Tensor:
+    """-lambda_diag * D(diag Cov_c) + lambda_offdiag * O(Cov_c - Diag(Cov_c)) per class:
+    [K, d, d] -> [K]. The supplement maximises the diagonal of Cov_S,c^L (its Eq. 11) and
+    minimises ||Cov_S,c^L - Diag(Cov_S,c^L)||_F^2 (its Eq. 12) without saying how either is
+    reduced over its entries, and that choice sets their balance: the diagonal has d entries,
+    the off-diagonal d(d-1). `normalisation` = "<D>_<O>" (REG_NORMALISATIONS):
+
+        D  mean: mean of the d diagonal entries     sum: their sum (the trace)
+        O  sum:  sum of the d(d-1) squared others (||.||_F^2)
+           mean: mean of the squared others
+           rel:  mean of the squared others over the squared mean variance,
+                 mean_{i != j} (Cov_ij / mean(diag Cov))^2
+
+    mean_sum is what the regulariser was before; mean_mean and sum_sum are the other two
+    count normalisations. Under any of them the two terms scale differently with the features
+    (O quartic, D quadratic), so at fixed weights their balance depends on the teacher's
+    feature scale, and on realistic (correlated, post-ReLU) features the gradients of D and O
+    are nearly parallel (cosine 0.86-0.92 on digits teachers): both mostly rescale the
+    features, so the sum either shrinks every variance with the correlations (mean_sum,
+    sum_sum: the off-diagonal term swamps the diagonal one) or inflates the correlations with
+    the variances (mean_mean). At the paper's weights none of them both raises the mean
+    variance and lowers the off-diagonal norm (scripts/measure_deda_regulariser.py).
+
+    reading: "rel" measures the off-diagonal in units of the variance that Eq. 11 raises,
+    the mean over the off-diagonal entries of (Cov_ij / mean(diag Cov))^2. It is unchanged by
+    a global rescaling of the features, so its gradient (on the features) is orthogonal to
+    the rescaling the diagonal term asks for: it only decorrelates, and the diagonal term
+    alone sets the variance. It departs from Eq. 12's literal ||.||_F^2 by that data-dependent
+    unit; it is the default (sum_rel, conf/recover/deda.yaml, where the measured figures
+    are) because only it gives both effects at the paper's weights.
+    """
     diag = cov.diagonal(dim1=-2, dim2=-1)
-    off = cov - torch.diag_embed(diag)
-    return -lambda_diag * diag.mean(dim=-1) + lambda_offdiag * off.pow(2).sum(dim=(-2, -1))
+    off_sq = (cov - torch.diag_embed(diag)).pow(2).sum(dim=(-2, -1))
+    d = cov.shape[-1]
+    if normalisation not in REG_NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {REG_NORMALISATIONS}")
+    diag_norm, off_norm = normalisation.split("_")
+    diag_term = diag.mean(dim=-1) if diag_norm == "mean" else diag.sum(dim=-1)
+    if off_norm == "sum":
+        off_term = off_sq
+    else:
+        off_term = off_sq / max(d * (d - 1), 1)
+        if off_norm == "rel":
+            # a class with all features equal has 0 / 0 here: the floor makes it 0 with finite
+            # gradients (its square, in the gradient, must not underflow float32)
+            off_term = off_term / diag.mean(dim=-1).pow(2).clamp_min(1e-12)
+    return -lambda_diag * diag_term + lambda_offdiag * off_term
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -125,15 +186,18 @@ class DEDAObjective:
 
     def __init__(self, teacher: nn.Module, real_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]], ipc: int,
                  mean_weight: float, gamma: float, lambda_diag: float, lambda_offdiag: float,
-                 reg_iterations: int, class_reduction: str = "mean", ce_weight: float = 1.0):
+                 reg_iterations: int, reg_normalisation: str, class_reduction: str = "mean",
+                 ce_weight: float = 1.0):
         if class_reduction not in CLASS_REDUCTIONS:
             raise ValueError(f"class_reduction must be one of {CLASS_REDUCTIONS}")
+        if reg_normalisation not in REG_NORMALISATIONS:
+            raise ValueError(f"reg_normalisation must be one of {REG_NORMALISATIONS}")
         self.teacher = teacher
         self.real_stats = dict(real_stats)
         self.layers = list(self.real_stats)
         self.mean_weight, self.gamma = mean_weight, gamma
         self.lambda_diag, self.lambda_offdiag = lambda_diag, lambda_offdiag
-        self.reg_iterations = reg_iterations
+        self.reg_iterations, self.reg_normalisation = reg_iterations, reg_normalisation
         self.class_reduction = class_reduction
         self.ce_weight = ce_weight
         self.use_covariance = ipc > 1
@@ -161,8 +225,8 @@ class DEDAObjective:
             if self.use_covariance:
                 cov_term = cov_term + covariance_alignment(cov_s, cov_r)
         if self.regularising(iteration, iterations):
-            # cov_s is now the covariance of the last layer, L, the final pooled features
-            reg_term = diversity_regulariser(cov_s, self.lambda_diag, self.lambda_offdiag)
+            # cov_s is now the covariance of the last layer, L (by default the pooled last block)
+            reg_term = diversity_regulariser(cov_s, self.lambda_diag, self.lambda_offdiag, self.reg_normalisation)
         reduce = torch.mean if self.class_reduction == "mean" else torch.sum
         per_class = self.mean_weight * mean_term + self.gamma * cov_term + reg_term
         loss = self.ce_weight * ce + reduce(per_class)

@@ -8,6 +8,10 @@ the teacher's penultimate features; compute
   of the synthetic set, of real images, and of the synthetic images to the real class centres;
 - within-class mean pairwise SSIM (pixels in [0,1]) and feature cosine similarity;
 - the feature spectrum (normalised singular values, effective rank, decay slope);
+- per class, the covariance figures of DEDA's final-layer features L (ddist.metrics.covariance:
+  mean diagonal, off-diagonal Frobenius norm, smallest eigenvalue, condition number), which
+  show what DEDA's diversity regulariser did; L is the last of `recover.deda.layers` in a
+  DEDA run and DEDA's default L, the pooled last block, in any other run;
 - fd_teacher, the Frechet distance in teacher-feature space, and the standard FID when
   `analyse.fid.weights` points at InceptionV3 weights;
 - with `analyse.robust_scores=true`, DD-Ranking's IOR/HLR/LRS/ARS (ddist.metrics.robust),
@@ -35,9 +39,9 @@ from ddist.artifacts import atomic_write_text, cache_entry, load_distilled, save
 from ddist.data import class_indices, load_split
 from ddist.data.subsets import pick_random_real
 from ddist.logging import info
-from ddist.metrics import diversity, fid, robust, spectrum
+from ddist.metrics import covariance, diversity, fid, robust, spectrum
 from ddist.students import evaluate_set
-from ddist.teacher import load_teacher
+from ddist.teacher import deda_layers, load_teacher
 
 # The image grid shows at most this many classes (rows) and images per class (columns).
 GRID_CLASSES, GRID_IMAGES = 20, 10
@@ -66,8 +70,12 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     syn_x, syn_y = distilled.images, distilled.labels
 
     # -- metrics
-    syn_f, real_f = penultimate(teacher, syn_x, device), penultimate(teacher, real_x, device)
+    syn_f, real_f = features(teacher, syn_x, device), features(teacher, real_x, device)
     analysis = set_metrics(syn_x, syn_y, syn_f, real_x, real_y, real_f, same_pos, spec)
+    layer = covariance_layer(cfg, teacher)
+    analysis["covariance"] = covariance_metrics(features(teacher, syn_x, device, layer), syn_y,
+                                                features(teacher, real_x[same_pos], device, layer), real_y[same_pos],
+                                                spec.num_classes, layer)
     analysis["num_real_per_class"] = int(acfg.real_samples_per_class)
     if acfg.fid.weights:
         analysis["fid"] = fid.inception_fid(spec.denormalize(real_x).clamp(0, 1), spec.denormalize(syn_x).clamp(0, 1),
@@ -114,11 +122,20 @@ def same_ipc_rows(class_sizes: list[int], ipc: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def penultimate(model: torch.nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """The model's penultimate features of normalised images [N,C,H,W], on the CPU."""
-    feats = [model.forward_features(x[i:i + batch_size].to(device))[1]["penultimate"].float().cpu()
+def features(model: torch.nn.Module, x: torch.Tensor, device: torch.device, key: str = "penultimate",
+             batch_size: int = 256) -> torch.Tensor:
+    """The model's `key` features (forward_features) of normalised images [N,C,H,W], on the CPU."""
+    feats = [model.forward_features(x[i:i + batch_size].to(device))[1][key].float().cpu()
              for i in range(0, len(x), batch_size)]
     return torch.cat(feats)
+
+
+def covariance_layer(cfg: DictConfig, teacher) -> str:
+    """The feature key L of DEDA's diversity regulariser: the last aligned layer of a DEDA
+    recover, else DEDA's default L (the pooled last block), so every run reports the same figure."""
+    if cfg.recover.objective == "deda":
+        return deda_layers(cfg, teacher)[-1]
+    return [n for n in teacher.feature_names if n.startswith("stage")][-1]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -152,6 +169,15 @@ def set_metrics(syn_x, syn_y, syn_f, real_x, real_y, real_f, same_pos, spec) -> 
     }
 
 
+def covariance_metrics(syn_f, syn_y, same_f, same_y, num_classes: int, layer: str) -> dict:
+    """Per-class covariance figures of the synthetic set and of real images at the same IPC."""
+    return {"layer": layer, "dim": int(syn_f.shape[1]),
+            "note": "per class over the top min(n - 1, d) eigenvalues of its covariance (n images); "
+                    "null: fewer than two images, or a numerically zero eigenvalue among them",
+            "synthetic": covariance.class_covariance_figures(syn_f, syn_y, num_classes),
+            "real_same_ipc": covariance.class_covariance_figures(same_f, same_y, num_classes)}
+
+
 def _list(t: torch.Tensor) -> list:
     """Per-class values for JSON: NaN (a class without enough images) becomes null."""
     return [None if math.isnan(v) else float(v) for v in t.tolist()]
@@ -166,6 +192,8 @@ def headline(analysis: dict) -> dict[str, float]:
         "effective_rank": analysis["spectrum"]["synthetic"]["effective_rank"],
         "spectrum_slope": analysis["spectrum"]["synthetic"]["decay_slope"],
         "fd_teacher": analysis["fd_teacher"],
+        "cov_mean_diagonal": analysis["covariance"]["synthetic"]["mean_diagonal"],
+        "cov_condition_number": analysis["covariance"]["synthetic"]["condition_number"],
         "fid": analysis.get("fid"),
         **{k: v for k, v in analysis.get("robust", {}).items() if k in ("ior", "hlr", "lrs", "ars")},
     }
@@ -330,5 +358,11 @@ def log_analysis(logger, analysis: dict, spec, run_dir: Path) -> None:
     logger.log_table("analyse/per_class", ["class", "proto_dist_synthetic", "proto_dist_real_same_ipc",
                                            "ssim_synthetic", "ssim_real_same_ipc", "feature_cosine_synthetic",
                                            "feature_cosine_real_same_ipc"], rows)
+    cov = analysis["covariance"]
+    figures = covariance.FIGURES
+    logger.log_table("analyse/covariance_per_class",
+                     ["class", *(f"{k}_{side}" for side in ("synthetic", "real_same_ipc") for k in figures)],
+                     [[str(name), *(cov[side][f"{k}_per_class"][c] for side in ("synthetic", "real_same_ipc")
+                                    for k in figures)] for c, name in enumerate(spec.classes)])
     for rel in analysis.get("figures", []):
         logger.log_image(f"analyse/{Path(rel).stem}", run_dir / rel)

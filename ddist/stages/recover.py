@@ -34,8 +34,14 @@ from ddist.data.augment import apply, sample_params
 from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
-from ddist.objectives import RECOVER_OBJECTIVES, ClassMomentSums, DEDAObjective, SRe2LObjective
-from ddist.teacher import load_teacher, teacher_key
+from ddist.objectives import (
+    RECOVER_OBJECTIVES,
+    REG_NORMALISATIONS,
+    ClassMomentSums,
+    DEDAObjective,
+    SRe2LObjective,
+)
+from ddist.teacher import deda_layers, load_teacher, teacher_key
 from ddist.train import check_finite, make_schedule, seed_everything
 
 BATCH_MODES = ("ipc_slice", "whole_class")
@@ -79,19 +85,6 @@ def initial_images(cfg: DictConfig, spec, generator: torch.Generator) -> torch.T
 
 
 # ----------------------------------------------------------------------------- real class statistics
-
-
-def deda_layers(cfg: DictConfig, teacher) -> list[str]:
-    """The feature stages DEDA aligns, in teacher order; default: every "stageK" (pooled maps)."""
-    names = list(teacher.feature_names)
-    wanted = cfg.recover.deda.layers
-    if wanted is None:
-        return [n for n in names if n.startswith("stage")]
-    unknown = [n for n in wanted if n not in names]
-    if unknown or not wanted:
-        raise ConfigError(f"recover.deda.layers={list(wanted)} names no or unknown teacher features {unknown}; "
-                          f"set it to a non-empty subset of {names} (or null for every stage).")
-    return [n for n in names if n in wanted]
 
 
 def class_stats_key(cfg: DictConfig, layers: list[str]) -> dict:
@@ -156,6 +149,9 @@ def check_options(cfg: DictConfig) -> None:
     for option, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"recover.{option}={value!r} is not one of {list(allowed)}; set recover.{option}.")
+    if rcfg.objective == "deda" and rcfg.deda.reg_normalisation not in REG_NORMALISATIONS:
+        raise ConfigError(f"recover.deda.reg_normalisation={rcfg.deda.reg_normalisation!r} is not one of "
+                          f"{list(REG_NORMALISATIONS)}; set recover.deda.reg_normalisation.")
     if rcfg.objective == "deda" and rcfg.batch.mode != "whole_class":
         raise ConfigError("DEDA's statistics are per class, so every class needs all its images in one batch: "
                           "set recover.batch.mode=whole_class.")
@@ -179,7 +175,8 @@ def build_objective(cfg: DictConfig, ctx: dict, teacher):
     real = load_class_stats(cfg, ctx, teacher, layers)
     return DEDAObjective(teacher, real, cfg.ipc, mean_weight=dcfg.mean_weight, gamma=dcfg.gamma,
                          lambda_diag=dcfg.lambda_diag, lambda_offdiag=dcfg.lambda_offdiag,
-                         reg_iterations=dcfg.reg_iterations, class_reduction=dcfg.class_reduction,
+                         reg_iterations=dcfg.reg_iterations, reg_normalisation=dcfg.reg_normalisation,
+                         class_reduction=dcfg.class_reduction,
                          ce_weight=rcfg.ce_weight)
 
 
