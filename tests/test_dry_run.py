@@ -66,6 +66,12 @@ def test_every_pipeline_dry_runs(tmp_path, name):
     check_dry_run(tmp_path, f"pipeline={name}")
 
 
+def test_dry_run_cuts_stored_labels_and_robust_score_baselines_too(tmp_path):
+    results = check_dry_run(tmp_path, "pipeline=sre2l", "relabel=stored", "analyse.robust_scores=true")
+    assert set(results["analysis"]["robust"]) >= {"ior", "hlr", "lrs", "ars"}
+    assert json.loads((tmp_path / "run" / "relabel" / "meta.json").read_text())["epochs"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["minimax/imagenette_ipc10", "rsm_cgs/imagewoof_ipc10"])
 def test_dit_xl_cells_dry_run_at_full_size(tmp_path, experiment):
