@@ -22,7 +22,15 @@ from torch.utils.data import Dataset
 from ddist.data.cache import cache_key, cached_images
 from ddist.data.decode import Resize, decode_all, decode_image
 from ddist.data.layouts import SplitFiles, list_split
-from ddist.data.spec import SPLITS, DatasetSpec, as_dict, check_format, data_root, dataset_spec, subset_size
+from ddist.data.spec import (
+    SPLITS,
+    DatasetSpec,
+    as_dict,
+    check_format,
+    data_root,
+    dataset_spec,
+    subset_size,
+)
 from ddist.errors import ConfigError
 
 log = logging.getLogger("ddist")
