@@ -41,9 +41,20 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def key_plain(obj: Any) -> Any:
+    """to_plain with every mapping key a string, as JSON writes it: sorting the keys of a table
+    like hard_epochs {10: 1000, max: 300} would otherwise compare an int with a str."""
+    obj = to_plain(obj)
+    if isinstance(obj, dict):
+        return {str(k): key_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [key_plain(v) for v in obj]
+    return obj
+
+
 def config_hash(obj: Any) -> str:
     """16 hex characters of the SHA-256 of the canonical JSON of `obj`."""
-    blob = json.dumps({"v": CACHE_VERSION, "obj": to_plain(obj)}, sort_keys=True, default=str)
+    blob = json.dumps({"v": CACHE_VERSION, "obj": key_plain(obj)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -56,7 +67,7 @@ def cache_entry(cfg: DictConfig, kind: str, key_obj: Any) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     key_file = path / "key.json"
     if not key_file.exists():
-        atomic_write_text(key_file, json.dumps(to_plain(key_obj), indent=2, sort_keys=True, default=str))
+        atomic_write_text(key_file, json.dumps(key_plain(key_obj), indent=2, sort_keys=True, default=str))
     return path
 
 

@@ -1,6 +1,7 @@
 """Run cfg.pipeline.stages in order, passing the artifacts made so far in `ctx`.
 
 At the end: results.json in the run directory, the same table on the console and in W&B.
+`dry_run=true` first cuts the configuration down to one step of everything (ddist/dry_run.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Self
 import torch
 from omegaconf import DictConfig
 
+from ddist import dry_run
 from ddist.artifacts import atomic_write_text, strict_json
 from ddist.checks import check_config
 from ddist.data import dataset_spec
@@ -40,6 +42,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
+    if cfg.dry_run:
+        cfg = dry_run.prepare(cfg)
     validate(cfg)
     configure_threads(cfg.threads)
     run_dir = Path(cfg.paths.output_dir)
@@ -61,7 +65,8 @@ def run(cfg: DictConfig) -> dict:
             ctx["peak_memory_mb"][name] = peak.mb
             logger.log({f"{name}/seconds": ctx["timings"][name], f"{name}/peak_memory_mb": peak.mb})
         results = collect_results(cfg, ctx)
-        atomic_write_text(run_dir / "results.json", strict_json(results))
+        # a dry run's numbers mean nothing: another name keeps them out of reports
+        atomic_write_text(run_dir / ("dry_run.json" if cfg.dry_run else "results.json"), strict_json(results))
         print(format_table(results) + f"\n  run directory: {run_dir}")
         report_to_logger(logger, results, ctx)
         exit_code = 0
@@ -73,6 +78,7 @@ def run(cfg: DictConfig) -> dict:
 def collect_results(cfg: DictConfig, ctx: dict) -> dict:
     return {
         "method": cfg.pipeline.name,
+        "dry_run": bool(cfg.dry_run),
         "dataset": cfg.dataset.name,
         "ipc": cfg.ipc,
         "seed": cfg.seed,
@@ -87,7 +93,8 @@ def collect_results(cfg: DictConfig, ctx: dict) -> dict:
 
 
 def format_table(results: dict) -> str:
-    head = f"{results['method']} on {results['dataset']}, IPC {results['ipc']}, seed {results['seed']}"
+    head = (f"{'dry run: ' if results.get('dry_run') else ''}{results['method']} on {results['dataset']}, "
+            f"IPC {results['ipc']}, seed {results['seed']}")
     teacher = results["teacher_acc"]
     lines = [head, f"  teacher (full real data): {100 * teacher:.2f}%" if teacher is not None else "  teacher: -",
              f"  {'student':<16}{'protocol':<10}{'acc mean':>10}{'std':>8}  runs"]

@@ -35,6 +35,9 @@ def test_config_hash_is_stable_and_sensitive():
     b = {"dataset": "digits", "teacher": {"epochs": 30, "lr": 0.01}}
     assert config_hash(a) == config_hash(b) == config_hash(OmegaConf.create(a))
     assert config_hash(a) != config_hash({**a, "teacher": {"lr": 0.02, "epochs": 30}})
+    # an epochs table mixes int and str keys (hard_epochs): hashed as JSON writes it, not a TypeError
+    table = {"epochs": {10: 1000, "max": 300}}
+    assert config_hash(table) == config_hash({"epochs": {"10": 1000, "max": 300}}) != config_hash(a)
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):

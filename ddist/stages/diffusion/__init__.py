@@ -1,7 +1,8 @@
 """Diffusion stage: a class-conditional diffusion model generates the distilled set.
 
-    base model   pretrained (diffusion.model.pretrained, from_pretrained) or
-                 trained from scratch on the real train split (diffusion.train), cached
+    base model   pretrained (diffusion.model.pretrained, from_pretrained; its architecture with
+                 random weights when diffusion.model.random_weights) or trained from scratch
+                 on the real train split (diffusion.train), cached
     fine-tune    diffusion.finetune.objective: none | plain | minimax | rsm, cached
     class means  real clean latents per class, for CGS's distribution matching, cached
     sample       diffusion.sample.method: independent | cgs, IPC images per class

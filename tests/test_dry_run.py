@@ -1,0 +1,110 @@
+"""dry_run=true runs every experiment file and every pipeline: each model built, each stage one step.
+
+The runs go through pipeline.run in this process (Hydra's compose API), which saves each the
+~6 s of imports a `python -m ddist` costs; one subprocess checks the command line itself.
+The data root lies in tmp_path, so every dataset but digits is the synthetic stand-in, as in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import CONF, run_ddist
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from ddist import pipeline
+from ddist.dry_run import prepare
+from ddist.errors import ConfigError
+from ddist.models import student_config
+
+EXPERIMENTS = sorted(p.relative_to(CONF / "experiment").with_suffix("").as_posix()
+                     for p in (CONF / "experiment").rglob("*.yaml"))
+PIPELINES = sorted(p.stem for p in (CONF / "pipeline").glob("*.yaml"))
+# cells on DiT-XL/2 and the SD VAEs: building those alone takes ~15 s and a step ~1 min on a CPU
+DIT_XL = [e for e in EXPERIMENTS if e.split("/")[0] in ("minimax", "rsm_cgs") and "image" in e]
+# the default tier shrinks them (random weights either way: the pretrained ones are not here)
+SMALL_LATENT = ["diffusion.model.dit.num_layers=1", "diffusion.model.dit.num_attention_heads=2",
+                "diffusion.model.dit.attention_head_dim=8", "diffusion.model.vae_config.block_out_channels=[8,8,8,8]",
+                "diffusion.model.vae_config.layers_per_block=1", "diffusion.model.vae_config.norm_num_groups=8"]
+
+
+def compose_dry_run(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[*overrides, "dry_run=true", "logger=none", f"paths.root_dir={tmp_path}",
+                                            f"paths.output_dir={tmp_path / 'run'}"])
+
+
+def check_dry_run(tmp_path: Path, *overrides: str) -> dict:
+    """Run one dry run in-process; check it ran every stage, built every student, and wrote no real cache."""
+    cfg = compose_dry_run(tmp_path, *overrides)
+    results = pipeline.run(cfg)
+    run = tmp_path / "run"
+    written = json.loads((run / "dry_run.json").read_text())
+    assert results["dry_run"] and written["dry_run"] and written["students"] == results["students"]
+    assert not (run / "results.json").exists()  # reports never count a dry run
+    assert list(results["timings"]) == list(cfg.pipeline.stages)
+    assert [s["name"] for s in results["students"]] == [student_config(s)[0] for s in cfg.evaluate.students]
+    images = load_file(Path(results["distilled"]) / "data.safetensors")["images"]
+    classes = min(2, cfg.dataset.num_classes or 2)
+    assert images.shape[0] == classes * min(cfg.ipc, 2) and images.shape[-1] == cfg.dataset.resolution
+    # caches live in the run directory: the configured cache (root_dir/outputs/cache) is untouched
+    assert (run / "dry_run_cache" / "teacher").is_dir() and not (tmp_path / "outputs").exists()
+    return results
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_file_dry_runs(tmp_path, experiment):
+    check_dry_run(tmp_path, f"experiment={experiment}", *(SMALL_LATENT if experiment in DIT_XL else []))
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_every_pipeline_dry_runs(tmp_path, name):
+    check_dry_run(tmp_path, f"pipeline={name}")
+
+
+def test_dry_run_cuts_stored_labels_and_robust_score_baselines_too(tmp_path):
+    results = check_dry_run(tmp_path, "pipeline=sre2l", "relabel=stored", "analyse.robust_scores=true")
+    assert set(results["analysis"]["robust"]) >= {"ior", "hlr", "lrs", "ars"}
+    assert json.loads((tmp_path / "run" / "relabel" / "meta.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["minimax/imagenette_ipc10", "rsm_cgs/imagewoof_ipc10"])
+def test_dit_xl_cells_dry_run_at_full_size(tmp_path, experiment):
+    """DiT-XL/2 (28 layers, 1000-class table) and the SD VAE as configured, random weights."""
+    results = check_dry_run(tmp_path, f"experiment={experiment}")
+    meta = json.loads((Path(results["distilled"]) / "meta.json").read_text())
+    model = meta["config"]["diffusion"]["model"]
+    assert model["random_weights"] and (model["dit"]["num_layers"], model["dit"]["num_embeds_ada_norm"]) == (28, 1000)
+    assert model["class_ids"] == {"imagenette": [0, 217], "imagewoof": [193, 182]}[results["dataset"]]
+    shutil.rmtree(tmp_path / "run" / "dry_run_cache")  # gigabytes of fine-tuned DiT
+
+
+def test_dry_run_cuts_steps_and_data_but_keeps_the_models(tmp_path):
+    cfg = compose_dry_run(tmp_path, "experiment=rsm_cgs/imagenette_ipc50")
+    cut = prepare(cfg)
+    assert (cut.dataset.format, dict(cut.dataset.subset), cut.dataset.resolution) == (
+        "synthetic", {"classes": 2, "per_class": 2}, 224)
+    assert list(cut.diffusion.model.class_ids) == [0, 217]  # ImageNette's first two ImageNet ids
+    assert cut.diffusion.model.random_weights and cut.diffusion.model.dit == cfg.diffusion.model.dit
+    assert (cut.ipc, cut.evaluate.epochs, cut.diffusion.finetune.steps, cut.diffusion.sample.steps) == (2, 1, 1, 1)
+    assert cut.evaluate.students == cfg.evaluate.students and cut.teacher.model == cfg.teacher.model
+    assert cut.paths.cache_dir == str(tmp_path / "run" / "dry_run_cache")
+    assert cfg.ipc == 50 and cfg.dataset.subset is None  # the given config is left as it was
+    with pytest.raises(ConfigError, match="teacher.checkpoint"):
+        prepare(compose_dry_run(tmp_path, f"teacher.checkpoint={tmp_path}/missing.pt"))
+
+
+def test_dry_run_from_the_command_line(tmp_path):
+    """`python -m ddist experiment=... dry_run=true` on the cell whose students used to crash evaluate."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    proc = run_ddist("experiment=rsm_cgs/imagenette_ipc10", "dry_run=true", "logger=none", *SMALL_LATENT,
+                     f"paths.data_dir={tmp_path}/data", run_dir=run_dir, cache_dir=cache, tiny=False)
+    results = json.loads((run_dir / "dry_run.json").read_text())
+    assert [s["name"] for s in results["students"]] == ["convnet6", "resnet_ap10", "resnet18"]
+    assert "dry run: rsm_cgs on imagenette, IPC 2" in proc.stdout
+    assert not cache.exists()
