@@ -10,8 +10,8 @@ PATH):
     report.md                  one table per dataset, the missing runs, the cost table
     report.csv                 the same rows, machine-readable (accuracies as fractions)
     acc_vs_ipc_<dataset>.png   accuracy versus IPC, one line per method/student/protocol
-    sweep_<dataset>.png        with --sweep: SSIM, student accuracy and the teacher's accuracy on
-                               the samples against the first KEY, one line per value of the others
+    sweep_<dataset>.png        with --sweep: SSIM, spectrum slope, student accuracy and the teacher's
+                               accuracy on the samples against the first KEY, one line per value of the others
 
 A row is one (dataset, method, IPC, student, protocol): accuracy mean +- std over seeds
 (std of the per-seed means), the random-real accuracy under the same protocol and IPC,
@@ -402,15 +402,16 @@ def plot_accuracy_vs_ipc(rows: list[dict], out_dir: Path) -> dict[str, Path]:
 
 
 def plot_sweep(rows: list[dict], sweep_keys: tuple[str, ...], out_dir: Path) -> dict[str, Path]:
-    """One PNG per dataset: SSIM, student accuracy and teacher accuracy on the samples against the first
-    sweep key (symlog axis: 0 is a sweep point), one line per (method, other sweep values, student, protocol)."""
+    """One PNG per dataset: SSIM, spectrum slope, student accuracy and teacher accuracy on the samples
+    against the first sweep key (symlog axis: 0 is a sweep point), one line per (method, other sweep values, student, protocol)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x_key, plots = sweep_keys[0], {}
-    panels = [("ssim", "within-class SSIM", 1), ("acc_mean", "student accuracy (%)", 100),
+    panels = [("ssim", "within-class SSIM", 1), ("spec_slope", "feature spectrum decay slope", 1),
+              ("acc_mean", "student accuracy (%)", 100),
               ("sample_acc", "teacher accuracy on samples (%)", 100)]
     for dataset in sorted({r["dataset"] for r in rows}, key=str):
         subset = [r for r in rows if r["dataset"] == dataset and math.isfinite(_num(r["sweep_values"][x_key]))]
