@@ -10,12 +10,23 @@ from ddist.artifacts import load_distilled
 from ddist.data import dataset_spec, load_split
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger
-from ddist.stages.diffusion.backbones import PixelCodec, class_id_map, pixel_denoiser
 from ddist.models import build_model
 from ddist.objectives.rsm import predict_x0
 from ddist.stages.diffusion import teacher_features
-from ddist.stages.diffusion.sampling import denoise, guided_eps, image_generators, make_scheduler, sample_latents
-from ddist.stages.diffusion.train import is_difffit, make_objective, select_parameters, train_denoiser
+from ddist.stages.diffusion.backbones import PixelCodec, class_id_map, pixel_denoiser
+from ddist.stages.diffusion.sampling import (
+    denoise,
+    guided_eps,
+    image_generators,
+    make_scheduler,
+    sample_latents,
+)
+from ddist.stages.diffusion.train import (
+    is_difffit,
+    make_objective,
+    select_parameters,
+    train_denoiser,
+)
 
 DIGITS = {"name": "digits", "format": "digits", "root": None, "num_classes": 10,
           "classes": [str(i) for i in range(10)], "wnids": None, "channels": 1, "resolution": 16,
