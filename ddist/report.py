@@ -1,6 +1,6 @@
 """Build the method-comparison table from finished runs.
 
-    python -m ddist.report PATH... [--out DIR] [--wandb]
+    python -m ddist.report PATH... [--out DIR] [--sweep KEY...] [--wandb]
 
 PATH is a run directory, a Hydra multirun directory or any folder above them: every
 results.json below it is read (with the analyse stage's numbers, from results.json's
@@ -10,6 +10,8 @@ PATH):
     report.md                  one table per dataset, the missing runs, the cost table
     report.csv                 the same rows, machine-readable (accuracies as fractions)
     acc_vs_ipc_<dataset>.png   accuracy versus IPC, one line per method/student/protocol
+    sweep_<dataset>.png        with --sweep: SSIM, spectrum slope, student accuracy and the teacher's
+                               accuracy on the samples against the first KEY, one line per value of the others
 
 A row is one (dataset, method, IPC, student, protocol): accuracy mean +- std over seeds
 (std of the per-seed means), the random-real accuracy under the same protocol and IPC,
@@ -17,6 +19,11 @@ IOR = acc - random acc, the analyse metrics averaged over seeds, and the cost. M
 runs are listed, never fatal: a Hydra job directory without results.json, and any
 (method, IPC, seed) of a dataset's grid that no run covers. Paths in the report are
 relative to DIR, so a report and its runs can move to another machine together.
+
+--sweep KEY... names Hydra overrides that vary across the runs (e.g.
+diffusion.sample.cgs.eta_dpp diffusion.sample.cgs.kernel): runs that differ in them are
+different rows (the method column shows the values), not duplicates. A run that does not set
+KEY on its command line has the value "default".
 """
 
 from __future__ import annotations
@@ -52,8 +59,10 @@ ANALYSIS_COLUMNS = [
 ]
 KEY = ("dataset", "method", "ipc", "student", "protocol")
 STAGE_ORDER = ("squeeze", "random", "recover", "diffusion", "relabel", "evaluate", "analyse")
-CSV_COLUMNS = [*KEY, "seeds", "acc_mean", "acc_std", "random_acc", "ior",
-               *(name for name, _ in ANALYSIS_COLUMNS), "time_s", "peak_mem_mb", "runs"]
+# The diffusion stage's fidelity check: the teacher's top-1 accuracy on the samples, with their intended labels.
+SAMPLE_ACC = ("diffusion", "teacher_acc_on_samples")
+CSV_COLUMNS = [*KEY, "sweep", "seeds", "acc_mean", "acc_std", "random_acc", "ior",
+               *(name for name, _ in ANALYSIS_COLUMNS), "sample_acc", "time_s", "peak_mem_mb", "runs"]
 
 
 @dataclass
@@ -63,6 +72,7 @@ class Run:
     path: Path
     results: dict
     mtime: float
+    sweep: tuple = ()  # the values of the --sweep overrides
 
     @property
     def analysis(self) -> dict:
@@ -77,7 +87,7 @@ class Run:
     def identity(self) -> tuple:
         """The cell plus what was evaluated: runs of one cell under other protocols or students are not duplicates."""
         evaluated = sorted((str(s.get("name")), str(s.get("protocol"))) for s in self.results.get("students") or [])
-        return (*self.cell, tuple(evaluated))
+        return (*self.cell, tuple(evaluated), self.sweep)
 
 
 @dataclass
@@ -107,7 +117,16 @@ def _overrides(job_dir: Path) -> str:
     return " ".join(lines)
 
 
-def load_run(results_path: Path) -> Run:
+def override_value(results: dict, key: str) -> str:
+    """The value a run's command line gave `key` (results.json "overrides"), else "default"."""
+    for item in results.get("overrides") or []:
+        name, _, value = str(item).partition("=")
+        if name.lstrip("+") == key:
+            return value
+    return "default"
+
+
+def load_run(results_path: Path, sweep_keys: tuple[str, ...] = ()) -> Run:
     results = _read_json(results_path)
     missing = [k for k in ("method", "dataset", "ipc", "students") if k not in results]
     if missing:
@@ -115,11 +134,12 @@ def load_run(results_path: Path) -> Run:
     analysis_path = results_path.parent / "analysis.json"
     if not results.get("analysis") and analysis_path.is_file():
         results["analysis"] = _read_json(analysis_path)
-    return Run(results_path.parent, results, results_path.stat().st_mtime)
+    sweep = tuple(override_value(results, k) for k in sweep_keys)
+    return Run(results_path.parent, results, results_path.stat().st_mtime, sweep)
 
 
-def collect(paths: list[Path]) -> Collected:
-    """Every run below `paths`; a newer run of the same cell and evaluation replaces an older one."""
+def collect(paths: list[Path], sweep_keys: tuple[str, ...] = ()) -> Collected:
+    """Every run below `paths`; a newer run of the same cell, evaluation and sweep point replaces an older one."""
     out = Collected()
     seen_dirs: set[Path] = set()
     by_cell: dict[tuple, Run] = {}
@@ -129,7 +149,7 @@ def collect(paths: list[Path]) -> Collected:
                 continue
             seen_dirs.add(results_path.parent)
             try:
-                run = load_run(results_path)
+                run = load_run(results_path, sweep_keys)
             except (OSError, ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
                 out.unreadable.append((results_path, str(err)))
                 continue
@@ -208,23 +228,26 @@ def _total_time(run: Run) -> float | None:
     return sum(values) if values else None
 
 
-def build_rows(runs: list[Run], relative_to: Path) -> list[dict]:
-    """One row per (dataset, method, IPC, student, protocol), seeds aggregated."""
+def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] = ()) -> list[dict]:
+    """One row per (dataset, method, IPC, student, protocol, sweep point), seeds aggregated."""
     groups: dict[tuple, list[tuple[Run, dict]]] = defaultdict(list)
     for run in runs:
         r = run.results
         for student in r.get("students") or []:
-            key = (r["dataset"], r["method"], r["ipc"], student.get("name"), student.get("protocol"))
+            key = (r["dataset"], r["method"], r["ipc"], student.get("name"), student.get("protocol"), run.sweep)
             groups[key].append((run, student))
     rows = []
-    for key, members in groups.items():
+    for (*key, sweep), members in groups.items():
         accs = [float(s["acc_mean"]) if "acc_mean" in s else statistics.fmean(s["accs"]) for _, s in members]
         row: dict[str, Any] = dict(zip(KEY, key))
+        row["sweep"] = " ".join(f"{k}={v}" for k, v in zip(sweep_keys, sweep))
+        row["sweep_values"] = dict(zip(sweep_keys, sweep))
         row["seeds"] = len(members)
         row["acc_mean"] = statistics.fmean(accs)
         row["acc_std"] = _std(accs)
         for name, path in ANALYSIS_COLUMNS:
             row[name] = _mean([_dig(run.analysis, path) for run, _ in members])
+        row["sample_acc"] = _mean([_dig(run.results, SAMPLE_ACC) for run, _ in members])
         row["time_s"] = _mean([_total_time(run) for run, _ in members])
         peaks = [p for p in (_peak_memory_mb(run) for run, _ in members) if p is not None]
         row["peak_mem_mb"] = max(peaks) if peaks else None
@@ -238,7 +261,8 @@ def build_rows(runs: list[Run], relative_to: Path) -> list[dict]:
         row["ior"] = None if base is None else row["acc_mean"] - base
     # Random first within each IPC: it is the baseline the other rows are read against.
     return sorted(rows, key=lambda r: (str(r["dataset"]), _num(r["ipc"]), str(r["student"]), str(r["protocol"]),
-                                       r["method"] != "random", str(r["method"])))
+                                       r["method"] != "random", str(r["method"]),
+                                       *((_num(v), str(v)) for v in r["sweep_values"].values())))
 
 
 def stage_costs(runs: list[Run]) -> dict[tuple, dict[str, float]]:
@@ -285,19 +309,27 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
 def table_cells(row: dict) -> list[str]:
     acc = f"{_pct(row['acc_mean'])} ± {_pct(row['acc_std'])}"
     fd = row["fid"] if row["fid"] is not None else row["fd_teacher"]
-    return [str(row["method"]), str(row["ipc"]), str(row["student"]), str(row["protocol"]), str(row["seeds"]),
+    method = str(row["method"]) + (f" ({_short(row['sweep_values'])})" if row["sweep_values"] else "")
+    return [method, str(row["ipc"]), str(row["student"]), str(row["protocol"]), str(row["seeds"]),
             acc, _pct(row["random_acc"]), _pct(row["ior"]), _fmt(row["lrs"]), _fmt(row["ars"]),
             _fmt(row["proto_dist"]), _fmt(row["ssim"]), _fmt(row["feat_cos"]), _fmt(row["erank"], 2),
-            _fmt(row["spec_slope"]), _fmt(fd, 2), _fmt(row["time_s"], 1), _fmt(row["peak_mem_mb"], 0)]
+            _fmt(row["spec_slope"]), _fmt(fd, 2), _pct(row["sample_acc"]), _fmt(row["time_s"], 1),
+            _fmt(row["peak_mem_mb"], 0)]
+
+
+def _short(values: dict[str, str]) -> str:
+    """Sweep values labelled by the last part of their keys: "eta_dpp=10, kernel=zt"."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
 
 
 TABLE_HEADER = ["method", "IPC", "student", "protocol", "seeds", "acc % (mean ± std)", "random %", "IOR (pp)",
-                "LRS", "ARS", "proto dist", "SSIM", "feat cos", "eff. rank", "spec. slope", "FD", "time s",
-                "peak MiB"]
+                "LRS", "ARS", "proto dist", "SSIM", "feat cos", "eff. rank", "spec. slope", "FD",
+                "teacher acc on samples %", "time s", "peak MiB"]
 
 
 def write_markdown(path: Path, rows: list[dict], collected: Collected, missing: list[tuple],
-                   costs: dict[tuple, dict[str, float]], plots: dict[str, Path], inputs: list[str]) -> None:
+                   costs: dict[tuple, dict[str, float]], plots: dict[str, Path], inputs: list[str],
+                   sweep_plots: dict[str, Path]) -> None:
     out = [f"# ddist report ({date.today().isoformat()})", "",
            f"Runs read: {len(collected.runs)} from {', '.join(inputs)}.", "",
            ("Accuracies are top-1 on the real test set, mean ± std over seeds. IOR = acc − random-real acc at the "
@@ -305,12 +337,15 @@ def write_markdown(path: Path, rows: list[dict], collected: Collected, missing: 
             "`analyse.robust_scores=true`). proto dist: class-prototype cosine distance (higher = more spread); "
             "SSIM, feat cos: within-class pairwise similarity (lower = more diverse); eff. rank and spec. slope of "
             "the teacher-feature spectrum; FD: FID when Inception weights were given, else the teacher-space "
-            "Frechet distance (fd_teacher). time: wall seconds of the whole pipeline.")]
+            "Frechet distance (fd_teacher). teacher acc on samples: the teacher's top-1 accuracy on a diffusion "
+            "set's images with their intended labels. time: wall seconds of the whole pipeline.")]
     for dataset in sorted({r["dataset"] for r in rows}, key=str):
         subset = [r for r in rows if r["dataset"] == dataset]
         out += ["", f"## {dataset}", "", markdown_table(TABLE_HEADER, [table_cells(r) for r in subset])]
         if dataset in plots:
             out += ["", f"![accuracy vs IPC, {dataset}]({plots[dataset].name})"]
+        if dataset in sweep_plots:
+            out += ["", f"![sweep, {dataset}]({sweep_plots[dataset].name})"]
     if costs:
         seen = {s for c in costs.values() for s in c}
         stages = [s for s in STAGE_ORDER if s in seen] + sorted(seen - set(STAGE_ORDER))
@@ -373,6 +408,51 @@ def plot_accuracy_vs_ipc(rows: list[dict], out_dir: Path) -> dict[str, Path]:
     return plots
 
 
+def plot_sweep(rows: list[dict], sweep_keys: tuple[str, ...], out_dir: Path) -> dict[str, Path]:
+    """One PNG per dataset: SSIM, spectrum slope, student accuracy and teacher accuracy on the samples
+    against the first sweep key (symlog axis: 0 is a sweep point), one line per (method, other sweep values, student, protocol)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key, plots = sweep_keys[0], {}
+    panels = [("ssim", "within-class SSIM", 1), ("spec_slope", "feature spectrum decay slope", 1),
+              ("acc_mean", "student accuracy (%)", 100),
+              ("sample_acc", "teacher accuracy on samples (%)", 100)]
+    for dataset in sorted({r["dataset"] for r in rows}, key=str):
+        subset = [r for r in rows if r["dataset"] == dataset and math.isfinite(_num(r["sweep_values"][x_key]))]
+        if not subset:
+            continue
+        lines: dict[str, list[dict]] = defaultdict(list)
+        several = len({(r["student"], r["protocol"]) for r in subset}) > 1
+        for r in subset:
+            others = {k: v for k, v in r["sweep_values"].items() if k != x_key}
+            label = " ".join([str(r["method"]), *([_short(others)] if others else []),
+                              *([f"({r['student']}, {r['protocol']})"] if several else [])])
+            lines[label].append(r)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+        positive = [_num(r["sweep_values"][x_key]) for r in subset if _num(r["sweep_values"][x_key]) > 0]
+        for ax, (column, title, scale) in zip(axes, panels):
+            for label, pts in sorted(lines.items()):
+                pts = sorted((p for p in pts if p[column] is not None), key=lambda p: _num(p["sweep_values"][x_key]))
+                ax.plot([_num(p["sweep_values"][x_key]) for p in pts], [scale * p[column] for p in pts], "o-",
+                        label=label)
+            if positive:
+                ax.set_xscale("symlog", linthresh=min(positive))
+            ax.set_xlabel(x_key.rsplit(".", 1)[-1])
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{dataset}: sweep over {x_key}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"sweep_{_safe(str(dataset))}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        plots[dataset] = path
+    return plots
+
+
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
@@ -390,16 +470,19 @@ def log_wandb(rows: list[dict], plots: dict[str, Path], out_dir: Path, project: 
 # ----------------------------------------------------------------------------- entry point
 
 
-def build_report(paths: list[Path], out_dir: Path) -> tuple[list[dict], Collected, list[tuple]]:
+def build_report(paths: list[Path], out_dir: Path,
+                 sweep_keys: tuple[str, ...] = ()) -> tuple[list[dict], Collected, list[tuple]]:
     """Read the runs, write report.md, report.csv and the plots into out_dir; return what was written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    collected = collect(paths)
-    rows = build_rows(collected.runs, out_dir)
+    collected = collect(paths, sweep_keys)
+    rows = build_rows(collected.runs, out_dir, sweep_keys)
     missing = missing_cells(collected.runs)
     plots = plot_accuracy_vs_ipc(rows, out_dir) if rows else {}
+    sweep_plots = plot_sweep(rows, sweep_keys, out_dir) if rows and sweep_keys else {}
     write_csv(rows, out_dir / "report.csv")
     inputs = [os.path.relpath(p, out_dir) for p in paths]
-    write_markdown(out_dir / "report.md", rows, collected, missing, stage_costs(collected.runs), plots, inputs)
+    write_markdown(out_dir / "report.md", rows, collected, missing, stage_costs(collected.runs), plots, inputs,
+                   sweep_plots)
     return rows, collected, missing
 
 
@@ -407,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddist.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run or multirun directories (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first PATH)")
+    parser.add_argument("--sweep", nargs="+", default=[], metavar="KEY",
+                        help="overrides that vary across the runs; the first is the x axis of sweep_<dataset>.png")
     parser.add_argument("--wandb", action="store_true", help="also log the table to W&B")
     parser.add_argument("--wandb-project", default="ddist")
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online"])
@@ -416,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {p} is not a directory; give run or multirun directories.", file=sys.stderr)
             return 2
     out_dir = args.out or args.paths[0]
-    rows, collected, missing = build_report(args.paths, out_dir)
+    rows, collected, missing = build_report(args.paths, out_dir, tuple(args.sweep))
     if args.wandb:
         plots = {r["dataset"]: out_dir / f"acc_vs_ipc_{_safe(str(r['dataset']))}.png" for r in rows}
         log_wandb(rows, plots, out_dir, args.wandb_project, args.wandb_mode)

@@ -10,9 +10,23 @@ from ddist.artifacts import load_distilled
 from ddist.data import dataset_spec, load_split
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger
+from ddist.models import build_model
+from ddist.objectives.rsm import predict_x0
+from ddist.stages.diffusion import teacher_features
 from ddist.stages.diffusion.backbones import PixelCodec, class_id_map, pixel_denoiser
-from ddist.stages.diffusion.sampling import image_generators, make_scheduler, sample_latents
-from ddist.stages.diffusion.train import is_difffit, select_parameters, train_denoiser
+from ddist.stages.diffusion.sampling import (
+    denoise,
+    guided_eps,
+    image_generators,
+    make_scheduler,
+    sample_latents,
+)
+from ddist.stages.diffusion.train import (
+    is_difffit,
+    make_objective,
+    select_parameters,
+    train_denoiser,
+)
 
 DIGITS = {"name": "digits", "format": "digits", "root": None, "num_classes": 10,
           "classes": [str(i) for i in range(10)], "wnids": None, "channels": 1, "resolution": 16,
@@ -28,26 +42,88 @@ def tiny_denoiser(num_classes=10, seed=0):
     return pixel_denoiser(net.eval(), {"class_ids": None}, num_classes)
 
 
-def sample_cfg(method, **cgs):
-    return {"method": method, "steps": 4, "guidance_scale": 2.0, "ddim_eta": 0.0, "batch_size": 4,
+def sample_cfg(method, guidance_channels=None, **cgs):
+    return {"method": method, "steps": 4, "guidance_scale": 2.0, "guidance_channels": guidance_channels,
+            "ddim_eta": 0.0, "batch_size": 4,
             "cgs": {"eta_dpp": 0.0, "mu_dm": 0.0, "eps": 1e-3, "kernel": "zt", "start": 0, "end": None, **cgs}}
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
-def test_cgs_without_guidance_reproduces_independent_sampling(scheduler):
+def tiny_teacher_features():
+    """teacher_features of a random ConvNet on 8 px, 1-channel images (the tiny denoiser's space)."""
+    spec = dataset_spec({**DIGITS, "resolution": 8})
+    torch.manual_seed(1)
+    teacher = build_model({"name": "convnet", "depth": 2, "width": 8}, 10, 1, 8).eval().requires_grad_(False)
+    return teacher_features(teacher, PixelCodec(), spec)
+
+
+@pytest.mark.parametrize("scheduler,kernel", [("ddpm", "zt"), ("ddim", "zt"), ("ddpm", "x0_hat"),
+                                              ("ddim", "teacher")])
+def test_cgs_without_guidance_reproduces_independent_sampling(scheduler, kernel):
     denoiser = tiny_denoiser()
     labels = torch.arange(3).repeat_interleave(3)  # batches of 4 mix classes in independent mode
     means = torch.zeros(10, 1, 8, 8)
     run = lambda cfg: sample_latents(denoiser, make_scheduler(SCHEDULE, scheduler), labels, 7, cfg,
-                                     torch.device("cpu"), means)
+                                     torch.device("cpu"), means, tiny_teacher_features())
     independent = run(sample_cfg("independent"))
-    cgs = run(sample_cfg("cgs"))
+    cgs = run(sample_cfg("cgs", kernel=kernel))
     torch.testing.assert_close(cgs, independent, rtol=1e-4, atol=1e-4)  # batch composition only
-    guided = run(sample_cfg("cgs", eta_dpp=0.1, mu_dm=5.0))
-    assert (guided - independent).abs().max() > 1e-3  # the guidance does act
+    dpp = run(sample_cfg("cgs", kernel=kernel, eta_dpp=0.1))
+    assert (dpp - independent).abs().max() > 1e-3  # the DPP gradient reaches the latents through the kernel
+    guided = run(sample_cfg("cgs", kernel=kernel, eta_dpp=0.1, mu_dm=5.0))
+    assert (guided - dpp).abs().max() > 1e-3  # and so does the distribution matching
     other_seed = sample_latents(denoiser, make_scheduler(SCHEDULE, scheduler), labels, 8, sample_cfg("independent"),
                                 torch.device("cpu"))
     assert (other_seed - independent).abs().max() > 1e-1
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_guidance_sees_the_current_steps_exact_clean_estimate(scheduler):
+    denoiser, sched = tiny_denoiser(), make_scheduler(SCHEDULE, scheduler)
+    sched.set_timesteps(4)
+    gen = torch.Generator().manual_seed(0)
+    z, ids = torch.randn(3, 1, 8, 8, generator=gen), torch.tensor([0, 1, 2])
+    seen = []
+    denoise(denoiser, sched, z, ids, image_generators(0, [0, 1, 2]), sample_cfg("cgs"),
+            guide=lambda i, z_next, x0_hat: seen.append((z_next, x0_hat)) or z_next)
+    t = sched.timesteps[0]
+    eps = guided_eps(denoiser, z, t, ids, 2.0, 4)
+    torch.testing.assert_close(seen[0][1], predict_x0(z, eps, sched.alphas_cumprod[t]))  # at the step's own t
+    next_formula = predict_x0(seen[0][0], eps, sched.alphas_cumprod[sched.timesteps[1]])
+    # the next step's alpha recovers x0_hat after a DDIM (eta 0) step, not after DDPM's posterior step
+    assert torch.allclose(next_formula, seen[0][1], atol=1e-4) == (scheduler == "ddim")
+
+
+def test_guidance_channels_guide_only_the_first_channels():
+    class Fake:  # eps_theta(z, t, y) = y + 10 * channel index: conditional and null ids give different eps
+        null_id = 9
+
+        def eps(self, z, t, ids):
+            return ids.float().view(-1, 1, 1, 1) + 10 * torch.arange(z.shape[1]).float().view(1, -1, 1, 1) + 0 * z
+
+    z, ids, scale = torch.zeros(2, 4, 2, 2), torch.tensor([1, 3]), 4.0
+    out = guided_eps(Fake(), z, torch.tensor(5), ids, scale, batch_size=3, channels=3)
+    cond = Fake().eps(z, None, ids)
+    uncond = Fake().eps(z, None, torch.full_like(ids, 9))
+    guided = uncond + scale * (cond - uncond)
+    torch.testing.assert_close(out[:, :3], guided[:, :3])
+    torch.testing.assert_close(out[:, 3:], cond[:, 3:])  # the last channel keeps the conditional eps
+    torch.testing.assert_close(guided_eps(Fake(), z, torch.tensor(5), ids, scale, 3, channels=None), guided)
+
+
+@pytest.mark.parametrize("cfg,option", [
+    (sample_cfg("cgs", kernel="pixels"), "diffusion.sample.cgs.kernel"),
+    (sample_cfg("cgs", kernel="teacher"), "diffusion.sample.cgs.kernel=teacher"),  # no teacher given
+    (sample_cfg("independent", guidance_channels=2), "diffusion.sample.guidance_channels"),  # 1-channel model
+])
+def test_sampling_options_that_cannot_run_are_config_errors(cfg, option):
+    with pytest.raises(ConfigError, match=option):
+        sample_latents(tiny_denoiser(), make_scheduler(SCHEDULE, "ddpm"), torch.arange(2), 0, cfg,
+                       torch.device("cpu"), torch.zeros(10, 1, 8, 8))
+
+
+def test_an_unknown_rsm_reduction_is_a_config_error():
+    with pytest.raises(ConfigError, match="diffusion.finetune.rsm.reduction"):
+        make_objective("rsm", {"rsm": {"lambda": 3e-3, "reduction": "max"}}, 10)
 
 
 def test_each_image_draws_its_own_noise_whatever_the_order():
@@ -91,7 +167,7 @@ def test_fine_tuning_runs_each_objective_and_trains_only_the_chosen_parameters(o
     net = denoiser.net
     before = {k: v.clone() for k, v in net.state_dict().items()}
     tcfg = {"steps": 3, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.0, "params": params, "label_dropout": 0.1,
-            "seed": 0, "rsm": {"lambda": 3e-3}, "minimax": {"lambda_pos": 0.002, "lambda_neg": 0.008, "memory": 4}}
+            "seed": 0, "rsm": {"lambda": 3e-3, "reduction": "sum"}, "minimax": {"lambda_pos": 0.002, "lambda_neg": 0.008, "memory": 4}}
     losses = train_denoiser(denoiser, PixelCodec(), ds, spec, make_scheduler(SCHEDULE, "ddpm"), tcfg, objective,
                             16, torch.device("cpu"), RunLogger(None), "finetune")
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ddist.objectives.cgs import cosine_kernel, dm_loss, dpp_loss, guidance_step
+from ddist.objectives.cgs import clean_estimate, cosine_kernel, dm_loss, dpp_loss, guidance_step
 from ddist.objectives.minimax import ClassMemory, minimax_loss, minimax_terms
 from ddist.objectives.rsm import denoising_loss, l1_sparsity, predict_x0, rsm_loss
 
@@ -31,17 +31,26 @@ def test_predict_x0_takes_one_abar_per_sample():
     assert torch.allclose(x0[1], torch.ones(1, 2, 2))
 
 
-def test_l1_sparsity_is_the_per_sample_l1_norm_over_its_dimension_averaged_over_the_batch():
-    x0 = torch.tensor([[1.0, -3.0], [0.0, 2.0]])  # ||.||_1 / D = 2 and 1
-    assert l1_sparsity(x0).item() == pytest.approx(1.5)
+def test_l1_sparsity_mean_is_the_per_sample_l1_norm_over_its_dimension_averaged_over_the_batch():
+    x0 = torch.tensor([[[[1.0, -3.0], [0.0, 0.0]]], [[[0.0, 2.0], [-2.0, 0.0]]]])  # [2, 1, 2, 2], D = 4
+    assert l1_sparsity(x0, "mean").item() == pytest.approx((4 / 4 + 4 / 4) / 2)
 
 
-def test_rsm_loss_is_the_plain_loss_plus_lambda_times_the_l1_term():
+def test_l1_sparsity_sum_is_the_per_sample_l1_norm_averaged_over_the_batch():
+    x0 = torch.tensor([[[[1.0, -3.0], [0.5, 0.0]]], [[[0.0, 2.0], [-2.0, 0.0]]]])  # ||.||_1 = 4.5 and 4
+    assert l1_sparsity(x0, "sum").item() == pytest.approx((4.5 + 4.0) / 2)
+    assert l1_sparsity(x0, "sum").item() == pytest.approx(4 * l1_sparsity(x0, "mean").item())  # D = 4 times
+    with pytest.raises(ValueError, match="reduction"):
+        l1_sparsity(x0, "max")
+
+
+@pytest.mark.parametrize("reduction,dims", [("mean", 1), ("sum", 9)])
+def test_rsm_loss_is_the_plain_loss_plus_lambda_times_the_l1_term(reduction, dims):
     gen = torch.Generator().manual_seed(1)
     eps_pred, eps, x0 = (torch.randn(4, 1, 3, 3, generator=gen) for _ in range(3))
-    loss, parts = rsm_loss(eps_pred, eps, x0, lam=0.3)
+    loss, parts = rsm_loss(eps_pred, eps, x0, lam=0.3, reduction=reduction)
     plain = ((eps_pred - eps) ** 2).mean()
-    assert loss.item() == pytest.approx(plain.item() + 0.3 * x0.abs().mean().item(), rel=1e-6)
+    assert loss.item() == pytest.approx(plain.item() + 0.3 * dims * x0.abs().mean().item(), rel=1e-6)
     assert parts["plain"].item() == pytest.approx(denoising_loss(eps_pred, eps).item())
 
 
@@ -90,13 +99,41 @@ def test_a_dpp_guidance_step_raises_log_det_k():
     assert logdet(moved) > logdet(z) + 0.1
 
 
-def test_a_dpp_step_on_clean_estimates_also_raises_their_log_det():
+def test_clean_estimate_has_the_steps_value_and_the_eps_fixed_gradient():
     gen = torch.Generator().manual_seed(3)
-    z = torch.randn(1, 8, generator=gen) + 0.3 * torch.randn(5, 8, generator=gen)
-    eps_pred, abar = torch.randn(5, 8, generator=gen), 0.6
-    logdet = lambda v: torch.logdet(cosine_kernel(predict_x0(v, eps_pred, abar))).item()
-    moved = guidance_step(z, eta_dpp=0.2, mu_dm=0.0, mu_real0=torch.zeros(8), abar_t=abar, eps=1e-3,
-                          eps_pred=eps_pred)
+    z, x0_hat, abar = torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen), 0.25
+    z.requires_grad_(True)
+    out = clean_estimate(z, x0_hat, abar)
+    assert torch.equal(out, x0_hat)
+    (grad,) = torch.autograd.grad((out * torch.arange(4.0)).sum(), z)
+    torch.testing.assert_close(grad, torch.arange(4.0).expand(3, 4) / 0.5)  # 1 / sqrt(0.25)
+
+
+def test_a_dpp_step_on_clean_estimates_moves_them_apart_by_the_chain_rule():
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(5, 8, generator=gen)
+    x0_hat = torch.randn(1, 8, generator=gen) + 0.3 * torch.randn(5, 8, generator=gen)  # similar estimates
+    abar, eta = 0.6, 0.2
+    moved = guidance_step(z, eta_dpp=eta, mu_dm=0.0, mu_real0=torch.zeros(8), abar_t=abar, eps=1e-3,
+                          embed=lambda v: clean_estimate(v, x0_hat, abar))
+    x = x0_hat.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(dpp_loss(x, 1e-3), x)
+    torch.testing.assert_close(moved, z - eta * g / math.sqrt(abar))  # the x0_hat gradient, through 1/sqrt(abar)
+    # the estimates the next step sees (z moved, eps held fixed) span more volume
+    logdet = lambda v: torch.logdet(cosine_kernel(v)).item()
+    assert logdet(x0_hat + (moved - z) / math.sqrt(abar)) > logdet(x0_hat)
+
+
+def test_a_dpp_step_through_a_feature_map_raises_the_features_log_det():
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(64, 6)).requires_grad_(False)
+    z = torch.randn(1, 1, 4, 4, generator=gen) + 0.2 * torch.randn(5, 1, 4, 4, generator=gen)
+    logdet = lambda v: torch.logdet(cosine_kernel(net(v))).item()
+    moved = guidance_step(z, eta_dpp=0.05, mu_dm=0.0, mu_real0=torch.zeros(1, 4, 4), abar_t=1.0, eps=1e-3,
+                          embed=lambda v: net(clean_estimate(v, z, 1.0)))
+    assert (moved - z).abs().max() > 0  # the gradient reaches z through the network
     assert logdet(moved) > logdet(z)
 
 

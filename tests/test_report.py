@@ -121,3 +121,31 @@ def test_runs_of_one_cell_under_two_protocols_are_two_rows_not_duplicates(tmp_pa
     rows, collected, _ = report.build_report([tmp_path], tmp_path / "out")
     assert {r["protocol"]: r["acc_mean"] for r in rows} == pytest.approx({"soft": 0.9, "hard": 0.6})
     assert collected.duplicates == []
+
+
+def test_a_sweep_over_overrides_gives_one_row_per_point_and_a_plot(tmp_path):
+    eta, kernel = "diffusion.sample.cgs.eta_dpp", "diffusion.sample.cgs.kernel"
+    points = [("zt", "0", 0.5, 0.9), ("zt", "10", 0.3, 0.8), ("teacher", "0", 0.5, 0.9), ("teacher", "10", 0.2, 0.7)]
+    for n, (k, e, ssim, sample_acc) in enumerate(points):
+        for seed in (0, 1):
+            job = tmp_path / "sweep" / f"{n}_{seed}"
+            _write_run(job, "cgs", 10, seed, 0.8 + 0.01 * seed, analysis={"ssim": {"synthetic": ssim + 0.1 * seed}})
+            results = json.loads((job / "results.json").read_text())
+            results["overrides"] = [f"{eta}={e}", f"++{kernel}={k}", f"seed={seed}"]
+            results["diffusion"] = {"teacher_acc_on_samples": sample_acc}
+            (job / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "sweep"), "--out", str(out), "--sweep", eta, kernel]) == 0
+    rows, collected, _ = report.build_report([tmp_path / "sweep"], out, (eta, kernel))
+    assert collected.duplicates == []  # sweep points are not duplicates of each other
+    by_point = {(r["sweep_values"][kernel], r["sweep_values"][eta]): r for r in rows}
+    assert set(by_point) == {(k, e) for k, e, _, _ in points}
+    teacher10 = by_point[("teacher", "10")]
+    assert teacher10["seeds"] == 2 and teacher10["ssim"] == pytest.approx(0.25)
+    assert teacher10["sample_acc"] == pytest.approx(0.7)
+    assert (out / "sweep_digits.png").stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "| cgs (eta_dpp=10, kernel=teacher) | 10 |" in md and "sweep_digits.png" in md
+    # without --sweep the same runs are one cell, the older ones superseded
+    rows, collected, _ = report.build_report([tmp_path / "sweep"], tmp_path / "plain")
+    assert len(rows) == 1 and len(collected.duplicates) == 6

@@ -7,21 +7,23 @@ against the gradient of two losses:
 
     Z_{t-1} <- Z_{t-1} - (eta_dpp * grad_Z L_dpp + mu_dm * grad_Z L_dm)
 
-    L_dpp = -log det(K + eps I),  K_ij = cos(z^(i), z^(j))            (diversity)
+    L_dpp = -log det(K + eps I),  K_ij = cos(phi(z^(i)), phi(z^(j)))  (diversity)
     L_dm  = || mean_i z_t^(i) - sqrt(abar_t) * mu_real,0^c ||^2          (distribution)
 
-L_dpp is the negative log volume spanned by the class's latents (a
-determinantal point process likelihood with a cosine kernel), so descending it
-spreads them apart. L_dm matches the class mean of the noisy latents with the
+L_dpp is the negative log volume spanned by the class's "feature vectors in
+kernel space" phi(z) (a determinantal point process likelihood with a cosine
+kernel), so descending it spreads them apart. The sampler chooses phi: the
+noisy latents themselves, their clean estimates x0_hat (`clean_estimate`), or
+a frozen classifier's features of the decoded x0_hat. L_dm matches the class mean of the noisy latents with the
 mean the forward process gives to real data, E[z_t] = sqrt(abar_t) * E[z_0].
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-
-from ddist.objectives.rsm import predict_x0
 
 
 def cosine_kernel(z: torch.Tensor) -> torch.Tensor:
@@ -52,6 +54,21 @@ def dm_loss(z: torch.Tensor, mu_real0: torch.Tensor, abar_t: float) -> torch.Ten
     return F.mse_loss(z.mean(dim=0), target)
 
 
+def clean_estimate(z: torch.Tensor, x0_hat: torch.Tensor, abar_t: float) -> torch.Tensor:
+    """The scheduler step's clean estimate x0_hat, differentiable in the post-step latents z.
+
+    Value: x0_hat exactly (the step's pred_original_sample, computed at the
+    step's own t). Gradient: d/dz = 1 / sqrt(abar_t), abar_t being z's noise
+    level, i.e. how the next step's estimate (z - sqrt(1 - abar_t) eps) /
+    sqrt(abar_t) moves with z when eps is held fixed.
+    reading: the seed does not say how the kernel's gradient reaches z_{t-1}.
+    For DDIM (eta 0) this is exactly predict_x0(z, eps_t, abar_t); for DDPM the
+    posterior step makes that formula miss x0_hat, so the value is taken from
+    the step and only the Jacobian from the formula.
+    """
+    return x0_hat.detach() + (z - z.detach()) / abar_t**0.5
+
+
 def guidance_step(
     z: torch.Tensor,
     *,
@@ -60,20 +77,20 @@ def guidance_step(
     mu_real0: torch.Tensor,
     abar_t: float,
     eps: float,
-    eps_pred: torch.Tensor | None = None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One CGS correction Z - (eta_dpp * grad_Z L_dpp + mu_dm * grad_Z L_dm) of a whole class.
 
     z: the class's latents [N, ...] just produced by the scheduler step, at
        noise level abar_t (abar_t = 1 after the last step).
-    eps_pred: when given, the DPP kernel is computed on the clean estimate
-       x0_hat = (z - sqrt(1 - abar_t) eps_pred) / sqrt(abar_t) (eps_pred held
-       fixed) instead of on z itself; the gradient still flows to z.
+    embed: the differentiable map from z to the vectors the DPP kernel compares
+       (e.g. clean_estimate, or a classifier's features of it); None: z itself.
+       The gradient flows through it to z.
     Returns the corrected latents (detached).
     """
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
-        kernel_input = z if eps_pred is None else predict_x0(z, eps_pred.detach(), abar_t)
+        kernel_input = z if embed is None else embed(z)
         loss = eta_dpp * dpp_loss(kernel_input, eps) + mu_dm * dm_loss(z, mu_real0, abar_t)
         (grad,) = torch.autograd.grad(loss, z)
     return (z - grad).detach()

@@ -7,7 +7,9 @@
     class means  real clean latents per class, for CGS's distribution matching, cached
     sample       diffusion.sample.method: independent | cgs, IPC images per class
     save         decode (VAE for latent models), resize to the dataset resolution,
-                 clip, write a DistilledSet; ctx["distilled"] = its path
+                 clip, write a DistilledSet; ctx["distilled"] = its path; with a teacher
+                 (squeeze ran first), its accuracy on the samples goes to results.json
+                 (diffusion.teacher_acc_on_samples), a fidelity check for fine-tuning and guidance
 
 Models and means are cached under ${paths.cache_dir}/<kind>/<hash> keyed by
 exactly the config that made them, so sweeps over `seed`, `ipc` or the
@@ -42,6 +44,7 @@ from ddist.stages.diffusion.backbones import (
 )
 from ddist.stages.diffusion.sampling import make_scheduler, sample_latents
 from ddist.stages.diffusion.train import train_denoiser
+from ddist.teacher import load_teacher
 from ddist.train import real_batches
 
 __all__ = ["run"]
@@ -83,14 +86,20 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
 
     # sample
     means = class_means(cfg, dcfg, codec, train_set, spec, image_size, device) if cgs else None
+    teacher = load_teacher(cfg, ctx) if "teacher" in ctx else None
+    features = teacher_features(teacher, codec, spec) if cgs and teacher is not None else None
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
     scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
     info(f"diffusion: sampling {len(labels)} images ({dcfg['sample']['method']}, {dcfg['sample']['steps']} steps)")
-    z = sample_latents(denoiser, scheduler, labels, int(cfg.seed), dcfg["sample"], device, means,
+    z = sample_latents(denoiser, scheduler, labels, int(cfg.seed), dcfg["sample"], device, means, features,
                        on_group=lambda g, n: info(f"diffusion: sampled group {g}/{n}"))
 
     # save
     images = decode(codec, z, spec, dcfg["sample"]["batch_size"])
+    if teacher is not None:
+        acc = samples_accuracy(teacher, images, labels, device, dcfg["sample"]["batch_size"])
+        ctx["results"]["diffusion"] = {"teacher_acc_on_samples": acc}
+        info(f"diffusion: teacher accuracy on the samples {acc:.4f}")
     meta = {"dataset": spec.name, "method": cfg.pipeline.name, "ipc": int(cfg.ipc), "seed": int(cfg.seed),
             "config": {"diffusion": dcfg}}
     ctx["distilled"] = save_distilled(Path(ctx["run_dir"]) / "distilled", images, labels, spec, meta)
@@ -152,6 +161,30 @@ def class_means(cfg, dcfg, codec, train_set, spec, image_size, device) -> torch.
     means = sums / counts.clamp(min=1).view(-1, 1, 1, 1)
     atomic_save_tensors(path, {"means": means})
     return means
+
+
+def teacher_features(teacher: torch.nn.Module, codec, spec):
+    """The teacher kernel's feature map: model-space clean estimates -> the teacher's penultimate
+    (globally pooled) features of the images they decode to, differentiable.
+
+    The decode is the stage's own (`decode` below: codec, resize, [-1, 1] -> dataset-normalised)
+    without its clip. reading: unclipped, so pixels an early, overshooting x0_hat puts outside
+    [0, 1] still get a gradient.
+    """
+    def features(x0_hat: torch.Tensor) -> torch.Tensor:
+        x = resize(codec.decode(x0_hat).float(), spec.resolution)
+        return teacher.forward_features(spec.normalize((x + 1) / 2))[1]["penultimate"]
+
+    return features
+
+
+@torch.no_grad()
+def samples_accuracy(teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                     batch_size: int) -> float:
+    """Top-1 accuracy (a fraction) of the teacher on dataset-normalised images with their intended labels."""
+    preds = torch.cat([teacher(images[s:s + batch_size].to(device)).argmax(1).cpu()
+                       for s in range(0, len(images), batch_size)])
+    return float((preds == labels).float().mean())
 
 
 @torch.no_grad()

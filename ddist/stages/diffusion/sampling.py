@@ -8,8 +8,9 @@ eta_dpp = mu_dm = 0 reproduces independent sampling exactly.
     z_T ~ N(0, I)                                   per image
     for each step t:
         eps = eps_u + s (eps_c - eps_u)             classifier-free guidance, scale s
-        z   = scheduler.step(eps, t, z)             DDPM or DDIM (diffusers)
-        cgs only, inside the guidance window:
+                                                    (on the first guidance_channels channels only)
+        z, x0_hat = scheduler.step(eps, t, z)       DDPM or DDIM (diffusers); x0_hat = pred_original_sample
+        z   = guide(i, z, x0_hat)                   a Guidance callable; cgs only, inside its window:
         Z_c = Z_c - (eta_dpp grad L_dpp + mu_dm grad L_dm)   per class c (ddist.objectives.cgs)
 
 CGS packs whole classes into the model's batches, so it costs independent
@@ -18,7 +19,7 @@ sampling's forward passes plus the guidance.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -26,11 +27,18 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddist.errors import ConfigError
-from ddist.objectives.cgs import guidance_step
+from ddist.objectives.cgs import clean_estimate, guidance_step
 from ddist.stages.diffusion.backbones import Denoiser
 
 METHODS = ("independent", "cgs")
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+# what the DPP kernel compares: the noisy latents, their clean estimates, the teacher's features of those
+KERNELS = ("zt", "x0_hat", "teacher")
+
+# guide(i, z, x0_hat): the latents after step i (and that step's clean estimate) -> corrected latents
+Guidance = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+# features(x0_hat): clean model-space estimates [N, C, h, w] -> feature vectors [N, F], differentiable
+Features = Callable[[torch.Tensor], torch.Tensor]
 
 
 def make_scheduler(schedule: Mapping, kind: str) -> DDPMScheduler | DDIMScheduler:
@@ -53,8 +61,13 @@ def image_generators(seed: int, labels: list[int]) -> list[torch.Generator]:
 
 
 def guided_eps(denoiser: Denoiser, z: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, scale: float,
-               batch_size: int) -> torch.Tensor:
-    """eps_u + scale * (eps_c - eps_u) (Ho & Salimans 2022, eq. 6), in forward passes of at most batch_size inputs."""
+               batch_size: int, channels: int | None = None) -> torch.Tensor:
+    """eps_u + scale * (eps_c - eps_u) (Ho & Salimans 2022, eq. 6), in forward passes of at most batch_size inputs.
+
+    channels: guide only the first `channels` channels and keep eps_c on the rest, as DiT's
+    reference sampler does (3 of its 4 latent channels, `forward_with_cfg` in DiT's models.py);
+    None: all channels (diffusers' DiTPipeline, standard CFG).
+    """
     if scale == 1.0:
         inputs, input_ids = z, ids
     else:
@@ -64,7 +77,10 @@ def guided_eps(denoiser: Denoiser, z: torch.Tensor, t: torch.Tensor, ids: torch.
     if scale == 1.0:
         return out
     cond, uncond = out.chunk(2)
-    return uncond + scale * (cond - uncond)
+    guided = uncond + scale * (cond - uncond)
+    if channels is None:
+        return guided
+    return torch.cat([guided[:, :channels], cond[:, channels:]], dim=1)
 
 
 def abar_after(scheduler, i: int) -> float:
@@ -81,25 +97,63 @@ def in_window(i: int, cgs: Mapping, num_steps: int) -> bool:
 
 @torch.no_grad()
 def denoise(denoiser: Denoiser, scheduler, z: torch.Tensor, ids: torch.Tensor, gens: list[torch.Generator],
-            scfg: Mapping, classes: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> torch.Tensor:
-    """Run the reverse process on one group of latents.
-
-    classes: (rows of z, real mean latent) of each whole class in the group, for CGS;
-    empty for independent sampling.
-    """
+            scfg: Mapping, guide: Guidance | None = None) -> torch.Tensor:
+    """Run the reverse process on one group of latents; guide (if any) corrects them after every step."""
     step_kwargs = {"eta": scfg["ddim_eta"]} if isinstance(scheduler, DDIMScheduler) else {}
-    cgs = scfg["cgs"]
-    num_steps = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
-        eps = guided_eps(denoiser, z, t.to(z.device), ids, scfg["guidance_scale"], scfg["batch_size"])
-        z = scheduler.step(eps, t, z, generator=gens, **step_kwargs).prev_sample
-        if classes and in_window(i, cgs, num_steps):
-            z = z.clone()
-            for rows, mean in classes:
-                z[rows] = guidance_step(z[rows], eta_dpp=cgs["eta_dpp"], mu_dm=cgs["mu_dm"], mu_real0=mean,
-                                        abar_t=abar_after(scheduler, i), eps=cgs["eps"],
-                                        eps_pred=eps[rows] if cgs["kernel"] == "x0_hat" else None)
+        eps = guided_eps(denoiser, z, t.to(z.device), ids, scfg["guidance_scale"], scfg["batch_size"],
+                         scfg["guidance_channels"])
+        out = scheduler.step(eps, t, z, generator=gens, **step_kwargs)
+        z = out.prev_sample if guide is None else guide(i, out.prev_sample, out.pred_original_sample)
     return z
+
+
+def kernel_embedding(kernel: str, x0_hat: torch.Tensor, abar_t: float, features: Features | None):
+    """The map z -> DPP kernel vectors of one class: None (z itself), its clean estimate, or features of it."""
+    if kernel == "zt":
+        return None
+    if kernel == "x0_hat":
+        return lambda z: clean_estimate(z, x0_hat, abar_t)
+    return lambda z: features(clean_estimate(z, x0_hat, abar_t))
+
+
+def cgs_guidance(cgs: Mapping, scheduler, classes: list[tuple[torch.Tensor, torch.Tensor]],
+                 features: Features | None = None) -> Guidance:
+    """CGS as a Guidance: inside the window, each class's latents take one guidance_step.
+
+    classes: (rows of the group, real mean latent) of each whole class in the group.
+    features: the teacher kernel's feature map (kernel teacher only).
+    """
+    num_steps = len(scheduler.timesteps)
+
+    def guide(i: int, z: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
+        if not in_window(i, cgs, num_steps):
+            return z
+        abar = abar_after(scheduler, i)
+        z = z.clone()
+        for rows, mean in classes:
+            z[rows] = guidance_step(z[rows], eta_dpp=cgs["eta_dpp"], mu_dm=cgs["mu_dm"], mu_real0=mean, abar_t=abar,
+                                    eps=cgs["eps"], embed=kernel_embedding(cgs["kernel"], x0_hat[rows], abar, features))
+        return z
+
+    return guide
+
+
+def check_sample_config(scfg: Mapping, latent_channels: int, features: Features | None) -> None:
+    """ConfigErrors for sampling options that cannot run, before any model pass."""
+    method, cgs, channels = scfg["method"], scfg["cgs"], scfg["guidance_channels"]
+    if method not in METHODS:
+        raise ConfigError(f"Unknown diffusion.sample.method {method!r}; set it to one of {', '.join(METHODS)}.")
+    if channels is not None and not (isinstance(channels, int) and 1 <= channels <= latent_channels):
+        raise ConfigError(f"diffusion.sample.guidance_channels must be null (all) or an integer in "
+                          f"[1, {latent_channels}] (the model's channels); got {channels!r}.")
+    if method != "cgs":
+        return
+    if cgs["kernel"] not in KERNELS:
+        raise ConfigError(f"Unknown diffusion.sample.cgs.kernel {cgs['kernel']!r}; set it to one of {', '.join(KERNELS)}.")
+    if cgs["kernel"] == "teacher" and features is None:
+        raise ConfigError("diffusion.sample.cgs.kernel=teacher needs the teacher: put squeeze before diffusion in "
+                          "pipeline.stages, or set diffusion.sample.cgs.kernel to zt or x0_hat.")
 
 
 def class_groups(labels: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -116,21 +170,19 @@ def class_groups(labels: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def sample_latents(denoiser: Denoiser, scheduler, labels: torch.Tensor, seed: int, scfg: Mapping,
-                   device: torch.device, class_means: torch.Tensor | None = None, on_group=None) -> torch.Tensor:
+                   device: torch.device, class_means: torch.Tensor | None = None, features: Features | None = None,
+                   on_group=None) -> torch.Tensor:
     """Clean latents [N, C, h, w] for dataset labels [N].
 
     independent: images in batches of scfg.batch_size (classes mixed);
     cgs: whole classes packed into groups of about batch_size images (a
     larger class is a group of its own; model passes are still chunked by
     batch_size), each class guided over all its images with its real mean
-    latent class_means[c].
+    latent class_means[c] (and, for the teacher kernel, `features`).
     on_group(done, total) is called after each group, for progress reporting.
     """
+    check_sample_config(scfg, denoiser.latent_shape[0], features)
     method = scfg["method"]
-    if method not in METHODS:
-        raise ConfigError(f"Unknown diffusion.sample.method {method!r}; set it to one of {', '.join(METHODS)}.")
-    if method == "cgs" and scfg["cgs"]["kernel"] not in ("zt", "x0_hat"):
-        raise ConfigError(f"Unknown diffusion.sample.cgs.kernel {scfg['cgs']['kernel']!r}; set it to zt or x0_hat.")
     label_list = labels.tolist()
     gens = image_generators(seed, label_list)
     z = randn_tensor((len(labels), *denoiser.latent_shape), generator=gens, device=device)
@@ -143,10 +195,10 @@ def sample_latents(denoiser: Denoiser, scheduler, labels: torch.Tensor, seed: in
     out = torch.empty_like(z)
     for g, idx in enumerate(groups):
         group_labels = labels[idx]
-        classes = [] if method == "independent" else [
+        guide = None if method == "independent" else cgs_guidance(scfg["cgs"], scheduler, [
             (torch.nonzero(group_labels == c).flatten().to(device), class_means[c].to(device))
-            for c in group_labels.unique().tolist()]
-        out[idx] = denoise(denoiser, scheduler, z[idx], ids[idx], [gens[i] for i in idx.tolist()], scfg, classes)
+            for c in group_labels.unique().tolist()], features)
+        out[idx] = denoise(denoiser, scheduler, z[idx], ids[idx], [gens[i] for i in idx.tolist()], scfg, guide)
         if on_group is not None:
             on_group(g + 1, len(groups))
     return out

@@ -22,7 +22,7 @@ from diffusers import DDPMScheduler
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
 from ddist.objectives.minimax import ClassMemory, minimax_loss
-from ddist.objectives.rsm import denoising_loss, predict_x0, rsm_loss
+from ddist.objectives.rsm import REDUCTIONS, denoising_loss, predict_x0, rsm_loss
 from ddist.stages.diffusion.backbones import Denoiser, resize, to_signed
 from ddist.train import check_finite, real_batches, seed_everything
 
@@ -60,8 +60,11 @@ def make_objective(name: str, fcfg: Mapping, num_classes: int) -> Objective:
     if name == "plain":
         return lambda eps_pred, eps, x0_hat, z0, y: (denoising_loss(eps_pred, eps), {})
     if name == "rsm":
-        lam = fcfg["rsm"]["lambda"]
-        return lambda eps_pred, eps, x0_hat, z0, y: rsm_loss(eps_pred, eps, x0_hat, lam)
+        lam, reduction = fcfg["rsm"]["lambda"], fcfg["rsm"]["reduction"]
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"Unknown diffusion.finetune.rsm.reduction {reduction!r}; "
+                              f"set it to one of {', '.join(REDUCTIONS)}.")
+        return lambda eps_pred, eps, x0_hat, z0, y: rsm_loss(eps_pred, eps, x0_hat, lam, reduction)
     if name == "minimax":
         mcfg = fcfg["minimax"]
         real, gen = ClassMemory(num_classes, mcfg["memory"]), ClassMemory(num_classes, mcfg["memory"])
@@ -95,7 +98,7 @@ def train_denoiser(denoiser: Denoiser, codec, ds, spec, scheduler: DDPMScheduler
     """Run the loop for total_steps(tcfg) steps; returns the loss of every step.
 
     tcfg: steps | epochs, batch_size, lr, weight_decay, params, label_dropout,
-    seed and the objective's weights (rsm.lambda, minimax.*).
+    seed and the objective's settings (rsm.lambda, rsm.reduction, minimax.*).
     """
     seed_everything(int(tcfg["seed"]))  # DiT draws its label dropout from the global generator
     net = denoiser.net.to(device).train()
