@@ -31,8 +31,11 @@ def _main(cfg: DictConfig) -> None:
         pipeline.run(cfg)
     except (DdistError, OmegaConfBaseException) as err:
         # a user-fixable problem: one paragraph, no traceback
-        message = f"ddist: error: {err}" if isinstance(err, DdistError) else (
-            f"ddist: config error: {err}\nCheck the overrides and the config files under conf/.")
+        message = (
+            f"ddist: error: {err}"
+            if isinstance(err, DdistError)
+            else (f"ddist: config error: {err}\nCheck the overrides and the config files under conf/.")
+        )
         print(message, file=sys.stderr)
         if not sweep.in_multirun():
             sys.exit(2)

@@ -133,14 +133,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def atomic_save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def load_tensors(path: str | os.PathLike, what: str = "artifact",
-                 fix: str = "Delete it (a cache entry is rebuilt on the next run) or point the option at a valid file."
-                 ) -> dict[str, torch.Tensor]:
+def load_tensors(
+    path: str | os.PathLike,
+    what: str = "artifact",
+    fix: str = "Delete it (a cache entry is rebuilt on the next run) or point the option at a valid file.",
+) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning a missing or corrupt file into a CheckpointError that says `fix`."""
     try:
         return load_file(str(path))
@@ -203,14 +207,18 @@ def load_checkpoint(path: str | os.PathLike, option: str) -> dict:
         raise CheckpointError(f"No checkpoint at {path}. Set {option} to an existing file, or to null to train one.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"Cannot read the checkpoint {path} ({type(err).__name__}: {str(err)[:200]}). "
-                              f"Set {option} to a valid state-dict file, or to null to train one.") from None
+    except Exception as err:
+        raise CheckpointError(
+            f"Cannot read the checkpoint {path} ({type(err).__name__}: {str(err)[:200]}). "
+            f"Set {option} to a valid state-dict file, or to null to train one."
+        ) from None
     if isinstance(payload, dict) and "state_dict" in payload:
         return payload
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return {"state_dict": payload, "extra": {}}
-    raise CheckpointError(f"{path} holds no state dict. Set {option} to a file saved by ddist or torch.save(model.state_dict()).")
+    raise CheckpointError(
+        f"{path} holds no state dict. Set {option} to a file saved by ddist or torch.save(model.state_dict())."
+    )
 
 
 def load_model_state(model: torch.nn.Module, payload: dict, path: str | os.PathLike, option: str) -> None:
@@ -219,8 +227,10 @@ def load_model_state(model: torch.nn.Module, payload: dict, path: str | os.PathL
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
         first = str(err).splitlines()[:3]
-        raise CheckpointError(f"The checkpoint {path} does not fit the configured model ({' '.join(first)[:300]}). "
-                              f"Set {option} to a checkpoint of this architecture and dataset, or change the model.") from None
+        raise CheckpointError(
+            f"The checkpoint {path} does not fit the configured model ({' '.join(first)[:300]}). "
+            f"Set {option} to a checkpoint of this architecture and dataset, or change the model."
+        ) from None
 
 
 # ----------------------------------------------------------------------------- DistilledSet
@@ -242,8 +252,14 @@ class DistilledSet:
 def code_version() -> str:
     """The git commit of the code that made an artifact, when it runs from a checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+            check=False,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -265,15 +281,22 @@ def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.
     keeps the exact float tensors, meta.json says what made them and their checksum.
     """
     images, labels = images.detach().float().cpu(), labels.detach().long().cpu()
-    meta = {**meta, "num_images": len(labels), "classes": list(spec.classes), "mean": list(spec.mean),
-            "std": list(spec.std), "code_version": code_version(), "sha256": tensor_checksum(images, labels)}
+    meta = {
+        **meta,
+        "num_images": len(labels),
+        "classes": list(spec.classes),
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "code_version": code_version(),
+        "sha256": tensor_checksum(images, labels),
+    }
     path = Path(path)
     width = len(str(max(int(labels.bincount().max()) - 1, 0))) if len(labels) else 1
     with atomic_dir(path) as tmp:
         save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp / "data.safetensors"))
         pixels = spec.denormalize(images).clamp(0, 1).mul(255).round().to(torch.uint8)
         counters: dict[int, int] = {}
-        for img, label in zip(pixels, labels.tolist()):
+        for img, label in zip(pixels, labels.tolist(), strict=False):
             i = counters.get(label, 0)
             counters[label] = i + 1
             class_dir = tmp / "images" / f"{label:04d}_{_safe(spec.classes[label])}"
@@ -288,8 +311,10 @@ def load_distilled(path: str | os.PathLike, spec=None, option: str = "evaluate.d
     """Read a DistilledSet and check it: its checksum, meta.json against the tensors, and (given
     the run's dataset `spec`) image shape and label range. `option` names what to change."""
     path = Path(path)
-    redo = (f"Recreate the set (rerun the pipeline that made it) or set {option} to an intact DistilledSet "
-            "directory (images/, data.safetensors, meta.json).")
+    redo = (
+        f"Recreate the set (rerun the pipeline that made it) or set {option} to an intact DistilledSet "
+        "directory (images/, data.safetensors, meta.json)."
+    )
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path} is not a DistilledSet (no meta.json). {redo}")
     tensors = load_tensors(path / "data.safetensors", what="DistilledSet tensors", fix=redo)
@@ -320,8 +345,10 @@ def _distilled_problem(images: torch.Tensor, labels: torch.Tensor, meta: dict, s
         return None
     expected = (spec.channels, spec.resolution, spec.resolution)
     if tuple(images.shape[1:]) != expected:
-        return (f"has images of shape {tuple(images.shape[1:])} but dataset {spec.name} needs {expected} "
-                "(channels, resolution, resolution)")
+        return (
+            f"has images of shape {tuple(images.shape[1:])} but dataset {spec.name} needs {expected} "
+            "(channels, resolution, resolution)"
+        )
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
         return f"has labels outside 0..{spec.num_classes - 1} of dataset {spec.name}"
     return None

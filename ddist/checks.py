@@ -74,17 +74,29 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Loss weights above this cannot be meant: they drown every other term (and float32).
 WEIGHT_LIMIT = 1e6
-WEIGHTS = ("recover.ce_weight", "recover.deda.mean_weight", "recover.deda.gamma", "recover.deda.lambda_diag",
-           "recover.deda.lambda_offdiag", "recover.bn_matching.r_bn", "diffusion.finetune.rsm.lambda",
-           "diffusion.sample.cgs.eta_dpp", "diffusion.sample.cgs.mu_dm")
+WEIGHTS = (
+    "recover.ce_weight",
+    "recover.deda.mean_weight",
+    "recover.deda.gamma",
+    "recover.deda.lambda_diag",
+    "recover.deda.lambda_offdiag",
+    "recover.bn_matching.r_bn",
+    "diffusion.finetune.rsm.lambda",
+    "diffusion.sample.cgs.eta_dpp",
+    "diffusion.sample.cgs.mu_dm",
+)
 # What each stage reads from the stages before it, and who provides it.
 NEEDS = {
-    "recover": {"teacher"}, "relabel": {"teacher", "distilled"}, "evaluate": {"teacher", "distilled"},
+    "recover": {"teacher"},
+    "relabel": {"teacher", "distilled"},
+    "evaluate": {"teacher", "distilled"},
     "analyse": {"teacher", "distilled"},
 }
 MAKES = {"squeeze": {"teacher"}, "random": {"distilled"}, "recover": {"distilled"}, "diffusion": {"distilled"}}
-PROVIDERS = {"teacher": "add squeeze before it", "distilled": "add random, recover or diffusion before it, "
-                                                                "or set evaluate.distilled=PATH"}
+PROVIDERS = {
+    "teacher": "add squeeze before it",
+    "distilled": "add random, recover or diffusion before it, or set evaluate.distilled=PATH",
+}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -104,8 +116,10 @@ def check_config(cfg: DictConfig) -> None:
     for key in WEIGHTS:
         value = OmegaConf.select(cfg, key, default=None)
         if _number(value) and abs(value) > WEIGHT_LIMIT:
-            warn(f"{key}={value:g} is larger than {WEIGHT_LIMIT:g}: that term will drown every other one "
-                 "(and float32). Is that meant?")
+            warn(
+                f"{key}={value:g} is larger than {WEIGHT_LIMIT:g}: that term will drown every other one "
+                "(and float32). Is that meant?"
+            )
     if cfg.dataset.num_classes == 1:
         warn("dataset.num_classes is 1: cross-entropy and soft labels carry no information with one class.")
 
@@ -117,8 +131,10 @@ def check_stage_inputs(cfg: DictConfig) -> None:
         missing = NEEDS.get(stage, set()) - have
         if missing:
             need = min(missing)
-            raise ConfigError(f"pipeline.stages runs {stage} before any stage makes the {need} it needs "
-                              f"(pipeline.stages={list(cfg.pipeline.stages)}): {PROVIDERS[need]}.")
+            raise ConfigError(
+                f"pipeline.stages runs {stage} before any stage makes the {need} it needs "
+                f"(pipeline.stages={list(cfg.pipeline.stages)}): {PROVIDERS[need]}."
+            )
         have |= MAKES.get(stage, set())
 
 
@@ -132,11 +148,14 @@ def check_writable_dir(path: Path, option: str) -> None:
     if existing is None:
         return
     if not existing.is_dir():
-        raise ConfigError(f"{option}={path} lies under {existing}, which is a file, not a directory. "
-                          f"Set {option} to a directory.")
+        raise ConfigError(
+            f"{option}={path} lies under {existing}, which is a file, not a directory. Set {option} to a directory."
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option}={path} is not writable ({existing} is read-only for this user). "
-                          f"Set {option} to a writable directory.")
+        raise ConfigError(
+            f"{option}={path} is not writable ({existing} is read-only for this user). "
+            f"Set {option} to a writable directory."
+        )
 
 
 class OutputDirCheck(Callback):
@@ -164,9 +183,11 @@ def check_set_fits_memory(cfg: DictConfig) -> None:
     nbytes = d.num_classes * cfg.ipc * d.channels * d.resolution**2 * 4
     available = _available_memory()
     if available is not None and nbytes > available:
-        raise ConfigError(f"ipc={cfg.ipc} makes a set of {nbytes / 2**30:.1f} GiB ({d.num_classes} classes x "
-                          f"{d.channels}x{d.resolution}x{d.resolution} float32), more than the "
-                          f"{available / 2**30:.1f} GiB of memory available. Lower ipc.")
+        raise ConfigError(
+            f"ipc={cfg.ipc} makes a set of {nbytes / 2**30:.1f} GiB ({d.num_classes} classes x "
+            f"{d.channels}x{d.resolution}x{d.resolution} float32), more than the "
+            f"{available / 2**30:.1f} GiB of memory available. Lower ipc."
+        )
 
 
 def _available_memory() -> int | None:

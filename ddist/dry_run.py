@@ -29,8 +29,8 @@ from ddist.data import dataset_spec
 from ddist.errors import ConfigError
 from ddist.logging import info
 
-CLASSES = 2      # classes kept (fewer when the dataset has fewer)
-PER_CLASS = 2    # real (or synthetic) images per class in each split; also the largest ipc
+CLASSES = 2  # classes kept (fewer when the dataset has fewer)
+PER_CLASS = 2  # real (or synthetic) images per class in each split; also the largest ipc
 
 
 def prepare(cfg: DictConfig) -> DictConfig:
@@ -44,8 +44,10 @@ def prepare(cfg: DictConfig) -> DictConfig:
     _one_step(cfg)
     _drop_given_artifacts(cfg)
     if cfg.teacher.model.get("pretrained"):
-        info(f"dry run: teacher.model.pretrained={cfg.teacher.model.pretrained} -> random weights "
-             f"(the ImageNet-1k head does not fit {classes} classes)")
+        info(
+            f"dry run: teacher.model.pretrained={cfg.teacher.model.pretrained} -> random weights "
+            f"(the ImageNet-1k head does not fit {classes} classes)"
+        )
         cfg.teacher.model.pretrained = False
     if "diffusion" in cfg.pipeline.stages:
         _cut_diffusion(cfg, classes)
@@ -84,7 +86,7 @@ def _one_step(cfg: DictConfig) -> None:
     if "epochs" in cfg.relabel:
         cfg.relabel.epochs = 1
     cfg.analyse.real_samples_per_class = PER_CLASS
-    cfg.analyse.hard.epochs = 1   # DD-Ranking's hard-label baselines (analyse.robust_scores)
+    cfg.analyse.hard.epochs = 1  # DD-Ranking's hard-label baselines (analyse.robust_scores)
     for phase in ("train", "finetune", "sample"):
         cfg.diffusion[phase].steps = 1
 
@@ -107,12 +109,17 @@ def _cut_diffusion(cfg: DictConfig, classes: int) -> None:
     if not OmegaConf.is_interpolation(model, "class_ids") and ids is not None:
         model.class_ids = list(ids)[:classes]
     names = ["pretrained"] + (["vae", "vae_decode"] if cfg.diffusion.backbone == "latent" else [])
-    subfolders = {"pretrained": model.get("subfolder"), "vae": model.get("vae_subfolder"),
-                  "vae_decode": model.get("vae_subfolder")}
+    subfolders = {
+        "pretrained": model.get("subfolder"),
+        "vae": model.get("vae_subfolder"),
+        "vae_decode": model.get("vae_subfolder"),
+    }
     absent = [n for n in names if model[n] is not None and not _weights_present(model[n], subfolders[n])]
     if absent and not model.random_weights:
-        info(f"dry run: {', '.join(f'diffusion.model.{n}={model[n]}' for n in absent)} not on this machine "
-             "-> random weights from the configured architecture")
+        info(
+            f"dry run: {', '.join(f'diffusion.model.{n}={model[n]}' for n in absent)} not on this machine "
+            "-> random weights from the configured architecture"
+        )
         model.random_weights = True
 
 

@@ -49,8 +49,16 @@ def progress(iterable: Iterable | None = None, desc: str = "", total: int | None
         return tqdm(iterable, desc=desc, total=total, disable=True, **kwargs)
     if not sys.stderr.isatty():
         # the lines go to the log; tqdm's own writes (a closing carriage return) go nowhere
-        return _ProgressLines(iterable, desc=desc, total=total, mininterval=LOG_INTERVAL, leave=False, ascii=True,
-                              file=io.StringIO(), **kwargs)
+        return _ProgressLines(
+            iterable,
+            desc=desc,
+            total=total,
+            mininterval=LOG_INTERVAL,
+            leave=False,
+            ascii=True,
+            file=io.StringIO(),
+            **kwargs,
+        )
     return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False, **kwargs)
 
 
@@ -72,11 +80,16 @@ class RunLogger:
         config = OmegaConf.to_container(cfg, resolve=True)
         config["overrides"] = hydra_overrides()
         run = wandb.init(
-            project=lcfg.project, entity=lcfg.entity, mode=lcfg.mode, dir=str(run_dir),
-            group=lcfg.group or _sweep_group(run_dir), job_type=job_type,
+            project=lcfg.project,
+            entity=lcfg.entity,
+            mode=lcfg.mode,
+            dir=str(run_dir),
+            group=lcfg.group or _sweep_group(run_dir),
+            job_type=job_type,
             name=f"{method}-{dataset}-ipc{cfg.ipc}-s{cfg.seed}",
             tags=[method, dataset, f"ipc{cfg.ipc}", f"pipeline:{cfg.pipeline.name}", *lcfg.tags],
-            reinit="finish_previous", config=config,
+            reinit="finish_previous",
+            config=config,
         )
         # one x axis per stage: a stage's curves are plotted against its own steps
         for stage in cfg.pipeline.stages:

@@ -27,8 +27,10 @@ from ddist.threads import configure_threads
 from ddist.train import resolve_device, seed_everything
 
 # stage name -> module with run(cfg, ctx) -> ctx (imported lazily: diffusion pulls in diffusers)
-STAGES = {name: f"ddist.stages.{name}" for name in
-          ("squeeze", "random", "recover", "relabel", "evaluate", "analyse", "diffusion")}
+STAGES = {
+    name: f"ddist.stages.{name}"
+    for name in ("squeeze", "random", "recover", "relabel", "evaluate", "analyse", "diffusion")
+}
 
 
 def validate(cfg: DictConfig) -> None:
@@ -51,8 +53,14 @@ def run(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels
-    ctx = {"run_dir": run_dir, "device": device, "spec": dataset_spec(cfg.dataset),
-           "results": {}, "timings": {}, "peak_memory_mb": {}}
+    ctx = {
+        "run_dir": run_dir,
+        "device": device,
+        "spec": dataset_spec(cfg.dataset),
+        "results": {},
+        "timings": {},
+        "peak_memory_mb": {},
+    }
     ctx["logger"] = logger = RunLogger.from_config(cfg, run_dir, job_type=cfg.pipeline.name)
     exit_code = 1
     try:
@@ -93,28 +101,51 @@ def collect_results(cfg: DictConfig, ctx: dict) -> dict:
 
 
 def format_table(results: dict) -> str:
-    head = (f"{'dry run: ' if results.get('dry_run') else ''}{results['method']} on {results['dataset']}, "
-            f"IPC {results['ipc']}, seed {results['seed']}")
+    head = (
+        f"{'dry run: ' if results.get('dry_run') else ''}{results['method']} on {results['dataset']}, "
+        f"IPC {results['ipc']}, seed {results['seed']}"
+    )
     teacher = results["teacher_acc"]
-    lines = [head, f"  teacher (full real data): {100 * teacher:.2f}%" if teacher is not None else "  teacher: -",
-             f"  {'student':<16}{'protocol':<10}{'acc mean':>10}{'std':>8}  runs"]
+    lines = [
+        head,
+        f"  teacher (full real data): {100 * teacher:.2f}%" if teacher is not None else "  teacher: -",
+        f"  {'student':<16}{'protocol':<10}{'acc mean':>10}{'std':>8}  runs",
+    ]
     for s in results["students"]:
-        lines.append(f"  {s['name']:<16}{s['protocol']:<10}{100 * s['acc_mean']:>9.2f}%{100 * s['acc_std']:>7.2f}%"
-                     f"  {len(s['accs'])}")
+        lines.append(
+            f"  {s['name']:<16}{s['protocol']:<10}{100 * s['acc_mean']:>9.2f}%{100 * s['acc_std']:>7.2f}%"
+            f"  {len(s['accs'])}"
+        )
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in results["timings"].items())
     lines.append(f"  time: {timings}")
     return "\n".join(lines)
 
 
 def report_to_logger(logger: RunLogger, results: dict, ctx: dict) -> None:
-    rows = [[results["method"], results["dataset"], results["ipc"], results["seed"], s["name"], s["protocol"],
-             s["acc_mean"], s["acc_std"]] for s in results["students"]]
-    logger.log_table("results", ["method", "dataset", "ipc", "seed", "student", "protocol", "acc_mean", "acc_std"], rows)
-    logger.summary({f"acc/{s['name']}/{s['protocol']}": s["acc_mean"] for s in results["students"]}
-                   | {"teacher_acc": results["teacher_acc"]})
+    rows = [
+        [
+            results["method"],
+            results["dataset"],
+            results["ipc"],
+            results["seed"],
+            s["name"],
+            s["protocol"],
+            s["acc_mean"],
+            s["acc_std"],
+        ]
+        for s in results["students"]
+    ]
+    logger.log_table(
+        "results", ["method", "dataset", "ipc", "seed", "student", "protocol", "acc_mean", "acc_std"], rows
+    )
+    logger.summary(
+        {f"acc/{s['name']}/{s['protocol']}": s["acc_mean"] for s in results["students"]}
+        | {"teacher_acc": results["teacher_acc"]}
+    )
     if ctx.get("distilled"):
-        logger.log_artifact(ctx["distilled"], f"distilled-{results['method']}-{results['dataset']}-ipc{results['ipc']}",
-                            "distilled_set")
+        logger.log_artifact(
+            ctx["distilled"], f"distilled-{results['method']}-{results['dataset']}-ipc{results['ipc']}", "distilled_set"
+        )
 
 
 class PeakMemory:

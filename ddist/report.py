@@ -61,8 +61,20 @@ KEY = ("dataset", "method", "ipc", "student", "protocol")
 STAGE_ORDER = ("squeeze", "random", "recover", "diffusion", "relabel", "evaluate", "analyse")
 # The diffusion stage's fidelity check: the teacher's top-1 accuracy on the samples, with their intended labels.
 SAMPLE_ACC = ("diffusion", "teacher_acc_on_samples")
-CSV_COLUMNS = [*KEY, "sweep", "seeds", "acc_mean", "acc_std", "random_acc", "ior",
-               *(name for name, _ in ANALYSIS_COLUMNS), "sample_acc", "time_s", "peak_mem_mb", "runs"]
+CSV_COLUMNS = [
+    *KEY,
+    "sweep",
+    "seeds",
+    "acc_mean",
+    "acc_std",
+    "random_acc",
+    "ior",
+    *(name for name, _ in ANALYSIS_COLUMNS),
+    "sample_acc",
+    "time_s",
+    "peak_mem_mb",
+    "runs",
+]
 
 
 @dataclass
@@ -95,7 +107,7 @@ class Collected:
     runs: list[Run] = field(default_factory=list)
     incomplete: list[tuple[Path, str]] = field(default_factory=list)  # (job dir, its overrides)
     unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
-    duplicates: list[Path] = field(default_factory=list)               # older runs of the same cell
+    duplicates: list[Path] = field(default_factory=list)  # older runs of the same cell
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -239,9 +251,9 @@ def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] =
     rows = []
     for (*key, sweep), members in groups.items():
         accs = [float(s["acc_mean"]) if "acc_mean" in s else statistics.fmean(s["accs"]) for _, s in members]
-        row: dict[str, Any] = dict(zip(KEY, key))
-        row["sweep"] = " ".join(f"{k}={v}" for k, v in zip(sweep_keys, sweep))
-        row["sweep_values"] = dict(zip(sweep_keys, sweep))
+        row: dict[str, Any] = dict(zip(KEY, key, strict=False))
+        row["sweep"] = " ".join(f"{k}={v}" for k, v in zip(sweep_keys, sweep, strict=False))
+        row["sweep_values"] = dict(zip(sweep_keys, sweep, strict=False))
         row["seeds"] = len(members)
         row["acc_mean"] = statistics.fmean(accs)
         row["acc_std"] = _std(accs)
@@ -253,16 +265,26 @@ def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] =
         row["peak_mem_mb"] = max(peaks) if peaks else None
         row["runs"] = ";".join(sorted(os.path.relpath(run.path, relative_to) for run, _ in members))
         rows.append(row)
-    random_acc = {(r["dataset"], r["ipc"], r["student"], r["protocol"]): r["acc_mean"]
-                  for r in rows if r["method"] == "random"}
+    random_acc = {
+        (r["dataset"], r["ipc"], r["student"], r["protocol"]): r["acc_mean"] for r in rows if r["method"] == "random"
+    }
     for row in rows:
         base = random_acc.get((row["dataset"], row["ipc"], row["student"], row["protocol"]))
         row["random_acc"] = base
         row["ior"] = None if base is None else row["acc_mean"] - base
     # Random first within each IPC: it is the baseline the other rows are read against.
-    return sorted(rows, key=lambda r: (str(r["dataset"]), _num(r["ipc"]), str(r["student"]), str(r["protocol"]),
-                                       r["method"] != "random", str(r["method"]),
-                                       *((_num(v), str(v)) for v in r["sweep_values"].values())))
+    return sorted(
+        rows,
+        key=lambda r: (
+            str(r["dataset"]),
+            _num(r["ipc"]),
+            str(r["student"]),
+            str(r["protocol"]),
+            r["method"] != "random",
+            str(r["method"]),
+            *((_num(v), str(v)) for v in r["sweep_values"].values()),
+        ),
+    )
 
 
 def stage_costs(runs: list[Run]) -> dict[tuple, dict[str, float]]:
@@ -310,11 +332,27 @@ def table_cells(row: dict) -> list[str]:
     acc = f"{_pct(row['acc_mean'])} ± {_pct(row['acc_std'])}"
     fd = row["fid"] if row["fid"] is not None else row["fd_teacher"]
     method = str(row["method"]) + (f" ({_short(row['sweep_values'])})" if row["sweep_values"] else "")
-    return [method, str(row["ipc"]), str(row["student"]), str(row["protocol"]), str(row["seeds"]),
-            acc, _pct(row["random_acc"]), _pct(row["ior"]), _fmt(row["lrs"]), _fmt(row["ars"]),
-            _fmt(row["proto_dist"]), _fmt(row["ssim"]), _fmt(row["feat_cos"]), _fmt(row["erank"], 2),
-            _fmt(row["spec_slope"]), _fmt(fd, 2), _pct(row["sample_acc"]), _fmt(row["time_s"], 1),
-            _fmt(row["peak_mem_mb"], 0)]
+    return [
+        method,
+        str(row["ipc"]),
+        str(row["student"]),
+        str(row["protocol"]),
+        str(row["seeds"]),
+        acc,
+        _pct(row["random_acc"]),
+        _pct(row["ior"]),
+        _fmt(row["lrs"]),
+        _fmt(row["ars"]),
+        _fmt(row["proto_dist"]),
+        _fmt(row["ssim"]),
+        _fmt(row["feat_cos"]),
+        _fmt(row["erank"], 2),
+        _fmt(row["spec_slope"]),
+        _fmt(fd, 2),
+        _pct(row["sample_acc"]),
+        _fmt(row["time_s"], 1),
+        _fmt(row["peak_mem_mb"], 0),
+    ]
 
 
 def _short(values: dict[str, str]) -> str:
@@ -322,23 +360,54 @@ def _short(values: dict[str, str]) -> str:
     return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
 
 
-TABLE_HEADER = ["method", "IPC", "student", "protocol", "seeds", "acc % (mean ± std)", "random %", "IOR (pp)",
-                "LRS", "ARS", "proto dist", "SSIM", "feat cos", "eff. rank", "spec. slope", "FD",
-                "teacher acc on samples %", "time s", "peak MiB"]
+TABLE_HEADER = [
+    "method",
+    "IPC",
+    "student",
+    "protocol",
+    "seeds",
+    "acc % (mean ± std)",
+    "random %",
+    "IOR (pp)",
+    "LRS",
+    "ARS",
+    "proto dist",
+    "SSIM",
+    "feat cos",
+    "eff. rank",
+    "spec. slope",
+    "FD",
+    "teacher acc on samples %",
+    "time s",
+    "peak MiB",
+]
 
 
-def write_markdown(path: Path, rows: list[dict], collected: Collected, missing: list[tuple],
-                   costs: dict[tuple, dict[str, float]], plots: dict[str, Path], inputs: list[str],
-                   sweep_plots: dict[str, Path]) -> None:
-    out = [f"# ddist report ({date.today().isoformat()})", "",
-           f"Runs read: {len(collected.runs)} from {', '.join(inputs)}.", "",
-           ("Accuracies are top-1 on the real test set, mean ± std over seeds. IOR = acc − random-real acc at the "
+def write_markdown(
+    path: Path,
+    rows: list[dict],
+    collected: Collected,
+    missing: list[tuple],
+    costs: dict[tuple, dict[str, float]],
+    plots: dict[str, Path],
+    inputs: list[str],
+    sweep_plots: dict[str, Path],
+) -> None:
+    out = [
+        f"# ddist report ({date.today().isoformat()})",
+        "",
+        f"Runs read: {len(collected.runs)} from {', '.join(inputs)}.",
+        "",
+        (
+            "Accuracies are top-1 on the real test set, mean ± std over seeds. IOR = acc - random-real acc at the "
             "same IPC and protocol (percentage points). LRS/ARS: DD-Ranking scores in [0, 1] (only when "
             "`analyse.robust_scores=true`). proto dist: class-prototype cosine distance (higher = more spread); "
             "SSIM, feat cos: within-class pairwise similarity (lower = more diverse); eff. rank and spec. slope of "
             "the teacher-feature spectrum; FD: FID when Inception weights were given, else the teacher-space "
             "Frechet distance (fd_teacher). teacher acc on samples: the teacher's top-1 accuracy on a diffusion "
-            "set's images with their intended labels. time: wall seconds of the whole pipeline.")]
+            "set's images with their intended labels. time: wall seconds of the whole pipeline."
+        ),
+    ]
     for dataset in sorted({r["dataset"] for r in rows}, key=str):
         subset = [r for r in rows if r["dataset"] == dataset]
         out += ["", f"## {dataset}", "", markdown_table(TABLE_HEADER, [table_cells(r) for r in subset])]
@@ -349,10 +418,16 @@ def write_markdown(path: Path, rows: list[dict], collected: Collected, missing: 
     if costs:
         seen = {s for c in costs.values() for s in c}
         stages = [s for s in STAGE_ORDER if s in seen] + sorted(seen - set(STAGE_ORDER))
-        body = [[str(d), str(m), str(i), *(_fmt(c.get(s), 1) for s in stages)]
-                for (d, m, i), c in sorted(costs.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), _num(kv[0][2])))]
-        out += ["", "## Cost (mean wall seconds per stage)", "",
-                markdown_table(["dataset", "method", "IPC", *stages], body)]
+        body = [
+            [str(d), str(m), str(i), *(_fmt(c.get(s), 1) for s in stages)]
+            for (d, m, i), c in sorted(costs.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]), _num(kv[0][2])))
+        ]
+        out += [
+            "",
+            "## Cost (mean wall seconds per stage)",
+            "",
+            markdown_table(["dataset", "method", "IPC", *stages], body),
+        ]
     out += ["", "## Missing runs", ""]
     if not (missing or collected.incomplete or collected.unreadable):
         out.append("None: every (method, IPC, seed) of each dataset's grid has a result.")
@@ -368,8 +443,11 @@ def write_markdown(path: Path, rows: list[dict], collected: Collected, missing: 
     for file, why in collected.unreadable:
         out.append(f"- unreadable: `{os.path.relpath(file, path.parent)}` ({why})")
     if collected.duplicates:
-        out += ["", "Older runs of the same cell, superseded by a newer one: "
-                + ", ".join(f"`{os.path.relpath(p, path.parent)}`" for p in collected.duplicates)]
+        out += [
+            "",
+            "Older runs of the same cell, superseded by a newer one: "
+            + ", ".join(f"`{os.path.relpath(p, path.parent)}`" for p in collected.duplicates),
+        ]
     path.write_text("\n".join(out) + "\n")
 
 
@@ -392,8 +470,14 @@ def plot_accuracy_vs_ipc(rows: list[dict], out_dir: Path) -> dict[str, Path]:
         for label, pts in sorted(lines.items()):
             pts.sort(key=lambda r: _num(r["ipc"]))
             style = "--" if pts[0]["method"] == "random" else "-"
-            ax.errorbar([r["ipc"] for r in pts], [100 * r["acc_mean"] for r in pts],
-                        yerr=[100 * (r["acc_std"] or 0) for r in pts], fmt=style + "o", capsize=3, label=label)
+            ax.errorbar(
+                [r["ipc"] for r in pts],
+                [100 * r["acc_mean"] for r in pts],
+                yerr=[100 * (r["acc_std"] or 0) for r in pts],
+                fmt=style + "o",
+                capsize=3,
+                label=label,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("images per class")
         ax.set_ylabel("test accuracy (%)")
@@ -410,16 +494,20 @@ def plot_accuracy_vs_ipc(rows: list[dict], out_dir: Path) -> dict[str, Path]:
 
 def plot_sweep(rows: list[dict], sweep_keys: tuple[str, ...], out_dir: Path) -> dict[str, Path]:
     """One PNG per dataset: SSIM, spectrum slope, student accuracy and teacher accuracy on the samples
-    against the first sweep key (symlog axis: 0 is a sweep point), one line per (method, other sweep values, student, protocol)."""
+    against the first sweep key (symlog axis: 0 is a sweep point), one line per (method, other sweep
+    values, student, protocol)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x_key, plots = sweep_keys[0], {}
-    panels = [("ssim", "within-class SSIM", 1), ("spec_slope", "feature spectrum decay slope", 1),
-              ("acc_mean", "student accuracy (%)", 100),
-              ("sample_acc", "teacher accuracy on samples (%)", 100)]
+    panels = [
+        ("ssim", "within-class SSIM", 1),
+        ("spec_slope", "feature spectrum decay slope", 1),
+        ("acc_mean", "student accuracy (%)", 100),
+        ("sample_acc", "teacher accuracy on samples (%)", 100),
+    ]
     for dataset in sorted({r["dataset"] for r in rows}, key=str):
         subset = [r for r in rows if r["dataset"] == dataset and math.isfinite(_num(r["sweep_values"][x_key]))]
         if not subset:
@@ -428,16 +516,22 @@ def plot_sweep(rows: list[dict], sweep_keys: tuple[str, ...], out_dir: Path) -> 
         several = len({(r["student"], r["protocol"]) for r in subset}) > 1
         for r in subset:
             others = {k: v for k, v in r["sweep_values"].items() if k != x_key}
-            label = " ".join([str(r["method"]), *([_short(others)] if others else []),
-                              *([f"({r['student']}, {r['protocol']})"] if several else [])])
+            label = " ".join(
+                [
+                    str(r["method"]),
+                    *([_short(others)] if others else []),
+                    *([f"({r['student']}, {r['protocol']})"] if several else []),
+                ]
+            )
             lines[label].append(r)
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
         positive = [_num(r["sweep_values"][x_key]) for r in subset if _num(r["sweep_values"][x_key]) > 0]
-        for ax, (column, title, scale) in zip(axes, panels):
+        for ax, (column, title, scale) in zip(axes, panels, strict=False):
             for label, pts in sorted(lines.items()):
                 pts = sorted((p for p in pts if p[column] is not None), key=lambda p: _num(p["sweep_values"][x_key]))
-                ax.plot([_num(p["sweep_values"][x_key]) for p in pts], [scale * p[column] for p in pts], "o-",
-                        label=label)
+                ax.plot(
+                    [_num(p["sweep_values"][x_key]) for p in pts], [scale * p[column] for p in pts], "o-", label=label
+                )
             if positive:
                 ax.set_xscale("symlog", linthresh=min(positive))
             ax.set_xlabel(x_key.rsplit(".", 1)[-1])
@@ -470,8 +564,9 @@ def log_wandb(rows: list[dict], plots: dict[str, Path], out_dir: Path, project: 
 # ----------------------------------------------------------------------------- entry point
 
 
-def build_report(paths: list[Path], out_dir: Path,
-                 sweep_keys: tuple[str, ...] = ()) -> tuple[list[dict], Collected, list[tuple]]:
+def build_report(
+    paths: list[Path], out_dir: Path, sweep_keys: tuple[str, ...] = ()
+) -> tuple[list[dict], Collected, list[tuple]]:
     """Read the runs, write report.md, report.csv and the plots into out_dir; return what was written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     collected = collect(paths, sweep_keys)
@@ -481,8 +576,9 @@ def build_report(paths: list[Path], out_dir: Path,
     sweep_plots = plot_sweep(rows, sweep_keys, out_dir) if rows and sweep_keys else {}
     write_csv(rows, out_dir / "report.csv")
     inputs = [os.path.relpath(p, out_dir) for p in paths]
-    write_markdown(out_dir / "report.md", rows, collected, missing, stage_costs(collected.runs), plots, inputs,
-                   sweep_plots)
+    write_markdown(
+        out_dir / "report.md", rows, collected, missing, stage_costs(collected.runs), plots, inputs, sweep_plots
+    )
     return rows, collected, missing
 
 
@@ -490,8 +586,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddist.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="run or multirun directories (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: the first PATH)")
-    parser.add_argument("--sweep", nargs="+", default=[], metavar="KEY",
-                        help="overrides that vary across the runs; the first is the x axis of sweep_<dataset>.png")
+    parser.add_argument(
+        "--sweep",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="overrides that vary across the runs; the first is the x axis of sweep_<dataset>.png",
+    )
     parser.add_argument("--wandb", action="store_true", help="also log the table to W&B")
     parser.add_argument("--wandb-project", default="ddist")
     parser.add_argument("--wandb-mode", default="offline", choices=["offline", "online"])
@@ -506,8 +607,10 @@ def main(argv: list[str] | None = None) -> int:
         plots = {r["dataset"]: out_dir / f"acc_vs_ipc_{_safe(str(r['dataset']))}.png" for r in rows}
         log_wandb(rows, plots, out_dir, args.wandb_project, args.wandb_mode)
     n_missing = len(missing) + len(collected.incomplete) + len(collected.unreadable)
-    print(f"{len(collected.runs)} runs -> {len(rows)} rows; {n_missing} missing or unfinished; "
-          f"wrote {out_dir / 'report.md'} and {out_dir / 'report.csv'}")
+    print(
+        f"{len(collected.runs)} runs -> {len(rows)} rows; {n_missing} missing or unfinished; "
+        f"wrote {out_dir / 'report.md'} and {out_dir / 'report.csv'}"
+    )
     return 0
 
 

@@ -49,8 +49,9 @@ from ddist.train import (
 )
 
 
-def evaluate_set(cfg: DictConfig, ctx: dict, distilled_path: str | Path, overrides: dict | None = None,
-                 stored: Path | None = None) -> list[dict]:
+def evaluate_set(
+    cfg: DictConfig, ctx: dict, distilled_path: str | Path, overrides: dict | None = None, stored: Path | None = None
+) -> list[dict]:
     """Train and test every configured student `repeats` times on one DistilledSet.
 
     `overrides` changes evaluate settings for this call only (e.g. {"protocol": "hard"} or
@@ -74,10 +75,18 @@ def evaluate_set(cfg: DictConfig, ctx: dict, distilled_path: str | Path, overrid
         for repeat in range(ev.repeats):
             work = cache_entry(cfg, "student", {**base_key, "student": model_cfg, "repeat": repeat})
             with building(work):
-                accs.append(finished_or_trained(cfg, ctx, ev, distilled, name, model_cfg, repeat, teacher, stored,
-                                                test, work))
-        results.append({"name": name, "protocol": ev.protocol, "accs": accs, "acc_mean": statistics.fmean(accs),
-                        "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0})
+                accs.append(
+                    finished_or_trained(cfg, ctx, ev, distilled, name, model_cfg, repeat, teacher, stored, test, work)
+                )
+        results.append(
+            {
+                "name": name,
+                "protocol": ev.protocol,
+                "accs": accs,
+                "acc_mean": statistics.fmean(accs),
+                "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+            }
+        )
         info(f"student {name} ({ev.protocol}): {100 * results[-1]['acc_mean']:.2f}% over {len(accs)} repeat(s)")
     return results
 
@@ -90,14 +99,29 @@ def student_base_key(cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, c
         settings.pop(key, None)
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset.pop("protocol", None)
-    return {"set": distilled.meta.get("sha256") or tensor_checksum(distilled.images, distilled.labels),
-            "evaluate": settings, "seed": cfg.seed, "dataset": dataset, "precision": cfg.precision,
-            "teacher": file_sha256(ctx["teacher"]) if ev.protocol == "soft" else None}
+    return {
+        "set": distilled.meta.get("sha256") or tensor_checksum(distilled.images, distilled.labels),
+        "evaluate": settings,
+        "seed": cfg.seed,
+        "dataset": dataset,
+        "precision": cfg.precision,
+        "teacher": file_sha256(ctx["teacher"]) if ev.protocol == "soft" else None,
+    }
 
 
-def finished_or_trained(cfg: DictConfig, ctx: dict, ev: DictConfig, distilled: DistilledSet, name: str,
-                        model_cfg: dict, repeat: int, teacher: torch.nn.Module | None, stored: Path | None, test,
-                        work: Path) -> float:
+def finished_or_trained(
+    cfg: DictConfig,
+    ctx: dict,
+    ev: DictConfig,
+    distilled: DistilledSet,
+    name: str,
+    model_cfg: dict,
+    repeat: int,
+    teacher: torch.nn.Module | None,
+    stored: Path | None,
+    test,
+    work: Path,
+) -> float:
     """The accuracy kept in `work` by an earlier run, or a student trained (resumably) now."""
     result = work / "result.json"
     if result.is_file():
@@ -108,9 +132,19 @@ def finished_or_trained(cfg: DictConfig, ctx: dict, ev: DictConfig, distilled: D
     return acc
 
 
-def train_student(cfg: DictConfig, ctx: dict, ev: DictConfig, distilled: DistilledSet, name: str, model_cfg: dict,
-                  repeat: int, teacher: torch.nn.Module | None, stored: Path | None, test,
-                  work: Path | None = None) -> float:
+def train_student(
+    cfg: DictConfig,
+    ctx: dict,
+    ev: DictConfig,
+    distilled: DistilledSet,
+    name: str,
+    model_cfg: dict,
+    repeat: int,
+    teacher: torch.nn.Module | None,
+    stored: Path | None,
+    test,
+    work: Path | None = None,
+) -> float:
     """One student: the recipe is setup, fit on the planned batches, test."""
     spec, device = ctx["spec"], ctx["device"]
     images = distilled.images.to(device)
@@ -131,8 +165,9 @@ def train_student(cfg: DictConfig, ctx: dict, ev: DictConfig, distilled: Distill
         out = student(x)
         if ev.protocol == "hard":
             _, mix = split_mix(batch)
-            return hard_label_loss(out, mix_targets(F.one_hot(labels[batch["indices"].to(device)],
-                                                              spec.num_classes).float(), mix))
+            return hard_label_loss(
+                out, mix_targets(F.one_hot(labels[batch["indices"].to(device)], spec.num_classes).float(), mix)
+            )
         if "logits" in batch:
             return soft_label_loss(out, batch["logits"].to(device), ev.temperature)
         with torch.no_grad():
@@ -141,10 +176,25 @@ def train_student(cfg: DictConfig, ctx: dict, ev: DictConfig, distilled: Distill
 
     # -- loop, then test
     key = f"evaluate/{name}_r{repeat}"
-    fit(student, batches, loss_fn, optimizer, schedule, total_steps=epochs * steps_per_epoch,
-        steps_per_epoch=steps_per_epoch, stage="evaluate", hint="Lower evaluate.lr.", logger=ctx["logger"],
-        log_every=ev.log_every, desc=f"student {name} {repeat}", clip_grad_norm=ev.clip_grad_norm, work_dir=work,
-        log_key=key, precision=cfg.precision, compile=cfg.compile)
+    fit(
+        student,
+        batches,
+        loss_fn,
+        optimizer,
+        schedule,
+        total_steps=epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        stage="evaluate",
+        hint="Lower evaluate.lr.",
+        logger=ctx["logger"],
+        log_every=ev.log_every,
+        desc=f"student {name} {repeat}",
+        clip_grad_norm=ev.clip_grad_norm,
+        work_dir=work,
+        log_key=key,
+        precision=cfg.precision,
+        compile=cfg.compile,
+    )
     acc = accuracy(student, test, spec, device, ev.test_batch_size)
     ctx["logger"].log({f"{key}/test_acc": acc}, step=epochs * steps_per_epoch)
     return acc

@@ -52,8 +52,11 @@ class FailureSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        failed = [(d, err) for d in sorted(p.parent for p in sweep_dir.glob(f"*/{ERROR_FILE}"))
-                  if (err := read_error(d)) is not None]
+        failed = [
+            (d, err)
+            for d in sorted(p.parent for p in sweep_dir.glob(f"*/{ERROR_FILE}"))
+            if (err := read_error(d)) is not None
+        ]
         if not failed:
             return
         total = sum(1 for _ in sweep_dir.glob("*/.hydra"))

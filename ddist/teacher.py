@@ -59,6 +59,8 @@ def deda_layers(cfg: DictConfig, teacher) -> list[str]:
         return [n for n in names if n.startswith("stage")]
     unknown = [n for n in wanted if n not in names]
     if unknown or not wanted:
-        raise ConfigError(f"recover.deda.layers={list(wanted)} names no or unknown teacher features {unknown}; "
-                          f"set it to a non-empty subset of {names} (or null for every stage).")
+        raise ConfigError(
+            f"recover.deda.layers={list(wanted)} names no or unknown teacher features {unknown}; "
+            f"set it to a non-empty subset of {names} (or null for every stage)."
+        )
     return [n for n in names if n in wanted]

@@ -50,7 +50,9 @@ def thread_count(setting: int | str) -> tuple[int, str]:
         cores, jobs = available_cores(), concurrent_jobs()
         return max(cores // jobs, 1), f"{cores} cores / {jobs} concurrent job(s)"
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-        raise ConfigError(f"threads must be a positive integer or auto (got {setting!r}). Set threads=auto or threads=1.")
+        raise ConfigError(
+            f"threads must be a positive integer or auto (got {setting!r}). Set threads=auto or threads=1."
+        )
     return setting, "threads option"
 
 

@@ -87,18 +87,21 @@ def epochs_for(epochs, ipc: int) -> int:
 
 def check_finite(loss: torch.Tensor, stage: str, step: int, hint: str) -> None:
     if not torch.isfinite(loss):
-        raise DivergenceError(f"The {stage} loss became {loss.item()} at iteration {step}. {hint} "
-                              "Earlier artifacts are left as they were.")
+        raise DivergenceError(
+            f"The {stage} loss became {loss.item()} at iteration {step}. {hint} "
+            "Earlier artifacts are left as they were."
+        )
 
 
-def real_batches(ds, spec, batch_size: int, shuffle: bool, generator: torch.Generator | None = None,
-                 num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def real_batches(
+    ds, spec, batch_size: int, shuffle: bool, generator: torch.Generator | None = None, num_workers: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised image batches of a real split: straight from the uint8 tensor when it is in memory."""
     if getattr(ds, "images", None) is not None:
         n = len(ds.targets)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             yield spec.normalize(ds.images[idx].float() / 255), ds.targets[idx]
     else:
         loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers)
@@ -128,11 +131,26 @@ def autocast(precision: str, device_type: str):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
-def fit(model: torch.nn.Module, stream: Iterable[Any], loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-        optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler, *, total_steps: int,
-        steps_per_epoch: int, stage: str, hint: str, logger: RunLogger, log_every: int, desc: str,
-        clip_grad_norm: float | None = None, work_dir: Path | None = None, log_key: str | None = None,
-        precision: str = "fp32", compile: bool = False) -> None:
+def fit(
+    model: torch.nn.Module,
+    stream: Iterable[Any],
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    stage: str,
+    hint: str,
+    logger: RunLogger,
+    log_every: int,
+    desc: str,
+    clip_grad_norm: float | None = None,
+    work_dir: Path | None = None,
+    log_key: str | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
+) -> None:
     """Train `model` on `stream` (total_steps batches). `hint` says what to change when the loss
     is NaN; `log_key` prefixes the logged names (default: the stage); `work_dir` enables resume.
     `precision` bf16/fp16 runs the forward pass under autocast (fp16 with a GradScaler);
@@ -168,16 +186,33 @@ def fit(model: torch.nn.Module, stream: Iterable[Any], loss_fn: Callable[[torch.
         (work_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the caller keeps the result
 
 
-def save_partial(work_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 schedule: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, step: int) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-             "scaler": scaler.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}
+def save_partial(
+    work_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    step: int,
+) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "torch_rng": torch.get_rng_state(),
+    }
     with atomic_path(work_dir / CHECKPOINT) as tmp:
         torch.save(state, tmp)
 
 
-def resume(work_dir: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           schedule: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler) -> int:
+def resume(
+    work_dir: Path | None,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+) -> int:
     """Load the work directory's checkpoint into model, optimiser and schedule; its step (0: none)."""
     path = None if work_dir is None else work_dir / CHECKPOINT
     if path is None or not path.is_file():
@@ -189,7 +224,7 @@ def resume(work_dir: Path | None, model: torch.nn.Module, optimizer: torch.optim
         schedule.load_state_dict(state["schedule"])
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
-    except Exception as err:  # noqa: BLE001 - a damaged checkpoint only costs the work since the start
+    except Exception as err:
         info(f"ignoring the unreadable checkpoint {path} ({type(err).__name__}); starting over")
         return 0
     torch.set_rng_state(state["torch_rng"])

@@ -42,8 +42,10 @@ WARMUP = 2
 
 def diffusion_config(ipc: int, sample_steps: int | None) -> tuple[dict, dict, int]:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["dataset=digits", "diffusion=pixel", f"ipc={ipc}",
-                                           "paths.root_dir=.", "paths.output_dir=."])
+        cfg = compose(
+            "config",
+            overrides=["dataset=digits", "diffusion=pixel", f"ipc={ipc}", "paths.root_dir=.", "paths.output_dir=."],
+        )
     dcfg = OmegaConf.to_container(cfg.diffusion, resolve=True)
     if sample_steps:
         dcfg["sample"]["steps"] = sample_steps
@@ -59,15 +61,31 @@ def finetune_case(objective: str, args) -> dict:
     spec, ds = dataset_spec(dataset), load_split(dataset, "train")
     denoiser = fresh_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, PixelCodec())
     tcfg = dcfg["finetune"]
-    fit = lambda steps: train_denoiser(denoiser, PixelCodec(), ds, spec, make_scheduler(dcfg["schedule"], "ddpm"),
-                                       {**tcfg, "steps": steps}, objective, spec.resolution, torch.device("cpu"),
-                                       RunLogger(None), "finetune")
+
+    def fit(steps):
+        return train_denoiser(
+            denoiser,
+            PixelCodec(),
+            ds,
+            spec,
+            make_scheduler(dcfg["schedule"], "ddpm"),
+            {**tcfg, "steps": steps},
+            objective,
+            spec.resolution,
+            torch.device("cpu"),
+            RunLogger(None),
+            "finetune",
+        )
+
     fit(WARMUP)
     start = time.perf_counter()
     fit(args.steps)
-    return {"case": f"finetune-{objective}", "batch_size": tcfg["batch_size"],
-            "s_per_step": (time.perf_counter() - start) / args.steps,
-            "parameters": sum(p.numel() for p in denoiser.net.parameters())}
+    return {
+        "case": f"finetune-{objective}",
+        "batch_size": tcfg["batch_size"],
+        "s_per_step": (time.perf_counter() - start) / args.steps,
+        "parameters": sum(p.numel() for p in denoiser.net.parameters()),
+    }
 
 
 def sample_case(method: str, args) -> dict:
@@ -79,21 +97,47 @@ def sample_case(method: str, args) -> dict:
     means = torch.randn(spec.num_classes, *denoiser.latent_shape) * 0.5
     labels = torch.arange(spec.num_classes).repeat_interleave(ipc)
     scfg = {**dcfg["sample"], "method": method}
-    run = lambda: sample_latents(denoiser, make_scheduler(dcfg["schedule"], scfg["scheduler"]), labels, 0, scfg,
-                                 torch.device("cpu"), means)
-    sample_latents(denoiser, make_scheduler(dcfg["schedule"], scfg["scheduler"]), labels[:2], 0,
-                   {**scfg, "steps": 2}, torch.device("cpu"), means)  # warm-up
+
+    def run():
+        return sample_latents(
+            denoiser, make_scheduler(dcfg["schedule"], scfg["scheduler"]), labels, 0, scfg, torch.device("cpu"), means
+        )
+
+    sample_latents(
+        denoiser,
+        make_scheduler(dcfg["schedule"], scfg["scheduler"]),
+        labels[:2],
+        0,
+        {**scfg, "steps": 2},
+        torch.device("cpu"),
+        means,
+    )  # warm-up
     base = maxrss_mb()
     start = time.perf_counter()
     run()
-    return {"case": f"sample-{method}", "images": len(labels), "steps": scfg["steps"],
-            "guidance_scale": scfg["guidance_scale"], "seconds": time.perf_counter() - start,
-            "peak_rss_growth_mb": maxrss_mb() - base}
+    return {
+        "case": f"sample-{method}",
+        "images": len(labels),
+        "steps": scfg["steps"],
+        "guidance_scale": scfg["guidance_scale"],
+        "seconds": time.perf_counter() - start,
+        "peak_rss_growth_mb": maxrss_mb() - base,
+    }
 
 
 def run_case(case: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--case", case, "--ipc", str(args.ipc), "--steps", str(args.steps),
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--case",
+        case,
+        "--ipc",
+        str(args.ipc),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+    ]
     if args.sample_steps:
         cmd += ["--sample-steps", str(args.sample_steps)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)

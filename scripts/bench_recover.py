@@ -81,10 +81,19 @@ def make_objective(cfg, teacher, spec, ipc: int):
         return SRe2LObjective(teacher, ce_weight=cfg.recover.ce_weight, **cfg.recover.bn_matching)
     d = cfg.recover.deda
     real = random_real_stats(teacher, spec, torch.Generator().manual_seed(0))
-    return DEDAObjective(teacher, real, ipc, mean_weight=d.mean_weight, gamma=d.gamma, lambda_diag=d.lambda_diag,
-                         lambda_offdiag=d.lambda_offdiag, reg_iterations=d.reg_iterations,
-                         reg_normalisation=d.reg_normalisation, class_reduction=d.class_reduction,
-                         ce_weight=cfg.recover.ce_weight)
+    return DEDAObjective(
+        teacher,
+        real,
+        ipc,
+        mean_weight=d.mean_weight,
+        gamma=d.gamma,
+        lambda_diag=d.lambda_diag,
+        lambda_offdiag=d.lambda_offdiag,
+        reg_iterations=d.reg_iterations,
+        reg_normalisation=d.reg_normalisation,
+        class_reduction=d.class_reduction,
+        ce_weight=cfg.recover.ce_weight,
+    )
 
 
 def rss_mb() -> float:
@@ -148,10 +157,17 @@ def throughput_case(dataset: str, objective: str, ipc: int, iterations: int) -> 
     with PeakRSS() as peak:
         steps(WARMUP)
         seconds = steps(iterations)
-    return {"dataset": dataset, "objective": objective, "batch": len(idx), "iterations": iterations,
-            "ms_per_iteration": 1000 * seconds / iterations, "image_iterations_per_s": len(idx) * iterations / seconds,
-            "batches_for_the_set": len(batch_groups(spec.num_classes, ipc, cfg.recover.batch.mode, cfg.recover.batch.size)),
-            "rss_mb": peak.start, "loop_rss_growth_mb": peak.growth_mb}
+    return {
+        "dataset": dataset,
+        "objective": objective,
+        "batch": len(idx),
+        "iterations": iterations,
+        "ms_per_iteration": 1000 * seconds / iterations,
+        "image_iterations_per_s": len(idx) * iterations / seconds,
+        "batches_for_the_set": len(batch_groups(spec.num_classes, ipc, cfg.recover.batch.mode, cfg.recover.batch.size)),
+        "rss_mb": peak.start,
+        "loop_rss_growth_mb": peak.growth_mb,
+    }
 
 
 # ----------------------------------------------------------------------------- 2. batched vs loop
@@ -164,8 +180,9 @@ def batched_vs_loop(dataset: str, ipc: int, repeats: int) -> dict:
     teacher = make_teacher(cfg, spec)
     obj = make_objective(cfg, teacher, spec, ipc)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(spec.num_classes * ipc, spec.channels, spec.resolution, spec.resolution,
-                    generator=generator).requires_grad_(True)
+    x = torch.randn(
+        spec.num_classes * ipc, spec.channels, spec.resolution, spec.resolution, generator=generator
+    ).requires_grad_(True)
     labels = torch.arange(spec.num_classes).repeat_interleave(ipc)
     x_aug = apply(x, sample_params(len(labels), cfg.dataset.augment.recover, spec.resolution, generator))
     it = total = 10  # the last iteration: every term (with the regulariser) is on
@@ -199,10 +216,19 @@ def batched_vs_loop(dataset: str, ipc: int, repeats: int) -> dict:
             else:
                 ll, gl = loss, x.grad.clone()
     tb, tl = (sorted(t)[len(t) // 2] for t in (times["batched"], times["per_class"]))
-    return {"dataset": dataset, "classes": spec.num_classes, "ipc": ipc, "batched_ms": 1000 * tb,
-            "per_class_ms": 1000 * tl, "speedup": tl / tb, "loss_batched": lb.item(), "loss_per_class": ll.item(),
-            "loss_abs_diff": (lb - ll).abs().item(), "grad_max_abs_diff": (gb - gl).abs().max().item(),
-            "grad_max_abs": gb.abs().max().item()}
+    return {
+        "dataset": dataset,
+        "classes": spec.num_classes,
+        "ipc": ipc,
+        "batched_ms": 1000 * tb,
+        "per_class_ms": 1000 * tl,
+        "speedup": tl / tb,
+        "loss_batched": lb.item(),
+        "loss_per_class": ll.item(),
+        "loss_abs_diff": (lb - ll).abs().item(),
+        "grad_max_abs_diff": (gb - gl).abs().max().item(),
+        "grad_max_abs": gb.abs().max().item(),
+    }
 
 
 # ----------------------------------------------------------------------------- 3. memory
@@ -239,8 +265,13 @@ def memory_case(dataset: str, objective: str, ipc: int) -> dict:
     with PeakRSS() as peak:
         nbytes, value = saved_bytes(loss)
         value.backward()
-    return {"dataset": dataset, "objective": objective, "batch": len(labels), "saved_for_backward_mb": nbytes / 2**20,
-            "rss_growth_mb": peak.growth_mb}
+    return {
+        "dataset": dataset,
+        "objective": objective,
+        "batch": len(labels),
+        "saved_for_backward_mb": nbytes / 2**20,
+        "rss_growth_mb": peak.growth_mb,
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -280,22 +311,56 @@ def main() -> None:
     print(f"# {torch.get_num_threads()} torch thread(s), load average {os.getloadavg()[0]:.1f}, IPC {args.ipc}")
     rows = [run_child(*common, "--child", "throughput", ds, obj) for ds in args.datasets for obj in ("sre2l", "deda")]
     print("\n1. recover throughput (one batch in each objective's layout; random-init ConvNet-3 teacher)")
-    print(table(rows, [("dataset", "dataset", ""), ("objective", "objective", ""), ("batch", "batch", "d"),
-                       ("ms/iter", "ms_per_iteration", ".1f"), ("img-iter/s", "image_iterations_per_s", ".0f"),
-                       ("RSS MB", "rss_mb", ".0f"), ("loop +RSS MB", "loop_rss_growth_mb", ".1f")]))
+    print(
+        table(
+            rows,
+            [
+                ("dataset", "dataset", ""),
+                ("objective", "objective", ""),
+                ("batch", "batch", "d"),
+                ("ms/iter", "ms_per_iteration", ".1f"),
+                ("img-iter/s", "image_iterations_per_s", ".0f"),
+                ("RSS MB", "rss_mb", ".0f"),
+                ("loop +RSS MB", "loop_rss_growth_mb", ".1f"),
+            ],
+        )
+    )
 
     rows = [batched_vs_loop(ds, args.ipc, args.repeats) for ds in args.datasets]
     print(f"\n2. DEDA: one batched forward vs one forward per class (10 classes x IPC {args.ipc}, forward + backward)")
-    print(table(rows, [("dataset", "dataset", ""), ("batched ms", "batched_ms", ".1f"),
-                       ("per-class ms", "per_class_ms", ".1f"), ("speedup", "speedup", ".2f"),
-                       ("loss", "loss_batched", ".5f"), ("|loss diff|", "loss_abs_diff", ".1e"),
-                       ("max|grad diff|", "grad_max_abs_diff", ".1e"), ("max|grad|", "grad_max_abs", ".1e")]))
+    print(
+        table(
+            rows,
+            [
+                ("dataset", "dataset", ""),
+                ("batched ms", "batched_ms", ".1f"),
+                ("per-class ms", "per_class_ms", ".1f"),
+                ("speedup", "speedup", ".2f"),
+                ("loss", "loss_batched", ".5f"),
+                ("|loss diff|", "loss_abs_diff", ".1e"),
+                ("max|grad diff|", "grad_max_abs_diff", ".1e"),
+                ("max|grad|", "grad_max_abs", ".1e"),
+            ],
+        )
+    )
 
     rows = [run_child(*common, "--child", "memory", ds, obj) for ds in args.datasets for obj in ("ce", "sre2l", "deda")]
-    print(f"\n3. memory of one forward + backward on the same teacher and batch (10 classes x IPC {args.ipc}); "
-          "ce = the teacher with CE alone")
-    print(table(rows, [("dataset", "dataset", ""), ("objective", "objective", ""), ("batch", "batch", "d"),
-                       ("saved MB", "saved_for_backward_mb", ".2f"), ("+RSS MB", "rss_growth_mb", ".1f")]))
+    print(
+        f"\n3. memory of one forward + backward on the same teacher and batch (10 classes x IPC {args.ipc}); "
+        "ce = the teacher with CE alone"
+    )
+    print(
+        table(
+            rows,
+            [
+                ("dataset", "dataset", ""),
+                ("objective", "objective", ""),
+                ("batch", "batch", "d"),
+                ("saved MB", "saved_for_backward_mb", ".2f"),
+                ("+RSS MB", "rss_growth_mb", ".1f"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,11 @@ from ddist.train import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 # (label, config file, key) of every weight pair the configs use
-WEIGHTS = [("digits", "recover/deda.yaml", "deda"),
-           ("CIFAR/Tiny", "experiment/deda/cifar10_ipc10.yaml", "recover.deda"),
-           ("ImageNet-1K", "experiment/deda/imagenet1k_ipc10.yaml", "recover.deda")]
+WEIGHTS = [
+    ("digits", "recover/deda.yaml", "deda"),
+    ("CIFAR/Tiny", "experiment/deda/cifar10_ipc10.yaml", "recover.deda"),
+    ("ImageNet-1K", "experiment/deda/imagenet1k_ipc10.yaml", "recover.deda"),
+]
 
 
 def config_weights() -> list[tuple[str, float, float]]:
@@ -123,9 +125,19 @@ def regulariser_effect(mode, teacher, layer, images, labels, classes, weights, n
 
 def compose_cfg(args, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=["logger=none", "pipeline=deda", f"paths.cache_dir={args.cache_dir}",
-                                            f"ipc={args.ipc}", f"seed={args.seed}", "device=cpu",
-                                            *args.overrides, *overrides])
+        return compose(
+            "config",
+            overrides=[
+                "logger=none",
+                "pipeline=deda",
+                f"paths.cache_dir={args.cache_dir}",
+                f"ipc={args.ipc}",
+                f"seed={args.seed}",
+                "device=cpu",
+                *args.overrides,
+                *overrides,
+            ],
+        )
 
 
 def regulariser_table(args, cfg, ctx, teacher) -> None:
@@ -136,23 +148,31 @@ def regulariser_table(args, cfg, ctx, teacher) -> None:
     classes = labels.unique()
     bounds = recover.pixel_bounds(spec, torch.device("cpu"))
     layers = args.layers or [deda_layers(cfg, teacher)[-1]]
-    print(f"\n{cfg.dataset.name}: teacher {cfg.teacher.model.name} (width {cfg.teacher.model.get('width')}, "
-          f"{cfg.teacher.epochs} epochs, test acc {ctx['teacher_acc']:.4f}), IPC {args.ipc}, {len(classes)} classes; "
-          f"step {args.step}; adam {args.adam_steps} steps lr {args.lr}")
-    print("| weights (l1, l2) | normalisation | L (d) | mode | mean diag before -> after | "
-          "off-diag norm before -> after | classes diag up & off down |\n|---|---|---|---|---|---|---|")
+    print(
+        f"\n{cfg.dataset.name}: teacher {cfg.teacher.model.name} (width {cfg.teacher.model.get('width')}, "
+        f"{cfg.teacher.epochs} epochs, test acc {ctx['teacher_acc']:.4f}), IPC {args.ipc}, {len(classes)} classes; "
+        f"step {args.step}; adam {args.adam_steps} steps lr {args.lr}"
+    )
+    print(
+        "| weights (l1, l2) | normalisation | L (d) | mode | mean diag before -> after | "
+        "off-diag norm before -> after | classes diag up & off down |\n|---|---|---|---|---|---|---|"
+    )
     for label, l1, l2 in config_weights():
         for normalisation in REG_NORMALISATIONS:
             for layer in layers:
                 for mode in ("feature", "pixel", "adam"):
-                    before, after = regulariser_effect(mode, teacher, layer, images, labels, classes, (l1, l2),
-                                                       normalisation, args, bounds)
+                    before, after = regulariser_effect(
+                        mode, teacher, layer, images, labels, classes, (l1, l2), normalisation, args, bounds
+                    )
                     d0, o0 = diag_and_offdiag(before)
                     d1, o1 = diag_and_offdiag(after)
                     both = int(((d1 > d0) & (o1 < o0)).sum())
-                    print(f"| {label} ({l1:g}, {l2:g}) | {normalisation} | {layer} ({before.shape[-1]}) | {mode} | "
-                          f"{d0.mean():.4f} -> {d1.mean():.4f} | {o0.mean():.4f} -> {o1.mean():.4f} | "
-                          f"{both}/{len(classes)} |", flush=True)
+                    print(
+                        f"| {label} ({l1:g}, {l2:g}) | {normalisation} | {layer} ({before.shape[-1]}) | {mode} | "
+                        f"{d0.mean():.4f} -> {d1.mean():.4f} | {o0.mean():.4f} -> {o1.mean():.4f} | "
+                        f"{both}/{len(classes)} |",
+                        flush=True,
+                    )
 
 
 def recover_table(args) -> None:
@@ -164,28 +184,51 @@ def recover_table(args) -> None:
         for i, (name, overrides) in enumerate(variants.items()):
             cfg = compose_cfg(args, *overrides, f"paths.output_dir={tmp}/{i}")
             spec = dataset_spec(cfg.dataset)
-            ctx = squeeze.run(cfg, {"spec": spec, "device": torch.device("cpu"), "logger": RunLogger(None),
-                                    "run_dir": Path(tmp) / str(i), "results": {}, "timings": {}})
+            ctx = squeeze.run(
+                cfg,
+                {
+                    "spec": spec,
+                    "device": torch.device("cpu"),
+                    "logger": RunLogger(None),
+                    "run_dir": Path(tmp) / str(i),
+                    "results": {},
+                    "timings": {},
+                },
+            )
             ctx = recover.run(cfg, ctx)
             teacher = load_teacher(cfg, ctx)
             layer = deda_layers(cfg, teacher)[-1]
             distilled = load_distilled(ctx["distilled"])
-            rows.append((name, class_covariance_figures(recover_features(teacher, layer, distilled.images),
-                                                        distilled.labels, spec.num_classes)))
+            rows.append(
+                (
+                    name,
+                    class_covariance_figures(
+                        recover_features(teacher, layer, distilled.images), distilled.labels, spec.num_classes
+                    ),
+                )
+            )
         # real at the same IPC: the first IPC images of analyse's real subsample
         train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
-        idx = torch.cat([p[:args.ipc] for p in real_subsample(train, spec.num_classes, args.ipc, args.seed)])
+        idx = torch.cat([p[: args.ipc] for p in real_subsample(train, spec.num_classes, args.ipc, args.seed)])
         real = torch.stack([train[int(i)][0] for i in idx])
-        rows.append(("real, same IPC", class_covariance_figures(recover_features(teacher, layer, real),
-                                                                train.targets[idx], spec.num_classes)))
-    print(f"\nDEDA recover on {cfg.dataset.name}, IPC {args.ipc}, {cfg.recover.iterations} iterations "
-          f"(regulariser in the last {cfg.recover.deda.reg_iterations}), seed {args.seed}, L = {layer}; "
-          "means over classes")
+        rows.append(
+            (
+                "real, same IPC",
+                class_covariance_figures(recover_features(teacher, layer, real), train.targets[idx], spec.num_classes),
+            )
+        )
+    print(
+        f"\nDEDA recover on {cfg.dataset.name}, IPC {args.ipc}, {cfg.recover.iterations} iterations "
+        f"(regulariser in the last {cfg.recover.deda.reg_iterations}), seed {args.seed}, L = {layer}; "
+        "means over classes"
+    )
     print("| run | mean diag | off-diag norm | min eigenvalue | condition number |\n|---|---|---|---|---|")
     for name, figs in rows:
         cond = figs["condition_number"]
-        print(f"| {name} | {figs['mean_diagonal']:.4f} | {figs['offdiag_norm']:.4f} | {figs['min_eigenvalue']:.4g} | "
-              f"{'null' if cond is None else f'{cond:.2f}'} ({figs['condition_number_classes']} classes) |")
+        print(
+            f"| {name} | {figs['mean_diagonal']:.4f} | {figs['offdiag_norm']:.4f} | {figs['min_eigenvalue']:.4g} | "
+            f"{'null' if cond is None else f'{cond:.2f}'} ({figs['condition_number_classes']} classes) |"
+        )
 
 
 def recover_features(teacher, layer, images) -> torch.Tensor:
@@ -209,10 +252,15 @@ def main() -> None:
 
     cfg = compose_cfg(args)
     spec = dataset_spec(cfg.dataset)
-    if cfg.dataset.name != "digits" and not args.train_teacher \
-            and not (cache_entry(cfg, "teacher", squeeze.teacher_key(cfg)) / "meta.json").exists():
-        raise ConfigError(f"no cached {cfg.dataset.name} teacher under --cache-dir {args.cache_dir}; "
-                          "point --cache-dir at it or pass --train-teacher")
+    if (
+        cfg.dataset.name != "digits"
+        and not args.train_teacher
+        and not (cache_entry(cfg, "teacher", squeeze.teacher_key(cfg)) / "meta.json").exists()
+    ):
+        raise ConfigError(
+            f"no cached {cfg.dataset.name} teacher under --cache-dir {args.cache_dir}; "
+            "point --cache-dir at it or pass --train-teacher"
+        )
     seed_everything(args.seed)
     ctx = squeeze.run(cfg, {"spec": spec, "device": torch.device("cpu"), "logger": RunLogger(None)})
     regulariser_table(args, cfg, ctx, load_teacher(cfg, ctx))

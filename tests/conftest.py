@@ -51,14 +51,29 @@ def cache_dir(tmp_path_factory) -> Path:
 def compose_cfg(*overrides: str, cache_dir: Path, run_dir: Path):
     """The composed config of `python -m ddist OVERRIDES` (no W&B, CPU), for in-process stages."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=["logger=none", "device=cpu", f"paths.cache_dir={cache_dir}",
-                                            f"paths.output_dir={run_dir}", *overrides])
+        return compose(
+            "config",
+            overrides=[
+                "logger=none",
+                "device=cpu",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.output_dir={run_dir}",
+                *overrides,
+            ],
+        )
 
 
 def stage_ctx(cfg, run_dir: Path) -> dict:
     """The ctx the pipeline hands its first stage."""
-    return {"run_dir": run_dir, "device": torch.device("cpu"), "spec": dataset_spec(cfg.dataset),
-            "logger": RunLogger(None), "results": {}, "timings": {}, "peak_memory_mb": {}}
+    return {
+        "run_dir": run_dir,
+        "device": torch.device("cpu"),
+        "spec": dataset_spec(cfg.dataset),
+        "logger": RunLogger(None),
+        "results": {},
+        "timings": {},
+        "peak_memory_mb": {},
+    }
 
 
 @pytest.fixture(scope="session")
@@ -72,18 +87,34 @@ def trained_digits_teacher(cache_dir, tmp_path_factory) -> Path:
     return squeeze.run(cfg, stage_ctx(cfg, run_dir))["teacher"]
 
 
-def run_ddist(*overrides: str, run_dir: Path, cache_dir: Path, tiny: bool = True, module: str = "ddist",
-              check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_ddist(
+    *overrides: str,
+    run_dir: Path,
+    cache_dir: Path,
+    tiny: bool = True,
+    module: str = "ddist",
+    check: bool = True,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """`python -m ddist OVERRIDES` in a subprocess; returns the completed process."""
     flags = [a for a in overrides if a.startswith("-")]  # Hydra wants its flags before the overrides
     args = [*flags, *(TINY if tiny else []), f"paths.cache_dir={cache_dir}", *(a for a in overrides if a not in flags)]
     if not flags:
         args.append(f"hydra.run.dir={run_dir}")
     full_env = {**os.environ, "DDIST_PROGRESS": "0", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          env=full_env, timeout=900, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=900,
+        check=False,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"ddist failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"ddist failed ({proc.returncode}):\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 

@@ -17,9 +17,17 @@ from ddist.stages.analyse import real_subsample, same_ipc_rows
 def run_dir(tmp_path_factory, cache_dir):
     """One tiny random-pipeline run with every analyse option that works offline."""
     run = tmp_path_factory.mktemp("analyse") / "run"
-    run_ddist("pipeline=random", "ipc=2", "analyse.enabled=true", "analyse.hard.epochs=1",
-              "analyse.real_samples_per_class=10", "analyse.robust_scores=true", "analyse.real_hard_acc=0.9",
-              run_dir=run, cache_dir=cache_dir)
+    run_ddist(
+        "pipeline=random",
+        "ipc=2",
+        "analyse.enabled=true",
+        "analyse.hard.epochs=1",
+        "analyse.real_samples_per_class=10",
+        "analyse.robust_scores=true",
+        "analyse.real_hard_acc=0.9",
+        run_dir=run,
+        cache_dir=cache_dir,
+    )
     return run
 
 
@@ -87,7 +95,7 @@ def test_real_subsample_is_balanced_and_independent_of_the_random_pick():
     for c, idx in enumerate(picked):
         assert (ds.targets[idx] == c).all() and len(set(idx.tolist())) == len(idx)
     random_set = pick_random_real(ds, 3, ipc=2, seed=0)
-    assert not all(torch.equal(picked[c][:2], random_set[2 * c:2 * c + 2]) for c in range(3))
+    assert not all(torch.equal(picked[c][:2], random_set[2 * c : 2 * c + 2]) for c in range(3))
 
 
 def test_same_ipc_rows_take_the_first_images_of_each_class():

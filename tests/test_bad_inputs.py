@@ -68,10 +68,13 @@ def test_a_cache_dir_that_is_a_file_or_read_only(tmp_path):
             validate(composed([f"paths.cache_dir={locked}/cache"], tmp_path))
 
 
-@pytest.mark.parametrize(("overrides", "needle"), [
-    (["recover.deda.gamma=1e30"], "recover.deda.gamma"),
-    (["dataset.num_classes=1", "dataset.classes=[a]"], "num_classes is 1"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["recover.deda.gamma=1e30"], "recover.deda.gamma"),
+        (["dataset.num_classes=1", "dataset.classes=[a]"], "num_classes is 1"),
+    ],
+)
 def test_legal_but_unlikely_settings_warn(overrides, needle, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ddist"):
         validate(composed(overrides, tmp_path))

@@ -8,9 +8,17 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 # group directory -> how an override selects one of its files
-GROUPS = {"dataset": "dataset", "model": "model@teacher.model", "pipeline": "pipeline", "recover": "recover",
-          "relabel": "relabel", "evaluate": "evaluate", "diffusion": "diffusion", "analyse": "analyse",
-          "logger": "logger"}
+GROUPS = {
+    "dataset": "dataset",
+    "model": "model@teacher.model",
+    "pipeline": "pipeline",
+    "recover": "recover",
+    "relabel": "relabel",
+    "evaluate": "evaluate",
+    "diffusion": "diffusion",
+    "analyse": "analyse",
+    "logger": "logger",
+}
 
 
 def options(group: str) -> list[str]:

@@ -94,7 +94,10 @@ def test_augmentation_replays_exactly_and_identity_params_change_nothing():
 def test_roll_offsets_follow_the_reference_by_default():
     # SRe2L's reference: random.randint(0, lim), inclusive; DeepInversion's: randint(-lim, lim)
     gen = torch.Generator().manual_seed(0)
-    draws = lambda aug: torch.stack([sample_params(2, aug, 8, gen)["roll"] for _ in range(400)])
+
+    def draws(aug):
+        return torch.stack([sample_params(2, aug, 8, gen)["roll"] for _ in range(400)])
+
     default = draws({"roll": 3})
     assert set(default.flatten().tolist()) == {0, 1, 2, 3}
     assert torch.equal(default, default.clamp(0, 3))
@@ -118,13 +121,20 @@ def test_cutmix_pastes_a_box_and_lambda_is_the_kept_area():
 
 
 def test_batch_plan_is_determined_by_the_seed():
-    kwargs = {"num_images": 10, "batch_size": 4, "epochs": 2, "aug": {"flip": True}, "mix": "cutmix", "mix_alpha": 1.0,
-              "resolution": 8}
+    kwargs = {
+        "num_images": 10,
+        "batch_size": 4,
+        "epochs": 2,
+        "aug": {"flip": True},
+        "mix": "cutmix",
+        "mix_alpha": 1.0,
+        "resolution": 8,
+    }
     a, b = list(batch_plan(seed=0, **kwargs)), list(batch_plan(seed=0, **kwargs))
-    assert len(a) == 6 and all(torch.equal(x["indices"], y["indices"]) for x, y in zip(a, b))
+    assert len(a) == 6 and all(torch.equal(x["indices"], y["indices"]) for x, y in zip(a, b, strict=False))
     assert sorted(torch.cat([x["indices"] for x in a[:3]]).tolist()) == list(range(10))
     c = list(batch_plan(seed=1, **kwargs))
-    assert not all(torch.equal(x["indices"], y["indices"]) for x, y in zip(a, c))
+    assert not all(torch.equal(x["indices"], y["indices"]) for x, y in zip(a, c, strict=False))
 
 
 # ----------------------------------------------------------------------------- protocol losses

@@ -28,7 +28,7 @@ def test_fewer_points_than_dimensions_use_the_spanned_spectrum():
     assert spanned_eigenvalues(feats).tolist() == pytest.approx([2.0])
     figs = covariance_figures(feats)
     assert figs["mean_diagonal"] == pytest.approx(2 / 3)
-    assert figs["offdiag_norm"] == pytest.approx(2 ** 0.5)
+    assert figs["offdiag_norm"] == pytest.approx(2**0.5)
     assert (figs["min_eigenvalue"], figs["condition_number"]) == (pytest.approx(2.0), pytest.approx(1.0))
 
 
@@ -48,9 +48,17 @@ def test_degenerate_classes_give_null_not_inf():
 
 
 def test_class_figures_per_class_and_means_over_defined_classes():
-    feats = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0],    # class 0: condition number 3
-                          [0.0, 0.0], [1.0, 1.0], [2.0, 2.0],    # class 1: collinear, condition null
-                          [5.0, 5.0]])                           # class 2: one image
+    feats = torch.tensor(
+        [
+            [0.0, 0.0],
+            [2.0, 0.0],
+            [1.0, 3.0],  # class 0: condition number 3
+            [0.0, 0.0],
+            [1.0, 1.0],
+            [2.0, 2.0],  # class 1: collinear, condition null
+            [5.0, 5.0],
+        ]
+    )  # class 2: one image
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2])
     figs = class_covariance_figures(feats, labels, 3)
     assert figs["condition_number_per_class"] == [pytest.approx(3.0), None, None]

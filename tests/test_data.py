@@ -91,7 +91,7 @@ def _assert_labels_match_colours(ds) -> None:
 @pytest.mark.parametrize("name", DATASETS)
 def test_dataset_yaml_has_schema(name):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    assert SCHEMA_KEYS <= set(cfg.keys())
+    assert set(cfg.keys()) >= SCHEMA_KEYS
     assert cfg.name == name
     assert cfg.format in FORMATS
     assert set(cfg.augment.keys()) == {"student", "recover"}
@@ -323,9 +323,7 @@ def tiny_root(tmp_path):
     val = [("val_2.JPEG", 1), ("val_0.JPEG", 2), ("val_10.JPEG", 0), ("val_1.JPEG", 1)]
     for filename, label in val:
         _write(root / "val" / "images" / filename, label, size=(64, 64))
-    (root / "val" / "val_annotations.txt").write_text(
-        "".join(f"{f}\t{TINY_WNIDS[y]}\t0\t0\t63\t63\n" for f, y in val)
-    )
+    (root / "val" / "val_annotations.txt").write_text("".join(f"{f}\t{TINY_WNIDS[y]}\t0\t0\t63\t63\n" for f, y in val))
     return root, [y for _, y in val]
 
 
@@ -347,9 +345,7 @@ def test_tiny_imagenet_label_order_and_names(tiny_root, tmp_path):
 def test_tiny_imagenet_without_words_uses_wnids(tiny_root):
     root, _ = tiny_root
     (root / "words.txt").unlink()
-    assert dataset_spec(_cfg("tiny_imagenet", root=str(root), num_classes=3)).classes == tuple(
-        TINY_WNIDS
-    )
+    assert dataset_spec(_cfg("tiny_imagenet", root=str(root), num_classes=3)).classes == tuple(TINY_WNIDS)
 
 
 # ------------------------------------------------------------ imagenet folders
@@ -471,9 +467,7 @@ def test_decoded_split_is_cached_and_invalidated(cifar_folder, tmp_path, monkeyp
     assert torch.equal(first.targets, second.targets)
     # Another resolution, or a changed file, is a different cache entry.
     monkeypatch.undo()
-    load_split(
-        _cfg("cifar10", format="folder", root=str(cifar_folder), resolution=16), "train", cache
-    )
+    load_split(_cfg("cifar10", format="folder", root=str(cifar_folder), resolution=16), "train", cache)
     _write(cifar_folder / "train" / "cat" / "0002.jpg", 3, size=(32, 32))
     assert len(load_split(cfg, "train", cache)) == 21
     assert len(list((cache / "datasets").glob("*.safetensors"))) == 3

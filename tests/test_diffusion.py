@@ -28,24 +28,48 @@ from ddist.stages.diffusion.train import (
     train_denoiser,
 )
 
-DIGITS = {"name": "digits", "format": "digits", "root": None, "num_classes": 10,
-          "classes": [str(i) for i in range(10)], "wnids": None, "channels": 1, "resolution": 16,
-          "mean": [0.3054], "std": [0.3186], "in_memory": True}
+DIGITS = {
+    "name": "digits",
+    "format": "digits",
+    "root": None,
+    "num_classes": 10,
+    "classes": [str(i) for i in range(10)],
+    "wnids": None,
+    "channels": 1,
+    "resolution": 16,
+    "mean": [0.3054],
+    "std": [0.3186],
+    "in_memory": True,
+}
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
 
 
 def tiny_denoiser(num_classes=10, seed=0):
     torch.manual_seed(seed)
-    net = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, num_class_embeds=num_classes + 1,
-                      block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    net = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        num_class_embeds=num_classes + 1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     return pixel_denoiser(net.eval(), {"class_ids": None}, num_classes)
 
 
 def sample_cfg(method, guidance_channels=None, **cgs):
-    return {"method": method, "steps": 4, "guidance_scale": 2.0, "guidance_channels": guidance_channels,
-            "ddim_eta": 0.0, "batch_size": 4,
-            "cgs": {"eta_dpp": 0.0, "mu_dm": 0.0, "eps": 1e-3, "kernel": "zt", "start": 0, "end": None, **cgs}}
+    return {
+        "method": method,
+        "steps": 4,
+        "guidance_scale": 2.0,
+        "guidance_channels": guidance_channels,
+        "ddim_eta": 0.0,
+        "batch_size": 4,
+        "cgs": {"eta_dpp": 0.0, "mu_dm": 0.0, "eps": 1e-3, "kernel": "zt", "start": 0, "end": None, **cgs},
+    }
 
 
 def tiny_teacher_features():
@@ -56,14 +80,24 @@ def tiny_teacher_features():
     return teacher_features(teacher, PixelCodec(), spec)
 
 
-@pytest.mark.parametrize("scheduler,kernel", [("ddpm", "zt"), ("ddim", "zt"), ("ddpm", "x0_hat"),
-                                              ("ddim", "teacher")])
+@pytest.mark.parametrize("scheduler,kernel", [("ddpm", "zt"), ("ddim", "zt"), ("ddpm", "x0_hat"), ("ddim", "teacher")])
 def test_cgs_without_guidance_reproduces_independent_sampling(scheduler, kernel):
     denoiser = tiny_denoiser()
     labels = torch.arange(3).repeat_interleave(3)  # batches of 4 mix classes in independent mode
     means = torch.zeros(10, 1, 8, 8)
-    run = lambda cfg: sample_latents(denoiser, make_scheduler(SCHEDULE, scheduler), labels, 7, cfg,
-                                     torch.device("cpu"), means, tiny_teacher_features())
+
+    def run(cfg):
+        return sample_latents(
+            denoiser,
+            make_scheduler(SCHEDULE, scheduler),
+            labels,
+            7,
+            cfg,
+            torch.device("cpu"),
+            means,
+            tiny_teacher_features(),
+        )
+
     independent = run(sample_cfg("independent"))
     cgs = run(sample_cfg("cgs", kernel=kernel))
     torch.testing.assert_close(cgs, independent, rtol=1e-4, atol=1e-4)  # batch composition only
@@ -71,8 +105,9 @@ def test_cgs_without_guidance_reproduces_independent_sampling(scheduler, kernel)
     assert (dpp - independent).abs().max() > 1e-3  # the DPP gradient reaches the latents through the kernel
     guided = run(sample_cfg("cgs", kernel=kernel, eta_dpp=0.1, mu_dm=5.0))
     assert (guided - dpp).abs().max() > 1e-3  # and so does the distribution matching
-    other_seed = sample_latents(denoiser, make_scheduler(SCHEDULE, scheduler), labels, 8, sample_cfg("independent"),
-                                torch.device("cpu"))
+    other_seed = sample_latents(
+        denoiser, make_scheduler(SCHEDULE, scheduler), labels, 8, sample_cfg("independent"), torch.device("cpu")
+    )
     assert (other_seed - independent).abs().max() > 1e-1
 
 
@@ -83,8 +118,15 @@ def test_guidance_sees_the_current_steps_exact_clean_estimate(scheduler):
     gen = torch.Generator().manual_seed(0)
     z, ids = torch.randn(3, 1, 8, 8, generator=gen), torch.tensor([0, 1, 2])
     seen = []
-    denoise(denoiser, sched, z, ids, image_generators(0, [0, 1, 2]), sample_cfg("cgs"),
-            guide=lambda i, z_next, x0_hat: seen.append((z_next, x0_hat)) or z_next)
+    denoise(
+        denoiser,
+        sched,
+        z,
+        ids,
+        image_generators(0, [0, 1, 2]),
+        sample_cfg("cgs"),
+        guide=lambda i, z_next, x0_hat: seen.append((z_next, x0_hat)) or z_next,
+    )
     t = sched.timesteps[0]
     eps = guided_eps(denoiser, z, t, ids, 2.0, 4)
     torch.testing.assert_close(seen[0][1], predict_x0(z, eps, sched.alphas_cumprod[t]))  # at the step's own t
@@ -110,15 +152,25 @@ def test_guidance_channels_guide_only_the_first_channels():
     torch.testing.assert_close(guided_eps(Fake(), z, torch.tensor(5), ids, scale, 3, channels=None), guided)
 
 
-@pytest.mark.parametrize("cfg,option", [
-    (sample_cfg("cgs", kernel="pixels"), "diffusion.sample.cgs.kernel"),
-    (sample_cfg("cgs", kernel="teacher"), "diffusion.sample.cgs.kernel=teacher"),  # no teacher given
-    (sample_cfg("independent", guidance_channels=2), "diffusion.sample.guidance_channels"),  # 1-channel model
-])
+@pytest.mark.parametrize(
+    "cfg,option",
+    [
+        (sample_cfg("cgs", kernel="pixels"), "diffusion.sample.cgs.kernel"),
+        (sample_cfg("cgs", kernel="teacher"), "diffusion.sample.cgs.kernel=teacher"),  # no teacher given
+        (sample_cfg("independent", guidance_channels=2), "diffusion.sample.guidance_channels"),  # 1-channel model
+    ],
+)
 def test_sampling_options_that_cannot_run_are_config_errors(cfg, option):
     with pytest.raises(ConfigError, match=option):
-        sample_latents(tiny_denoiser(), make_scheduler(SCHEDULE, "ddpm"), torch.arange(2), 0, cfg,
-                       torch.device("cpu"), torch.zeros(10, 1, 8, 8))
+        sample_latents(
+            tiny_denoiser(),
+            make_scheduler(SCHEDULE, "ddpm"),
+            torch.arange(2),
+            0,
+            cfg,
+            torch.device("cpu"),
+            torch.zeros(10, 1, 8, 8),
+        )
 
 
 def test_an_unknown_rsm_reduction_is_a_config_error():
@@ -129,7 +181,10 @@ def test_an_unknown_rsm_reduction_is_a_config_error():
 def test_each_image_draws_its_own_noise_whatever_the_order():
     a = image_generators(0, [0, 0, 1])
     b = image_generators(0, [1, 0, 0])  # the same images (class, index), listed differently
-    draw = lambda g: torch.randn(3, generator=g)
+
+    def draw(g):
+        return torch.randn(3, generator=g)
+
     assert torch.equal(draw(a[2]), draw(b[0]))
     assert torch.equal(draw(a[0]), draw(b[1]))
     assert not torch.equal(draw(image_generators(1, [0])[0]), draw(image_generators(0, [0])[0]))
@@ -137,7 +192,7 @@ def test_each_image_draws_its_own_noise_whatever_the_order():
 
 def test_difffit_subset_is_biases_norms_and_embeddings():
     assert is_difffit("down_blocks.0.resnets.0.conv1.bias")
-    assert is_difffit("transformer_blocks.0.norm1.linear.weight")    # DiT's adaLN modulation
+    assert is_difffit("transformer_blocks.0.norm1.linear.weight")  # DiT's adaLN modulation
     assert is_difffit("class_embedding.weight")
     assert is_difffit("transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight")
     assert not is_difffit("down_blocks.0.resnets.0.conv1.weight")
@@ -166,10 +221,30 @@ def test_fine_tuning_runs_each_objective_and_trains_only_the_chosen_parameters(o
     denoiser = tiny_denoiser()
     net = denoiser.net
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    tcfg = {"steps": 3, "batch_size": 8, "lr": 1e-3, "weight_decay": 0.0, "params": params, "label_dropout": 0.1,
-            "seed": 0, "rsm": {"lambda": 3e-3, "reduction": "sum"}, "minimax": {"lambda_pos": 0.002, "lambda_neg": 0.008, "memory": 4}}
-    losses = train_denoiser(denoiser, PixelCodec(), ds, spec, make_scheduler(SCHEDULE, "ddpm"), tcfg, objective,
-                            16, torch.device("cpu"), RunLogger(None), "finetune")
+    tcfg = {
+        "steps": 3,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "params": params,
+        "label_dropout": 0.1,
+        "seed": 0,
+        "rsm": {"lambda": 3e-3, "reduction": "sum"},
+        "minimax": {"lambda_pos": 0.002, "lambda_neg": 0.008, "memory": 4},
+    }
+    losses = train_denoiser(
+        denoiser,
+        PixelCodec(),
+        ds,
+        spec,
+        make_scheduler(SCHEDULE, "ddpm"),
+        tcfg,
+        objective,
+        16,
+        torch.device("cpu"),
+        RunLogger(None),
+        "finetune",
+    )
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
     assert "class_embedding.weight" in changed
@@ -177,25 +252,45 @@ def test_fine_tuning_runs_each_objective_and_trains_only_the_chosen_parameters(o
 
 
 def run_diffusion_only(tmp_path, cache_dir, *overrides, check=True):
-    return run_ddist("ipc=1", "pipeline=diffusion", "pipeline.stages=[diffusion]", *overrides,
-                     run_dir=tmp_path / "run", cache_dir=cache_dir, check=check, env={"HF_HUB_OFFLINE": "1"})
+    return run_ddist(
+        "ipc=1",
+        "pipeline=diffusion",
+        "pipeline.stages=[diffusion]",
+        *overrides,
+        run_dir=tmp_path / "run",
+        cache_dir=cache_dir,
+        check=check,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
 
 
-@pytest.mark.parametrize("overrides,option", [
-    (["dataset=digits", "diffusion=tiny_dit", "diffusion.model.pretrained=facebook/DiT-XL-2-256"],
-     "diffusion.model.pretrained"),
-    (["dataset=cifar10", "diffusion=dit"], "diffusion.model.vae_decode"),
-])
-def test_a_missing_pretrained_model_offline_is_a_config_error_naming_the_option(tmp_path, cache_dir, overrides,
-                                                                              option):
+@pytest.mark.parametrize(
+    "overrides,option",
+    [
+        (
+            ["dataset=digits", "diffusion=tiny_dit", "diffusion.model.pretrained=facebook/DiT-XL-2-256"],
+            "diffusion.model.pretrained",
+        ),
+        (["dataset=cifar10", "diffusion=dit"], "diffusion.model.vae_decode"),
+    ],
+)
+def test_a_missing_pretrained_model_offline_is_a_config_error_naming_the_option(tmp_path, cache_dir, overrides, option):
     out = run_diffusion_only(tmp_path, cache_dir, *overrides, check=False)
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"{option}=/local/" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_the_latent_path_samples_a_distilled_set_with_a_tiny_dit(tmp_path, cache_dir):
-    run_diffusion_only(tmp_path, cache_dir, "diffusion=tiny_dit", "diffusion.train.steps=2", "diffusion.sample.steps=2",
-                       "diffusion.sample.method=cgs", "diffusion.finetune.objective=rsm", "diffusion.finetune.steps=1")
+    run_diffusion_only(
+        tmp_path,
+        cache_dir,
+        "diffusion=tiny_dit",
+        "diffusion.train.steps=2",
+        "diffusion.sample.steps=2",
+        "diffusion.sample.method=cgs",
+        "diffusion.finetune.objective=rsm",
+        "diffusion.finetune.steps=1",
+    )
     distilled = load_distilled(tmp_path / "run" / "distilled")
     assert distilled.images.shape == (10, 1, 16, 16) and distilled.labels.tolist() == list(range(10))
     assert distilled.meta["method"] == "diffusion"
@@ -204,7 +299,12 @@ def test_the_latent_path_samples_a_distilled_set_with_a_tiny_dit(tmp_path, cache
 def test_a_unet_config_diffusers_rejects_is_a_config_error():
     from ddist.stages.diffusion.backbones import build_unet
 
-    unet = {"block_out_channels": [16, 32, 32], "down_block_types": ["DownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8}
+    unet = {
+        "block_out_channels": [16, 32, 32],
+        "down_block_types": ["DownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "UpBlock2D"],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+    }
     with pytest.raises(ConfigError, match="diffusion.model.unet"):
         build_unet({"unet": unet}, num_classes=10, channels=1, resolution=16)

@@ -58,15 +58,15 @@ def test_class_memory_is_a_per_class_fifo():
     mem = ClassMemory(num_classes=3, size=2)
     mem.push(torch.tensor([[1.0], [2.0], [10.0]]), torch.tensor([0, 0, 1]))
     mem.push(torch.tensor([[3.0]]), torch.tensor([0]))
-    assert mem.get(0).flatten().tolist() == [2.0, 3.0]   # the oldest (1.0) dropped
+    assert mem.get(0).flatten().tolist() == [2.0, 3.0]  # the oldest (1.0) dropped
     assert mem.get(1).flatten().tolist() == [10.0]
     assert mem.get(2) is None
 
 
 def test_minimax_terms_take_the_min_real_and_max_generated_similarity():
     real, gen = ClassMemory(2, 64), ClassMemory(2, 64)
-    real.push(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 0]))   # cos to x: 1 and 1/sqrt(2)
-    gen.push(torch.tensor([[0.0, 1.0], [-1.0, 1.0]]), torch.tensor([0, 0]))   # cos to x: 0 and -1/sqrt(2)
+    real.push(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 0]))  # cos to x: 1 and 1/sqrt(2)
+    gen.push(torch.tensor([[0.0, 1.0], [-1.0, 1.0]]), torch.tensor([0, 0]))  # cos to x: 0 and -1/sqrt(2)
     x = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
     y = torch.tensor([0, 1])  # class 1 has empty memories: contributes 0
     pos, neg = minimax_terms(x, y, real, gen)
@@ -85,8 +85,8 @@ def test_cosine_kernel_and_dpp_loss_match_the_two_vector_closed_form():
 
 
 def test_dm_loss_is_the_mean_squared_gap_to_the_scaled_real_mean():
-    z = torch.tensor([[1.0, 2.0], [3.0, 6.0]])          # mean (2, 4)
-    mu = torch.tensor([2.0, 2.0])                       # sqrt(0.25) * mu = (1, 1)
+    z = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # mean (2, 4)
+    mu = torch.tensor([2.0, 2.0])  # sqrt(0.25) * mu = (1, 1)
     assert dm_loss(z, mu, abar_t=0.25).item() == pytest.approx((1**2 + 3**2) / 2)
 
 
@@ -94,7 +94,10 @@ def test_a_dpp_guidance_step_raises_log_det_k():
     gen = torch.Generator().manual_seed(2)
     base = torch.randn(1, 4, 4, 4, generator=gen)
     z = base + 0.3 * torch.randn(6, 4, 4, 4, generator=gen)  # six similar latents
-    logdet = lambda v: torch.logdet(cosine_kernel(v)).item()
+
+    def logdet(v):
+        return torch.logdet(cosine_kernel(v)).item()
+
     moved = guidance_step(z, eta_dpp=0.5, mu_dm=0.0, mu_real0=torch.zeros(4, 4, 4), abar_t=0.5, eps=1e-3)
     assert logdet(moved) > logdet(z) + 0.1
 
@@ -114,25 +117,46 @@ def test_a_dpp_step_on_clean_estimates_moves_them_apart_by_the_chain_rule():
     z = torch.randn(5, 8, generator=gen)
     x0_hat = torch.randn(1, 8, generator=gen) + 0.3 * torch.randn(5, 8, generator=gen)  # similar estimates
     abar, eta = 0.6, 0.2
-    moved = guidance_step(z, eta_dpp=eta, mu_dm=0.0, mu_real0=torch.zeros(8), abar_t=abar, eps=1e-3,
-                          embed=lambda v: clean_estimate(v, x0_hat, abar))
+    moved = guidance_step(
+        z,
+        eta_dpp=eta,
+        mu_dm=0.0,
+        mu_real0=torch.zeros(8),
+        abar_t=abar,
+        eps=1e-3,
+        embed=lambda v: clean_estimate(v, x0_hat, abar),
+    )
     x = x0_hat.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(dpp_loss(x, 1e-3), x)
     torch.testing.assert_close(moved, z - eta * g / math.sqrt(abar))  # the x0_hat gradient, through 1/sqrt(abar)
+
     # the estimates the next step sees (z moved, eps held fixed) span more volume
-    logdet = lambda v: torch.logdet(cosine_kernel(v)).item()
+    def logdet(v):
+        return torch.logdet(cosine_kernel(v)).item()
+
     assert logdet(x0_hat + (moved - z) / math.sqrt(abar)) > logdet(x0_hat)
 
 
 def test_a_dpp_step_through_a_feature_map_raises_the_features_log_det():
     gen = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                              torch.nn.Linear(64, 6)).requires_grad_(False)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 6)
+    ).requires_grad_(False)
     z = torch.randn(1, 1, 4, 4, generator=gen) + 0.2 * torch.randn(5, 1, 4, 4, generator=gen)
-    logdet = lambda v: torch.logdet(cosine_kernel(net(v))).item()
-    moved = guidance_step(z, eta_dpp=0.05, mu_dm=0.0, mu_real0=torch.zeros(1, 4, 4), abar_t=1.0, eps=1e-3,
-                          embed=lambda v: net(clean_estimate(v, z, 1.0)))
+
+    def logdet(v):
+        return torch.logdet(cosine_kernel(net(v))).item()
+
+    moved = guidance_step(
+        z,
+        eta_dpp=0.05,
+        mu_dm=0.0,
+        mu_real0=torch.zeros(1, 4, 4),
+        abar_t=1.0,
+        eps=1e-3,
+        embed=lambda v: net(clean_estimate(v, z, 1.0)),
+    )
     assert (moved - z).abs().max() > 0  # the gradient reaches z through the network
     assert logdet(moved) > logdet(z)
 
@@ -142,7 +166,10 @@ def test_a_dm_guidance_step_shrinks_the_mean_gap_by_the_documented_factor():
     n, d, mu_dm, abar = 10, 64, 80.0, 0.36
     z = torch.randn(n, d, generator=gen) + 2.0
     mu = torch.randn(d, generator=gen)
-    gap = lambda v: v.mean(0) - math.sqrt(abar) * mu
+
+    def gap(v):
+        return v.mean(0) - math.sqrt(abar) * mu
+
     moved = guidance_step(z, eta_dpp=0.0, mu_dm=mu_dm, mu_real0=mu, abar_t=abar, eps=1e-3)
     torch.testing.assert_close(gap(moved), (1 - 2 * mu_dm / (n * d)) * gap(z))
     assert gap(moved).norm() < gap(z).norm()

@@ -46,10 +46,13 @@ def test_a_changed_tensor_file_fails_its_checksum(tmp_path):
         load_distilled(path, SPEC)
 
 
-@pytest.mark.parametrize("change, needle", [
-    ({"num_images": 5}, "meta.json says 5"),
-    ({"ipc": 4}, "ipc=4"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"num_images": 5}, "meta.json says 5"),
+        ({"ipc": 4}, "ipc=4"),
+    ],
+)
 def test_meta_that_disagrees_with_the_tensors(tmp_path, change, needle):
     path = _set(tmp_path)
     meta = json.loads((path / "meta.json").read_text())
@@ -65,10 +68,19 @@ def test_images_or_labels_that_do_not_fit_the_dataset(tmp_path):
     with pytest.raises(CheckpointError, match=r"shape \(1, 16, 16\).*cifar10"):
         load_distilled(_set(tmp_path), cifar)
     labels = torch.tensor([0, 11])
-    path = save_distilled(tmp_path / "wide", SPEC.normalize(torch.rand(2, 1, 16, 16)), labels,
-                          dataset_spec({**OmegaConf.to_container(OmegaConf.load("conf/dataset/digits.yaml")),
-                                        "num_classes": 12, "classes": [str(i) for i in range(12)]}),
-                          {"ipc": 1})
+    path = save_distilled(
+        tmp_path / "wide",
+        SPEC.normalize(torch.rand(2, 1, 16, 16)),
+        labels,
+        dataset_spec(
+            {
+                **OmegaConf.to_container(OmegaConf.load("conf/dataset/digits.yaml")),
+                "num_classes": 12,
+                "classes": [str(i) for i in range(12)],
+            }
+        ),
+        {"ipc": 1},
+    )
     with pytest.raises(CheckpointError, match="labels outside 0..9"):
         load_distilled(path, SPEC)
 

@@ -21,21 +21,35 @@ from ddist.dry_run import prepare
 from ddist.errors import ConfigError
 from ddist.models import student_config
 
-EXPERIMENTS = sorted(p.relative_to(CONF / "experiment").with_suffix("").as_posix()
-                     for p in (CONF / "experiment").rglob("*.yaml"))
+EXPERIMENTS = sorted(
+    p.relative_to(CONF / "experiment").with_suffix("").as_posix() for p in (CONF / "experiment").rglob("*.yaml")
+)
 PIPELINES = sorted(p.stem for p in (CONF / "pipeline").glob("*.yaml"))
 # cells on DiT-XL/2 and the SD VAEs: building those alone takes ~15 s and a step ~1 min on a CPU
 DIT_XL = [e for e in EXPERIMENTS if e.split("/")[0] in ("minimax", "rsm_cgs") and "image" in e]
 # the default tier shrinks them (random weights either way: the pretrained ones are not here)
-SMALL_LATENT = ["diffusion.model.dit.num_layers=1", "diffusion.model.dit.num_attention_heads=2",
-                "diffusion.model.dit.attention_head_dim=8", "diffusion.model.vae_config.block_out_channels=[8,8,8,8]",
-                "diffusion.model.vae_config.layers_per_block=1", "diffusion.model.vae_config.norm_num_groups=8"]
+SMALL_LATENT = [
+    "diffusion.model.dit.num_layers=1",
+    "diffusion.model.dit.num_attention_heads=2",
+    "diffusion.model.dit.attention_head_dim=8",
+    "diffusion.model.vae_config.block_out_channels=[8,8,8,8]",
+    "diffusion.model.vae_config.layers_per_block=1",
+    "diffusion.model.vae_config.norm_num_groups=8",
+]
 
 
 def compose_dry_run(tmp_path: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[*overrides, "dry_run=true", "logger=none", f"paths.root_dir={tmp_path}",
-                                            f"paths.output_dir={tmp_path / 'run'}"])
+        return compose(
+            "config",
+            overrides=[
+                *overrides,
+                "dry_run=true",
+                "logger=none",
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path / 'run'}",
+            ],
+        )
 
 
 def check_dry_run(tmp_path: Path, *overrides: str) -> dict:
@@ -88,7 +102,10 @@ def test_dry_run_cuts_steps_and_data_but_keeps_the_models(tmp_path):
     cfg = compose_dry_run(tmp_path, "experiment=rsm_cgs/imagenette_ipc50")
     cut = prepare(cfg)
     assert (cut.dataset.format, dict(cut.dataset.subset), cut.dataset.resolution) == (
-        "synthetic", {"classes": 2, "per_class": 2}, 224)
+        "synthetic",
+        {"classes": 2, "per_class": 2},
+        224,
+    )
     assert list(cut.diffusion.model.class_ids) == [0, 217]  # ImageNette's first two ImageNet ids
     assert cut.diffusion.model.random_weights and cut.diffusion.model.dit == cfg.diffusion.model.dit
     assert (cut.ipc, cut.evaluate.epochs, cut.diffusion.finetune.steps, cut.diffusion.sample.steps) == (2, 1, 1, 1)
@@ -102,8 +119,16 @@ def test_dry_run_cuts_steps_and_data_but_keeps_the_models(tmp_path):
 def test_dry_run_from_the_command_line(tmp_path):
     """`python -m ddist experiment=... dry_run=true` on the cell whose students used to crash evaluate."""
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    proc = run_ddist("experiment=rsm_cgs/imagenette_ipc10", "dry_run=true", "logger=none", *SMALL_LATENT,
-                     f"paths.data_dir={tmp_path}/data", run_dir=run_dir, cache_dir=cache, tiny=False)
+    proc = run_ddist(
+        "experiment=rsm_cgs/imagenette_ipc10",
+        "dry_run=true",
+        "logger=none",
+        *SMALL_LATENT,
+        f"paths.data_dir={tmp_path}/data",
+        run_dir=run_dir,
+        cache_dir=cache,
+        tiny=False,
+    )
     results = json.loads((run_dir / "dry_run.json").read_text())
     assert [s["name"] for s in results["students"]] == ["convnet6", "resnet_ap10", "resnet18"]
     assert "dry run: rsm_cgs on imagenette, IPC 2" in proc.stdout

@@ -12,12 +12,22 @@ from ddist.models import student_config
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PIPELINES = ["diffusion", "minimax", "rsm", "cgs", "rsm_cgs"]
 # pipeline -> (fine-tuning objective, sampling method)
-RECIPES = {"diffusion": ("none", "independent"), "minimax": ("minimax", "independent"),
-           "rsm": ("rsm", "independent"), "cgs": ("none", "cgs"), "rsm_cgs": ("rsm", "cgs")}
+RECIPES = {
+    "diffusion": ("none", "independent"),
+    "minimax": ("minimax", "independent"),
+    "rsm": ("rsm", "independent"),
+    "cgs": ("none", "cgs"),
+    "rsm_cgs": ("rsm", "cgs"),
+}
 # the seed's Table 1: (dataset, ipc) -> (lambda, lr, eta_DPP, mu_DM)
-TABLE1 = {("imagenette", 10): (3e-3, 1e-3, 100, 1000), ("imagenette", 50): (5e-3, 1e-3, 100, 10000),
-          ("imagenette", 100): (5e-3, 1e-3, 100, 3000), ("imagewoof", 10): (1e-2, 1e-3, 300, 3000),
-          ("imagewoof", 50): (1e-2, 1e-3, 100, 1000), ("imagewoof", 100): (1e-2, 1e-3, 100, 1000)}
+TABLE1 = {
+    ("imagenette", 10): (3e-3, 1e-3, 100, 1000),
+    ("imagenette", 50): (5e-3, 1e-3, 100, 10000),
+    ("imagenette", 100): (5e-3, 1e-3, 100, 3000),
+    ("imagewoof", 10): (1e-2, 1e-3, 300, 3000),
+    ("imagewoof", 50): (1e-2, 1e-3, 100, 1000),
+    ("imagewoof", 100): (1e-2, 1e-3, 100, 1000),
+}
 SMALL_CELLS = ["digits_ipc10", "digits_ipc50", "cifar10_ipc10"]
 
 
@@ -46,7 +56,10 @@ def check_imagenet_common(cfg, dataset: str, ipc: int) -> None:
     # MiniMax's students: ConvNet-6 (instance norm), ResNetAP-10 and ResNet-18, by conf/model preset
     students = [student_config(s) for s in cfg.evaluate.students]
     assert [(name, model["name"]) for name, model in students] == [
-        ("convnet6", "convnet"), ("resnet_ap10", "resnet_ap10"), ("resnet18", "resnet18")]
+        ("convnet6", "convnet"),
+        ("resnet_ap10", "resnet_ap10"),
+        ("resnet18", "resnet18"),
+    ]
     assert (students[0][1]["depth"], students[0][1]["norm"]) == (6, "instance")
 
 
@@ -66,7 +79,11 @@ def test_minimax_experiments_hold_minimax_settings(dataset, ipc):
     d = cfg.diffusion
     assert (cfg.pipeline.name, d.finetune.objective, d.sample.method) == ("minimax", "minimax", "independent")
     assert d.finetune.lr == 1e-3
-    assert (d.finetune.minimax.lambda_pos, d.finetune.minimax.lambda_neg, d.finetune.minimax.memory) == (0.002, 0.008, 64)
+    assert (d.finetune.minimax.lambda_pos, d.finetune.minimax.lambda_neg, d.finetune.minimax.memory) == (
+        0.002,
+        0.008,
+        64,
+    )
     check_imagenet_common(cfg, dataset, ipc)
 
 
@@ -82,20 +99,31 @@ def test_small_data_experiments_use_the_pixel_unet_and_their_pipeline(method, ce
 
 
 # the tiny pixel UNet the end-to-end runs share (trained once per session, cached)
-TINY_PIXEL = ["diffusion.model.unet.block_out_channels=[16,32]",
-              "diffusion.model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
-              "diffusion.model.unet.up_block_types=[UpBlock2D,UpBlock2D]",
-              "diffusion.train.steps=20", "diffusion.train.batch_size=32",
-              "diffusion.finetune.steps=3", "diffusion.finetune.batch_size=16",
-              "diffusion.sample.steps=5"]
+TINY_PIXEL = [
+    "diffusion.model.unet.block_out_channels=[16,32]",
+    "diffusion.model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
+    "diffusion.model.unet.up_block_types=[UpBlock2D,UpBlock2D]",
+    "diffusion.train.steps=20",
+    "diffusion.train.batch_size=32",
+    "diffusion.finetune.steps=3",
+    "diffusion.finetune.batch_size=16",
+    "diffusion.sample.steps=5",
+]
 
 
 def test_every_diffusion_pipeline_runs_end_to_end_on_digits(tmp_path, cache_dir):
     """One multirun over the five pipelines: one process, one cached base model."""
     sweep = tmp_path / "sweep"
-    run_ddist("-m", f"pipeline={','.join(PIPELINES)}", "ipc=2", *TINY_PIXEL, f"hydra.sweep.dir={sweep}",
-              "hydra.sweep.subdir=${hydra.job.num}",  # the default (all overrides) is too long a name
-              run_dir=tmp_path, cache_dir=cache_dir)
+    run_ddist(
+        "-m",
+        f"pipeline={','.join(PIPELINES)}",
+        "ipc=2",
+        *TINY_PIXEL,
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=${hydra.job.num}",  # the default (all overrides) is too long a name
+        run_dir=tmp_path,
+        cache_dir=cache_dir,
+    )
     results = {r["method"]: r for r in (json.loads(p.read_text()) for p in sweep.glob("*/results.json"))}
     assert sorted(results) == sorted(PIPELINES)
     for method, r in results.items():
@@ -103,9 +131,14 @@ def test_every_diffusion_pipeline_runs_end_to_end_on_digits(tmp_path, cache_dir)
         assert r["students"] and 0.0 <= r["students"][0]["acc_mean"] <= 1.0
         meta = json.loads((Path(r["distilled"]) / "meta.json").read_text())
         assert (meta["method"], meta["num_images"]) == (method, 20)
-        assert (meta["config"]["diffusion"]["finetune"]["objective"],
-                meta["config"]["diffusion"]["sample"]["method"]) == RECIPES[method]
+        assert (
+            meta["config"]["diffusion"]["finetune"]["objective"],
+            meta["config"]["diffusion"]["sample"]["method"],
+        ) == RECIPES[method]
+
     # the base model is trained once; minimax and rsm fine-tune it once each (other tests share the cache)
-    keys = lambda kind: [json.loads((d / "key.json").read_text()) for d in (cache_dir / kind).iterdir()]
+    def keys(kind):
+        return [json.loads((d / "key.json").read_text()) for d in (cache_dir / kind).iterdir()]
+
     assert sum(k["backbone"] == "pixel" for k in keys("diffusion")) == 1
     assert sum(k["base"]["backbone"] == "pixel" for k in keys("diffusion_finetune")) == 2

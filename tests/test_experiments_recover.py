@@ -6,16 +6,32 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-PAPER_CELLS = ["cifar10_ipc10", "cifar10_ipc50", "cifar100_ipc10", "cifar100_ipc50",
-               "tiny_imagenet_ipc50", "tiny_imagenet_ipc100", "imagenet1k_ipc10", "imagenet1k_ipc50"]
+PAPER_CELLS = [
+    "cifar10_ipc10",
+    "cifar10_ipc50",
+    "cifar100_ipc10",
+    "cifar100_ipc50",
+    "tiny_imagenet_ipc50",
+    "tiny_imagenet_ipc100",
+    "imagenet1k_ipc10",
+    "imagenet1k_ipc50",
+]
 DIGITS_CELLS = ["digits_ipc1", "digits_ipc10", "digits_ipc50"]
 
 # DEDA (issue 3): iterations, regularised last iterations, gamma, lambda1, lambda2
-DEDA = {"cifar10": (1000, 500, 50.0, 0.2, 4.0), "cifar100": (1000, 500, 50.0, 0.2, 4.0),
-        "tiny_imagenet": (2000, 1000, 50.0, 0.2, 4.0), "imagenet1k": (2000, 1000, 1.0, 0.01, 0.25)}
+DEDA = {
+    "cifar10": (1000, 500, 50.0, 0.2, 4.0),
+    "cifar100": (1000, 500, 50.0, 0.2, 4.0),
+    "tiny_imagenet": (2000, 1000, 50.0, 0.2, 4.0),
+    "imagenet1k": (2000, 1000, 1.0, 0.01, 0.25),
+}
 # SRe2L defaults: lr, iterations, r_bn
-SRE2L = {"cifar10": (0.25, 1000, 0.01), "cifar100": (0.25, 1000, 0.01),
-         "tiny_imagenet": (0.1, 4000, 1.0), "imagenet1k": (0.25, 4000, 0.01)}
+SRE2L = {
+    "cifar10": (0.25, 1000, 0.01),
+    "cifar100": (0.25, 1000, 0.01),
+    "tiny_imagenet": (0.1, 4000, 1.0),
+    "imagenet1k": (0.25, 4000, 0.01),
+}
 # soft protocol: student epochs and temperature where the issue states them
 STUDENTS = {"cifar10": (400, 30.0), "cifar100": (400, 30.0), "imagenet1k": (300, 20.0)}
 

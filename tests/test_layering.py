@@ -50,8 +50,10 @@ def test_no_stage_imports_another_stage_and_nothing_below_imports_a_stage():
 
 
 def test_no_import_cycles():
-    graph = {name: {m for m in imports(path, top_level_only=False) if m in MODULES and m != name}
-             for name, path in MODULES.items()}
+    graph = {
+        name: {m for m in imports(path, top_level_only=False) if m in MODULES and m != name}
+        for name, path in MODULES.items()
+    }
     state: dict[str, int] = {}
     cycles = []
 
@@ -59,7 +61,7 @@ def test_no_import_cycles():
         state[node] = 1
         for nxt in graph[node]:
             if state.get(nxt) == 1 and not (node.startswith(nxt + ".") or nxt == "ddist"):
-                cycles.append(" -> ".join([*trail[trail.index(nxt):], nxt]) if nxt in trail else f"{node} -> {nxt}")
+                cycles.append(" -> ".join([*trail[trail.index(nxt) :], nxt]) if nxt in trail else f"{node} -> {nxt}")
             elif nxt not in state:
                 visit(nxt, [*trail, nxt])
         state[node] = 2

@@ -45,7 +45,7 @@ def test_every_model_builds_and_exposes_features(name, channels, resolution):
     widths = STAGE_WIDTHS[name]
     assert model.feature_names == [f"stage{i}" for i in range(1, len(widths) + 1)] + ["penultimate"]
     assert list(feats) == model.feature_names
-    for key, width in zip(model.feature_names, widths):
+    for key, width in zip(model.feature_names, widths, strict=False):
         assert feats[key].shape == (2, width)
     assert feats["penultimate"].shape == (2, _penultimate_width(name, resolution))
     # the second hook call is forward_features' pass: its fc input is the returned feature
@@ -112,9 +112,7 @@ def test_resnet_ap10_uses_average_pooling_and_instance_norm():
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.stride == (1, 1) for c in convs)
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.MaxPool2d)) for m in model.modules())
-    assert (
-        sum(isinstance(m, nn.AvgPool2d) for m in model.modules()) == 6
-    )  # 3 blocks x (main + shortcut)
+    assert sum(isinstance(m, nn.AvgPool2d) for m in model.modules()) == 6  # 3 blocks x (main + shortcut)
     batch = build_model({"name": "resnet_ap10", "norm": "batch"}, 10, 3, 32)
     assert any(isinstance(m, nn.BatchNorm2d) for m in batch.modules())
     large = build_model("resnet_ap10", 10, 3, 128)

@@ -37,8 +37,7 @@ LOG2 = math.log(2.0)
 def bn_input() -> torch.Tensor:
     """[N=2, C=2, H=1, W=2]: channel 0 holds 1, 3, 5, 7 (mean 4, biased var 5); channel 1
     holds 0, 0, 2, 2 (mean 1, biased var 1)."""
-    return torch.tensor([[[[1.0, 3.0]], [[0.0, 0.0]]],
-                         [[[5.0, 7.0]], [[2.0, 2.0]]]])
+    return torch.tensor([[[[1.0, 3.0]], [[0.0, 0.0]]], [[[5.0, 7.0]], [[2.0, 2.0]]]])
 
 
 def test_batch_moments_are_per_channel_and_biased():
@@ -50,10 +49,11 @@ def test_batch_moments_are_per_channel_and_biased():
 def test_bn_statistic_loss_plain_norms_and_first_layer_weight():
     # layer 0: ||(4,1)-(1,1)|| + ||(5,1)-(1,1)|| = 3 + 4 = 7, weight 10
     # layer 1: ||(3,4)-(0,0)|| + ||(2,2)-(2,2)|| = 5 + 0 = 5, weight 1
-    moments = [(torch.tensor([4.0, 1.0]), torch.tensor([5.0, 1.0])),
-               (torch.tensor([3.0, 4.0]), torch.tensor([2.0, 2.0]))]
-    running = [(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])),
-               (torch.zeros(2), torch.tensor([2.0, 2.0]))]
+    moments = [
+        (torch.tensor([4.0, 1.0]), torch.tensor([5.0, 1.0])),
+        (torch.tensor([3.0, 4.0]), torch.tensor([2.0, 2.0])),
+    ]
+    running = [(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])), (torch.zeros(2), torch.tensor([2.0, 2.0]))]
     assert bn_statistic_loss(moments, running, first_bn_multiplier=10.0).item() == pytest.approx(75.0)
     assert bn_statistic_loss(moments, running, first_bn_multiplier=1.0).item() == pytest.approx(12.0)
 
@@ -108,13 +108,16 @@ def test_diversity_regulariser_by_hand():
     assert diversity_regulariser(cov, 0.5, 2.0, "mean_sum").tolist() == [3.5, -1.0]
 
 
-@pytest.mark.parametrize(("normalisation", "expected"), [
-    ("mean_sum", -0.5 * 2 + 3 * 4),           # mean diag 2, sum of squared off-diagonals 4
-    ("mean_mean", -0.5 * 2 + 3 * 4 / 6),      # d(d-1) = 6 off-diagonal entries
-    ("sum_sum", -0.5 * 6 + 3 * 4),            # trace 6
-    ("mean_rel", -0.5 * 2 + 3 * 4 / 6 / 4),   # mean squared off-diagonal / mean diag^2
-    ("sum_rel", -0.5 * 6 + 3 * 4 / 6 / 4),
-])
+@pytest.mark.parametrize(
+    ("normalisation", "expected"),
+    [
+        ("mean_sum", -0.5 * 2 + 3 * 4),  # mean diag 2, sum of squared off-diagonals 4
+        ("mean_mean", -0.5 * 2 + 3 * 4 / 6),  # d(d-1) = 6 off-diagonal entries
+        ("sum_sum", -0.5 * 6 + 3 * 4),  # trace 6
+        ("mean_rel", -0.5 * 2 + 3 * 4 / 6 / 4),  # mean squared off-diagonal / mean diag^2
+        ("sum_rel", -0.5 * 6 + 3 * 4 / 6 / 4),
+    ],
+)
 def test_diversity_regulariser_normalisations_by_hand(normalisation, expected):
     # diag (1, 2, 3): mean 2, sum 6; off-diagonal 1, 0, -1 (each twice): squares sum to 4
     cov = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 2.0, -1.0], [0.0, -1.0, 3.0]]])
@@ -141,8 +144,14 @@ class FeatureTeacher(nn.Module):
 
 def deda(layers, ipc=2, **kw):
     real = {k: (torch.zeros(2, 2), torch.eye(2).expand(2, 2, 2)) for k in layers}
-    opts = {"mean_weight": 1.0, "gamma": 1.0, "lambda_diag": 0.5, "lambda_offdiag": 2.0, "reg_iterations": 5,
-            "reg_normalisation": "mean_sum"}
+    opts = {
+        "mean_weight": 1.0,
+        "gamma": 1.0,
+        "lambda_diag": 0.5,
+        "lambda_offdiag": 2.0,
+        "reg_iterations": 5,
+        "reg_normalisation": "mean_sum",
+    }
     return DEDAObjective(FeatureTeacher(), real, ipc, **{**opts, **kw})
 
 
@@ -168,8 +177,14 @@ def test_deda_regulariser_acts_on_the_last_layer():
     assert loss.item() == pytest.approx(LOG2 + 29.0)
 
 
-def regulariser_step(feats: torch.Tensor, labels: torch.Tensor, lambda_diag: float, lambda_offdiag: float,
-                     normalisation: str, step: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def regulariser_step(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    lambda_diag: float,
+    lambda_offdiag: float,
+    normalisation: str,
+    step: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class covariances before and after one gradient step of the regulariser alone on the
     features, each class moved by `step` x its centred feature norm (the normalisations differ
     by orders of magnitude in gradient size; the direction decides the effect)."""
@@ -180,7 +195,10 @@ def regulariser_step(feats: torch.Tensor, labels: torch.Tensor, lambda_diag: flo
     with torch.no_grad():
         onehot = (labels[:, None] == classes[None, :]).to(feats.dtype)
         centred = feats - onehot @ (onehot.T @ feats / onehot.sum(0)[:, None])
-        norm = lambda t: (onehot * t.pow(2).sum(1, keepdim=True)).sum(0).sqrt()
+
+        def norm(t):
+            return (onehot * t.pow(2).sum(1, keepdim=True)).sum(0).sqrt()
+
         scale = onehot @ (step * norm(centred) / norm(feats.grad))
         after = class_moments(feats - scale[:, None] * feats.grad, labels, classes)[1]
     return cov.detach(), after
@@ -206,10 +224,12 @@ def test_each_regulariser_term_alone_does_its_part(normalisation):
 def config_weights() -> list[tuple[float, float]]:
     """The distinct (lambda1, lambda2) of the configs: digits' default and the paper cells
     (CIFAR/Tiny-ImageNet 0.2, 4.0; ImageNet-1K 0.01, 0.25)."""
-    nodes = [OmegaConf.load(CONF / "recover/deda.yaml").deda,
-             OmegaConf.load(CONF / "experiment/deda/cifar10_ipc10.yaml").recover.deda,
-             OmegaConf.load(CONF / "experiment/deda/tiny_imagenet_ipc50.yaml").recover.deda,
-             OmegaConf.load(CONF / "experiment/deda/imagenet1k_ipc10.yaml").recover.deda]
+    nodes = [
+        OmegaConf.load(CONF / "recover/deda.yaml").deda,
+        OmegaConf.load(CONF / "experiment/deda/cifar10_ipc10.yaml").recover.deda,
+        OmegaConf.load(CONF / "experiment/deda/tiny_imagenet_ipc50.yaml").recover.deda,
+        OmegaConf.load(CONF / "experiment/deda/imagenet1k_ipc10.yaml").recover.deda,
+    ]
     return sorted({(float(n.lambda_diag), float(n.lambda_offdiag)) for n in nodes})
 
 
@@ -229,8 +249,7 @@ def teacher_features(trained_digits_teacher, cache_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize(("lambda_diag", "lambda_offdiag"), config_weights())
-def test_default_regulariser_spreads_and_decorrelates_teacher_features(teacher_features, lambda_diag,
-                                                                       lambda_offdiag):
+def test_default_regulariser_spreads_and_decorrelates_teacher_features(teacher_features, lambda_diag, lambda_offdiag):
     feats, labels, default = teacher_features
     assert float(feats.min()) >= 0.0  # post-ReLU, pooled
     before, after = regulariser_step(feats, labels, lambda_diag, lambda_offdiag, default)
@@ -287,7 +306,7 @@ def test_real_class_stats_through_a_teacher():
     g = torch.Generator().manual_seed(1)
     images = torch.randn(40, 2, 1, 1, generator=g)
     labels = torch.arange(2).repeat(20)
-    batches = [(images[i:i + 16], labels[i:i + 16]) for i in range(0, 40, 16)]
+    batches = [(images[i : i + 16], labels[i : i + 16]) for i in range(0, 40, 16)]
     stats = real_class_stats(FeatureTeacher(), batches, 2, ["stage1", "stage2"], torch.device("cpu"))
     want_mean, want_cov = loop_moments(images.flatten(1), labels, 2)
     torch.testing.assert_close(stats["stage1"][0], want_mean, atol=1e-6, rtol=0)

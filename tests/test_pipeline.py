@@ -28,7 +28,9 @@ def test_random_pipeline_writes_results_and_distilled_set(tmp_path, cache_dir):
     # the DistilledSet layout of DESIGN.md
     distilled = run_dir / "distilled"
     tensors = load_file(distilled / "data.safetensors")
-    assert tensors["images"].shape == (20, 1, 16, 16) and tensors["labels"].tolist() == sorted(tensors["labels"].tolist())
+    assert tensors["images"].shape == (20, 1, 16, 16) and tensors["labels"].tolist() == sorted(
+        tensors["labels"].tolist()
+    )
     assert len(list((distilled / "images").glob("*/*.png"))) == 20
     assert json.loads((distilled / "meta.json").read_text())["method"] == "random"
 
@@ -47,9 +49,16 @@ def test_same_seed_gives_identical_distilled_set_and_accuracy(tmp_path, cache_di
 
 def test_hard_protocol_and_several_students_with_repeats(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    run_ddist("pipeline=random", "ipc=1", "evaluate=hard", "evaluate.epochs=2", "evaluate.repeats=2",
-              "evaluate.students=[{name: convnet, width: 8},{name: convnet, width: 8, norm: instance}]",
-              run_dir=run_dir, cache_dir=cache_dir)
+    run_ddist(
+        "pipeline=random",
+        "ipc=1",
+        "evaluate=hard",
+        "evaluate.epochs=2",
+        "evaluate.repeats=2",
+        "evaluate.students=[{name: convnet, width: 8},{name: convnet, width: 8, norm: instance}]",
+        run_dir=run_dir,
+        cache_dir=cache_dir,
+    )
     students = read_results(run_dir)["students"]
     assert [s["protocol"] for s in students] == ["hard", "hard"]
     assert all(len(s["accs"]) == 2 for s in students)
@@ -57,8 +66,17 @@ def test_hard_protocol_and_several_students_with_repeats(tmp_path, cache_dir):
 
 def test_multirun_makes_one_wandb_run_per_job_with_the_final_accuracy(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
-    run_ddist("pipeline=random", "-m", "ipc=1,2", "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={sweep}",
-              run_dir=tmp_path, cache_dir=cache_dir, env={"WANDB_MODE": "offline"})
+    run_ddist(
+        "pipeline=random",
+        "-m",
+        "ipc=1,2",
+        "logger=wandb",
+        "logger.mode=offline",
+        f"hydra.sweep.dir={sweep}",
+        run_dir=tmp_path,
+        cache_dir=cache_dir,
+        env={"WANDB_MODE": "offline"},
+    )
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.json").exists())
     assert len(jobs) == 2
     for job in jobs:
@@ -67,7 +85,7 @@ def test_multirun_makes_one_wandb_run_per_job_with_the_final_accuracy(tmp_path, 
         assert len(runs) == 1, f"expected one offline W&B run in {job}"
         (table,) = runs[0].glob("files/media/table/results_*.table.json")
         logged = json.loads(table.read_text())
-        row = dict(zip(logged["columns"], logged["data"][0]))
+        row = dict(zip(logged["columns"], logged["data"][0], strict=False))
         assert row["ipc"] == results["ipc"]
         assert row["acc_mean"] == pytest.approx(results["students"][0]["acc_mean"])
         # the run's record names its sweep's group (a custom sweep dir), its name and its tags
@@ -77,14 +95,17 @@ def test_multirun_makes_one_wandb_run_per_job_with_the_final_accuracy(tmp_path, 
         assert b"pipeline:random" in record
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("dataset=nosuch", "Available options in 'dataset'"),
-    ("pipeline=nosuch", "Available options in 'pipeline'"),
-    ("ipc=0", "ipc must be an integer >= 1"),
-    ("ipc=1000", "Set ipc <="),
-    ("evaluate.students=[nosuchnet]", "convnet"),
-    ("teacher.checkpoint=/nonexistent/teacher.pt", "teacher.checkpoint"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("dataset=nosuch", "Available options in 'dataset'"),
+        ("pipeline=nosuch", "Available options in 'pipeline'"),
+        ("ipc=0", "ipc must be an integer >= 1"),
+        ("ipc=1000", "Set ipc <="),
+        ("evaluate.students=[nosuchnet]", "convnet"),
+        ("teacher.checkpoint=/nonexistent/teacher.pt", "teacher.checkpoint"),
+    ],
+)
 def test_bad_input_is_one_clear_error_without_traceback(tmp_path, cache_dir, override, needle):
     pipeline = [] if override.startswith("pipeline=") else ["pipeline=random"]
     proc = run_ddist(*pipeline, override, run_dir=tmp_path / "run", cache_dir=cache_dir, check=False)
@@ -94,8 +115,14 @@ def test_bad_input_is_one_clear_error_without_traceback(tmp_path, cache_dir, ove
 
 
 def test_missing_data_root_names_the_option(tmp_path, cache_dir):
-    proc = run_ddist("pipeline=random", "dataset=cifar10", f"dataset.root={tmp_path}/nothing", run_dir=tmp_path / "run",
-                     cache_dir=cache_dir, check=False)
+    proc = run_ddist(
+        "pipeline=random",
+        "dataset=cifar10",
+        f"dataset.root={tmp_path}/nothing",
+        run_dir=tmp_path / "run",
+        cache_dir=cache_dir,
+        check=False,
+    )
     assert proc.returncode == 2 and "dataset.root" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -110,8 +137,13 @@ def test_corrupt_or_mismatched_teacher_checkpoint_is_a_clear_error(tmp_path, cac
     run_ddist("pipeline=random", "ipc=1", run_dir=tmp_path / "r2", cache_dir=cache_dir)
     (teacher,) = cache_dir.glob("teacher/*/teacher.pt")
     before = teacher.read_bytes()
-    proc = run_ddist(f"teacher.checkpoint={teacher}", "teacher.model.width=32", run_dir=tmp_path / "r3",
-                     cache_dir=cache_dir, check=False)
+    proc = run_ddist(
+        f"teacher.checkpoint={teacher}",
+        "teacher.model.width=32",
+        run_dir=tmp_path / "r3",
+        cache_dir=cache_dir,
+        check=False,
+    )
     assert proc.returncode == 2 and "does not fit" in proc.stderr and "Traceback" not in proc.stderr
     assert teacher.read_bytes() == before
 
@@ -120,7 +152,9 @@ def test_an_existing_checkpoint_is_used_and_measured(tmp_path, cache_dir):
     run_ddist("pipeline=random", "ipc=1", run_dir=tmp_path / "r1", cache_dir=cache_dir)
     (teacher,) = cache_dir.glob("teacher/*/teacher.pt")
     run_dir = tmp_path / "r2"
-    run_ddist("pipeline=random", "ipc=1", f"teacher.checkpoint={teacher}", run_dir=run_dir, cache_dir=tmp_path / "empty_cache")
+    run_ddist(
+        "pipeline=random", "ipc=1", f"teacher.checkpoint={teacher}", run_dir=run_dir, cache_dir=tmp_path / "empty_cache"
+    )
     assert read_results(run_dir)["teacher_acc"] == pytest.approx(read_results(tmp_path / "r1")["teacher_acc"])
     assert not list((tmp_path / "empty_cache").glob("teacher/*/teacher.pt"))
 
@@ -129,14 +163,24 @@ def test_a_failed_run_keeps_an_earlier_result(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     run_ddist("pipeline=random", "ipc=1", run_dir=run_dir, cache_dir=cache_dir)
     before = (run_dir / "results.json").read_bytes()
-    proc = run_ddist("pipeline=random", "ipc=1", "evaluate.lr=1e30", "evaluate.optimizer=sgd", "evaluate.momentum=0",
-                     run_dir=run_dir, cache_dir=cache_dir, check=False)
+    proc = run_ddist(
+        "pipeline=random",
+        "ipc=1",
+        "evaluate.lr=1e30",
+        "evaluate.optimizer=sgd",
+        "evaluate.momentum=0",
+        run_dir=run_dir,
+        cache_dir=cache_dir,
+        check=False,
+    )
     assert proc.returncode == 2 and "evaluate.lr" in proc.stderr
     assert (run_dir / "results.json").read_bytes() == before
 
 
-@pytest.mark.skipif(os.environ.get("CI") is None and os.environ.get("DDIST_SLOW") is None,
-                    reason="the README's default job takes minutes; run in CI or with DDIST_SLOW=1")
+@pytest.mark.skipif(
+    os.environ.get("CI") is None and os.environ.get("DDIST_SLOW") is None,
+    reason="the README's default job takes minutes; run in CI or with DDIST_SLOW=1",
+)
 def test_default_main_job_runs(tmp_path):
     run_dir = tmp_path / "run"
     run_ddist("logger=none", run_dir=run_dir, cache_dir=tmp_path / "cache", tiny=False)
@@ -147,7 +191,13 @@ def test_default_main_job_runs(tmp_path):
 
 def test_console_script_is_the_same_entry_point(tmp_path):
     script = Path(sys.executable).with_name("ddist")
-    proc = subprocess.run([str(script), "--cfg", "job", "dataset=cifar10"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [str(script), "--cfg", "job", "dataset=cifar10"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "name: cifar10" in proc.stdout and "name: deda" in proc.stdout

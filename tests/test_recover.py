@@ -28,8 +28,17 @@ def test_batch_groups_ipc_slice_and_whole_class():
 
 
 def test_pixel_bounds_are_the_normalised_unit_interval():
-    spec = dataset_spec({"name": "t", "format": "digits", "classes": ["a"], "channels": 2, "resolution": 4,
-                         "mean": [0.5, 0.25], "std": [0.5, 0.25]})
+    spec = dataset_spec(
+        {
+            "name": "t",
+            "format": "digits",
+            "classes": ["a"],
+            "channels": 2,
+            "resolution": 4,
+            "mean": [0.5, 0.25],
+            "std": [0.5, 0.25],
+        }
+    )
     low, high = recover.pixel_bounds(spec, torch.device("cpu"))
     assert low.flatten().tolist() == [-1.0, -1.0]
     assert high.flatten().tolist() == [1.0, 3.0]
@@ -37,8 +46,16 @@ def test_pixel_bounds_are_the_normalised_unit_interval():
 
 def digits_cfg(tmp_path: Path, *overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=["pipeline=deda", f"paths.root_dir={tmp_path}",
-                                            f"paths.output_dir={tmp_path}", "logger=none", *overrides])
+        return compose(
+            "config",
+            overrides=[
+                "pipeline=deda",
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path}",
+                "logger=none",
+                *overrides,
+            ],
+        )
 
 
 def stage_ctx(cfg, tmp_path: Path) -> dict:
@@ -46,8 +63,16 @@ def stage_ctx(cfg, tmp_path: Path) -> dict:
     spec = dataset_spec(cfg.dataset)
     teacher = build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution)
     save_checkpoint(tmp_path / "teacher.pt", teacher)
-    return {"run_dir": tmp_path / "run", "logger": RunLogger(None), "device": torch.device("cpu"), "spec": spec,
-            "teacher": tmp_path / "teacher.pt", "teacher_acc": 0.1, "results": {}, "timings": {}}
+    return {
+        "run_dir": tmp_path / "run",
+        "logger": RunLogger(None),
+        "device": torch.device("cpu"),
+        "spec": spec,
+        "teacher": tmp_path / "teacher.pt",
+        "teacher_acc": 0.1,
+        "results": {},
+        "timings": {},
+    }
 
 
 class NaNAt:
@@ -85,8 +110,9 @@ def test_recover_end_to_end_on_digits(method, cache_dir, tmp_path):
     ipc = 2
     run_dir = tmp_path / "run"
     objective = "recover.deda.reg_iterations=3" if method == "deda" else "recover.bn_matching.r_bn=0.01"
-    run_ddist(f"pipeline={method}", f"ipc={ipc}", "recover.iterations=6", objective,
-              run_dir=run_dir, cache_dir=cache_dir)
+    run_ddist(
+        f"pipeline={method}", f"ipc={ipc}", "recover.iterations=6", objective, run_dir=run_dir, cache_dir=cache_dir
+    )
 
     distilled = load_distilled(run_dir / "distilled")
     assert distilled.images.shape == (10 * ipc, 1, 16, 16)
@@ -116,9 +142,18 @@ def test_unknown_regulariser_normalisation_names_the_option(tmp_path):
 def deda_covariance(cache_dir: Path, run_dir: Path, *overrides: str) -> dict:
     """Squeeze (a cache hit), DEDA recover and analyse in-process on digits at IPC 10; the
     analysis's covariance figures."""
-    cfg = compose_cfg(*TRAINED_TEACHER, "pipeline=deda", "ipc=10", "recover.iterations=60",
-                      "recover.deda.reg_iterations=30", "analyse.real_samples_per_class=10", "analyse.figures=false",
-                      *overrides, cache_dir=cache_dir, run_dir=run_dir)
+    cfg = compose_cfg(
+        *TRAINED_TEACHER,
+        "pipeline=deda",
+        "ipc=10",
+        "recover.iterations=60",
+        "recover.deda.reg_iterations=30",
+        "analyse.real_samples_per_class=10",
+        "analyse.figures=false",
+        *overrides,
+        cache_dir=cache_dir,
+        run_dir=run_dir,
+    )
     ctx = pipeline_ctx(cfg, run_dir)
     for stage in (squeeze, recover, analyse):
         ctx = stage.run(cfg, ctx)
@@ -127,8 +162,9 @@ def deda_covariance(cache_dir: Path, run_dir: Path, *overrides: str) -> dict:
 
 def test_deda_regulariser_spreads_and_conditions_the_class_covariance(trained_digits_teacher, cache_dir, tmp_path):
     with_reg = deda_covariance(cache_dir, tmp_path / "reg")
-    without = deda_covariance(cache_dir, tmp_path / "zero", "recover.deda.lambda_diag=0",
-                              "recover.deda.lambda_offdiag=0")
+    without = deda_covariance(
+        cache_dir, tmp_path / "zero", "recover.deda.lambda_diag=0", "recover.deda.lambda_offdiag=0"
+    )
     assert with_reg["layer"] == without["layer"] == "stage3"  # L: the pooled last block
     syn, syn0 = with_reg["synthetic"], without["synthetic"]
     assert syn["condition_number_classes"] == syn0["condition_number_classes"] == 10

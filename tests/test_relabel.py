@@ -41,7 +41,7 @@ def test_stored_batches_equal_the_online_plan_and_teacher_logits(stored_run):
     online = list(plan(settings))
     stored = list(stored_batches(run_dir / "relabel", settings))
     assert len(stored) == len(online) == 3  # 30 images, batch 64: one batch per epoch
-    for want, got in zip(online, stored):
+    for want, got in zip(online, stored, strict=False):
         for key, value in want.items():
             assert torch.equal(got[key], value), key
         with torch.no_grad():

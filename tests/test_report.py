@@ -12,7 +12,11 @@ def _write_run(path, method, ipc, seed, acc, analysis=None, timings=None, datase
     path.mkdir(parents=True)
     (path / ".hydra").mkdir()
     results = {
-        "method": method, "dataset": dataset, "ipc": ipc, "seed": seed, "teacher_acc": 0.95,
+        "method": method,
+        "dataset": dataset,
+        "ipc": ipc,
+        "seed": seed,
+        "teacher_acc": 0.95,
         "students": [{"name": "convnet", "protocol": "soft", "accs": [acc], "acc_mean": acc, "acc_std": 0.0}],
         "timings": timings or {"squeeze": 1.0, "evaluate": 2.0},
         "peak_memory_mb": {"squeeze": 100.0 + seed, "evaluate": 50.0},
@@ -40,9 +44,11 @@ def sweep(tmp_path):
                 if (method, ipc, seed) == ("random", 10, 1):
                     continue  # no directory at all: only the grid says it is missing
                 acc = base + 0.1 * (ipc == 10) + 0.02 * seed
-                analysis = {"prototype_distance": {"synthetic": 0.1 * (seed + 1)},
-                            "spectrum": {"synthetic": {"effective_rank": 3.0, "decay_slope": -1.0}},
-                            "fd_teacher": 2.0}
+                analysis = {
+                    "prototype_distance": {"synthetic": 0.1 * (seed + 1)},
+                    "spectrum": {"synthetic": {"effective_rank": 3.0, "decay_slope": -1.0}},
+                    "fd_teacher": 2.0,
+                }
                 _write_run(job, method, ipc, seed, acc, analysis=analysis)
     return root
 

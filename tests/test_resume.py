@@ -37,8 +37,22 @@ def _train(work, crash_at=None, precision="fp32", dtypes=None):
             dtypes.append(out.dtype)
         return torch.nn.functional.mse_loss(out.float(), y)
 
-    fit(model, stream, loss_fn, opt, schedule, total_steps=12, steps_per_epoch=3, stage="t", hint="",
-        logger=RunLogger(None), log_every=100, desc="t", work_dir=work, precision=precision)
+    fit(
+        model,
+        stream,
+        loss_fn,
+        opt,
+        schedule,
+        total_steps=12,
+        steps_per_epoch=3,
+        stage="t",
+        hint="",
+        logger=RunLogger(None),
+        log_every=100,
+        desc="t",
+        work_dir=work,
+        precision=precision,
+    )
     return model, len(seen)
 
 
@@ -49,7 +63,7 @@ def test_fit_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(tmp_pa
     assert (tmp_path / CHECKPOINT).is_file()
     resumed, computed = _train(tmp_path)
     assert computed == 12 - 6  # only the unfinished epochs ran again
-    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=False):
         assert torch.equal(a, b)
     assert not (tmp_path / CHECKPOINT).exists()  # a finished fit leaves no partial checkpoint
 
@@ -91,7 +105,7 @@ def test_mixed_precision_runs_the_forward_pass_in_low_precision(precision, dtype
     assert set(dtypes) == {dtype}
     assert all(torch.isfinite(p).all() for p in model.parameters())
     reference, _ = _train(None)
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=False))
 
 
 def test_an_unknown_precision_names_the_option():

@@ -12,8 +12,15 @@ from ddist import report
 def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     sweep_dir = tmp_path / "sweep"
     # job 0 asks for an unknown device (a clean ddist error); job 1 is a tiny random-real run
-    proc = run_ddist("-m", "pipeline=random", "device=cuda:7,cpu", f"hydra.sweep.dir={sweep_dir}",
-                     run_dir=tmp_path, cache_dir=cache_dir, check=False)
+    proc = run_ddist(
+        "-m",
+        "pipeline=random",
+        "device=cuda:7,cpu",
+        f"hydra.sweep.dir={sweep_dir}",
+        run_dir=tmp_path,
+        cache_dir=cache_dir,
+        check=False,
+    )
     failed, ok = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert json.loads((ok / "results.json").read_text())["method"] == "random"  # the second job still ran
     error = json.loads((failed / "error.json").read_text())

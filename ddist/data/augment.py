@@ -57,8 +57,9 @@ def sample_params(n: int, aug: Mapping, resolution: int, generator: torch.Genera
 def sample_roll(lim: int, mode: str, generator: torch.Generator) -> torch.Tensor:
     """The (dy, dx) offsets of one roll: each in [0, lim] (sre2l) or [-lim, lim] (symmetric)."""
     if mode not in ROLL_MODES:
-        raise ConfigError(f"Unknown roll_mode {mode!r}; set dataset.augment.recover.roll_mode to one of "
-                          f"{', '.join(ROLL_MODES)}.")
+        raise ConfigError(
+            f"Unknown roll_mode {mode!r}; set dataset.augment.recover.roll_mode to one of {', '.join(ROLL_MODES)}."
+        )
     low = 0 if mode == "sre2l" else -lim
     return torch.randint(low, lim + 1, (2,), generator=generator)
 
@@ -141,8 +142,9 @@ def _beta(alpha: float, generator: torch.Generator) -> float:
 # ----------------------------------------------------------------------------- the batch plan
 
 
-def batch_plan(num_images: int, batch_size: int, epochs: int, aug: Mapping, mix: str, mix_alpha: float,
-               resolution: int, seed: int) -> Iterator[Params]:
+def batch_plan(
+    num_images: int, batch_size: int, epochs: int, aug: Mapping, mix: str, mix_alpha: float, resolution: int, seed: int
+) -> Iterator[Params]:
     """Every training batch of `epochs` epochs: image indices, augmentation and mix parameters.
 
     Fully determined by `seed`, so the online and stored relabel modes see identical batches.
@@ -151,9 +153,11 @@ def batch_plan(num_images: int, batch_size: int, epochs: int, aug: Mapping, mix:
     for _ in range(epochs):
         order = torch.randperm(num_images, generator=generator)
         for start in range(0, num_images, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             batch = {"indices": idx, **sample_params(len(idx), aug, resolution, generator)}
-            batch.update({f"mix_{k}": v for k, v in sample_mix(len(idx), mix, mix_alpha, resolution, generator).items()})
+            batch.update(
+                {f"mix_{k}": v for k, v in sample_mix(len(idx), mix, mix_alpha, resolution, generator).items()}
+            )
             yield batch
 
 

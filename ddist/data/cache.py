@@ -29,7 +29,7 @@ DECODER_VERSION = 1
 def _files_digest(files: SplitFiles) -> str:
     digest = hashlib.sha256()
     root = str(files.root)
-    for rel, label in zip(files.paths, files.targets):
+    for rel, label in zip(files.paths, files.targets, strict=False):
         try:
             st = os.stat(os.path.join(root, rel))
         except FileNotFoundError:
@@ -41,9 +41,7 @@ def _files_digest(files: SplitFiles) -> str:
     return digest.hexdigest()
 
 
-def cache_key(
-    fmt: str, split: str, channels: int, resize: Resize, labels: tuple, files: SplitFiles
-) -> str:
+def cache_key(fmt: str, split: str, channels: int, resize: Resize, labels: tuple, files: SplitFiles) -> str:
     """16 hex characters identifying one decoded split."""
     key = {
         "version": DECODER_VERSION,

@@ -74,8 +74,9 @@ def _resize_center_crop(im: Image.Image, resize: Resize) -> Image.Image:
 POOL_MIN_FILES = 2000
 
 
-def decode_all(root: Path, paths: tuple[str, ...], channels: int, resize: Resize, workers: int | None = None
-               ) -> torch.Tensor:
+def decode_all(
+    root: Path, paths: tuple[str, ...], channels: int, resize: Resize, workers: int | None = None
+) -> torch.Tensor:
     """All files (relative to root) stacked into uint8 [N, C, size, size], in order.
 
     Large splits are decoded by `workers` threads (default: torch's thread count, i.e. this
@@ -87,10 +88,11 @@ def decode_all(root: Path, paths: tuple[str, ...], channels: int, resize: Resize
     if workers <= 1 or len(paths) < POOL_MIN_FILES:
         return torch.from_numpy(_decode_chunk(str(root), paths, channels, resize)).permute(0, 3, 1, 2).contiguous()
     step = -(-len(paths) // (4 * workers))  # a few chunks per worker balance slow and fast files
-    chunks = [paths[i:i + step] for i in range(0, len(paths), step)]
+    chunks = [paths[i : i + step] for i in range(0, len(paths), step)]
     with ThreadPoolExecutor(workers) as pool:
-        parts = list(pool.map(_decode_chunk, [str(root)] * len(chunks), chunks, [channels] * len(chunks),
-                              [resize] * len(chunks)))
+        parts = list(
+            pool.map(_decode_chunk, [str(root)] * len(chunks), chunks, [channels] * len(chunks), [resize] * len(chunks))
+        )
     return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
 
 

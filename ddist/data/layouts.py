@@ -86,9 +86,7 @@ def _images_under(root: Path, folder: Path) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         rel_dir = Path(dirpath).relative_to(root).as_posix()
-        found.extend(
-            f"{rel_dir}/{f}" for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)
-        )
+        found.extend(f"{rel_dir}/{f}" for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
     return found
 
 
@@ -171,8 +169,7 @@ def _folder_split(cfg: dict, spec: DatasetSpec, split: str) -> SplitFiles:
         targets.extend([label] * len(files))
     if not paths:
         raise ConfigError(
-            f"{split_dir} holds no images ({', '.join(IMG_EXTENSIONS)}); set dataset.root to "
-            "the folder that has them."
+            f"{split_dir} holds no images ({', '.join(IMG_EXTENSIONS)}); set dataset.root to the folder that has them."
         )
     return SplitFiles(root, tuple(paths), tuple(targets))
 
@@ -216,8 +213,10 @@ def _keep_subset(cfg: dict, classes, wnids, num_classes: int):
     if keep is None:
         return classes, wnids, num_classes
     if keep > num_classes:
-        raise ConfigError(f"dataset.subset.classes={keep} but dataset {cfg.get('name')!r} has {num_classes} classes; "
-                          f"set dataset.subset.classes <= {num_classes}.")
+        raise ConfigError(
+            f"dataset.subset.classes={keep} but dataset {cfg.get('name')!r} has {num_classes} classes; "
+            f"set dataset.subset.classes <= {num_classes}."
+        )
     return classes[:keep], None if wnids is None else wnids[:keep], keep
 
 

@@ -100,8 +100,7 @@ def _resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
 def _check_channels(cfg: dict, spec: DatasetSpec, native: int) -> None:
     if spec.channels != native:
         raise ConfigError(
-            f"Dataset {spec.name!r} (format {cfg['format']!r}) has {native} channel(s); "
-            f"set dataset.channels={native}."
+            f"Dataset {spec.name!r} (format {cfg['format']!r}) has {native} channel(s); set dataset.channels={native}."
         )
 
 
@@ -123,18 +122,14 @@ def _digits_split(cfg: dict, spec: DatasetSpec, split: str) -> tuple[torch.Tenso
     idx = torch.from_numpy(np.sort(train_idx if split == "train" else test_idx))
     x01 = torch.tensor(digits.data, dtype=torch.float32).view(-1, 1, 8, 8)[idx] / _DIGITS_MAX
     # Bilinear upsampling (no antialias needed when enlarging).
-    x01 = F.interpolate(
-        x01, size=(spec.resolution, spec.resolution), mode="bilinear", align_corners=False
-    )
+    x01 = F.interpolate(x01, size=(spec.resolution, spec.resolution), mode="bilinear", align_corners=False)
     return _to_uint8(x01), torch.from_numpy(labels).long()[idx]
 
 
 _TORCHVISION_CLASSES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
-def _torchvision_split(
-    cfg: dict, spec: DatasetSpec, split: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _torchvision_split(cfg: dict, spec: DatasetSpec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """CIFAR-10/100 from torchvision's pickled batches (downloaded when dataset.download)."""
     import torchvision.datasets
 
@@ -201,9 +196,7 @@ def _keep_files(cfg: dict, files: SplitFiles) -> SplitFiles:
     return SplitFiles(files.root, tuple(files.paths[i] for i in idx), tuple(files.targets[i] for i in idx))
 
 
-def load_split(
-    cfg_dataset: Mapping[str, Any] | DictConfig, split: str, cache_dir: Path | str | None = None
-) -> Dataset:
+def load_split(cfg_dataset: Mapping[str, Any] | DictConfig, split: str, cache_dir: Path | str | None = None) -> Dataset:
     """One split ("train" | "test") of the configured dataset.
 
     Items are (float [C,H,W] normalised with the spec's mean/std, int label);

@@ -22,15 +22,30 @@ from ddist.errors import CheckpointError
 
 def plan_settings(ev: DictConfig, resolution: int, seed: int, num_images: int, epochs: int) -> dict:
     """Everything that determines the batch plan of evaluate settings `ev`; stored with the labels."""
-    return {"num_images": num_images, "batch_size": int(ev.batch_size), "epochs": int(epochs),
-            "augment": OmegaConf.to_container(ev.augment, resolve=True), "mix": ev.mix,
-            "mix_alpha": float(ev.mix_alpha), "resolution": int(resolution), "seed": int(seed)}
+    return {
+        "num_images": num_images,
+        "batch_size": int(ev.batch_size),
+        "epochs": int(epochs),
+        "augment": OmegaConf.to_container(ev.augment, resolve=True),
+        "mix": ev.mix,
+        "mix_alpha": float(ev.mix_alpha),
+        "resolution": int(resolution),
+        "seed": int(seed),
+    }
 
 
 def plan(settings: dict) -> Iterator[dict]:
     s = settings
-    return batch_plan(s["num_images"], s["batch_size"], s["epochs"], s["augment"], s["mix"], s["mix_alpha"],
-                      s["resolution"], s["seed"])
+    return batch_plan(
+        s["num_images"],
+        s["batch_size"],
+        s["epochs"],
+        s["augment"],
+        s["mix"],
+        s["mix_alpha"],
+        s["resolution"],
+        s["seed"],
+    )
 
 
 def augmented_batch(images: torch.Tensor, batch: dict, device: torch.device) -> torch.Tensor:
@@ -46,26 +61,36 @@ def stored_batches(path: str | Path, expected: dict, teacher: str | Path | None 
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"Cannot read stored soft labels in {path} ({err}). Rerun with relabel.mode=stored.") from None
+        raise CheckpointError(
+            f"Cannot read stored soft labels in {path} ({err}). Rerun with relabel.mode=stored."
+        ) from None
     mismatched = [k for k, v in expected.items() if k != "epochs" and meta.get(k) != v]
     if mismatched or meta["epochs"] < expected["epochs"]:
-        raise CheckpointError(f"The stored soft labels in {path} were made for other settings ({mismatched or 'epochs'}). "
-                              "Rerun relabel with the evaluate settings, or set relabel.mode=online.")
+        raise CheckpointError(
+            f"The stored soft labels in {path} were made for other settings ({mismatched or 'epochs'}). "
+            "Rerun relabel with the evaluate settings, or set relabel.mode=online."
+        )
     if teacher is not None and meta.get("teacher_sha256") != file_sha256(teacher):
-        raise CheckpointError(f"The stored soft labels in {path} were made by another teacher than {teacher}. "
-                              "Rerun relabel with this teacher, or set relabel.mode=online.")
+        raise CheckpointError(
+            f"The stored soft labels in {path} were made by another teacher than {teacher}. "
+            "Rerun relabel with this teacher, or set relabel.mode=online."
+        )
     files = [path / f"epoch_{e:04d}.safetensors" for e in range(expected["epochs"])]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise CheckpointError(f"The stored soft labels in {path} lack {', '.join(missing[:5])} "
-                              f"({len(missing)} of {len(files)} epochs): rerun relabel, or set relabel.mode=online.")
+        raise CheckpointError(
+            f"The stored soft labels in {path} lack {', '.join(missing[:5])} "
+            f"({len(missing)} of {len(files)} epochs): rerun relabel, or set relabel.mode=online."
+        )
     for file in files:
         tensors = load_tensors(file, "stored soft labels")
         for step in sorted({k.split("/")[0] for k in tensors}):
             batch = {k.split("/")[1]: v for k, v in tensors.items() if k.startswith(step + "/")}
             num_classes = int(batch.pop("num_classes"))
-            yield {**{k: v for k, v in batch.items() if k not in ("logits", "topk_index")},
-                   "logits": expand_logits(batch, num_classes)}
+            yield {
+                **{k: v for k, v in batch.items() if k not in ("logits", "topk_index")},
+                "logits": expand_logits(batch, num_classes),
+            }
 
 
 def compress_logits(logits: torch.Tensor, top_k: int | None) -> dict[str, torch.Tensor]:

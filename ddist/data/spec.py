@@ -105,5 +105,3 @@ def subset_size(cfg: dict) -> tuple[int | None, int | None]:
     if any(v is not None and (not isinstance(v, int) or v < 1) for v in sizes):
         raise ConfigError(f"dataset.subset={subset} needs integers >= 1 (or null) for classes and per_class; fix it.")
     return sizes
-
-

@@ -20,10 +20,14 @@ def check_classes_hold(ipc: int, counts: list[int]) -> None:
     """Every class has at least `ipc` training images; the message names the smallest class."""
     empty = [c for c, n in enumerate(counts) if n == 0]
     if empty:
-        raise ConfigError(f"class(es) {empty} have no training images: check that dataset.root holds images "
-                          "for every class in dataset.classes (e.g. train/<class>/ is not empty).")
+        raise ConfigError(
+            f"class(es) {empty} have no training images: check that dataset.root holds images "
+            "for every class in dataset.classes (e.g. train/<class>/ is not empty)."
+        )
     smallest = min(range(len(counts)), key=counts.__getitem__)
     if counts[smallest] < ipc:
         short = [c for c, n in enumerate(counts) if n < ipc]
-        raise ConfigError(f"ipc={ipc} but the smallest class ({smallest}) has only {counts[smallest]} training "
-                          f"images ({len(short)} class(es) have fewer than {ipc}). Set ipc <= {counts[smallest]}.")
+        raise ConfigError(
+            f"ipc={ipc} but the smallest class ({smallest}) has only {counts[smallest]} training "
+            f"images ({len(short)} class(es) have fewer than {ipc}). Set ipc <= {counts[smallest]}."
+        )

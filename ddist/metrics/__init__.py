@@ -1,11 +1,11 @@
 """Metrics of a distilled set: pure functions of tensors (features, images in [0,1], labels).
 
-    diversity  class-prototype cosine distance, within-class SSIM and feature similarity
-    spectrum   normalised singular values, effective rank, decay slope
-    covariance per-class covariance figures: mean diagonal, off-diagonal norm, smallest
-               eigenvalue and condition number over the spanned spectrum
-    fid        Frechet distance (teacher features: fd_teacher; InceptionV3: fid)
-    robust     DD-Ranking's HLR, IOR, LRS and ARS from accuracies
+diversity  class-prototype cosine distance, within-class SSIM and feature similarity
+spectrum   normalised singular values, effective rank, decay slope
+covariance per-class covariance figures: mean diagonal, off-diagonal norm, smallest
+           eigenvalue and condition number over the spanned spectrum
+fid        Frechet distance (teacher features: fd_teacher; InceptionV3: fid)
+robust     DD-Ranking's HLR, IOR, LRS and ARS from accuracies
 """
 
 from ddist.metrics.covariance import class_covariance_figures, covariance_figures

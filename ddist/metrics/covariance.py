@@ -45,7 +45,7 @@ def spanned_eigenvalues(feats: torch.Tensor) -> torch.Tensor:
     n, d = x.shape
     small = x.T @ x if d <= n else x @ x.T
     eig = torch.linalg.eigvalsh(small / n).flip(0).clamp_min(0)  # clamp: rounding can give -1e-17
-    return eig[:min(n - 1, d)]
+    return eig[: min(n - 1, d)]
 
 
 def covariance_figures(feats: torch.Tensor) -> dict[str, float | None]:
@@ -56,10 +56,12 @@ def covariance_figures(feats: torch.Tensor) -> dict[str, float | None]:
     diag = cov.diagonal()
     eig = spanned_eigenvalues(feats)
     singular = bool(eig[-1] <= RTOL * eig[0])
-    return {"mean_diagonal": float(diag.mean()),
-            "offdiag_norm": float((cov - torch.diag(diag)).norm()),
-            "min_eigenvalue": float(eig[-1]),
-            "condition_number": None if singular else float(eig[0] / eig[-1])}
+    return {
+        "mean_diagonal": float(diag.mean()),
+        "offdiag_norm": float((cov - torch.diag(diag)).norm()),
+        "min_eigenvalue": float(eig[-1]),
+        "condition_number": None if singular else float(eig[0] / eig[-1]),
+    }
 
 
 def class_covariance_figures(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:

@@ -65,7 +65,7 @@ def mean_pairwise_ssim(images01: torch.Tensor, chunk: int = 256) -> float:
     total = 0.0
     # Chunked: a class of 50 images has 1225 pairs, more at ImageNet resolution than fit at once.
     for start in range(0, len(i), chunk):
-        a, b = images01[i[start:start + chunk]].float(), images01[j[start:start + chunk]].float()
+        a, b = images01[i[start : start + chunk]].float(), images01[j[start : start + chunk]].float()
         ssim = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
         total += float(ssim.sum())
     return total / len(i)

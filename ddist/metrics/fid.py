@@ -106,7 +106,7 @@ def inception_fid(
     metric = metric.to(device)
     for images, real in ((real01, True), (syn01, False)):
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(device).float().clamp(0, 1)
+            batch = images[start : start + batch_size].to(device).float().clamp(0, 1)
             if batch.shape[1] == 1:
                 batch = batch.expand(-1, 3, -1, -1)
             metric.update(batch, real=real)

@@ -28,9 +28,7 @@ def _convnet(
 ) -> ConvNet:
     _check_choice("norm", norm, NORMS)
     if depth < 1 or width < 1:
-        raise ConfigError(
-            f"model.depth={depth} and model.width={width} must both be >= 1; fix them."
-        )
+        raise ConfigError(f"model.depth={depth} and model.width={width} must both be >= 1; fix them.")
     return ConvNet(num_classes, channels, resolution, depth=depth, width=width, norm=norm)
 
 
@@ -41,9 +39,7 @@ def _resnet18(
     stem: str = "auto",
     pretrained: bool | str = False,
 ):
-    return build_resnet(
-        "resnet18", num_classes, channels, resolution, stem=stem, pretrained=pretrained
-    )
+    return build_resnet("resnet18", num_classes, channels, resolution, stem=stem, pretrained=pretrained)
 
 
 def _resnet50(
@@ -53,9 +49,7 @@ def _resnet50(
     stem: str = "auto",
     pretrained: bool | str = False,
 ):
-    return build_resnet(
-        "resnet50", num_classes, channels, resolution, stem=stem, pretrained=pretrained
-    )
+    return build_resnet("resnet50", num_classes, channels, resolution, stem=stem, pretrained=pretrained)
 
 
 def _resnet_ap10(
@@ -87,9 +81,7 @@ PRESET_DIR = CONF_DIR / "model"
 
 def _check_choice(key: str, value, choices) -> None:
     if value not in choices:
-        raise ConfigError(
-            f"model.{key}={value!r} is not one of {list(choices)}; set model.{key} to one of them."
-        )
+        raise ConfigError(f"model.{key}={value!r} is not one of {list(choices)}; set model.{key} to one of them.")
 
 
 def _as_dict(model_cfg) -> dict:
@@ -116,15 +108,9 @@ def build_model(model_cfg, num_classes: int, channels: int, resolution: int) -> 
     kwargs = _as_dict(model_cfg)
     name = kwargs.pop("name", None)
     if name not in _BUILDERS:
-        raise ConfigError(
-            f"unknown model name {name!r}; set model.name to one of {list(MODEL_NAMES)}."
-        )
+        raise ConfigError(f"unknown model name {name!r}; set model.name to one of {list(MODEL_NAMES)}.")
     builder = _BUILDERS[name]
-    allowed = [
-        p
-        for p in inspect.signature(builder).parameters
-        if p not in ("num_classes", "channels", "resolution")
-    ]
+    allowed = [p for p in inspect.signature(builder).parameters if p not in ("num_classes", "channels", "resolution")]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ConfigError(

@@ -29,14 +29,10 @@ class TorchvisionResNet(FeatureModel):
         super().__init__()
         net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         if stem == "cifar":
-            net.conv1 = _kaiming(
-                nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            )
+            net.conv1 = _kaiming(nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False))
             net.maxpool = nn.Identity()
         elif channels != 3:
-            net.conv1 = _kaiming(
-                nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            )
+            net.conv1 = _kaiming(nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False))
         for name in (
             "conv1",
             "bn1",
@@ -69,9 +65,7 @@ def resolve_stem(stem: str, resolution: int, pretrained: bool) -> str:
     """auto -> the ImageNet stem when pretrained weights are loaded (they were trained with
     it) or the images are larger than 64px, else the CIFAR stem."""
     if stem not in STEMS:
-        raise ConfigError(
-            f"model.stem={stem!r} is not one of {list(STEMS)}; set model.stem to one of them."
-        )
+        raise ConfigError(f"model.stem={stem!r} is not one of {list(STEMS)}; set model.stem to one of them.")
     if stem == "auto":
         return "imagenet" if pretrained or resolution > 64 else "cifar"
     if stem == "cifar" and pretrained:

@@ -64,10 +64,9 @@ class ResNetAP10(FeatureModel):
                 nn.ReLU(),
                 nn.AvgPool2d(2),
             )
-        in_widths = (WIDTHS[0],) + WIDTHS[:-1]
+        in_widths = (WIDTHS[0], *WIDTHS[:-1])
         self.layers = nn.ModuleList(
-            APBlock(i, o, downsample=k > 0, norm=norm)
-            for k, (i, o) in enumerate(zip(in_widths, WIDTHS))
+            APBlock(i, o, downsample=k > 0, norm=norm) for k, (i, o) in enumerate(zip(in_widths, WIDTHS, strict=False))
         )
         self.fc = nn.Linear(WIDTHS[-1], num_classes)
 

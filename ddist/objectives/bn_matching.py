@@ -37,10 +37,11 @@ def bn_statistic_loss(
     (running_mean, running_var); w_0 = first_bn_multiplier, w_l = 1 for l > 0.
     """
     total = moments[0][0].new_zeros(())
-    for index, ((mean, var), (running_mean, running_var)) in enumerate(zip(moments, running)):
+    for index, ((mean, var), (running_mean, running_var)) in enumerate(zip(moments, running, strict=False)):
         weight = first_bn_multiplier if index == 0 else 1.0
-        total = total + weight * (torch.linalg.vector_norm(mean - running_mean)
-                                  + torch.linalg.vector_norm(var - running_var))
+        total = total + weight * (
+            torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
+        )
     return total
 
 
@@ -59,6 +60,7 @@ class BNStatistics:
     def _hook(self, index: int):
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             self.moments[index] = batch_moments(inputs[0])
+
         return record
 
     @property
@@ -89,8 +91,9 @@ class SRe2LObjective:
     def num_bn_layers(self) -> int:
         return len(self.bn.layers)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, iteration: int, iterations: int
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, iteration: int, iterations: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss for one augmented batch and its parts (detached) for logging."""
         logits = self.teacher(images)
         ce = F.cross_entropy(logits, labels)

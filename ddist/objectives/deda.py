@@ -57,8 +57,9 @@ REG_NORMALISATIONS = ("mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel")
 # ----------------------------------------------------------------------------- class statistics
 
 
-def class_moments(features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def class_moments(
+    features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class mean [K, d] and biased covariance [K, d, d] of `features` [N, d].
 
     One batched reduction through a one-hot matrix [N, K] (K = len(classes)), no loop
@@ -123,8 +124,9 @@ def covariance_alignment(cov_s: torch.Tensor, cov_r: torch.Tensor) -> torch.Tens
     return (cov_s - cov_r).pow(2).sum(dim=(-2, -1)) / cov_s.shape[-1]
 
 
-def diversity_regulariser(cov: torch.Tensor, lambda_diag: float, lambda_offdiag: float,
-                          normalisation: str) -> torch.Tensor:
+def diversity_regulariser(
+    cov: torch.Tensor, lambda_diag: float, lambda_offdiag: float, normalisation: str
+) -> torch.Tensor:
     """-lambda_diag * D(diag Cov_c) + lambda_offdiag * O(Cov_c - Diag(Cov_c)) per class:
     [K, d, d] -> [K]. The supplement maximises the diagonal of Cov_S,c^L (its Eq. 11) and
     minimises ||Cov_S,c^L - Diag(Cov_S,c^L)||_F^2 (its Eq. 12) without saying how either is
@@ -184,10 +186,20 @@ class DEDAObjective:
     have all its `ipc` images in it (the statistics are per class).
     """
 
-    def __init__(self, teacher: nn.Module, real_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]], ipc: int,
-                 mean_weight: float, gamma: float, lambda_diag: float, lambda_offdiag: float,
-                 reg_iterations: int, reg_normalisation: str, class_reduction: str = "mean",
-                 ce_weight: float = 1.0):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        real_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        ipc: int,
+        mean_weight: float,
+        gamma: float,
+        lambda_diag: float,
+        lambda_offdiag: float,
+        reg_iterations: int,
+        reg_normalisation: str,
+        class_reduction: str = "mean",
+        ce_weight: float = 1.0,
+    ):
         if class_reduction not in CLASS_REDUCTIONS:
             raise ValueError(f"class_reduction must be one of {CLASS_REDUCTIONS}")
         if reg_normalisation not in REG_NORMALISATIONS:
@@ -202,15 +214,18 @@ class DEDAObjective:
         self.ce_weight = ce_weight
         self.use_covariance = ipc > 1
         if not self.use_covariance:
-            warn("DEDA with IPC = 1: a single image per class has no covariance, so the covariance "
-                 "alignment and the diversity regulariser are skipped (mean alignment and CE remain).")
+            warn(
+                "DEDA with IPC = 1: a single image per class has no covariance, so the covariance "
+                "alignment and the diversity regulariser are skipped (mean alignment and CE remain)."
+            )
 
     def regularising(self, iteration: int, iterations: int) -> bool:
         """The regulariser is on in the last `reg_iterations` of `iterations` (0-based index)."""
         return self.use_covariance and iteration >= iterations - self.reg_iterations
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, iteration: int, iterations: int
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, iteration: int, iterations: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss for one augmented batch of whole classes and its parts (detached)."""
         logits, feats = self.teacher.forward_features(images)
         ce = F.cross_entropy(logits, labels)

@@ -28,7 +28,7 @@ class ClassMemory:
         for c in y.unique().tolist():
             old = self.items[c]
             new = flat[y == c] if old is None else torch.cat([old, flat[y == c]])
-            self.items[c] = new[-self.size:]
+            self.items[c] = new[-self.size :]
 
     def get(self, c: int) -> torch.Tensor | None:
         """The stored vectors [M, D] of class c, oldest first; None while empty."""

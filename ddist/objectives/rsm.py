@@ -37,7 +37,7 @@ def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor | floa
 def denoising_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """The `plain` objective, L_simple of Ho et al. 2020 (eq. 14).
 
-        L_plain = ||eps - eps_theta(x_t, t, y)||^2, averaged over batch and dimensions.
+    L_plain = ||eps - eps_theta(x_t, t, y)||^2, averaged over batch and dimensions.
     """
     return F.mse_loss(eps_pred, eps)
 

@@ -73,21 +73,28 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     syn_f, real_f = features(teacher, syn_x, device), features(teacher, real_x, device)
     analysis = set_metrics(syn_x, syn_y, syn_f, real_x, real_y, real_f, same_pos, spec)
     layer = covariance_layer(cfg, teacher)
-    analysis["covariance"] = covariance_metrics(features(teacher, syn_x, device, layer), syn_y,
-                                                features(teacher, real_x[same_pos], device, layer), real_y[same_pos],
-                                                spec.num_classes, layer)
+    analysis["covariance"] = covariance_metrics(
+        features(teacher, syn_x, device, layer),
+        syn_y,
+        features(teacher, real_x[same_pos], device, layer),
+        real_y[same_pos],
+        spec.num_classes,
+        layer,
+    )
     analysis["num_real_per_class"] = int(acfg.real_samples_per_class)
     if acfg.fid.weights:
-        analysis["fid"] = fid.inception_fid(spec.denormalize(real_x).clamp(0, 1), spec.denormalize(syn_x).clamp(0, 1),
-                                            acfg.fid.weights, device)
+        analysis["fid"] = fid.inception_fid(
+            spec.denormalize(real_x).clamp(0, 1), spec.denormalize(syn_x).clamp(0, 1), acfg.fid.weights, device
+        )
     if acfg.robust_scores:
         analysis["robust"] = robust_baselines(cfg, ctx, train, out_dir)
     analysis["cost"] = {"seconds": dict(ctx.get("timings", {})), "peak_memory_mb": dict(ctx.get("peak_memory_mb", {}))}
 
     # -- figures and outputs
     if acfg.figures:
-        analysis["figures"] = [str(p.relative_to(ctx["run_dir"])) for p in
-                               draw_figures(out_dir, syn_x, syn_y, spec, analysis)]
+        analysis["figures"] = [
+            str(p.relative_to(ctx["run_dir"])) for p in draw_figures(out_dir, syn_x, syn_y, spec, analysis)
+        ]
     atomic_write_text(Path(ctx["run_dir"]) / "analysis.json", json.dumps(analysis, indent=2))
     ctx["results"]["analysis"] = analysis
     log_analysis(ctx["logger"], analysis, spec, Path(ctx["run_dir"]))
@@ -122,11 +129,14 @@ def same_ipc_rows(class_sizes: list[int], ipc: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def features(model: torch.nn.Module, x: torch.Tensor, device: torch.device, key: str = "penultimate",
-             batch_size: int = 256) -> torch.Tensor:
+def features(
+    model: torch.nn.Module, x: torch.Tensor, device: torch.device, key: str = "penultimate", batch_size: int = 256
+) -> torch.Tensor:
     """The model's `key` features (forward_features) of normalised images [N,C,H,W], on the CPU."""
-    feats = [model.forward_features(x[i:i + batch_size].to(device))[1][key].float().cpu()
-             for i in range(0, len(x), batch_size)]
+    feats = [
+        model.forward_features(x[i : i + batch_size].to(device))[1][key].float().cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(feats)
 
 
@@ -156,26 +166,46 @@ def set_metrics(syn_x, syn_y, syn_f, real_x, real_y, real_f, same_pos, spec) -> 
     syn_cos, syn_cos_all = diversity.within_class_cosine(syn_f, syn_y, k)
     real_cos, real_cos_all = diversity.within_class_cosine(same_f, same_y, k)
     return {
-        "prototype_distance": {"synthetic": syn_pd_all, "real_same_ipc": same_pd_all, "real": real_pd_all,
-                               "synthetic_to_real_centres": to_real, "synthetic_per_class": _list(syn_pd),
-                               "real_same_ipc_per_class": _list(same_pd), "real_per_class": _list(real_pd)},
-        "ssim": {"synthetic": syn_ssim_all, "real_same_ipc": real_ssim_all,
-                 "synthetic_per_class": _list(syn_ssim), "real_same_ipc_per_class": _list(real_ssim)},
-        "feature_cosine": {"synthetic": syn_cos_all, "real_same_ipc": real_cos_all,
-                           "synthetic_per_class": _list(syn_cos), "real_same_ipc_per_class": _list(real_cos)},
-        "spectrum": {"synthetic": spectrum.spectrum_summary(syn_f), "real_same_ipc": spectrum.spectrum_summary(same_f),
-                     "real": spectrum.spectrum_summary(real_f)},
+        "prototype_distance": {
+            "synthetic": syn_pd_all,
+            "real_same_ipc": same_pd_all,
+            "real": real_pd_all,
+            "synthetic_to_real_centres": to_real,
+            "synthetic_per_class": _list(syn_pd),
+            "real_same_ipc_per_class": _list(same_pd),
+            "real_per_class": _list(real_pd),
+        },
+        "ssim": {
+            "synthetic": syn_ssim_all,
+            "real_same_ipc": real_ssim_all,
+            "synthetic_per_class": _list(syn_ssim),
+            "real_same_ipc_per_class": _list(real_ssim),
+        },
+        "feature_cosine": {
+            "synthetic": syn_cos_all,
+            "real_same_ipc": real_cos_all,
+            "synthetic_per_class": _list(syn_cos),
+            "real_same_ipc_per_class": _list(real_cos),
+        },
+        "spectrum": {
+            "synthetic": spectrum.spectrum_summary(syn_f),
+            "real_same_ipc": spectrum.spectrum_summary(same_f),
+            "real": spectrum.spectrum_summary(real_f),
+        },
         "fd_teacher": fid.frechet_distance_features(real_f, syn_f) if len(syn_f) > 1 else None,
     }
 
 
 def covariance_metrics(syn_f, syn_y, same_f, same_y, num_classes: int, layer: str) -> dict:
     """Per-class covariance figures of the synthetic set and of real images at the same IPC."""
-    return {"layer": layer, "dim": int(syn_f.shape[1]),
-            "note": "per class over the top min(n - 1, d) eigenvalues of its covariance (n images); "
-                    "null: fewer than two images, or a numerically zero eigenvalue among them",
-            "synthetic": covariance.class_covariance_figures(syn_f, syn_y, num_classes),
-            "real_same_ipc": covariance.class_covariance_figures(same_f, same_y, num_classes)}
+    return {
+        "layer": layer,
+        "dim": int(syn_f.shape[1]),
+        "note": "per class over the top min(n - 1, d) eigenvalues of its covariance (n images); "
+        "null: fewer than two images, or a numerically zero eigenvalue among them",
+        "synthetic": covariance.class_covariance_figures(syn_f, syn_y, num_classes),
+        "real_same_ipc": covariance.class_covariance_figures(same_f, same_y, num_classes),
+    }
 
 
 def _list(t: torch.Tensor) -> list:
@@ -232,8 +262,12 @@ def robust_baselines(cfg: DictConfig, ctx: dict, train, out_dir: Path) -> dict:
     accs["syn_noaug"] = acc(distilled, {**same, **NO_AUGMENT})
     accs["random_noaug"] = acc(random_path, {**same, **NO_AUGMENT})
     scores = robust.robust_scores(accs, w=acfg.lrs_weight, gamma=acfg.ars_weight)
-    return {"student": student if isinstance(student, str) else OmegaConf.to_container(student),
-            "protocol": ev.protocol, "accuracies": accs, **scores}
+    return {
+        "student": student if isinstance(student, str) else OmegaConf.to_container(student),
+        "protocol": ev.protocol,
+        "accuracies": accs,
+        **scores,
+    }
 
 
 def random_real_set(cfg: DictConfig, ctx: dict, train, path: Path) -> Path:
@@ -241,9 +275,19 @@ def random_real_set(cfg: DictConfig, ctx: dict, train, path: Path) -> Path:
     spec = ctx["spec"]
     idx = pick_random_real(train, spec.num_classes, cfg.ipc, cfg.seed)
     images = torch.stack([train[int(i)][0] for i in idx])
-    return save_distilled(path, images, train.targets[idx], spec,
-                          {"dataset": spec.name, "method": "random", "ipc": cfg.ipc, "seed": cfg.seed,
-                           "config": {"indices": idx.tolist()}})
+    return save_distilled(
+        path,
+        images,
+        train.targets[idx],
+        spec,
+        {
+            "dataset": spec.name,
+            "method": "random",
+            "ipc": cfg.ipc,
+            "seed": cfg.seed,
+            "config": {"indices": idx.tolist()},
+        },
+    )
 
 
 def real_hard_accuracy(cfg: DictConfig, ctx: dict, train, hard: dict) -> float:
@@ -256,8 +300,11 @@ def real_hard_accuracy(cfg: DictConfig, ctx: dict, train, hard: dict) -> float:
     if cfg.analyse.real_hard_acc is not None:
         return float(cfg.analyse.real_hard_acc)
     ev_hard = OmegaConf.merge(cfg.evaluate, hard)
-    key = {"dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
-           "evaluate": OmegaConf.to_container(ev_hard, resolve=True), "seed": cfg.seed}
+    key = {
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "evaluate": OmegaConf.to_container(ev_hard, resolve=True),
+        "seed": cfg.seed,
+    }
     entry = cache_entry(cfg, "real_hard_acc", key)
     result = entry / "acc.json"
     if result.is_file():
@@ -266,8 +313,13 @@ def real_hard_accuracy(cfg: DictConfig, ctx: dict, train, hard: dict) -> float:
     # The whole split as one DistilledSet; its "ipc" (largest class) picks the epochs entry.
     largest = max(len(class_indices(train, c)) for c in range(spec.num_classes))
     images = torch.stack([train[i][0] for i in range(len(train))])
-    full = save_distilled(entry / "full_train", images, train.targets, spec,
-                          {"dataset": spec.name, "method": "full_real", "ipc": largest, "seed": cfg.seed})
+    full = save_distilled(
+        entry / "full_train",
+        images,
+        train.targets,
+        spec,
+        {"dataset": spec.name, "method": "full_real", "ipc": largest, "seed": cfg.seed},
+    )
     value = evaluate_set(cfg, ctx, full, hard)[0]["acc_mean"]
     atomic_write_text(result, json.dumps({"acc": value}))
     return value
@@ -282,9 +334,11 @@ def draw_figures(out_dir: Path, syn_x, syn_y, spec, analysis: dict) -> list[Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return [grid_figure(plt, out_dir / "grid.png", spec.denormalize(syn_x).clamp(0, 1), syn_y, spec.classes),
-            spectrum_figure(plt, out_dir / "spectrum.png", analysis["spectrum"]),
-            prototype_figure(plt, out_dir / "prototype_distance.png", analysis["prototype_distance"], spec.classes)]
+    return [
+        grid_figure(plt, out_dir / "grid.png", spec.denormalize(syn_x).clamp(0, 1), syn_y, spec.classes),
+        spectrum_figure(plt, out_dir / "spectrum.png", analysis["spectrum"]),
+        prototype_figure(plt, out_dir / "prototype_distance.png", analysis["prototype_distance"], spec.classes),
+    ]
 
 
 def grid_figure(plt, path: Path, images01: torch.Tensor, labels: torch.Tensor, classes) -> Path:
@@ -296,11 +350,16 @@ def grid_figure(plt, path: Path, images01: torch.Tensor, labels: torch.Tensor, c
     canvas = torch.ones(channels, len(shown) * (h + pad), cols * (w + pad))
     for r, c in enumerate(shown):
         for j, img in enumerate(images01[labels == c][:cols]):
-            canvas[:, r * (h + pad):r * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = img
+            canvas[:, r * (h + pad) : r * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = img
     fig, ax = plt.subplots(figsize=(max(3, cols * 0.8), max(2, len(shown) * 0.8)))
     array = canvas.permute(1, 2, 0).numpy()
-    ax.imshow(array[..., 0] if channels == 1 else array, cmap="gray" if channels == 1 else None,
-              vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(
+        array[..., 0] if channels == 1 else array,
+        cmap="gray" if channels == 1 else None,
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
     ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(shown))], [str(classes[c]) for c in shown])
     ax.set_xticks([])
     ax.set_title("distilled images per class")
@@ -322,12 +381,19 @@ def finish_figure(plt, fig, ax, title: str, path: Path) -> Path:
 
 def spectrum_figure(plt, path: Path, spectra: dict) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label, style in (("real", "real (subsample)", ":"), ("real_same_ipc", "real, same IPC", "--"),
-                              ("synthetic", "synthetic", "-")):
+    for key, label, style in (
+        ("real", "real (subsample)", ":"),
+        ("real_same_ipc", "real, same IPC", "--"),
+        ("synthetic", "synthetic", "-"),
+    ):
         s = spectra[key]["normalized_singular_values"]
         if s:
-            ax.plot(range(1, len(s) + 1), s, style,
-                    label=f"{label}: erank {spectra[key]['effective_rank']:.1f}, slope {spectra[key]['decay_slope']:.2f}")
+            ax.plot(
+                range(1, len(s) + 1),
+                s,
+                style,
+                label=f"{label}: erank {spectra[key]['effective_rank']:.1f}, slope {spectra[key]['decay_slope']:.2f}",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("index i")
@@ -352,17 +418,40 @@ def prototype_figure(plt, path: Path, pd: dict, classes) -> Path:
 def log_analysis(logger, analysis: dict, spec, run_dir: Path) -> None:
     logger.log({f"analyse/{k}": v for k, v in headline(analysis).items()})
     pd, ssim, cos = analysis["prototype_distance"], analysis["ssim"], analysis["feature_cosine"]
-    rows = [[str(name), pd["synthetic_per_class"][c], pd["real_same_ipc_per_class"][c],
-             ssim["synthetic_per_class"][c], ssim["real_same_ipc_per_class"][c], cos["synthetic_per_class"][c],
-             cos["real_same_ipc_per_class"][c]] for c, name in enumerate(spec.classes)]
-    logger.log_table("analyse/per_class", ["class", "proto_dist_synthetic", "proto_dist_real_same_ipc",
-                                           "ssim_synthetic", "ssim_real_same_ipc", "feature_cosine_synthetic",
-                                           "feature_cosine_real_same_ipc"], rows)
+    rows = [
+        [
+            str(name),
+            pd["synthetic_per_class"][c],
+            pd["real_same_ipc_per_class"][c],
+            ssim["synthetic_per_class"][c],
+            ssim["real_same_ipc_per_class"][c],
+            cos["synthetic_per_class"][c],
+            cos["real_same_ipc_per_class"][c],
+        ]
+        for c, name in enumerate(spec.classes)
+    ]
+    logger.log_table(
+        "analyse/per_class",
+        [
+            "class",
+            "proto_dist_synthetic",
+            "proto_dist_real_same_ipc",
+            "ssim_synthetic",
+            "ssim_real_same_ipc",
+            "feature_cosine_synthetic",
+            "feature_cosine_real_same_ipc",
+        ],
+        rows,
+    )
     cov = analysis["covariance"]
     figures = covariance.FIGURES
-    logger.log_table("analyse/covariance_per_class",
-                     ["class", *(f"{k}_{side}" for side in ("synthetic", "real_same_ipc") for k in figures)],
-                     [[str(name), *(cov[side][f"{k}_per_class"][c] for side in ("synthetic", "real_same_ipc")
-                                    for k in figures)] for c, name in enumerate(spec.classes)])
+    logger.log_table(
+        "analyse/covariance_per_class",
+        ["class", *(f"{k}_{side}" for side in ("synthetic", "real_same_ipc") for k in figures)],
+        [
+            [str(name), *(cov[side][f"{k}_per_class"][c] for side in ("synthetic", "real_same_ipc") for k in figures)]
+            for c, name in enumerate(spec.classes)
+        ],
+    )
     for rel in analysis.get("figures", []):
         logger.log_image(f"analyse/{Path(rel).stem}", run_dir / rel)

@@ -20,5 +20,3 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     for s in students:
         ctx["logger"].log({f"evaluate/{s['name']}/{s['protocol']}/acc_mean": s["acc_mean"]})
     return ctx
-
-

@@ -20,8 +20,18 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
     idx = pick_random_real(train, spec.num_classes, cfg.ipc, cfg.seed)
     images = torch.stack([train[int(i)][0] for i in idx])
-    path = save_distilled(Path(ctx["run_dir"]) / "distilled", images, train.targets[idx], spec,
-                          {"dataset": spec.name, "method": "random", "ipc": cfg.ipc, "seed": cfg.seed,
-                           "config": {"indices": idx.tolist()}})
+    path = save_distilled(
+        Path(ctx["run_dir"]) / "distilled",
+        images,
+        train.targets[idx],
+        spec,
+        {
+            "dataset": spec.name,
+            "method": "random",
+            "ipc": cfg.ipc,
+            "seed": cfg.seed,
+            "config": {"indices": idx.tolist()},
+        },
+    )
     ctx["distilled"] = path
     return ctx

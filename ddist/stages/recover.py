@@ -60,11 +60,16 @@ def batch_groups(num_classes: int, ipc: int, mode: str, size: int | None) -> lis
     """
     if mode == "ipc_slice":
         per_batch = size or num_classes
-        return [torch.arange(start, min(start + per_batch, num_classes)) * ipc + i
-                for i in range(ipc) for start in range(0, num_classes, per_batch)]
+        return [
+            torch.arange(start, min(start + per_batch, num_classes)) * ipc + i
+            for i in range(ipc)
+            for start in range(0, num_classes, per_batch)
+        ]
     per_batch = max(1, size // ipc) if size else num_classes
-    return [torch.arange(start * ipc, min(start + per_batch, num_classes) * ipc)
-            for start in range(0, num_classes, per_batch)]
+    return [
+        torch.arange(start * ipc, min(start + per_batch, num_classes) * ipc)
+        for start in range(0, num_classes, per_batch)
+    ]
 
 
 def pixel_bounds(spec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +108,14 @@ def class_sorted_batches(ds, spec, batch_size: int, num_workers: int = 0):
         yield from DataLoader(Subset(ds, order.tolist()), batch_size=batch_size, num_workers=num_workers)
         return
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield spec.normalize(ds.images[idx].float() / 255), ds.targets[idx]
 
 
 @torch.no_grad()
-def real_class_stats(teacher, batches, num_classes: int, layers: list[str], device: torch.device,
-                     total: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def real_class_stats(
+    teacher, batches, num_classes: int, layers: list[str], device: torch.device, total: int | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (mean [C, d], cov [C, d, d])} of the teacher's features over real batches:
     one forward per batch, per-class sums accumulated by index_add (ClassMomentSums)."""
     sums = None
@@ -129,10 +135,17 @@ def load_class_stats(cfg: DictConfig, ctx: dict, teacher, layers: list[str]) -> 
         train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
         batch_size = cfg.recover.deda.stats_batch_size
         batches = class_sorted_batches(train, ctx["spec"], batch_size, cfg.teacher.get("num_workers", 0))
-        stats = real_class_stats(teacher, batches,
-                                 ctx["spec"].num_classes, layers, ctx["device"],
-                                 total=math.ceil(len(train.targets) / batch_size))
-        atomic_save_tensors(path, {f"{k}.{part}": t for k, pair in stats.items() for part, t in zip(("mean", "cov"), pair)})
+        stats = real_class_stats(
+            teacher,
+            batches,
+            ctx["spec"].num_classes,
+            layers,
+            ctx["device"],
+            total=math.ceil(len(train.targets) / batch_size),
+        )
+        atomic_save_tensors(
+            path, {f"{k}.{part}": t for k, pair in stats.items() for part, t in zip(("mean", "cov"), pair, strict=True)}
+        )
         info(f"real class statistics for {layers} cached at {path}")
     tensors = load_tensors(path, what="real class statistics")
     ctx["class_stats"] = path
@@ -144,17 +157,25 @@ def load_class_stats(cfg: DictConfig, ctx: dict, teacher, layers: list[str]) -> 
 
 def check_options(cfg: DictConfig) -> None:
     rcfg = cfg.recover
-    choices = {"objective": (rcfg.objective, RECOVER_OBJECTIVES), "init": (rcfg.init, INITS),
-               "schedule": (rcfg.schedule, SCHEDULES), "batch.mode": (rcfg.batch.mode, BATCH_MODES)}
+    choices = {
+        "objective": (rcfg.objective, RECOVER_OBJECTIVES),
+        "init": (rcfg.init, INITS),
+        "schedule": (rcfg.schedule, SCHEDULES),
+        "batch.mode": (rcfg.batch.mode, BATCH_MODES),
+    }
     for option, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"recover.{option}={value!r} is not one of {list(allowed)}; set recover.{option}.")
     if rcfg.objective == "deda" and rcfg.deda.reg_normalisation not in REG_NORMALISATIONS:
-        raise ConfigError(f"recover.deda.reg_normalisation={rcfg.deda.reg_normalisation!r} is not one of "
-                          f"{list(REG_NORMALISATIONS)}; set recover.deda.reg_normalisation.")
+        raise ConfigError(
+            f"recover.deda.reg_normalisation={rcfg.deda.reg_normalisation!r} is not one of "
+            f"{list(REG_NORMALISATIONS)}; set recover.deda.reg_normalisation."
+        )
     if rcfg.objective == "deda" and rcfg.batch.mode != "whole_class":
-        raise ConfigError("DEDA's statistics are per class, so every class needs all its images in one batch: "
-                          "set recover.batch.mode=whole_class.")
+        raise ConfigError(
+            "DEDA's statistics are per class, so every class needs all its images in one batch: "
+            "set recover.batch.mode=whole_class."
+        )
     if rcfg.iterations < 1 or cfg.ipc < 1:
         raise ConfigError(f"recover.iterations={rcfg.iterations} and ipc={cfg.ipc} must be >= 1; fix them.")
     if rcfg.batch.size is not None and rcfg.batch.size < 1:
@@ -167,24 +188,43 @@ def build_objective(cfg: DictConfig, ctx: dict, teacher):
         objective = SRe2LObjective(teacher, ce_weight=rcfg.ce_weight, **rcfg.bn_matching)
         if objective.num_bn_layers == 0:
             objective.close()
-            raise ConfigError("recover.objective=sre2l matches BatchNorm statistics, but the teacher has no "
-                              "BatchNorm2d layer; use a teacher with teacher.model.norm=batch (or recover=deda).")
+            raise ConfigError(
+                "recover.objective=sre2l matches BatchNorm statistics, but the teacher has no "
+                "BatchNorm2d layer; use a teacher with teacher.model.norm=batch (or recover=deda)."
+            )
         return objective
     dcfg = rcfg.deda
     layers = deda_layers(cfg, teacher)
     real = load_class_stats(cfg, ctx, teacher, layers)
-    return DEDAObjective(teacher, real, cfg.ipc, mean_weight=dcfg.mean_weight, gamma=dcfg.gamma,
-                         lambda_diag=dcfg.lambda_diag, lambda_offdiag=dcfg.lambda_offdiag,
-                         reg_iterations=dcfg.reg_iterations, reg_normalisation=dcfg.reg_normalisation,
-                         class_reduction=dcfg.class_reduction,
-                         ce_weight=rcfg.ce_weight)
+    return DEDAObjective(
+        teacher,
+        real,
+        cfg.ipc,
+        mean_weight=dcfg.mean_weight,
+        gamma=dcfg.gamma,
+        lambda_diag=dcfg.lambda_diag,
+        lambda_offdiag=dcfg.lambda_offdiag,
+        reg_iterations=dcfg.reg_iterations,
+        reg_normalisation=dcfg.reg_normalisation,
+        class_reduction=dcfg.class_reduction,
+        ce_weight=rcfg.ce_weight,
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def optimise_batch(objective, x0: torch.Tensor, labels: torch.Tensor, rcfg, augment, resolution: int,
-                   bounds: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator, on_step) -> torch.Tensor:
+def optimise_batch(
+    objective,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    rcfg,
+    augment,
+    resolution: int,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
+    on_step,
+) -> torch.Tensor:
     """Optimise one batch of pixels for `rcfg.iterations` steps; returns the last iterate."""
     x = x0.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=rcfg.lr, betas=tuple(rcfg.betas))
@@ -193,8 +233,12 @@ def optimise_batch(objective, x0: torch.Tensor, labels: torch.Tensor, rcfg, augm
     for it in range(iterations):
         x_aug = apply(x, sample_params(len(labels), augment, resolution, generator))
         loss, parts = objective(x_aug, labels, it, iterations)
-        check_finite(loss, "recover", it, "Lower recover.lr (or the objective's weights, e.g. "
-                     "recover.bn_matching.r_bn or recover.deda.gamma).")
+        check_finite(
+            loss,
+            "recover",
+            it,
+            "Lower recover.lr (or the objective's weights, e.g. recover.bn_matching.r_bn or recover.deda.gamma).",
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -224,21 +268,40 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     def on_step(it: int, loss: torch.Tensor, parts: dict, lr: float) -> None:
         bar.update(1)
         if it % rcfg.log_every == 0 or it == rcfg.iterations - 1:
-            logger.log({"recover/loss": loss.item(), "recover/lr": lr,
-                        **{f"recover/{k}": v.item() for k, v in parts.items()}})
+            logger.log(
+                {"recover/loss": loss.item(), "recover/lr": lr, **{f"recover/{k}": v.item() for k, v in parts.items()}}
+            )
             bar.set_postfix(loss=f"{loss.item():.4f}")
 
     try:
         for g, idx in enumerate(groups):
-            images[idx] = optimise_batch(objective, images[idx].to(device), labels[idx].to(device), rcfg, augment,
-                                         spec.resolution, bounds, generator, on_step).cpu()
+            images[idx] = optimise_batch(
+                objective,
+                images[idx].to(device),
+                labels[idx].to(device),
+                rcfg,
+                augment,
+                spec.resolution,
+                bounds,
+                generator,
+                on_step,
+            ).cpu()
             info(f"recover batch {g + 1}/{len(groups)} done ({len(idx)} images, {rcfg.iterations} iterations)")
     finally:
         objective.close()
         bar.close()
 
     ctx["distilled"] = save_distilled(
-        Path(ctx["run_dir"]) / "distilled", images, labels, spec,
-        {"dataset": spec.name, "method": rcfg.objective, "ipc": cfg.ipc, "seed": cfg.seed,
-         "config": {"recover": to_plain(rcfg), "teacher": to_plain(cfg.teacher)}})
+        Path(ctx["run_dir"]) / "distilled",
+        images,
+        labels,
+        spec,
+        {
+            "dataset": spec.name,
+            "method": rcfg.objective,
+            "ipc": cfg.ipc,
+            "seed": cfg.seed,
+            "config": {"recover": to_plain(rcfg), "teacher": to_plain(cfg.teacher)},
+        },
+    )
     return ctx

@@ -33,14 +33,18 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     distilled = load_distilled(cfg.evaluate.distilled or ctx["distilled"], ctx["spec"])
     teacher, device = load_teacher(cfg, ctx), ctx["device"]
     epochs = epochs_for(cfg.relabel.epochs, distilled.ipc)
-    settings = {**plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, len(distilled.labels), epochs),
-                "top_k": cfg.relabel.top_k, "teacher_sha256": file_sha256(ctx["teacher"])}
+    settings = {
+        **plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, len(distilled.labels), epochs),
+        "top_k": cfg.relabel.top_k,
+        "teacher_sha256": file_sha256(ctx["teacher"]),
+    }
     steps_per_epoch = -(-settings["num_images"] // settings["batch_size"])
     out = Path(ctx["run_dir"]) / "relabel"
     with atomic_dir(out) as tmp, torch.no_grad():
         epoch_tensors: dict[str, torch.Tensor] = {}
-        for step, batch in enumerate(progress(plan(settings), desc="relabel",
-                                              total=steps_per_epoch * settings["epochs"])):
+        for step, batch in enumerate(
+            progress(plan(settings), desc="relabel", total=steps_per_epoch * settings["epochs"])
+        ):
             logits = teacher(augmented_batch(distilled.images, batch, device)).float().cpu()
             stored = {**batch, **compress_logits(logits, settings["top_k"])}
             epoch_tensors.update({f"{step:07d}/{k}": v for k, v in stored.items()})

@@ -91,10 +91,24 @@ def cached_or_trained(cfg: DictConfig, ctx: dict, entry: Path) -> tuple[Path, fl
         x, y, params = batch
         return F.cross_entropy(model(apply(x, params).to(device)), y.to(device))
 
-    fit(model, stream(), loss_fn, optimizer, schedule, total_steps=tcfg.epochs * steps_per_epoch,
-        steps_per_epoch=steps_per_epoch, stage="squeeze", hint="Lower teacher.lr.", logger=ctx["logger"],
-        log_every=tcfg.log_every, desc="teacher", clip_grad_norm=tcfg.clip_grad_norm, work_dir=entry,
-        precision=cfg.precision, compile=cfg.compile)
+    fit(
+        model,
+        stream(),
+        loss_fn,
+        optimizer,
+        schedule,
+        total_steps=tcfg.epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        stage="squeeze",
+        hint="Lower teacher.lr.",
+        logger=ctx["logger"],
+        log_every=tcfg.log_every,
+        desc="teacher",
+        clip_grad_norm=tcfg.clip_grad_norm,
+        work_dir=entry,
+        precision=cfg.precision,
+        compile=cfg.compile,
+    )
 
     # -- measure and cache (checkpoint first, meta last: meta marks a complete entry)
     acc = accuracy(model, test, spec, device)

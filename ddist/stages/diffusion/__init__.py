@@ -61,18 +61,34 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     cgs = dcfg["sample"]["method"] == "cgs"
     codec = make_codec(dcfg, spec.channels, need_encoder=_trains(dcfg) or cgs)
     train_scheduler = make_scheduler(dcfg["schedule"], "ddpm")
-    train = functools.partial(train_denoiser, codec=codec, spec=spec, scheduler=train_scheduler,
-                              image_size=image_size, device=device, logger=logger)
+    train = functools.partial(
+        train_denoiser,
+        codec=codec,
+        spec=spec,
+        scheduler=train_scheduler,
+        image_size=image_size,
+        device=device,
+        logger=logger,
+    )
 
     # base model (loaded or trained only when a model derived from it is not cached)
     base_key = _base_key(cfg, dcfg)
     if dcfg["model"]["pretrained"] is not None:
-        base = lambda: pretrained_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec)
+
+        def base():
+            return pretrained_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec)
     else:
-        base = lambda: _cached_model(
-            cfg, dcfg, "diffusion", base_key, spec,
-            make=lambda: fresh_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec),
-            fit=lambda d: train(d, ds=train_set(), tcfg=dcfg["train"], objective="plain", phase="train"))
+
+        def base():
+            return _cached_model(
+                cfg,
+                dcfg,
+                "diffusion",
+                base_key,
+                spec,
+                make=lambda: fresh_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec),
+                fit=lambda d: train(d, ds=train_set(), tcfg=dcfg["train"], objective="plain", phase="train"),
+            )
 
     # fine-tune
     objective = dcfg["finetune"]["objective"]
@@ -80,8 +96,14 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
         denoiser = base()
     else:
         denoiser = _cached_model(
-            cfg, dcfg, "diffusion_finetune", {"base": base_key, "finetune": dcfg["finetune"]}, spec, make=base,
-            fit=lambda d: train(d, ds=train_set(), tcfg=dcfg["finetune"], objective=objective, phase="finetune"))
+            cfg,
+            dcfg,
+            "diffusion_finetune",
+            {"base": base_key, "finetune": dcfg["finetune"]},
+            spec,
+            make=base,
+            fit=lambda d: train(d, ds=train_set(), tcfg=dcfg["finetune"], objective=objective, phase="finetune"),
+        )
     denoiser.net.to(device).eval().requires_grad_(False)
 
     # sample
@@ -91,8 +113,17 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
     scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
     info(f"diffusion: sampling {len(labels)} images ({dcfg['sample']['method']}, {dcfg['sample']['steps']} steps)")
-    z = sample_latents(denoiser, scheduler, labels, int(cfg.seed), dcfg["sample"], device, means, features,
-                       on_group=lambda g, n: info(f"diffusion: sampled group {g}/{n}"))
+    z = sample_latents(
+        denoiser,
+        scheduler,
+        labels,
+        int(cfg.seed),
+        dcfg["sample"],
+        device,
+        means,
+        features,
+        on_group=lambda g, n: info(f"diffusion: sampled group {g}/{n}"),
+    )
 
     # save
     images = decode(codec, z, spec, dcfg["sample"]["batch_size"])
@@ -100,8 +131,13 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
         acc = samples_accuracy(teacher, images, labels, device, dcfg["sample"]["batch_size"])
         ctx["results"]["diffusion"] = {"teacher_acc_on_samples": acc}
         info(f"diffusion: teacher accuracy on the samples {acc:.4f}")
-    meta = {"dataset": spec.name, "method": cfg.pipeline.name, "ipc": int(cfg.ipc), "seed": int(cfg.seed),
-            "config": {"diffusion": dcfg}}
+    meta = {
+        "dataset": spec.name,
+        "method": cfg.pipeline.name,
+        "ipc": int(cfg.ipc),
+        "seed": int(cfg.seed),
+        "config": {"diffusion": dcfg},
+    }
     ctx["distilled"] = save_distilled(Path(ctx["run_dir"]) / "distilled", images, labels, spec, meta)
     return ctx
 
@@ -146,9 +182,13 @@ def _cached_model(cfg, dcfg, kind, key, spec, make, fit):
 @torch.no_grad()
 def class_means(cfg, dcfg, codec, train_set, spec, image_size, device) -> torch.Tensor:
     """mu_real,0^c: the mean clean latent of each class over the real train split [K, C, h, w], cached."""
-    key = {"data": data_key(cfg), "backbone": dcfg["backbone"],
-           "codec": None if dcfg["backbone"] == "pixel" else
-           {k: dcfg["model"].get(k) for k in ("vae", "vae_subfolder", "vae_config", "image_size")}}
+    key = {
+        "data": data_key(cfg),
+        "backbone": dcfg["backbone"],
+        "codec": None
+        if dcfg["backbone"] == "pixel"
+        else {k: dcfg["model"].get(k) for k in ("vae", "vae_subfolder", "vae_config", "image_size")},
+    }
     path = cache_entry(cfg, "diffusion_means", key) / "means.safetensors"
     if path.is_file():
         return load_tensors(path, "class mean latents")["means"]
@@ -171,6 +211,7 @@ def teacher_features(teacher: torch.nn.Module, codec, spec):
     without its clip. reading: unclipped, so pixels an early, overshooting x0_hat puts outside
     [0, 1] still get a gradient.
     """
+
     def features(x0_hat: torch.Tensor) -> torch.Tensor:
         x = resize(codec.decode(x0_hat).float(), spec.resolution)
         return teacher.forward_features(spec.normalize((x + 1) / 2))[1]["penultimate"]
@@ -179,11 +220,13 @@ def teacher_features(teacher: torch.nn.Module, codec, spec):
 
 
 @torch.no_grad()
-def samples_accuracy(teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
-                     batch_size: int) -> float:
+def samples_accuracy(
+    teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int
+) -> float:
     """Top-1 accuracy (a fraction) of the teacher on dataset-normalised images with their intended labels."""
-    preds = torch.cat([teacher(images[s:s + batch_size].to(device)).argmax(1).cpu()
-                       for s in range(0, len(images), batch_size)])
+    preds = torch.cat(
+        [teacher(images[s : s + batch_size].to(device)).argmax(1).cpu() for s in range(0, len(images), batch_size)]
+    )
     return float((preds == labels).float().mean())
 
 
@@ -192,6 +235,6 @@ def decode(codec, z: torch.Tensor, spec, batch_size: int) -> torch.Tensor:
     """Latents -> images in the dataset's normalised space, at its resolution, clipped to [0, 1] pixels."""
     out = []
     for s in range(0, len(z), batch_size):
-        x = resize(codec.decode(z[s:s + batch_size]).float(), spec.resolution)
+        x = resize(codec.decode(z[s : s + batch_size]).float(), spec.resolution)
         out.append(spec.normalize(((x + 1) / 2).clamp(0, 1)).cpu())
     return torch.cat(out)

@@ -34,11 +34,11 @@ from ddist.errors import ConfigError
 class Denoiser:
     """eps_theta(z_t, t, y) of one backbone, with its class-id mapping."""
 
-    net: torch.nn.Module            # UNet2DModel | DiTTransformer2DModel
+    net: torch.nn.Module  # UNet2DModel | DiTTransformer2DModel
     latent_shape: tuple[int, int, int]
-    class_ids: torch.Tensor         # [num_classes]: dataset label -> model class id
-    null_id: int                    # the model's unconditional class id
-    drops_labels: bool              # DiT drops labels itself (10%) in train mode
+    class_ids: torch.Tensor  # [num_classes]: dataset label -> model class id
+    null_id: int  # the model's unconditional class id
+    drops_labels: bool  # DiT drops labels itself (10%) in train mode
 
     def eps(self, z: torch.Tensor, t: torch.Tensor, model_ids: torch.Tensor) -> torch.Tensor:
         """Predicted noise [B, C, h, w]; a learned-variance head (DiT) is dropped, as in diffusers' DiTPipeline."""
@@ -96,11 +96,18 @@ def from_pretrained(cls, path: str, option: str, **kwargs):
 def build_unet(model_cfg: Mapping, num_classes: int, channels: int, resolution: int) -> UNet2DModel:
     """A fresh UNet2DModel from `diffusion.model.unet` (class table num_classes + 1: the last id is null)."""
     try:
-        return UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels,
-                           num_class_embeds=num_classes + 1, **model_cfg["unet"])
+        return UNet2DModel(
+            sample_size=resolution,
+            in_channels=channels,
+            out_channels=channels,
+            num_class_embeds=num_classes + 1,
+            **model_cfg["unet"],
+        )
     except (ValueError, TypeError) as err:  # diffusers validates the block lists in its constructor
-        raise ConfigError(f"diffusion.model.unet does not describe a UNet2DModel: {err} "
-                          "Give block_out_channels, down_block_types and up_block_types the same length.") from None
+        raise ConfigError(
+            f"diffusion.model.unet does not describe a UNet2DModel: {err} "
+            "Give block_out_channels, down_block_types and up_block_types the same length."
+        ) from None
 
 
 def build_vae(model_cfg: Mapping, channels: int) -> AutoencoderKL:
@@ -121,8 +128,13 @@ def build_dit(model_cfg: Mapping, num_classes: int, latent_channels: int, latent
     """
     args = dict(model_cfg["dit"])
     table = args.pop("num_embeds_ada_norm", None) or num_classes
-    return DiTTransformer2DModel(in_channels=latent_channels, out_channels=2 * latent_channels,
-                                 sample_size=latent_size, num_embeds_ada_norm=table, **args)
+    return DiTTransformer2DModel(
+        in_channels=latent_channels,
+        out_channels=2 * latent_channels,
+        sample_size=latent_size,
+        num_embeds_ada_norm=table,
+        **args,
+    )
 
 
 def load_vae(model_cfg: Mapping, key: str, channels: int) -> AutoencoderKL:
@@ -130,11 +142,16 @@ def load_vae(model_cfg: Mapping, key: str, channels: int) -> AutoencoderKL:
     is null or diffusion.model.random_weights is set."""
     path = model_cfg[key]
     random = path is None or model_cfg.get("random_weights")
-    vae = build_vae(model_cfg, channels) if random else from_pretrained(
-        AutoencoderKL, path, f"diffusion.model.{key}", subfolder=model_cfg.get("vae_subfolder"))
+    vae = (
+        build_vae(model_cfg, channels)
+        if random
+        else from_pretrained(AutoencoderKL, path, f"diffusion.model.{key}", subfolder=model_cfg.get("vae_subfolder"))
+    )
     if vae.config.in_channels != channels:
-        raise ConfigError(f"The VAE {path} takes {vae.config.in_channels}-channel images but the dataset has "
-                          f"{channels}; use the pixel backbone (diffusion=pixel) for this dataset.")
+        raise ConfigError(
+            f"The VAE {path} takes {vae.config.in_channels}-channel images but the dataset has "
+            f"{channels}; use the pixel backbone (diffusion=pixel) for this dataset."
+        )
     return vae.requires_grad_(False).eval()
 
 
@@ -148,13 +165,16 @@ def class_id_map(model_cfg: Mapping, num_classes: int, table_size: int) -> torch
     ids = model_cfg.get("class_ids")
     if ids is None:
         if table_size != num_classes:
-            raise ConfigError(f"The diffusion model knows {table_size} classes but the dataset has {num_classes}. "
-                              "Set diffusion.model.class_ids to the model's class id of each dataset label "
-                              "(dataset.imagenet_ids for ImageNet subsets).")
+            raise ConfigError(
+                f"The diffusion model knows {table_size} classes but the dataset has {num_classes}. "
+                "Set diffusion.model.class_ids to the model's class id of each dataset label "
+                "(dataset.imagenet_ids for ImageNet subsets)."
+            )
         return torch.arange(num_classes)
     if len(ids) != num_classes or not all(0 <= i < table_size for i in ids):
-        raise ConfigError(f"diffusion.model.class_ids must list {num_classes} ids in [0, {table_size}); "
-                          f"got {list(ids)}.")
+        raise ConfigError(
+            f"diffusion.model.class_ids must list {num_classes} ids in [0, {table_size}); got {list(ids)}."
+        )
     return torch.tensor(list(ids), dtype=torch.long)
 
 
@@ -170,27 +190,29 @@ def latent_denoiser(net: DiTTransformer2DModel, model_cfg: Mapping, num_classes:
     return Denoiser(net, (c, s, s), class_id_map(model_cfg, num_classes, table), table, drops_labels=True)
 
 
-def fresh_denoiser(dcfg: Mapping, num_classes: int, channels: int, resolution: int,
-                   codec: PixelCodec | VaeCodec) -> Denoiser:
+def fresh_denoiser(
+    dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: PixelCodec | VaeCodec
+) -> Denoiser:
     """An untrained denoiser of the configured backbone (trained from scratch by the stage)."""
     model_cfg = dcfg["model"]
     if dcfg["backbone"] == "pixel":
         return pixel_denoiser(build_unet(model_cfg, num_classes, channels, resolution), model_cfg, num_classes)
     vae = codec.decoder
     size = model_cfg["image_size"] // vae_factor(vae)
-    return latent_denoiser(build_dit(model_cfg, num_classes, vae.config.latent_channels, size), model_cfg,
-                           num_classes)
+    return latent_denoiser(build_dit(model_cfg, num_classes, vae.config.latent_channels, size), model_cfg, num_classes)
 
 
-def pretrained_denoiser(dcfg: Mapping, num_classes: int, channels: int, resolution: int,
-                        codec: PixelCodec | VaeCodec) -> Denoiser:
+def pretrained_denoiser(
+    dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: PixelCodec | VaeCodec
+) -> Denoiser:
     """The denoiser `diffusion.model.pretrained` names, or its architecture with random weights when
     diffusion.model.random_weights is set (dry runs and timings without the download)."""
     model_cfg = dcfg["model"]
     if model_cfg.get("random_weights"):
         return fresh_denoiser(dcfg, num_classes, channels, resolution, codec)
-    return saved_denoiser(dcfg, model_cfg["pretrained"], num_classes, "diffusion.model.pretrained",
-                          subfolder=model_cfg.get("subfolder"))
+    return saved_denoiser(
+        dcfg, model_cfg["pretrained"], num_classes, "diffusion.model.pretrained", subfolder=model_cfg.get("subfolder")
+    )
 
 
 def saved_denoiser(dcfg: Mapping, path: str, num_classes: int, option: str, subfolder: str | None = None) -> Denoiser:
@@ -210,7 +232,9 @@ def make_codec(dcfg: Mapping, channels: int, need_encoder: bool) -> PixelCodec |
         raise ConfigError(f"Unknown diffusion.backbone {dcfg['backbone']!r}; set it to pixel or latent.")
     model_cfg = dcfg["model"]
     decoder = load_vae(model_cfg, "vae_decode", channels)
-    same = model_cfg["vae"] == model_cfg["vae_decode"] or model_cfg.get("random_weights")  # random: both from vae_config
+    same = model_cfg["vae"] == model_cfg["vae_decode"] or model_cfg.get(
+        "random_weights"
+    )  # random: both from vae_config
     encoder = (decoder if same else load_vae(model_cfg, "vae", channels)) if need_encoder else None
     return VaeCodec(encoder, decoder)
 

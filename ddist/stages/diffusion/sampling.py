@@ -60,8 +60,15 @@ def image_generators(seed: int, labels: list[int]) -> list[torch.Generator]:
     return gens
 
 
-def guided_eps(denoiser: Denoiser, z: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, scale: float,
-               batch_size: int, channels: int | None = None) -> torch.Tensor:
+def guided_eps(
+    denoiser: Denoiser,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    ids: torch.Tensor,
+    scale: float,
+    batch_size: int,
+    channels: int | None = None,
+) -> torch.Tensor:
     """eps_u + scale * (eps_c - eps_u) (Ho & Salimans 2022, eq. 6), in forward passes of at most batch_size inputs.
 
     channels: guide only the first `channels` channels and keep eps_c on the rest, as DiT's
@@ -72,8 +79,12 @@ def guided_eps(denoiser: Denoiser, z: torch.Tensor, t: torch.Tensor, ids: torch.
         inputs, input_ids = z, ids
     else:
         inputs, input_ids = torch.cat([z, z]), torch.cat([ids, torch.full_like(ids, denoiser.null_id)])
-    out = torch.cat([denoiser.eps(inputs[s:s + batch_size], t, input_ids[s:s + batch_size])
-                     for s in range(0, len(inputs), batch_size)])
+    out = torch.cat(
+        [
+            denoiser.eps(inputs[s : s + batch_size], t, input_ids[s : s + batch_size])
+            for s in range(0, len(inputs), batch_size)
+        ]
+    )
     if scale == 1.0:
         return out
     cond, uncond = out.chunk(2)
@@ -96,13 +107,21 @@ def in_window(i: int, cgs: Mapping, num_steps: int) -> bool:
 
 
 @torch.no_grad()
-def denoise(denoiser: Denoiser, scheduler, z: torch.Tensor, ids: torch.Tensor, gens: list[torch.Generator],
-            scfg: Mapping, guide: Guidance | None = None) -> torch.Tensor:
+def denoise(
+    denoiser: Denoiser,
+    scheduler,
+    z: torch.Tensor,
+    ids: torch.Tensor,
+    gens: list[torch.Generator],
+    scfg: Mapping,
+    guide: Guidance | None = None,
+) -> torch.Tensor:
     """Run the reverse process on one group of latents; guide (if any) corrects them after every step."""
     step_kwargs = {"eta": scfg["ddim_eta"]} if isinstance(scheduler, DDIMScheduler) else {}
     for i, t in enumerate(scheduler.timesteps):
-        eps = guided_eps(denoiser, z, t.to(z.device), ids, scfg["guidance_scale"], scfg["batch_size"],
-                         scfg["guidance_channels"])
+        eps = guided_eps(
+            denoiser, z, t.to(z.device), ids, scfg["guidance_scale"], scfg["batch_size"], scfg["guidance_channels"]
+        )
         out = scheduler.step(eps, t, z, generator=gens, **step_kwargs)
         z = out.prev_sample if guide is None else guide(i, out.prev_sample, out.pred_original_sample)
     return z
@@ -117,8 +136,9 @@ def kernel_embedding(kernel: str, x0_hat: torch.Tensor, abar_t: float, features:
     return lambda z: features(clean_estimate(z, x0_hat, abar_t))
 
 
-def cgs_guidance(cgs: Mapping, scheduler, classes: list[tuple[torch.Tensor, torch.Tensor]],
-                 features: Features | None = None) -> Guidance:
+def cgs_guidance(
+    cgs: Mapping, scheduler, classes: list[tuple[torch.Tensor, torch.Tensor]], features: Features | None = None
+) -> Guidance:
     """CGS as a Guidance: inside the window, each class's latents take one guidance_step.
 
     classes: (rows of the group, real mean latent) of each whole class in the group.
@@ -132,8 +152,15 @@ def cgs_guidance(cgs: Mapping, scheduler, classes: list[tuple[torch.Tensor, torc
         abar = abar_after(scheduler, i)
         z = z.clone()
         for rows, mean in classes:
-            z[rows] = guidance_step(z[rows], eta_dpp=cgs["eta_dpp"], mu_dm=cgs["mu_dm"], mu_real0=mean, abar_t=abar,
-                                    eps=cgs["eps"], embed=kernel_embedding(cgs["kernel"], x0_hat[rows], abar, features))
+            z[rows] = guidance_step(
+                z[rows],
+                eta_dpp=cgs["eta_dpp"],
+                mu_dm=cgs["mu_dm"],
+                mu_real0=mean,
+                abar_t=abar,
+                eps=cgs["eps"],
+                embed=kernel_embedding(cgs["kernel"], x0_hat[rows], abar, features),
+            )
         return z
 
     return guide
@@ -145,15 +172,21 @@ def check_sample_config(scfg: Mapping, latent_channels: int, features: Features 
     if method not in METHODS:
         raise ConfigError(f"Unknown diffusion.sample.method {method!r}; set it to one of {', '.join(METHODS)}.")
     if channels is not None and not (isinstance(channels, int) and 1 <= channels <= latent_channels):
-        raise ConfigError(f"diffusion.sample.guidance_channels must be null (all) or an integer in "
-                          f"[1, {latent_channels}] (the model's channels); got {channels!r}.")
+        raise ConfigError(
+            f"diffusion.sample.guidance_channels must be null (all) or an integer in "
+            f"[1, {latent_channels}] (the model's channels); got {channels!r}."
+        )
     if method != "cgs":
         return
     if cgs["kernel"] not in KERNELS:
-        raise ConfigError(f"Unknown diffusion.sample.cgs.kernel {cgs['kernel']!r}; set it to one of {', '.join(KERNELS)}.")
+        raise ConfigError(
+            f"Unknown diffusion.sample.cgs.kernel {cgs['kernel']!r}; set it to one of {', '.join(KERNELS)}."
+        )
     if cgs["kernel"] == "teacher" and features is None:
-        raise ConfigError("diffusion.sample.cgs.kernel=teacher needs the teacher: put squeeze before diffusion in "
-                          "pipeline.stages, or set diffusion.sample.cgs.kernel to zt or x0_hat.")
+        raise ConfigError(
+            "diffusion.sample.cgs.kernel=teacher needs the teacher: put squeeze before diffusion in "
+            "pipeline.stages, or set diffusion.sample.cgs.kernel to zt or x0_hat."
+        )
 
 
 def class_groups(labels: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -166,12 +199,20 @@ def class_groups(labels: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
             groups.append(current)
             current = torch.zeros(0, dtype=torch.long)
         current = torch.cat([current, rows])
-    return groups + [current]
+    return [*groups, current]
 
 
-def sample_latents(denoiser: Denoiser, scheduler, labels: torch.Tensor, seed: int, scfg: Mapping,
-                   device: torch.device, class_means: torch.Tensor | None = None, features: Features | None = None,
-                   on_group=None) -> torch.Tensor:
+def sample_latents(
+    denoiser: Denoiser,
+    scheduler,
+    labels: torch.Tensor,
+    seed: int,
+    scfg: Mapping,
+    device: torch.device,
+    class_means: torch.Tensor | None = None,
+    features: Features | None = None,
+    on_group=None,
+) -> torch.Tensor:
     """Clean latents [N, C, h, w] for dataset labels [N].
 
     independent: images in batches of scfg.batch_size (classes mixed);
@@ -189,15 +230,27 @@ def sample_latents(denoiser: Denoiser, scheduler, labels: torch.Tensor, seed: in
     ids = denoiser.model_ids(labels).to(device)
     scheduler.set_timesteps(scfg["steps"], device=device)
     if method == "independent":
-        groups = [torch.arange(s, min(s + scfg["batch_size"], len(labels))) for s in range(0, len(labels), scfg["batch_size"])]
+        groups = [
+            torch.arange(s, min(s + scfg["batch_size"], len(labels))) for s in range(0, len(labels), scfg["batch_size"])
+        ]
     else:
         groups = class_groups(labels, scfg["batch_size"])
     out = torch.empty_like(z)
     for g, idx in enumerate(groups):
         group_labels = labels[idx]
-        guide = None if method == "independent" else cgs_guidance(scfg["cgs"], scheduler, [
-            (torch.nonzero(group_labels == c).flatten().to(device), class_means[c].to(device))
-            for c in group_labels.unique().tolist()], features)
+        guide = (
+            None
+            if method == "independent"
+            else cgs_guidance(
+                scfg["cgs"],
+                scheduler,
+                [
+                    (torch.nonzero(group_labels == c).flatten().to(device), class_means[c].to(device))
+                    for c in group_labels.unique().tolist()
+                ],
+                features,
+            )
+        )
         out[idx] = denoise(denoiser, scheduler, z[idx], ids[idx], [gens[i] for i in idx.tolist()], scfg, guide)
         if on_group is not None:
             on_group(g + 1, len(groups))

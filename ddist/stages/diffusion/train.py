@@ -62,8 +62,9 @@ def make_objective(name: str, fcfg: Mapping, num_classes: int) -> Objective:
     if name == "rsm":
         lam, reduction = fcfg["rsm"]["lambda"], fcfg["rsm"]["reduction"]
         if reduction not in REDUCTIONS:
-            raise ConfigError(f"Unknown diffusion.finetune.rsm.reduction {reduction!r}; "
-                              f"set it to one of {', '.join(REDUCTIONS)}.")
+            raise ConfigError(
+                f"Unknown diffusion.finetune.rsm.reduction {reduction!r}; set it to one of {', '.join(REDUCTIONS)}."
+            )
         return lambda eps_pred, eps, x0_hat, z0, y: rsm_loss(eps_pred, eps, x0_hat, lam, reduction)
     if name == "minimax":
         mcfg = fcfg["minimax"]
@@ -76,7 +77,9 @@ def make_objective(name: str, fcfg: Mapping, num_classes: int) -> Objective:
             return out
 
         return objective
-    raise ConfigError(f"Unknown diffusion.finetune.objective {name!r}; set it to none or one of {', '.join(OBJECTIVES)}.")
+    raise ConfigError(
+        f"Unknown diffusion.finetune.objective {name!r}; set it to none or one of {', '.join(OBJECTIVES)}."
+    )
 
 
 def total_steps(tcfg: Mapping, num_images: int) -> int:
@@ -86,15 +89,28 @@ def total_steps(tcfg: Mapping, num_images: int) -> int:
     return int(tcfg["epochs"]) * math.ceil(num_images / tcfg["batch_size"])
 
 
-def endless_batches(ds, spec, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def endless_batches(
+    ds, spec, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled real batches in [-1, 1], epoch after epoch."""
     for _ in itertools.count():
         for x, y in real_batches(ds, spec, batch_size, shuffle=True, generator=generator):
             yield to_signed(x, spec), y
 
 
-def train_denoiser(denoiser: Denoiser, codec, ds, spec, scheduler: DDPMScheduler, tcfg: Mapping, objective: str,
-                   image_size: int, device: torch.device, logger, phase: str) -> list[float]:
+def train_denoiser(
+    denoiser: Denoiser,
+    codec,
+    ds,
+    spec,
+    scheduler: DDPMScheduler,
+    tcfg: Mapping,
+    objective: str,
+    image_size: int,
+    device: torch.device,
+    logger,
+    phase: str,
+) -> list[float]:
     """Run the loop for total_steps(tcfg) steps; returns the loss of every step.
 
     tcfg: steps | epochs, batch_size, lr, weight_decay, params, label_dropout,
@@ -131,7 +147,11 @@ def train_denoiser(denoiser: Denoiser, codec, ds, spec, scheduler: DDPMScheduler
         optimizer.step()
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
-            logger.log({f"diffusion/{phase}_loss": losses[-1],
-                        **{f"diffusion/{phase}_{k}": v.item() for k, v in parts.items()}})
+            logger.log(
+                {
+                    f"diffusion/{phase}_loss": losses[-1],
+                    **{f"diffusion/{phase}_{k}": v.item() for k, v in parts.items()},
+                }
+            )
     net.requires_grad_(False).eval()
     return losses
