@@ -94,3 +94,19 @@ def test_a_run_directory_under_a_file_is_a_clear_error(tmp_path, cache_dir):
     proc = run_ddist("pipeline=random", run_dir=blocker / "run", cache_dir=cache_dir, check=False)
     assert proc.returncode == 2 and "hydra.run.dir" in proc.stderr and "Traceback" not in proc.stderr
     assert blocker.read_text() == "keep me"
+
+
+def test_a_recover_that_does_not_optimise_warns(caplog):
+    import torch
+
+    from ddist.stages.recover import warn_if_stuck
+
+    bounds = (torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    fine = torch.full((4, 1, 8, 8), 0.5)
+    with caplog.at_level(logging.WARNING, logger="ddist"):
+        assert warn_if_stuck([5.0 - 0.1 * i for i in range(20)], fine, bounds) == []
+        stuck = warn_if_stuck([5.0 + 0.01 * i for i in range(20)], fine, bounds)
+        clamped = warn_if_stuck([5.0 - 0.1 * i for i in range(20)], torch.ones(4, 1, 8, 8), bounds)
+    assert len(stuck) == 1 and "did not decrease" in stuck[0]
+    assert len(clamped) == 1 and "100% of the pixels" in clamped[0]
+    assert sum("recover.lr" in r.getMessage() for r in caplog.records) == 2

@@ -33,7 +33,7 @@ from ddist.data import load_split
 from ddist.data.augment import apply, sample_params
 from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
-from ddist.logging import info, progress
+from ddist.logging import info, progress, warn
 from ddist.objectives import (
     RECOVER_OBJECTIVES,
     REG_NORMALISATIONS,
@@ -230,6 +230,7 @@ def optimise_batch(
     optimizer = torch.optim.Adam([x], lr=rcfg.lr, betas=tuple(rcfg.betas))
     iterations = rcfg.iterations
     schedule = make_schedule(optimizer, rcfg, iterations, "recover")
+    losses = []
     for it in range(iterations):
         x_aug = apply(x, sample_params(len(labels), augment, resolution, generator))
         loss, parts = objective(x_aug, labels, it, iterations)
@@ -246,7 +247,34 @@ def optimise_batch(
         with torch.no_grad():
             x.clamp_(*bounds)  # keep pixels inside the image range [0, 1] before normalisation
         on_step(it, loss, parts, schedule.get_last_lr()[0])
+        losses.append(loss.item())
+    warn_if_stuck(losses, x.detach(), bounds)
     return x.detach()
+
+
+# Settings that run but cannot be meant: at most this share of pixels on the clamp bounds ...
+CLAMPED_SHARE = 0.5
+# ... and the loss of the last tenth of the iterations below that of the first tenth.
+
+
+def warn_if_stuck(losses: list[float], x: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) -> list[str]:
+    """Warn (and return the warnings) when a batch's recover loss never decreased or most of its
+    pixels sit on the clamp bounds: both mean the pixels did not really get optimised."""
+    problems = []
+    tenth = max(len(losses) // 10, 1)
+    first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+    if len(losses) >= 10 and last >= first:
+        problems.append(f"the recover loss did not decrease (first tenth {first:.4g}, last tenth {last:.4g})")
+    low, high = bounds
+    clamped = ((x <= low) | (x >= high)).float().mean().item()
+    if clamped > CLAMPED_SHARE:
+        problems.append(f"{100 * clamped:.0f}% of the pixels sit on the clamp bounds of the image range")
+    for problem in problems:
+        warn(
+            f"recover: {problem}. Check recover.lr (lower it) and the loss weights (recover.deda.*, "
+            "recover.bn_matching.r_bn); the set is written, but its images are unlikely to be useful."
+        )
+    return problems
 
 
 def run(cfg: DictConfig, ctx: dict) -> dict:
