@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddist.artifacts import atomic_write_text, cache_entry, load_distilled, save_distilled
+from ddist.artifacts import atomic_write_text, cache_entry, load_distilled, save_distilled, strict_json
 from ddist.data import class_indices, load_split
 from ddist.data.subsets import pick_random_real
 from ddist.logging import info
@@ -95,8 +95,8 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
         analysis["figures"] = [
             str(p.relative_to(ctx["run_dir"])) for p in draw_figures(out_dir, syn_x, syn_y, spec, analysis)
         ]
-    atomic_write_text(Path(ctx["run_dir"]) / "analysis.json", json.dumps(analysis, indent=2))
-    ctx["results"]["analysis"] = analysis
+    atomic_write_text(Path(ctx["run_dir"]) / "analysis.json", strict_json(analysis))
+    ctx["results"]["analysis"] = without_arrays(analysis)  # results.json: the figures, not per-sample arrays
     log_analysis(ctx["logger"], analysis, spec, Path(ctx["run_dir"]))
     info("analyse: " + ", ".join(f"{k} {v:.4g}" for k, v in headline(analysis).items()))
     return ctx
@@ -455,3 +455,14 @@ def log_analysis(logger, analysis: dict, spec, run_dir: Path) -> None:
     )
     for rel in analysis.get("figures", []):
         logger.log_image(f"analyse/{Path(rel).stem}", run_dir / rel)
+
+
+# Per-sample arrays: analysis.json keeps them, results.json does not.
+PER_SAMPLE_KEYS = ("normalized_singular_values",)
+
+
+def without_arrays(node):
+    """A copy of the analysis without its per-sample arrays (PER_SAMPLE_KEYS, at any depth)."""
+    if isinstance(node, dict):
+        return {k: without_arrays(v) for k, v in node.items() if k not in PER_SAMPLE_KEYS}
+    return node
