@@ -73,6 +73,7 @@ CSV_COLUMNS = [
     "sample_acc",
     "time_s",
     "peak_mem_mb",
+    "overrides",
     "runs",
 ]
 
@@ -264,6 +265,7 @@ def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] =
         peaks = [p for p in (_peak_memory_mb(run) for run, _ in members) if p is not None]
         row["peak_mem_mb"] = max(peaks) if peaks else None
         row["runs"] = ";".join(sorted(os.path.relpath(run.path, relative_to) for run, _ in members))
+        row["overrides"] = " ".join(row_overrides([run for run, _ in members], sweep_keys))
         rows.append(row)
     random_acc = {
         (r["dataset"], r["ipc"], r["student"], r["protocol"]): r["acc_mean"] for r in rows if r["method"] == "random"
@@ -285,6 +287,27 @@ def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] =
             *((_num(v), str(v)) for v in r["sweep_values"].values()),
         ),
     )
+
+
+# Overrides the row's own columns already say (and paths, which differ by machine).
+IDENTITY_KEYS = ("pipeline", "dataset", "ipc", "seed", "experiment")
+IGNORED_PREFIXES = ("paths.", "hydra.", "logger", "dataset.root", "dataset.format", "threads")
+
+
+def row_overrides(runs: list[Run], sweep_keys: tuple[str, ...]) -> list[str]:
+    """The command-line overrides, beyond the defaults, that every run of a row shares and that
+    its columns do not already show (e.g. `recover.iterations=150`)."""
+    shared = None
+    for run in runs:
+        mine = {o for o in run.results.get("overrides") or [] if isinstance(o, str)}
+        shared = mine if shared is None else shared & mine
+    keep = []
+    for override in sorted(shared or ()):
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in IDENTITY_KEYS or key in sweep_keys or key.startswith(IGNORED_PREFIXES):
+            continue
+        keep.append(override)
+    return keep
 
 
 def stage_costs(runs: list[Run]) -> dict[tuple, dict[str, float]]:
@@ -344,15 +367,19 @@ def table_cells(row: dict) -> list[str]:
         _fmt(row["lrs"]),
         _fmt(row["ars"]),
         _fmt(row["proto_dist"]),
-        _fmt(row["ssim"]),
-        _fmt(row["feat_cos"]),
+        *((UNDEFINED_AT_IPC1 if _num(row["ipc"]) == 1 else _fmt(row[k])) for k in ("ssim", "feat_cos")),
         _fmt(row["erank"], 2),
         _fmt(row["spec_slope"]),
         _fmt(fd, 2),
         _pct(row["sample_acc"]),
         _fmt(row["time_s"], 1),
         _fmt(row["peak_mem_mb"], 0),
+        f"`{row['overrides']}`" if row["overrides"] else "",
     ]
+
+
+# Within-class pairwise metrics (SSIM, feature cosine) need two images of a class.
+UNDEFINED_AT_IPC1 = "n/a"
 
 
 def _short(values: dict[str, str]) -> str:
@@ -380,6 +407,7 @@ TABLE_HEADER = [
     "teacher acc on samples %",
     "time s",
     "peak MiB",
+    "overrides",
 ]
 
 
@@ -405,7 +433,9 @@ def write_markdown(
             "SSIM, feat cos: within-class pairwise similarity (lower = more diverse); eff. rank and spec. slope of "
             "the teacher-feature spectrum; FD: FID when Inception weights were given, else the teacher-space "
             "Frechet distance (fd_teacher). teacher acc on samples: the teacher's top-1 accuracy on a diffusion "
-            "set's images with their intended labels. time: wall seconds of the whole pipeline."
+            "set's images with their intended labels. time: wall seconds of the whole pipeline. n/a: undefined at "
+            "IPC 1 (one image per class has no within-class pairs). overrides: the command-line settings beyond "
+            "the defaults that the row's runs share."
         ),
     ]
     for dataset in sorted({r["dataset"] for r in rows}, key=str):

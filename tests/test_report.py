@@ -155,3 +155,26 @@ def test_a_sweep_over_overrides_gives_one_row_per_point_and_a_plot(tmp_path):
     # without --sweep the same runs are one cell, the older ones superseded
     rows, collected, _ = report.build_report([tmp_path / "sweep"], tmp_path / "plain")
     assert len(rows) == 1 and len(collected.duplicates) == 6
+
+
+def test_rows_show_their_shared_overrides_and_na_at_ipc_1(tmp_path):
+    for seed in (0, 1):
+        job = tmp_path / f"j{seed}"
+        analysis = {"ssim": {"synthetic": 0.0}, "feature_cosine": {"synthetic": 0.0}}
+        _write_run(job, "deda", 1, seed, 0.7, analysis=analysis)
+        results = json.loads((job / "results.json").read_text())
+        results["overrides"] = [
+            "pipeline=deda",
+            "ipc=1",
+            f"seed={seed}",
+            "recover.iterations=150",
+            f"paths.cache_dir=/tmp/c{seed}",
+            "evaluate.epochs=100" if seed else "x=1",
+        ]
+        (job / "results.json").write_text(json.dumps(results))
+    rows, _, _ = report.build_report([tmp_path], tmp_path / "out")
+    (row,) = rows
+    assert row["overrides"] == "recover.iterations=150"  # shared by both seeds, not in a column
+    md = (tmp_path / "out" / "report.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| deda | 1 |"))
+    assert "| n/a | n/a |" in line and "0.000" not in line and "`recover.iterations=150`" in line
