@@ -113,6 +113,8 @@ def check_config(cfg: DictConfig) -> None:
     check_stage_inputs(cfg)
     check_cache_dir(Path(cfg.paths.cache_dir))
     check_set_fits_memory(cfg)
+    if "random" in cfg.pipeline.stages or OmegaConf.select(cfg, "recover.init") == "real":
+        check_real_images_per_class(cfg)
     for key in WEIGHTS:
         value = OmegaConf.select(cfg, key, default=None)
         if _number(value) and abs(value) > WEIGHT_LIMIT:
@@ -136,6 +138,16 @@ def check_stage_inputs(cfg: DictConfig) -> None:
                 f"(pipeline.stages={list(cfg.pipeline.stages)}): {PROVIDERS[need]}."
             )
         have |= MAKES.get(stage, set())
+
+
+def check_real_images_per_class(cfg: DictConfig) -> None:
+    """Stages that draw IPC real images per class find them in every class (before the teacher
+    trains for an hour): the message names the smallest class and the largest valid ipc."""
+    from ddist.data import load_split  # the data layer is heavy; only these pipelines need it here
+    from ddist.data.subsets import check_classes_hold
+
+    targets = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)).targets
+    check_classes_hold(cfg.ipc, targets.bincount(minlength=cfg.dataset.num_classes).tolist())
 
 
 def check_cache_dir(path: Path) -> None:

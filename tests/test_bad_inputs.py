@@ -46,6 +46,8 @@ ERRORS = [
     (["pipeline.stages=[random,evaluate]"], "squeeze"),
     (["pipeline.stages=[squeeze,nosuchstage]"], "pipeline.stages"),
     (["ipc=100000000"], "Lower ipc"),
+    (["pipeline=random", "ipc=200"], "the smallest class"),
+    (["recover.init=real", "ipc=200"], "Set ipc <="),
 ]
 
 
