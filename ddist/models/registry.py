@@ -6,7 +6,7 @@ it appears.
 """
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -69,7 +69,7 @@ def _resnet_ap10(
     return ResNetAP10(num_classes, channels, stem=stem, norm=norm)
 
 
-_BUILDERS = {
+_BUILDERS: dict[str, Callable[..., FeatureModel]] = {
     "convnet": _convnet,
     "resnet18": _resnet18,
     "resnet50": _resnet50,

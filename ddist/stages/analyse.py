@@ -40,6 +40,7 @@ from ddist.data import class_indices, load_split
 from ddist.data.subsets import pick_random_real
 from ddist.logging import info
 from ddist.metrics import covariance, diversity, fid, robust, spectrum
+from ddist.models import FeatureModel
 from ddist.students import evaluate_set
 from ddist.teacher import deda_layers, load_teacher
 
@@ -130,7 +131,7 @@ def same_ipc_rows(class_sizes: list[int], ipc: int) -> torch.Tensor:
 
 @torch.no_grad()
 def features(
-    model: torch.nn.Module, x: torch.Tensor, device: torch.device, key: str = "penultimate", batch_size: int = 256
+    model: FeatureModel, x: torch.Tensor, device: torch.device, key: str = "penultimate", batch_size: int = 256
 ) -> torch.Tensor:
     """The model's `key` features (forward_features) of normalised images [N,C,H,W], on the CPU."""
     feats = [
