@@ -7,6 +7,7 @@ it appears.
 
 import inspect
 from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -89,7 +90,7 @@ def _as_dict(model_cfg) -> dict:
     if isinstance(model_cfg, str):
         return {"name": model_cfg}
     if isinstance(model_cfg, DictConfig):
-        return OmegaConf.to_container(model_cfg, resolve=True)
+        return cast("dict[str, Any]", OmegaConf.to_container(model_cfg, resolve=True))
     if isinstance(model_cfg, Mapping):
         return dict(model_cfg)
     raise ConfigError(
@@ -138,4 +139,7 @@ def student_config(entry) -> tuple[str, dict]:
             f"evaluate.students names {name!r}, which is not a model preset; use the name of a "
             f"file in {PRESET_DIR}: {', '.join(presets)} (or {{name: <preset>, <field>: <value>}})."
         )
-    return name, {**OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml")), **fields}
+    return name, {
+        **cast("dict[str, Any]", OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml"))),
+        **fields,
+    }

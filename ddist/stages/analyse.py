@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -249,7 +250,7 @@ def robust_baselines(cfg: DictConfig, ctx: dict, train, out_dir: Path) -> dict:
     # Baselines use online soft labels: stored ones belong to the distilled set only, and
     # online labels give the same batches (see relabel).
     same = {"students": [student]}
-    hard = {**OmegaConf.to_container(acfg.hard), "students": [student], "repeats": ev.repeats}
+    hard = {**cast("dict[str, Any]", OmegaConf.to_container(acfg.hard)), "students": [student], "repeats": ev.repeats}
 
     def acc(path: Path, overrides: dict) -> float:
         return evaluate_set(cfg, ctx, path, overrides)[0]["acc_mean"]
