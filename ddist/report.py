@@ -210,7 +210,7 @@ def _num(x: Any) -> float:
         return math.inf
 
 
-def _dig(d: dict, path: tuple) -> float | None:
+def _dig(d: Any, path: tuple) -> float | None:  # a nested dict, walked down to a leaf
     for key in path:
         if not isinstance(d, dict) or key not in d:
             return None
