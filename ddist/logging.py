@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -77,7 +77,7 @@ class RunLogger:
         import wandb  # imported lazily: it is slow to import and unused with logger=none
 
         method, dataset = cfg.pipeline.name, cfg.dataset.name
-        config = OmegaConf.to_container(cfg, resolve=True)
+        config = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
         config["overrides"] = hydra_overrides()
         run = wandb.init(
             project=lcfg.project,
@@ -121,7 +121,8 @@ class RunLogger:
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+            # wandb annotates columns as list[str | int], which an (invariant) list[str] is not
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})  # type: ignore[arg-type]
 
     def log_artifact(self, path: str | Path, name: str, type: str) -> None:
         if self.run is not None:

@@ -211,7 +211,7 @@ def _num(x: Any) -> float:
         return math.inf
 
 
-def _dig(d: dict, path: tuple) -> float | None:
+def _dig(d: Any, path: tuple) -> float | None:  # a nested dict, walked down to a leaf
     for key in path:
         if not isinstance(d, dict) or key not in d:
             return None
@@ -247,8 +247,8 @@ def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] =
     for run in runs:
         r = run.results
         for student in r.get("students") or []:
-            key = (r["dataset"], r["method"], r["ipc"], student.get("name"), student.get("protocol"), run.sweep)
-            groups[key].append((run, student))
+            group = (r["dataset"], r["method"], r["ipc"], student.get("name"), student.get("protocol"), run.sweep)
+            groups[group].append((run, student))
     rows = []
     for (*key, sweep), members in groups.items():
         accs = [float(s["acc_mean"]) if "acc_mean" in s else statistics.fmean(s["accs"]) for _, s in members]
@@ -585,8 +585,10 @@ def log_wandb(rows: list[dict], plots: dict[str, Path], out_dir: Path, project: 
     """The table (and plots) as one W&B run of job_type "report"."""
     import wandb
 
-    run = wandb.init(project=project, mode=mode, dir=str(out_dir), job_type="report", name=f"report-{out_dir.name}")
-    table = wandb.Table(columns=CSV_COLUMNS, data=[[row.get(c) for c in CSV_COLUMNS] for row in rows])
+    # mode is a command-line string, which wandb.init validates itself; wandb types it as a Literal
+    run = wandb.init(project=project, mode=mode, dir=str(out_dir), job_type="report", name=f"report-{out_dir.name}")  # type: ignore[arg-type]
+    # wandb annotates columns as list[str | int], which an (invariant) list[str] is not
+    table = wandb.Table(columns=CSV_COLUMNS, data=[[row.get(c) for c in CSV_COLUMNS] for row in rows])  # type: ignore[arg-type]
     run.log({"report/table": table, **{f"report/acc_vs_ipc/{d}": wandb.Image(str(p)) for d, p in plots.items()}})
     run.finish()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ def evaluate_set(
     (set, student, repeat) keeps its accuracy in a cache entry, so a rerun (after a kill,
     or a sweep over other evaluate settings) trains only the students not yet finished.
     """
-    ev = OmegaConf.merge(cfg.evaluate, overrides or {})
+    ev = cast(DictConfig, OmegaConf.merge(cfg.evaluate, overrides or {}))
     if ev.protocol not in ("soft", "hard"):
         raise ConfigError(f"Unknown evaluate.protocol '{ev.protocol}'. Set it to soft or hard.")
     distilled = load_distilled(distilled_path, ctx["spec"])
@@ -94,10 +95,10 @@ def evaluate_set(
 def student_base_key(cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, ctx: dict) -> dict:
     """What a student's accuracy depends on besides its architecture and repeat: the set's tensors,
     the evaluate settings, the seed, the test split and (soft protocol) the teacher's weights."""
-    settings = OmegaConf.to_container(ev, resolve=True)
+    settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True))
     for key in ("distilled", "students", "repeats", "test_batch_size"):
         settings.pop(key, None)
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
     dataset.pop("protocol", None)
     return {
         "set": distilled.meta.get("sha256") or tensor_checksum(distilled.images, distilled.labels),
@@ -170,6 +171,7 @@ def train_student(
             )
         if "logits" in batch:
             return soft_label_loss(out, batch["logits"].to(device), ev.temperature)
+        assert teacher is not None, "the soft protocol loads the teacher"
         with torch.no_grad():
             target = teacher(x)
         return soft_label_loss(out, target, ev.temperature)

@@ -6,12 +6,13 @@ teacher kernel read it through `load_teacher`.
 
 from __future__ import annotations
 
-import torch
+from typing import Any, cast
+
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import load_checkpoint, load_model_state
 from ddist.errors import ConfigError
-from ddist.models import build_model
+from ddist.models import FeatureModel, build_model
 
 # dataset keys that do not change the teacher (they steer other stages)
 _NOT_TEACHER_KEYS = ("protocol", "download")
@@ -21,28 +22,28 @@ _NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every")
 
 def teacher_key(cfg: DictConfig) -> dict:
     """Exactly the config that determines the teacher's weights."""
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
-    for key in _NOT_TEACHER_KEYS:
-        dataset.pop(key, None)
+    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
+    for name in _NOT_TEACHER_KEYS:
+        dataset.pop(name, None)
     if dataset.get("subset") is None:  # keeps the keys of teachers cached before the option valid
         dataset.pop("subset", None)
     dataset["augment"] = dataset.get("augment", {}).get("student")
-    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
-    for key in _NOT_WEIGHT_KEYS:
-        teacher.pop(key, None)
+    teacher = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher, resolve=True))
+    for name in _NOT_WEIGHT_KEYS:
+        teacher.pop(name, None)
     if teacher.get("clip_grad_norm") is None:  # keeps the keys of teachers cached before the option valid
         teacher.pop("clip_grad_norm", None)
-    key = {"dataset": dataset, "teacher": teacher}
+    key: dict[str, Any] = {"dataset": dataset, "teacher": teacher}
     if cfg.precision != "fp32":  # fp32 keys stay those of teachers cached before the option
         key["precision"] = cfg.precision
     return key
 
 
-def build_teacher(cfg: DictConfig, spec) -> torch.nn.Module:
+def build_teacher(cfg: DictConfig, spec) -> FeatureModel:
     return build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution)
 
 
-def load_teacher(cfg: DictConfig, ctx: dict) -> torch.nn.Module:
+def load_teacher(cfg: DictConfig, ctx: dict) -> FeatureModel:
     """The teacher made by the squeeze stage, in eval mode on ctx['device'], with gradients off for its weights."""
     model = build_teacher(cfg, ctx["spec"])
     path = ctx["teacher"]

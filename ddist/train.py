@@ -22,7 +22,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -161,7 +161,8 @@ def fit(
     start = resume(work_dir, model, optimizer, schedule, scaler)
     if start:
         info(f"{desc}: resuming at step {start}/{total_steps} (epoch {start // steps_per_epoch + 1})")
-    forward = torch.compile(model) if compile else model
+    # torch.compile of a Module returns a Module (OptimizedModule); its stubs only promise a callable
+    forward = cast(torch.nn.Module, torch.compile(model)) if compile else model
     model.train()
     for step, batch in enumerate(progress(stream, desc=desc, total=total_steps)):
         if step < start:

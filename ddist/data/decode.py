@@ -38,11 +38,11 @@ def _decode_hwc(path: str | Path, channels: int, resize: Resize) -> np.ndarray:
     """One image file as uint8 [size, size, channels] (PIL's own layout, no copy)."""
     mode = {1: "L", 3: "RGB"}[channels]
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as f:
             # Let the JPEG decoder downscale by a power of two while staying
             # at least as large as needed: large ImageNet files decode faster.
-            im.draft(None, (resize.short_side, resize.short_side))
-            im = im.convert(mode)
+            f.draft(None, (resize.short_side, resize.short_side))
+            im = f.convert(mode)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"Cannot read image {path}: {exc}. Remove or replace the file, or set "
@@ -65,7 +65,7 @@ def _resize_center_crop(im: Image.Image, resize: Resize) -> Image.Image:
     new_w, new_h = max(resize.size, round(w * scale)), max(resize.size, round(h * scale))
     if (new_w, new_h) != (w, h):
         # PIL's bilinear filter widens with the scale factor, so downscaling is antialiased.
-        im = im.resize((new_w, new_h), Image.BILINEAR)
+        im = im.resize((new_w, new_h), Image.Resampling.BILINEAR)
     left, top = (new_w - resize.size) // 2, (new_h - resize.size) // 2
     return im.crop((left, top, left + resize.size, top + resize.size))
 

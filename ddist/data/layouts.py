@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig
 
@@ -61,7 +61,7 @@ class SplitFiles:
 
 def missing_data(cfg: dict, what: Path) -> ConfigError:
     """The one-paragraph error for data that is not where the config says."""
-    fmt = cfg.get("format")
+    fmt = cast(str, cfg.get("format"))  # a valid format: check_format runs before any file is looked for
     return ConfigError(
         f"Dataset {cfg.get('name')!r} (format {fmt!r}): {what} does not exist. "
         f"{_HOW_TO_GET[fmt]}, then set dataset.root=/path/to/it "
@@ -82,7 +82,7 @@ def _subdirs(path: Path) -> list[str]:
 def _images_under(root: Path, folder: Path) -> list[str]:
     """Image files below `folder` (recursively) as posix paths relative to `root`, sorted
     so loading is deterministic. Plain strings: pathlib costs seconds on 100k files."""
-    found = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         rel_dir = Path(dirpath).relative_to(root).as_posix()
@@ -176,6 +176,7 @@ def _folder_split(cfg: dict, spec: DatasetSpec, split: str) -> SplitFiles:
 
 def _tiny_split(cfg: dict, spec: DatasetSpec, split: str) -> SplitFiles:
     root = _existing_dir(cfg, data_root(cfg))
+    assert spec.wnids is not None, "a tiny_imagenet spec lists its wnids"
     label_of = {w: i for i, w in enumerate(spec.wnids)}
     paths, targets = [], []
     if split == "train":

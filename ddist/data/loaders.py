@@ -40,8 +40,18 @@ _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 
 
-class ImageTensorDataset(Dataset):
+class LabelledDataset(Dataset):
+    """What every split load_split returns has: labels as a LongTensor [N], and the uint8 images
+    [N,C,H,W] when the split is in memory (None otherwise)."""
+
+    targets: torch.Tensor
+    images: torch.Tensor | None
+
+
+class ImageTensorDataset(LabelledDataset):
     """Images held in memory as uint8 [N,C,H,W]; items are normalised float tensors."""
+
+    images: torch.Tensor
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, spec: DatasetSpec):
         self.images = images
@@ -55,7 +65,7 @@ class ImageTensorDataset(Dataset):
         return self.spec.normalize(self.images[i].float() / 255), int(self.targets[i])
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset(LabelledDataset):
     """Images decoded from disk on access (for datasets too large to hold in memory)."""
 
     images = None
@@ -74,7 +84,7 @@ class ImageFileDataset(Dataset):
         return self.spec.normalize(image.float() / 255), int(self.targets[i])
 
 
-def class_indices(ds: Dataset, c: int) -> torch.Tensor:
+def class_indices(ds: LabelledDataset, c: int) -> torch.Tensor:
     """LongTensor of the indices of `ds` whose label is `c`."""
     return torch.nonzero(ds.targets == c).flatten()
 
@@ -196,7 +206,9 @@ def _keep_files(cfg: dict, files: SplitFiles) -> SplitFiles:
     return SplitFiles(files.root, tuple(files.paths[i] for i in idx), tuple(files.targets[i] for i in idx))
 
 
-def load_split(cfg_dataset: Mapping[str, Any] | DictConfig, split: str, cache_dir: Path | str | None = None) -> Dataset:
+def load_split(
+    cfg_dataset: Mapping[str, Any] | DictConfig, split: str, cache_dir: Path | str | None = None
+) -> LabelledDataset:
     """One split ("train" | "test") of the configured dataset.
 
     Items are (float [C,H,W] normalised with the spec's mean/std, int label);

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -59,7 +59,7 @@ class DatasetSpec:
 def as_dict(cfg_dataset: Mapping[str, Any] | DictConfig) -> dict:
     """A plain, resolved dict from a DictConfig node or a mapping."""
     if isinstance(cfg_dataset, DictConfig):
-        return OmegaConf.to_container(cfg_dataset, resolve=True)
+        return cast("dict[str, Any]", OmegaConf.to_container(cfg_dataset, resolve=True))
     return dict(cfg_dataset)
 
 
@@ -86,7 +86,7 @@ def data_root(cfg: dict) -> Path:
 
 
 def per_channel(cfg: dict, key: str, channels: int) -> tuple[float, ...]:
-    values = cfg.get(key)
+    values: Any = cfg.get(key)
     values = [values] if isinstance(values, (int, float)) else list(values)
     if len(values) == 1:
         values = values * channels

@@ -6,7 +6,8 @@ it appears.
 """
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -69,7 +70,7 @@ def _resnet_ap10(
     return ResNetAP10(num_classes, channels, stem=stem, norm=norm)
 
 
-_BUILDERS = {
+_BUILDERS: dict[str, Callable[..., FeatureModel]] = {
     "convnet": _convnet,
     "resnet18": _resnet18,
     "resnet50": _resnet50,
@@ -89,7 +90,7 @@ def _as_dict(model_cfg) -> dict:
     if isinstance(model_cfg, str):
         return {"name": model_cfg}
     if isinstance(model_cfg, DictConfig):
-        return OmegaConf.to_container(model_cfg, resolve=True)
+        return cast("dict[str, Any]", OmegaConf.to_container(model_cfg, resolve=True))
     if isinstance(model_cfg, Mapping):
         return dict(model_cfg)
     raise ConfigError(
@@ -138,4 +139,7 @@ def student_config(entry) -> tuple[str, dict]:
             f"evaluate.students names {name!r}, which is not a model preset; use the name of a "
             f"file in {PRESET_DIR}: {', '.join(presets)} (or {{name: <preset>, <field>: <value>}})."
         )
-    return name, {**OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml")), **fields}
+    return name, {
+        **cast("dict[str, Any]", OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml"))),
+        **fields,
+    }

@@ -24,6 +24,15 @@ class TorchvisionResNet(FeatureModel):
     """
 
     num_stages = 4
+    # torchvision's submodules, adopted in __init__ by setattr
+    conv1: nn.Module
+    bn1: nn.Module
+    relu: nn.Module
+    maxpool: nn.Module
+    layer1: nn.Module
+    layer2: nn.Module
+    layer3: nn.Module
+    layer4: nn.Module
 
     def __init__(self, arch: str, num_classes: int, channels: int, stem: str):
         super().__init__()

@@ -22,7 +22,7 @@ class APBlock(nn.Module):
         self.bn2 = make_norm(norm, out_ch)
         self.relu = nn.ReLU()
         if downsample or in_ch != out_ch:
-            self.shortcut = nn.Sequential(
+            self.shortcut: nn.Module = nn.Sequential(
                 nn.AvgPool2d(2) if downsample else nn.Identity(),
                 nn.Conv2d(in_ch, out_ch, kernel_size=1, bias=False),
                 make_norm(norm, out_ch),

@@ -14,6 +14,8 @@ the norms are plain, not squared; w_l = `first_bn_multiplier` for the first Batc
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,7 +67,10 @@ class BNStatistics:
 
     @property
     def running(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.running_mean, layer.running_var) for layer in self.layers]
+        # BatchNorm2d keeps running statistics unless built with track_running_stats=False, which no model here is
+        return [
+            (cast(torch.Tensor, layer.running_mean), cast(torch.Tensor, layer.running_var)) for layer in self.layers
+        ]
 
     def close(self) -> None:
         for handle in self.handles:

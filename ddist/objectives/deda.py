@@ -46,9 +46,9 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ddist.logging import warn
+from ddist.models.base import FeatureModel
 
 CLASS_REDUCTIONS = ("mean", "sum")
 REG_NORMALISATIONS = ("mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel")
@@ -188,7 +188,7 @@ class DEDAObjective:
 
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: FeatureModel,
         real_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         ipc: int,
         mean_weight: float,

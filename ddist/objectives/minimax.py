@@ -51,11 +51,11 @@ def minimax_terms(
     neg = flat.new_zeros(flat.shape[0])
     for c in y.unique().tolist():
         rows = y == c
-        if real.get(c) is not None:
-            sim = F.cosine_similarity(flat[rows, None], real.get(c)[None], dim=-1)  # [b, M]
+        if (memory := real.get(c)) is not None:
+            sim = F.cosine_similarity(flat[rows, None], memory[None], dim=-1)  # [b, M]
             pos[rows] = 1 - sim.min(dim=1).values
-        if gen.get(c) is not None:
-            sim = F.cosine_similarity(flat[rows, None], gen.get(c)[None], dim=-1)
+        if (memory := gen.get(c)) is not None:
+            sim = F.cosine_similarity(flat[rows, None], memory[None], dim=-1)
             neg[rows] = sim.max(dim=1).values
     return pos.mean(), neg.mean()
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,6 +41,7 @@ from ddist.data import class_indices, load_split
 from ddist.data.subsets import pick_random_real
 from ddist.logging import info
 from ddist.metrics import covariance, diversity, fid, robust, spectrum
+from ddist.models import FeatureModel
 from ddist.students import evaluate_set
 from ddist.teacher import deda_layers, load_teacher
 
@@ -130,7 +132,7 @@ def same_ipc_rows(class_sizes: list[int], ipc: int) -> torch.Tensor:
 
 @torch.no_grad()
 def features(
-    model: torch.nn.Module, x: torch.Tensor, device: torch.device, key: str = "penultimate", batch_size: int = 256
+    model: FeatureModel, x: torch.Tensor, device: torch.device, key: str = "penultimate", batch_size: int = 256
 ) -> torch.Tensor:
     """The model's `key` features (forward_features) of normalised images [N,C,H,W], on the CPU."""
     feats = [
@@ -248,7 +250,7 @@ def robust_baselines(cfg: DictConfig, ctx: dict, train, out_dir: Path) -> dict:
     # Baselines use online soft labels: stored ones belong to the distilled set only, and
     # online labels give the same batches (see relabel).
     same = {"students": [student]}
-    hard = {**OmegaConf.to_container(acfg.hard), "students": [student], "repeats": ev.repeats}
+    hard = {**cast("dict[str, Any]", OmegaConf.to_container(acfg.hard)), "students": [student], "repeats": ev.repeats}
 
     def acc(path: Path, overrides: dict) -> float:
         return evaluate_set(cfg, ctx, path, overrides)[0]["acc_mean"]

@@ -124,6 +124,7 @@ def real_class_stats(
         if sums is None:
             sums = ClassMomentSums(num_classes, {k: feats[k].shape[1] for k in layers}, device)
         sums.update(feats, y.to(device))
+    assert sums is not None, "no real batches"
     return sums.moments()
 
 

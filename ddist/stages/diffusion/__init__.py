@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -33,6 +34,7 @@ from ddist.artifacts import (
 )
 from ddist.data import load_split
 from ddist.logging import info
+from ddist.models import FeatureModel
 from ddist.stages.diffusion.backbones import (
     fresh_denoiser,
     make_codec,
@@ -54,7 +56,7 @@ _NOT_DATA_KEYS = ("protocol", "download", "augment")
 
 
 def run(cfg: DictConfig, ctx: dict) -> dict:
-    dcfg = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    dcfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.diffusion, resolve=True))
     spec, device, logger = ctx["spec"], ctx["device"], ctx["logger"]
     train_set = functools.cache(lambda: load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)))
     image_size = model_image_size(dcfg, spec.resolution)
@@ -148,7 +150,7 @@ def _trains(dcfg: dict) -> bool:
 
 
 def data_key(cfg: DictConfig) -> dict:
-    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
     # subset only when set, so the keys of models cached before the option stay valid
     return {k: v for k, v in dataset.items() if k not in _NOT_DATA_KEYS and (k != "subset" or v)}
 
@@ -198,12 +200,13 @@ def class_means(cfg, dcfg, codec, train_set, spec, image_size, device) -> torch.
         sums = torch.zeros(spec.num_classes, *z.shape[1:]) if sums is None else sums
         sums.index_add_(0, y, z)
         counts += torch.bincount(y, minlength=spec.num_classes)
+    assert sums is not None, "the training split has no images"
     means = sums / counts.clamp(min=1).view(-1, 1, 1, 1)
     atomic_save_tensors(path, {"means": means})
     return means
 
 
-def teacher_features(teacher: torch.nn.Module, codec, spec):
+def teacher_features(teacher: FeatureModel, codec, spec):
     """The teacher kernel's feature map: model-space clean estimates -> the teacher's penultimate
     (globally pooled) features of the images they decode to, differentiable.
 

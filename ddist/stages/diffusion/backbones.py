@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,7 @@ class VaeCodec:
 
     def encode(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """x in [-1, 1] -> scaled latents: a posterior sample for training (as DiT does), its mean otherwise."""
+        assert self.encoder is not None, "this codec was made without an encoder (need_encoder=False)"
         dist = self.encoder.encode(x).latent_dist
         return (dist.sample() if sample else dist.mode()) * self.scale
 
@@ -197,7 +199,7 @@ def fresh_denoiser(
     model_cfg = dcfg["model"]
     if dcfg["backbone"] == "pixel":
         return pixel_denoiser(build_unet(model_cfg, num_classes, channels, resolution), model_cfg, num_classes)
-    vae = codec.decoder
+    vae = cast(VaeCodec, codec).decoder  # a latent backbone always has a VAE codec
     size = model_cfg["image_size"] // vae_factor(vae)
     return latent_denoiser(build_dit(model_cfg, num_classes, vae.config.latent_channels, size), model_cfg, num_classes)
 

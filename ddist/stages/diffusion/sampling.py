@@ -133,6 +133,7 @@ def kernel_embedding(kernel: str, x0_hat: torch.Tensor, abar_t: float, features:
         return None
     if kernel == "x0_hat":
         return lambda z: clean_estimate(z, x0_hat, abar_t)
+    assert features is not None, "kernel teacher needs features (check_sample_config refuses it without)"
     return lambda z: features(clean_estimate(z, x0_hat, abar_t))
 
 
@@ -238,10 +239,10 @@ def sample_latents(
     out = torch.empty_like(z)
     for g, idx in enumerate(groups):
         group_labels = labels[idx]
-        guide = (
-            None
-            if method == "independent"
-            else cgs_guidance(
+        guide = None
+        if method != "independent":
+            assert class_means is not None, "cgs needs class_means"
+            guide = cgs_guidance(
                 scfg["cgs"],
                 scheduler,
                 [
@@ -250,7 +251,6 @@ def sample_latents(
                 ],
                 features,
             )
-        )
         out[idx] = denoise(denoiser, scheduler, z[idx], ids[idx], [gens[i] for i in idx.tolist()], scfg, guide)
         if on_group is not None:
             on_group(g + 1, len(groups))
