@@ -118,5 +118,14 @@ def run_ddist(
     return proc
 
 
+def tiny_teacher(cache_dir: Path) -> Path:
+    """The checkpoint of the TINY teacher in a cache that may also hold other teachers."""
+    for key_file in sorted(cache_dir.glob("teacher/*/key.json")):
+        key = json.loads(key_file.read_text())["teacher"]
+        if key["epochs"] == 2 and key["model"].get("width") == 16 and (key_file.parent / "teacher.pt").is_file():
+            return key_file.parent / "teacher.pt"
+    raise AssertionError(f"no tiny teacher cached in {cache_dir}")
+
+
 def read_results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())

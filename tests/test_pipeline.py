@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import read_results, run_ddist
+from conftest import read_results, run_ddist, tiny_teacher
 from safetensors.torch import load_file
 
 
@@ -135,7 +135,7 @@ def test_corrupt_or_mismatched_teacher_checkpoint_is_a_clear_error(tmp_path, cac
 
     # a valid checkpoint of another architecture (the cached tiny teacher, loaded into a wider model)
     run_ddist("pipeline=random", "ipc=1", run_dir=tmp_path / "r2", cache_dir=cache_dir)
-    (teacher,) = cache_dir.glob("teacher/*/teacher.pt")
+    teacher = tiny_teacher(cache_dir)
     before = teacher.read_bytes()
     proc = run_ddist(
         f"teacher.checkpoint={teacher}",
@@ -150,7 +150,7 @@ def test_corrupt_or_mismatched_teacher_checkpoint_is_a_clear_error(tmp_path, cac
 
 def test_an_existing_checkpoint_is_used_and_measured(tmp_path, cache_dir):
     run_ddist("pipeline=random", "ipc=1", run_dir=tmp_path / "r1", cache_dir=cache_dir)
-    (teacher,) = cache_dir.glob("teacher/*/teacher.pt")
+    teacher = tiny_teacher(cache_dir)
     run_dir = tmp_path / "r2"
     run_ddist(
         "pipeline=random", "ipc=1", f"teacher.checkpoint={teacher}", run_dir=run_dir, cache_dir=tmp_path / "empty_cache"

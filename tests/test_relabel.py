@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import CONF, read_results, run_ddist
+from conftest import CONF, read_results, run_ddist, tiny_teacher
 from hydra import compose, initialize_config_dir
 
 from ddist.artifacts import load_distilled
@@ -26,7 +26,7 @@ def stored_run(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("stored")
     overrides = ["pipeline=random", "ipc=3", "seed=5", "relabel=stored", "relabel.top_k=null"]
     run_ddist(*overrides, run_dir=run_dir, cache_dir=cache_dir)
-    (teacher,) = cache_dir.glob("teacher/*/teacher.pt")
+    teacher = tiny_teacher(cache_dir)
     return run_dir, teacher, overrides
 
 

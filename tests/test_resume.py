@@ -90,7 +90,8 @@ def test_a_killed_teacher_training_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_finished_students_are_not_trained_again(tmp_path, cache_dir):
+def test_finished_students_are_not_trained_again(tmp_path):
+    cache_dir = tmp_path / "cache"  # its own: the session cache may already hold this student
     first = run_ddist("pipeline=random", "ipc=2", run_dir=tmp_path / "a", cache_dir=cache_dir)
     second = run_ddist("pipeline=random", "ipc=2", run_dir=tmp_path / "b", cache_dir=cache_dir)
     assert "finished earlier" not in first.stderr + first.stdout
