@@ -143,11 +143,12 @@ def check_stage_inputs(cfg: DictConfig) -> None:
 def check_real_images_per_class(cfg: DictConfig) -> None:
     """Stages that draw IPC real images per class find them in every class (before the teacher
     trains for an hour): the message names the smallest class and the largest valid ipc."""
-    from ddist.data import load_split  # the data layer is heavy; only these pipelines need it here
+    from ddist.data import dataset_spec, load_split  # heavy; only these pipelines need the data here
     from ddist.data.subsets import check_classes_hold
 
     targets = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)).targets
-    check_classes_hold(cfg.ipc, targets.bincount(minlength=cfg.dataset.num_classes).tolist())
+    num_classes = dataset_spec(cfg.dataset).num_classes  # after dataset.subset, if any
+    check_classes_hold(cfg.ipc, targets.bincount(minlength=num_classes).tolist())
 
 
 def check_cache_dir(path: Path) -> None:
