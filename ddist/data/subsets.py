@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from ddist.artifacts import save_distilled
 from ddist.data.loaders import class_indices
 from ddist.errors import ConfigError
 
@@ -31,3 +34,12 @@ def check_classes_hold(ipc: int, counts: list[int]) -> None:
             f"ipc={ipc} but the smallest class ({smallest}) has only {counts[smallest]} training "
             f"images ({len(short)} class(es) have fewer than {ipc}). Set ipc <= {counts[smallest]}."
         )
+
+
+def save_random_real(path: Path, train, spec, ipc: int, seed: int) -> Path:
+    """The random-real set (IPC seeded images per class) written as a DistilledSet at `path`:
+    the random pipeline's output and the analyse stage's same-IPC baseline."""
+    idx = pick_random_real(train, spec.num_classes, ipc, seed)
+    images = torch.stack([train[int(i)][0] for i in idx])
+    meta = {"dataset": spec.name, "method": "random", "ipc": ipc, "seed": seed, "config": {"indices": idx.tolist()}}
+    return save_distilled(path, images, train.targets[idx], spec, meta)

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import atomic_write_text, cache_entry, load_distilled, save_distilled, strict_json
 from ddist.data import class_indices, load_split
-from ddist.data.subsets import pick_random_real
+from ddist.data.subsets import save_random_real
 from ddist.logging import info
 from ddist.metrics import covariance, diversity, fid, robust, spectrum
 from ddist.models import FeatureModel
@@ -256,7 +256,7 @@ def robust_baselines(cfg: DictConfig, ctx: dict, train, out_dir: Path) -> dict:
         return evaluate_set(cfg, ctx, path, overrides)[0]["acc_mean"]
 
     distilled = Path(ctx["distilled"])
-    random_path = random_real_set(cfg, ctx, train, out_dir / "random_real")
+    random_path = save_random_real(out_dir / "random_real", train, ctx["spec"], cfg.ipc, cfg.seed)
     done = [s for s in ctx["results"].get("students", []) if s["protocol"] == ev.protocol]
     accs = {"syn": done[0]["acc_mean"] if done else acc(distilled, same), "random": acc(random_path, same)}
     accs["syn_hard"] = accs["syn"] if ev.protocol == "hard" else acc(distilled, hard)
@@ -270,26 +270,6 @@ def robust_baselines(cfg: DictConfig, ctx: dict, train, out_dir: Path) -> dict:
         "accuracies": accs,
         **scores,
     }
-
-
-def random_real_set(cfg: DictConfig, ctx: dict, train, path: Path) -> Path:
-    """The random-real baseline at this IPC and seed, as a DistilledSet (what the random pipeline makes)."""
-    spec = ctx["spec"]
-    idx = pick_random_real(train, spec.num_classes, cfg.ipc, cfg.seed)
-    images = torch.stack([train[int(i)][0] for i in idx])
-    return save_distilled(
-        path,
-        images,
-        train.targets[idx],
-        spec,
-        {
-            "dataset": spec.name,
-            "method": "random",
-            "ipc": cfg.ipc,
-            "seed": cfg.seed,
-            "config": {"indices": idx.tolist()},
-        },
-    )
 
 
 def real_hard_accuracy(cfg: DictConfig, ctx: dict, train, hard: dict) -> float:
