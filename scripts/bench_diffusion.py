@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from ddist.data import dataset_spec, load_split
 from ddist.logging import RunLogger
-from ddist.stages.diffusion.backbones import PixelCodec, fresh_denoiser
+from ddist.models.diffusion import PixelCodec, fresh_denoiser
 from ddist.stages.diffusion.sampling import make_scheduler, sample_latents
 from ddist.stages.diffusion.train import train_denoiser
 

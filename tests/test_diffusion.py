@@ -11,9 +11,9 @@ from ddist.data import dataset_spec, load_split
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger
 from ddist.models import build_model
-from ddist.objectives.rsm import predict_x0
+from ddist.models.diffusion import PixelCodec, class_id_map, pixel_denoiser
+from ddist.objectives.diffusion import predict_x0
 from ddist.stages.diffusion import teacher_features
-from ddist.stages.diffusion.backbones import PixelCodec, class_id_map, pixel_denoiser
 from ddist.stages.diffusion.sampling import (
     denoise,
     guided_eps,
@@ -297,7 +297,7 @@ def test_the_latent_path_samples_a_distilled_set_with_a_tiny_dit(tmp_path, cache
 
 
 def test_a_unet_config_diffusers_rejects_is_a_config_error():
-    from ddist.stages.diffusion.backbones import build_unet
+    from ddist.models.diffusion import build_unet
 
     unet = {
         "block_out_channels": [16, 32, 32],

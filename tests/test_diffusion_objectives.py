@@ -7,8 +7,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ddist.objectives.cgs import clean_estimate, cosine_kernel, dm_loss, dpp_loss, guidance_step
+from ddist.objectives.diffusion import denoising_loss, predict_x0
 from ddist.objectives.minimax import ClassMemory, minimax_loss, minimax_terms
-from ddist.objectives.rsm import denoising_loss, l1_sparsity, predict_x0, rsm_loss
+from ddist.objectives.rsm import l1_sparsity, rsm_loss
 
 
 @pytest.mark.parametrize("scheduler_cls", [DDPMScheduler, DDIMScheduler])

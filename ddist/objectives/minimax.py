@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ddist.objectives.rsm import denoising_loss
+from ddist.objectives.diffusion import denoising_loss
 
 
 class ClassMemory:

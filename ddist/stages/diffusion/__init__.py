@@ -35,7 +35,7 @@ from ddist.artifacts import (
 from ddist.data import load_split
 from ddist.logging import info
 from ddist.models import FeatureModel
-from ddist.stages.diffusion.backbones import (
+from ddist.models.diffusion import (
     fresh_denoiser,
     make_codec,
     model_image_size,

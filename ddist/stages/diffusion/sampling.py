@@ -27,8 +27,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from ddist.errors import ConfigError
+from ddist.models.diffusion import Denoiser
 from ddist.objectives.cgs import clean_estimate, guidance_step
-from ddist.stages.diffusion.backbones import Denoiser
 
 METHODS = ("independent", "cgs")
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}

@@ -21,9 +21,10 @@ from diffusers import DDPMScheduler
 
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
+from ddist.models.diffusion import Denoiser, resize, to_signed
+from ddist.objectives.diffusion import denoising_loss, predict_x0
 from ddist.objectives.minimax import ClassMemory, minimax_loss
-from ddist.objectives.rsm import REDUCTIONS, denoising_loss, predict_x0, rsm_loss
-from ddist.stages.diffusion.backbones import Denoiser, resize, to_signed
+from ddist.objectives.rsm import REDUCTIONS, rsm_loss
 from ddist.train import check_finite, real_batches, seed_everything
 
 OBJECTIVES = ("plain", "minimax", "rsm")
