@@ -18,6 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ddist.context import PROVIDERS
 from ddist.errors import ConfigError
 from ddist.logging import warn
 from ddist.threads import thread_count
@@ -93,10 +94,6 @@ NEEDS = {
     "analyse": {"teacher", "distilled"},
 }
 MAKES = {"squeeze": {"teacher"}, "random": {"distilled"}, "recover": {"distilled"}, "diffusion": {"distilled"}}
-PROVIDERS = {
-    "teacher": "add squeeze before it",
-    "distilled": "add random, recover or diffusion before it, or set evaluate.distilled=PATH",
-}
 
 
 def check_config(cfg: DictConfig) -> None:

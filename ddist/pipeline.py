@@ -1,4 +1,4 @@
-"""Run cfg.pipeline.stages in order, passing the artifacts made so far in `ctx`.
+"""Run cfg.pipeline.stages in order, passing the artifacts made so far in a RunContext (ddist/context.py).
 
 At the end: results.json in the run directory, the same table on the console and in W&B.
 `dry_run=true` first cuts the configuration down to one step of everything (ddist/dry_run.py).
@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from ddist import dry_run
 from ddist.artifacts import atomic_write_text, strict_json
 from ddist.checks import check_config
+from ddist.context import RunContext
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger, hydra_overrides, info
@@ -53,25 +54,19 @@ def run(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels
-    ctx = {
-        "run_dir": run_dir,
-        "device": device,
-        "spec": dataset_spec(cfg.dataset),
-        "results": {},
-        "timings": {},
-        "peak_memory_mb": {},
-    }
-    ctx["logger"] = logger = RunLogger.from_config(cfg, run_dir, job_type=cfg.pipeline.name)
+    logger = RunLogger.from_config(cfg, run_dir, job_type=cfg.pipeline.name)
+    ctx = RunContext(run_dir=run_dir, device=device, spec=dataset_spec(cfg.dataset), logger=logger)
     exit_code = 1
     try:
         for name in cfg.pipeline.stages:
             info(f"stage {name}")
+            ctx.stage = name
             with PeakMemory() as peak:
                 start = time.perf_counter()
                 ctx = importlib.import_module(STAGES[name]).run(cfg, ctx)
-                ctx["timings"][name] = round(time.perf_counter() - start, 3)
-            ctx["peak_memory_mb"][name] = peak.mb
-            logger.log({f"{name}/seconds": ctx["timings"][name], f"{name}/peak_memory_mb": peak.mb})
+                ctx.timings[name] = round(time.perf_counter() - start, 3)
+            ctx.peak_memory_mb[name] = peak.mb
+            logger.log({f"{name}/seconds": ctx.timings[name], f"{name}/peak_memory_mb": peak.mb})
         results = collect_results(cfg, ctx)
         # a dry run's numbers mean nothing: another name keeps them out of reports
         atomic_write_text(run_dir / ("dry_run.json" if cfg.dry_run else "results.json"), strict_json(results))
@@ -83,19 +78,19 @@ def run(cfg: DictConfig) -> dict:
         logger.finish(exit_code)
 
 
-def collect_results(cfg: DictConfig, ctx: dict) -> dict:
+def collect_results(cfg: DictConfig, ctx: RunContext) -> dict:
     return {
         "method": cfg.pipeline.name,
         "dry_run": bool(cfg.dry_run),
         "dataset": cfg.dataset.name,
         "ipc": cfg.ipc,
         "seed": cfg.seed,
-        "teacher_acc": ctx.get("teacher_acc"),
-        "students": ctx["results"].get("students", []),
-        "timings": ctx["timings"],
-        "peak_memory_mb": ctx["peak_memory_mb"],
-        "distilled": str(ctx["distilled"]) if ctx.get("distilled") else None,
-        **{k: v for k, v in ctx["results"].items() if k != "students"},
+        "teacher_acc": ctx.teacher_acc,
+        "students": ctx.results.get("students", []),
+        "timings": ctx.timings,
+        "peak_memory_mb": ctx.peak_memory_mb,
+        "distilled": str(ctx.distilled) if ctx.distilled else None,
+        **{k: v for k, v in ctx.results.items() if k != "students"},
         "overrides": hydra_overrides(),
     }
 
@@ -121,7 +116,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def report_to_logger(logger: RunLogger, results: dict, ctx: dict) -> None:
+def report_to_logger(logger: RunLogger, results: dict, ctx: RunContext) -> None:
     rows = [
         [
             results["method"],
@@ -142,9 +137,9 @@ def report_to_logger(logger: RunLogger, results: dict, ctx: dict) -> None:
         {f"acc/{s['name']}/{s['protocol']}": s["acc_mean"] for s in results["students"]}
         | {"teacher_acc": results["teacher_acc"]}
     )
-    if ctx.get("distilled"):
+    if ctx.distilled:
         logger.log_artifact(
-            ctx["distilled"], f"distilled-{results['method']}-{results['dataset']}-ipc{results['ipc']}", "distilled_set"
+            ctx.distilled, f"distilled-{results['method']}-{results['dataset']}-ipc{results['ipc']}", "distilled_set"
         )
 
 

@@ -32,6 +32,7 @@ from ddist.artifacts import (
     load_distilled,
     tensor_checksum,
 )
+from ddist.context import RunContext
 from ddist.data import load_split
 from ddist.data.augment import mix_targets, split_mix
 from ddist.data.plan import augmented_batch, plan, plan_settings, stored_batches
@@ -51,7 +52,11 @@ from ddist.train import (
 
 
 def evaluate_set(
-    cfg: DictConfig, ctx: dict, distilled_path: str | Path, overrides: dict | None = None, stored: Path | None = None
+    cfg: DictConfig,
+    ctx: RunContext,
+    distilled_path: str | Path,
+    overrides: dict | None = None,
+    stored: Path | None = None,
 ) -> list[dict]:
     """Train and test every configured student `repeats` times on one DistilledSet.
 
@@ -64,7 +69,7 @@ def evaluate_set(
     ev = cast(DictConfig, OmegaConf.merge(cfg.evaluate, overrides or {}))
     if ev.protocol not in ("soft", "hard"):
         raise ConfigError(f"Unknown evaluate.protocol '{ev.protocol}'. Set it to soft or hard.")
-    distilled = load_distilled(distilled_path, ctx["spec"])
+    distilled = load_distilled(distilled_path, ctx.spec)
     test = load_split(cfg.dataset, "test", Path(cfg.paths.cache_dir))
     teacher = load_teacher(cfg, ctx) if ev.protocol == "soft" else None
     stored = stored if ev.protocol == "soft" else None
@@ -92,7 +97,7 @@ def evaluate_set(
     return results
 
 
-def student_base_key(cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, ctx: dict) -> dict:
+def student_base_key(cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, ctx: RunContext) -> dict:
     """What a student's accuracy depends on besides its architecture and repeat: the set's tensors,
     the evaluate settings, the seed, the test split and (soft protocol) the teacher's weights."""
     settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True))
@@ -106,13 +111,13 @@ def student_base_key(cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, c
         "seed": cfg.seed,
         "dataset": dataset,
         "precision": cfg.precision,
-        "teacher": file_sha256(ctx["teacher"]) if ev.protocol == "soft" else None,
+        "teacher": file_sha256(ctx.require("teacher")) if ev.protocol == "soft" else None,
     }
 
 
 def finished_or_trained(
     cfg: DictConfig,
-    ctx: dict,
+    ctx: RunContext,
     ev: DictConfig,
     distilled: DistilledSet,
     name: str,
@@ -135,7 +140,7 @@ def finished_or_trained(
 
 def train_student(
     cfg: DictConfig,
-    ctx: dict,
+    ctx: RunContext,
     ev: DictConfig,
     distilled: DistilledSet,
     name: str,
@@ -147,7 +152,7 @@ def train_student(
     work: Path | None = None,
 ) -> float:
     """One student: the recipe is setup, fit on the planned batches, test."""
-    spec, device = ctx["spec"], ctx["device"]
+    spec, device = ctx.spec, ctx.device
     images = distilled.images.to(device)
     labels = distilled.labels.to(device)
 
@@ -156,7 +161,7 @@ def train_student(
     student = build_model(model_cfg, spec.num_classes, spec.channels, spec.resolution).to(device)
     epochs = epochs_for(ev.epochs, distilled.ipc)
     settings = plan_settings(ev, spec.resolution, cfg.seed, len(labels), epochs)
-    batches = stored_batches(stored, settings, ctx["teacher"]) if stored else plan(settings)
+    batches = stored_batches(stored, settings, ctx.require("teacher")) if stored else plan(settings)
     steps_per_epoch = -(-len(labels) // settings["batch_size"])
     optimizer = make_optimizer(student.parameters(), ev, "evaluate")
     schedule = make_schedule(optimizer, ev, epochs * steps_per_epoch, "evaluate")
@@ -188,7 +193,7 @@ def train_student(
         steps_per_epoch=steps_per_epoch,
         stage="evaluate",
         hint="Lower evaluate.lr.",
-        logger=ctx["logger"],
+        logger=ctx.logger,
         log_every=ev.log_every,
         desc=f"student {name} {repeat}",
         clip_grad_norm=ev.clip_grad_norm,
@@ -198,5 +203,5 @@ def train_student(
         compile=cfg.compile,
     )
     acc = accuracy(student, test, spec, device, ev.test_batch_size)
-    ctx["logger"].log({f"{key}/test_acc": acc}, step=epochs * steps_per_epoch)
+    ctx.logger.log({f"{key}/test_acc": acc}, step=epochs * steps_per_epoch)
     return acc

@@ -11,6 +11,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import load_checkpoint, load_model_state
+from ddist.context import RunContext
 from ddist.errors import ConfigError
 from ddist.models import FeatureModel, build_model
 
@@ -43,13 +44,13 @@ def build_teacher(cfg: DictConfig, spec) -> FeatureModel:
     return build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution)
 
 
-def load_teacher(cfg: DictConfig, ctx: dict) -> FeatureModel:
-    """The teacher made by the squeeze stage, in eval mode on ctx['device'], with gradients off for its weights."""
-    model = build_teacher(cfg, ctx["spec"])
-    path = ctx["teacher"]
+def load_teacher(cfg: DictConfig, ctx: RunContext) -> FeatureModel:
+    """The teacher made by the squeeze stage, in eval mode on ctx.device, with gradients off for its weights."""
+    model = build_teacher(cfg, ctx.spec)
+    path = ctx.require("teacher")
     load_model_state(model, load_checkpoint(path, "teacher.checkpoint"), path, "teacher.checkpoint")
     model.requires_grad_(False)
-    return model.to(ctx["device"]).eval()
+    return model.to(ctx.device).eval()
 
 
 def deda_layers(cfg: DictConfig, teacher) -> list[str]:

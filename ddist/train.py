@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ddist.artifacts import atomic_path
+from ddist.data import ImageDataset, torch_dataset
 from ddist.errors import ConfigError, DivergenceError
 from ddist.logging import RunLogger, info, progress
 
@@ -94,22 +95,30 @@ def check_finite(loss: torch.Tensor, stage: str, step: int, hint: str) -> None:
 
 
 def real_batches(
-    ds, spec, batch_size: int, shuffle: bool, generator: torch.Generator | None = None, num_workers: int = 0
+    ds: ImageDataset,
+    spec,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised image batches of a real split: straight from the uint8 tensor when it is in memory."""
-    if getattr(ds, "images", None) is not None:
+    images = ds.images
+    if images is not None:
         n = len(ds.targets)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            yield spec.normalize(ds.images[idx].float() / 255), ds.targets[idx]
+            yield spec.normalize(images[idx].float() / 255), ds.targets[idx]
     else:
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers)
+        loader = DataLoader(
+            torch_dataset(ds), batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers
+        )
         yield from loader
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, ds, spec, device: torch.device, batch_size: int = 256) -> float:
+def accuracy(model: torch.nn.Module, ds: ImageDataset, spec, device: torch.device, batch_size: int = 256) -> float:
     """Top-1 accuracy (a fraction) of `model` on a real split."""
     model.eval()
     correct = total = 0

@@ -17,8 +17,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from ddist.context import RunContext
 from ddist.data import dataset_spec
-from ddist.logging import RunLogger
 
 # One torch thread per test process (and per subprocess, which inherits it): the suite
 # shares a 2-core machine with other jobs, where spinning OpenMP threads slow it 3x.
@@ -63,17 +63,9 @@ def compose_cfg(*overrides: str, cache_dir: Path, run_dir: Path):
         )
 
 
-def stage_ctx(cfg, run_dir: Path) -> dict:
+def stage_ctx(cfg, run_dir: Path) -> RunContext:
     """The ctx the pipeline hands its first stage."""
-    return {
-        "run_dir": run_dir,
-        "device": torch.device("cpu"),
-        "spec": dataset_spec(cfg.dataset),
-        "logger": RunLogger(None),
-        "results": {},
-        "timings": {},
-        "peak_memory_mb": {},
-    }
+    return RunContext(run_dir=run_dir, device=torch.device("cpu"), spec=dataset_spec(cfg.dataset))
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +76,7 @@ def trained_digits_teacher(cache_dir, tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("teacher")
     cfg = compose_cfg(*TRAINED_TEACHER, cache_dir=cache_dir, run_dir=run_dir)
-    return squeeze.run(cfg, stage_ctx(cfg, run_dir))["teacher"]
+    return squeeze.run(cfg, stage_ctx(cfg, run_dir)).require("teacher")
 
 
 def run_ddist(

@@ -9,9 +9,9 @@ from conftest import stage_ctx as pipeline_ctx
 from hydra import compose, initialize_config_dir
 
 from ddist.artifacts import load_distilled, save_checkpoint
+from ddist.context import RunContext
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError, DivergenceError
-from ddist.logging import RunLogger
 from ddist.models import build_model
 from ddist.stages import analyse, recover, squeeze
 
@@ -58,21 +58,18 @@ def digits_cfg(tmp_path: Path, *overrides: str):
         )
 
 
-def stage_ctx(cfg, tmp_path: Path) -> dict:
+def stage_ctx(cfg, tmp_path: Path) -> RunContext:
     """A ctx as squeeze leaves it, with an untrained (randomly initialised) digits teacher."""
     spec = dataset_spec(cfg.dataset)
     teacher = build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution)
     save_checkpoint(tmp_path / "teacher.pt", teacher)
-    return {
-        "run_dir": tmp_path / "run",
-        "logger": RunLogger(None),
-        "device": torch.device("cpu"),
-        "spec": spec,
-        "teacher": tmp_path / "teacher.pt",
-        "teacher_acc": 0.1,
-        "results": {},
-        "timings": {},
-    }
+    return RunContext(
+        run_dir=tmp_path / "run",
+        device=torch.device("cpu"),
+        spec=spec,
+        teacher=tmp_path / "teacher.pt",
+        teacher_acc=0.1,
+    )
 
 
 class NaNAt:
@@ -157,7 +154,7 @@ def deda_covariance(cache_dir: Path, run_dir: Path, *overrides: str) -> dict:
     ctx = pipeline_ctx(cfg, run_dir)
     for stage in (squeeze, recover, analyse):
         ctx = stage.run(cfg, ctx)
-    return ctx["results"]["analysis"]["covariance"]
+    return ctx.results["analysis"]["covariance"]
 
 
 def test_deda_regulariser_spreads_and_conditions_the_class_covariance(trained_digits_teacher, cache_dir, tmp_path):

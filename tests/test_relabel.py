@@ -10,6 +10,7 @@ from conftest import CONF, read_results, run_ddist, tiny_teacher
 from hydra import compose, initialize_config_dir
 
 from ddist.artifacts import load_distilled
+from ddist.context import RunContext
 from ddist.data import dataset_spec
 from ddist.data.plan import augmented_batch, plan, plan_settings, stored_batches
 from ddist.errors import CheckpointError
@@ -34,7 +35,7 @@ def test_stored_batches_equal_the_online_plan_and_teacher_logits(stored_run):
     run_dir, teacher_path, overrides = stored_run
     cfg = compose_cfg([*overrides, "teacher.model.width=16", "evaluate.epochs=3"])
     distilled = load_distilled(run_dir / "distilled")
-    ctx = {"spec": dataset_spec(cfg.dataset), "device": torch.device("cpu"), "teacher": teacher_path}
+    ctx = RunContext(run_dir=run_dir, device=torch.device("cpu"), spec=dataset_spec(cfg.dataset), teacher=teacher_path)
     teacher = load_teacher(cfg, ctx)
     settings = plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, len(distilled.labels), 3)
 
@@ -45,7 +46,7 @@ def test_stored_batches_equal_the_online_plan_and_teacher_logits(stored_run):
         for key, value in want.items():
             assert torch.equal(got[key], value), key
         with torch.no_grad():
-            logits = teacher(augmented_batch(distilled.images, want, ctx["device"]))
+            logits = teacher(augmented_batch(distilled.images, want, ctx.device))
         assert torch.allclose(got["logits"], logits, atol=1e-2, rtol=1e-3)  # fp16 storage
 
     meta = json.loads((run_dir / "relabel" / "meta.json").read_text())

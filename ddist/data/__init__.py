@@ -6,7 +6,7 @@ idx = class_indices(ds, c)
 """
 
 from ddist.data.layouts import dataset_spec
-from ddist.data.loaders import class_indices, load_split
+from ddist.data.loaders import ImageDataset, class_indices, load_split, torch_dataset
 from ddist.data.spec import DatasetSpec
 
-__all__ = ["DatasetSpec", "class_indices", "dataset_spec", "load_split"]
+__all__ = ["DatasetSpec", "ImageDataset", "class_indices", "dataset_spec", "load_split", "torch_dataset"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -40,15 +40,30 @@ _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 
 
-class LabelledDataset(Dataset):
-    """What every split load_split returns has: labels as a LongTensor [N], and the uint8 images
-    [N,C,H,W] when the split is in memory (None otherwise)."""
+@runtime_checkable
+class ImageDataset(Protocol):
+    """What every split load_split returns has: labels as a LongTensor [N], the uint8 images
+    [N,C,H,W] when the split is in memory (None when items are decoded from files on access),
+    and items (normalised float image [C,H,W], label)."""
 
-    targets: torch.Tensor
-    images: torch.Tensor | None
+    @property
+    def targets(self) -> torch.Tensor: ...
+
+    @property
+    def images(self) -> torch.Tensor | None: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]: ...
 
 
-class ImageTensorDataset(LabelledDataset):
+def torch_dataset(ds: ImageDataset) -> Dataset:
+    """`ds` as the torch Dataset it is, for DataLoader and Subset (a Protocol cannot subclass Dataset)."""
+    assert isinstance(ds, Dataset), f"{type(ds).__name__} is not a torch Dataset"
+    return ds
+
+
+class ImageTensorDataset(Dataset):
     """Images held in memory as uint8 [N,C,H,W]; items are normalised float tensors."""
 
     images: torch.Tensor
@@ -65,7 +80,7 @@ class ImageTensorDataset(LabelledDataset):
         return self.spec.normalize(self.images[i].float() / 255), int(self.targets[i])
 
 
-class ImageFileDataset(LabelledDataset):
+class ImageFileDataset(Dataset):
     """Images decoded from disk on access (for datasets too large to hold in memory)."""
 
     images = None
@@ -84,7 +99,7 @@ class ImageFileDataset(LabelledDataset):
         return self.spec.normalize(image.float() / 255), int(self.targets[i])
 
 
-def class_indices(ds: LabelledDataset, c: int) -> torch.Tensor:
+def class_indices(ds: ImageDataset, c: int) -> torch.Tensor:
     """LongTensor of the indices of `ds` whose label is `c`."""
     return torch.nonzero(ds.targets == c).flatten()
 
@@ -208,7 +223,7 @@ def _keep_files(cfg: dict, files: SplitFiles) -> SplitFiles:
 
 def load_split(
     cfg_dataset: Mapping[str, Any] | DictConfig, split: str, cache_dir: Path | str | None = None
-) -> LabelledDataset:
+) -> ImageDataset:
     """One split ("train" | "test") of the configured dataset.
 
     Items are (float [C,H,W] normalised with the spec's mean/std, int label);

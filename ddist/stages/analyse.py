@@ -22,7 +22,7 @@ Set-level comparisons (prototype distance, pairwise similarity, spectrum) put th
 set next to "real at the same IPC" (the first `ipc` images per class of the subsample):
 effective rank grows with the number of rows and a centre of few points lies closer to
 them, so sets of different sizes would not compare. The real class centres and the
-Frechet distance use the whole subsample. Results go to ctx["results"]["analysis"] (hence
+Frechet distance use the whole subsample. Results go to ctx.results["analysis"] (hence
 results.json) and analysis.json; figures are PNGs in <run_dir>/analysis/.
 """
 
@@ -37,6 +37,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import atomic_write_text, cache_entry, load_distilled, save_distilled, strict_json
+from ddist.context import RunContext
 from ddist.data import class_indices, load_split
 from ddist.data.subsets import save_random_real
 from ddist.logging import info
@@ -53,16 +54,16 @@ NO_AUGMENT = {"augment": {"crop_scale": None, "flip": False, "roll": 0}, "mix": 
 SUBSAMPLE_SEED_OFFSET = 1_000_003
 
 
-def run(cfg: DictConfig, ctx: dict) -> dict:
+def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     acfg = cfg.analyse
     if not acfg.enabled:
         return ctx
-    spec, device = ctx["spec"], ctx["device"]
-    out_dir = Path(ctx["run_dir"]) / "analysis"
+    spec, device = ctx.spec, ctx.device
+    out_dir = ctx.run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # -- setup: the set, the teacher, the real subsample
-    distilled = load_distilled(ctx["distilled"])
+    distilled = load_distilled(ctx.require("distilled"))
     teacher = load_teacher(cfg, ctx)
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
     per_class = real_subsample(train, spec.num_classes, acfg.real_samples_per_class, cfg.seed)
@@ -90,16 +91,16 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
         )
     if acfg.robust_scores:
         analysis["robust"] = robust_baselines(cfg, ctx, train, out_dir)
-    analysis["cost"] = {"seconds": dict(ctx.get("timings", {})), "peak_memory_mb": dict(ctx.get("peak_memory_mb", {}))}
+    analysis["cost"] = {"seconds": dict(ctx.timings), "peak_memory_mb": dict(ctx.peak_memory_mb)}
 
     # -- figures and outputs
     if acfg.figures:
         analysis["figures"] = [
-            str(p.relative_to(ctx["run_dir"])) for p in draw_figures(out_dir, syn_x, syn_y, spec, analysis)
+            str(p.relative_to(ctx.run_dir)) for p in draw_figures(out_dir, syn_x, syn_y, spec, analysis)
         ]
-    atomic_write_text(Path(ctx["run_dir"]) / "analysis.json", strict_json(analysis))
-    ctx["results"]["analysis"] = without_arrays(analysis)  # results.json: the figures, not per-sample arrays
-    log_analysis(ctx["logger"], analysis, spec, Path(ctx["run_dir"]))
+    atomic_write_text(ctx.run_dir / "analysis.json", strict_json(analysis))
+    ctx.results["analysis"] = without_arrays(analysis)  # results.json: the figures, not per-sample arrays
+    log_analysis(ctx.logger, analysis, spec, ctx.run_dir)
     info("analyse: " + ", ".join(f"{k} {v:.4g}" for k, v in headline(analysis).items()))
     return ctx
 
@@ -235,7 +236,7 @@ def headline(analysis: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------- robust scores
 
 
-def robust_baselines(cfg: DictConfig, ctx: dict, train, out_dir: Path) -> dict:
+def robust_baselines(cfg: DictConfig, ctx: RunContext, train, out_dir: Path) -> dict:
     """Train the students DD-Ranking's scores need and combine their accuracies.
 
     Runs (first configured student, `evaluate.repeats` repeats each):
@@ -255,9 +256,9 @@ def robust_baselines(cfg: DictConfig, ctx: dict, train, out_dir: Path) -> dict:
     def acc(path: Path, overrides: dict) -> float:
         return evaluate_set(cfg, ctx, path, overrides)[0]["acc_mean"]
 
-    distilled = Path(ctx["distilled"])
-    random_path = save_random_real(out_dir / "random_real", train, ctx["spec"], cfg.ipc, cfg.seed)
-    done = [s for s in ctx["results"].get("students", []) if s["protocol"] == ev.protocol]
+    distilled = ctx.require("distilled")
+    random_path = save_random_real(out_dir / "random_real", train, ctx.spec, cfg.ipc, cfg.seed)
+    done = [s for s in ctx.results.get("students", []) if s["protocol"] == ev.protocol]
     accs = {"syn": done[0]["acc_mean"] if done else acc(distilled, same), "random": acc(random_path, same)}
     accs["syn_hard"] = accs["syn"] if ev.protocol == "hard" else acc(distilled, hard)
     accs["real_hard"] = real_hard_accuracy(cfg, ctx, train, hard)
@@ -272,7 +273,7 @@ def robust_baselines(cfg: DictConfig, ctx: dict, train, out_dir: Path) -> dict:
     }
 
 
-def real_hard_accuracy(cfg: DictConfig, ctx: dict, train, hard: dict) -> float:
+def real_hard_accuracy(cfg: DictConfig, ctx: RunContext, train, hard: dict) -> float:
     """Acc(real, hard): a student trained on the whole train split with hard labels.
 
     `analyse.real_hard_acc` supplies a known value (e.g. a published full-data accuracy);
@@ -291,7 +292,7 @@ def real_hard_accuracy(cfg: DictConfig, ctx: dict, train, hard: dict) -> float:
     result = entry / "acc.json"
     if result.is_file():
         return float(json.loads(result.read_text())["acc"])
-    spec = ctx["spec"]
+    spec = ctx.spec
     # The whole split as one DistilledSet; its "ipc" (largest class) picks the epochs entry.
     largest = max(len(class_indices(train, c)) for c in range(spec.num_classes))
     images = torch.stack([train[i][0] for i in range(len(train))])

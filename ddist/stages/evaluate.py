@@ -9,14 +9,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ddist.context import RunContext
 from ddist.students import evaluate_set
 
 
-def run(cfg: DictConfig, ctx: dict) -> dict:
+def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     if cfg.evaluate.distilled:
-        ctx["distilled"] = Path(cfg.evaluate.distilled)
-    students = evaluate_set(cfg, ctx, ctx["distilled"], stored=ctx.get("relabel"))
-    ctx["results"]["students"] = students
+        ctx.distilled = Path(cfg.evaluate.distilled)
+    students = evaluate_set(cfg, ctx, ctx.require("distilled"), stored=ctx.relabel)
+    ctx.results["students"] = students
     for s in students:
-        ctx["logger"].log({f"evaluate/{s['name']}/{s['protocol']}/acc_mean": s["acc_mean"]})
+        ctx.logger.log({f"evaluate/{s['name']}/{s['protocol']}/acc_mean": s["acc_mean"]})
     return ctx

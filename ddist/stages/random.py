@@ -9,11 +9,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ddist.context import RunContext
 from ddist.data import load_split
 from ddist.data.subsets import save_random_real
 
 
-def run(cfg: DictConfig, ctx: dict) -> dict:
+def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
-    ctx["distilled"] = save_random_real(Path(ctx["run_dir"]) / "distilled", train, ctx["spec"], cfg.ipc, cfg.seed)
+    ctx.distilled = save_random_real(ctx.run_dir / "distilled", train, ctx.spec, cfg.ipc, cfg.seed)
     return ctx

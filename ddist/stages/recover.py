@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,16 +30,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
 from ddist.artifacts import atomic_save_tensors, cache_entry, load_tensors, save_distilled, to_plain
-from ddist.data import load_split
+from ddist.context import RunContext
+from ddist.data import ImageDataset, load_split, torch_dataset
 from ddist.data.augment import apply, sample_params
 from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
 from ddist.logging import info, progress, warn
+from ddist.models import FeatureModel
 from ddist.objectives import (
-    RECOVER_OBJECTIVES,
     REG_NORMALISATIONS,
     ClassMomentSums,
     DEDAObjective,
+    RecoverObjective,
     SRe2LObjective,
 )
 from ddist.teacher import deda_layers, load_teacher, teacher_key
@@ -101,15 +104,16 @@ def class_stats_key(cfg: DictConfig, layers: list[str]) -> dict:
     return key
 
 
-def class_sorted_batches(ds, spec, batch_size: int, num_workers: int = 0):
+def class_sorted_batches(ds: ImageDataset, spec, batch_size: int, num_workers: int = 0):
     """Normalised real batches in label order, so each batch holds few classes (cheap reductions)."""
     order = torch.sort(ds.targets, stable=True).indices
-    if getattr(ds, "images", None) is None:  # decoded from files: let loader workers do it
-        yield from DataLoader(Subset(ds, order.tolist()), batch_size=batch_size, num_workers=num_workers)
+    images = ds.images
+    if images is None:  # decoded from files: let loader workers do it
+        yield from DataLoader(Subset(torch_dataset(ds), order.tolist()), batch_size=batch_size, num_workers=num_workers)
         return
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        yield spec.normalize(ds.images[idx].float() / 255), ds.targets[idx]
+        yield spec.normalize(images[idx].float() / 255), ds.targets[idx]
 
 
 @torch.no_grad()
@@ -128,20 +132,20 @@ def real_class_stats(
     return sums.moments()
 
 
-def load_class_stats(cfg: DictConfig, ctx: dict, teacher, layers: list[str]) -> dict:
+def load_class_stats(cfg: DictConfig, ctx: RunContext, teacher, layers: list[str]) -> dict:
     """The cached real class statistics for this teacher and these layers (computed on a miss)."""
     entry = cache_entry(cfg, "class_stats", class_stats_key(cfg, layers))
     path = entry / "class_stats.safetensors"
     if not path.exists():
         train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
         batch_size = cfg.recover.deda.stats_batch_size
-        batches = class_sorted_batches(train, ctx["spec"], batch_size, cfg.teacher.get("num_workers", 0))
+        batches = class_sorted_batches(train, ctx.spec, batch_size, cfg.teacher.get("num_workers", 0))
         stats = real_class_stats(
             teacher,
             batches,
-            ctx["spec"].num_classes,
+            ctx.spec.num_classes,
             layers,
-            ctx["device"],
+            ctx.device,
             total=math.ceil(len(train.targets) / batch_size),
         )
         atomic_save_tensors(
@@ -149,8 +153,7 @@ def load_class_stats(cfg: DictConfig, ctx: dict, teacher, layers: list[str]) -> 
         )
         info(f"real class statistics for {layers} cached at {path}")
     tensors = load_tensors(path, what="real class statistics")
-    ctx["class_stats"] = path
-    return {k: (tensors[f"{k}.mean"].to(ctx["device"]), tensors[f"{k}.cov"].to(ctx["device"])) for k in layers}
+    return {k: (tensors[f"{k}.mean"].to(ctx.device), tensors[f"{k}.cov"].to(ctx.device)) for k in layers}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -159,7 +162,7 @@ def load_class_stats(cfg: DictConfig, ctx: dict, teacher, layers: list[str]) -> 
 def check_options(cfg: DictConfig) -> None:
     rcfg = cfg.recover
     choices = {
-        "objective": (rcfg.objective, RECOVER_OBJECTIVES),
+        "objective": (rcfg.objective, tuple(OBJECTIVE_BUILDERS)),
         "init": (rcfg.init, INITS),
         "schedule": (rcfg.schedule, SCHEDULES),
         "batch.mode": (rcfg.batch.mode, BATCH_MODES),
@@ -183,18 +186,20 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError(f"recover.batch.size={rcfg.batch.size} must be >= 1 images, or null for one batch.")
 
 
-def build_objective(cfg: DictConfig, ctx: dict, teacher):
+def build_sre2l(cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> RecoverObjective:
     rcfg = cfg.recover
-    if rcfg.objective == "sre2l":
-        objective = SRe2LObjective(teacher, ce_weight=rcfg.ce_weight, **rcfg.bn_matching)
-        if objective.num_bn_layers == 0:
-            objective.close()
-            raise ConfigError(
-                "recover.objective=sre2l matches BatchNorm statistics, but the teacher has no "
-                "BatchNorm2d layer; use a teacher with teacher.model.norm=batch (or recover=deda)."
-            )
-        return objective
-    dcfg = rcfg.deda
+    objective = SRe2LObjective(teacher, ce_weight=rcfg.ce_weight, **rcfg.bn_matching)
+    if objective.num_bn_layers == 0:
+        objective.close()
+        raise ConfigError(
+            "recover.objective=sre2l matches BatchNorm statistics, but the teacher has no "
+            "BatchNorm2d layer; use a teacher with teacher.model.norm=batch (or recover=deda)."
+        )
+    return objective
+
+
+def build_deda(cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> RecoverObjective:
+    rcfg, dcfg = cfg.recover, cfg.recover.deda
     layers = deda_layers(cfg, teacher)
     real = load_class_stats(cfg, ctx, teacher, layers)
     return DEDAObjective(
@@ -212,11 +217,22 @@ def build_objective(cfg: DictConfig, ctx: dict, teacher):
     )
 
 
+# recover.objective -> the builder of its objective
+OBJECTIVE_BUILDERS: dict[str, Callable[[DictConfig, RunContext, FeatureModel], RecoverObjective]] = {
+    "sre2l": build_sre2l,
+    "deda": build_deda,
+}
+
+
+def build_objective(cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> RecoverObjective:
+    return OBJECTIVE_BUILDERS[cfg.recover.objective](cfg, ctx, teacher)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
 def optimise_batch(
-    objective,
+    objective: RecoverObjective,
     x0: torch.Tensor,
     labels: torch.Tensor,
     rcfg,
@@ -278,9 +294,9 @@ def warn_if_stuck(losses: list[float], x: torch.Tensor, bounds: tuple[torch.Tens
     return problems
 
 
-def run(cfg: DictConfig, ctx: dict) -> dict:
+def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     check_options(cfg)
-    spec, device, logger, rcfg = ctx["spec"], ctx["device"], ctx["logger"], cfg.recover
+    spec, device, logger, rcfg = ctx.spec, ctx.device, ctx.logger, cfg.recover
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     teacher = load_teacher(cfg, ctx)
@@ -320,8 +336,8 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
         objective.close()
         bar.close()
 
-    ctx["distilled"] = save_distilled(
-        Path(ctx["run_dir"]) / "distilled",
+    ctx.distilled = save_distilled(
+        ctx.run_dir / "distilled",
         images,
         labels,
         spec,

@@ -19,27 +19,28 @@ import torch
 from omegaconf import DictConfig
 
 from ddist.artifacts import atomic_dir, file_sha256, load_distilled
+from ddist.context import RunContext
 from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings
 from ddist.logging import info, progress
 from ddist.teacher import load_teacher
 from ddist.train import epochs_for
 
 
-def run(cfg: DictConfig, ctx: dict) -> dict:
-    ctx["relabel"] = None
+def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
+    ctx.relabel = None
     if cfg.relabel.mode == "online" or cfg.evaluate.protocol != "soft":
         return ctx
 
-    distilled = load_distilled(cfg.evaluate.distilled or ctx["distilled"], ctx["spec"])
-    teacher, device = load_teacher(cfg, ctx), ctx["device"]
+    distilled = load_distilled(cfg.evaluate.distilled or ctx.require("distilled"), ctx.spec)
+    teacher, device = load_teacher(cfg, ctx), ctx.device
     epochs = epochs_for(cfg.relabel.epochs, distilled.ipc)
     settings = {
         **plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, len(distilled.labels), epochs),
         "top_k": cfg.relabel.top_k,
-        "teacher_sha256": file_sha256(ctx["teacher"]),
+        "teacher_sha256": file_sha256(ctx.require("teacher")),
     }
     steps_per_epoch = -(-settings["num_images"] // settings["batch_size"])
-    out = Path(ctx["run_dir"]) / "relabel"
+    out = ctx.run_dir / "relabel"
     with atomic_dir(out) as tmp, torch.no_grad():
         epoch_tensors: dict[str, torch.Tensor] = {}
         for step, batch in enumerate(
@@ -54,9 +55,9 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
         nbytes = sum(f.stat().st_size for f in tmp.glob("epoch_*.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({**settings, "bytes": nbytes}, indent=2))
     info(f"relabel: stored {settings['epochs']} epochs of soft labels, {nbytes / 1e6:.2f} MB in {out}")
-    ctx["logger"].log({"relabel/bytes": nbytes})
-    ctx["results"]["relabel_bytes"] = nbytes
-    ctx["relabel"] = out
+    ctx.logger.log({"relabel/bytes": nbytes})
+    ctx.results["relabel_bytes"] = nbytes
+    ctx.relabel = out
     return ctx
 
 

@@ -24,6 +24,7 @@ from ddist.artifacts import (
     load_model_state,
     save_checkpoint,
 )
+from ddist.context import RunContext
 from ddist.data import load_split
 from ddist.data.augment import apply, sample_params
 from ddist.errors import CheckpointError
@@ -39,29 +40,29 @@ from ddist.train import (
 )
 
 
-def run(cfg: DictConfig, ctx: dict) -> dict:
-    spec, device = ctx["spec"], ctx["device"]
+def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
+    spec, device = ctx.spec, ctx.device
     cache_dir = Path(cfg.paths.cache_dir)
 
     # -- an existing checkpoint: validate it against the model, then measure it
     if cfg.teacher.checkpoint:
-        ctx["teacher"] = Path(cfg.teacher.checkpoint)
+        ctx.teacher = Path(cfg.teacher.checkpoint)
         model = load_teacher(cfg, ctx)
-        ctx["teacher_acc"] = accuracy(model, load_split(cfg.dataset, "test", cache_dir), spec, device)
+        ctx.teacher_acc = accuracy(model, load_split(cfg.dataset, "test", cache_dir), spec, device)
         _report(ctx, cached=False)
         return ctx
 
     # -- the cache: a hit skips training; the lock makes a concurrent run wait for this one
     entry = cache_entry(cfg, "teacher", teacher_key(cfg))
     with building(entry):
-        ctx["teacher"], ctx["teacher_acc"], cached = cached_or_trained(cfg, ctx, entry)
+        ctx.teacher, ctx.teacher_acc, cached = cached_or_trained(cfg, ctx, entry)
     _report(ctx, cached=cached)
     return ctx
 
 
-def cached_or_trained(cfg: DictConfig, ctx: dict, entry: Path) -> tuple[Path, float, bool]:
+def cached_or_trained(cfg: DictConfig, ctx: RunContext, entry: Path) -> tuple[Path, float, bool]:
     """(checkpoint, test accuracy, cached?) of the teacher in cache `entry`, training it on a miss."""
-    spec, device = ctx["spec"], ctx["device"]
+    spec, device = ctx.spec, ctx.device
     cache_dir = Path(cfg.paths.cache_dir)
     path, meta_path = entry / "teacher.pt", entry / "meta.json"
     if path.exists() and meta_path.exists():
@@ -101,7 +102,7 @@ def cached_or_trained(cfg: DictConfig, ctx: dict, entry: Path) -> tuple[Path, fl
         steps_per_epoch=steps_per_epoch,
         stage="squeeze",
         hint="Lower teacher.lr.",
-        logger=ctx["logger"],
+        logger=ctx.logger,
         log_every=tcfg.log_every,
         desc="teacher",
         clip_grad_norm=tcfg.clip_grad_norm,
@@ -117,6 +118,6 @@ def cached_or_trained(cfg: DictConfig, ctx: dict, entry: Path) -> tuple[Path, fl
     return path, acc, False
 
 
-def _report(ctx: dict, cached: bool) -> None:
-    info(f"teacher test accuracy {ctx['teacher_acc']:.4f} ({'cached' if cached else 'measured'}: {ctx['teacher']})")
-    ctx["logger"].log({"squeeze/teacher_acc": ctx["teacher_acc"]})
+def _report(ctx: RunContext, cached: bool) -> None:
+    info(f"teacher test accuracy {ctx.teacher_acc:.4f} ({'cached' if cached else 'measured'}: {ctx.teacher})")
+    ctx.logger.log({"squeeze/teacher_acc": ctx.teacher_acc})

@@ -7,7 +7,7 @@
     class means  real clean latents per class, for CGS's distribution matching, cached
     sample       diffusion.sample.method: independent | cgs, IPC images per class
     save         decode (VAE for latent models), resize to the dataset resolution,
-                 clip, write a DistilledSet; ctx["distilled"] = its path; with a teacher
+                 clip, write a DistilledSet; ctx.distilled = its path; with a teacher
                  (squeeze ran first), its accuracy on the samples goes to results.json
                  (diffusion.teacher_acc_on_samples), a fidelity check for fine-tuning and guidance
 
@@ -32,6 +32,7 @@ from ddist.artifacts import (
     load_tensors,
     save_distilled,
 )
+from ddist.context import RunContext
 from ddist.data import load_split
 from ddist.logging import info
 from ddist.models import FeatureModel
@@ -55,9 +56,9 @@ __all__ = ["run"]
 _NOT_DATA_KEYS = ("protocol", "download", "augment")
 
 
-def run(cfg: DictConfig, ctx: dict) -> dict:
+def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     dcfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.diffusion, resolve=True))
-    spec, device, logger = ctx["spec"], ctx["device"], ctx["logger"]
+    spec, device, logger = ctx.spec, ctx.device, ctx.logger
     train_set = functools.cache(lambda: load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)))
     image_size = model_image_size(dcfg, spec.resolution)
     cgs = dcfg["sample"]["method"] == "cgs"
@@ -110,7 +111,7 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
 
     # sample
     means = class_means(cfg, dcfg, codec, train_set, spec, image_size, device) if cgs else None
-    teacher = load_teacher(cfg, ctx) if "teacher" in ctx else None
+    teacher = load_teacher(cfg, ctx) if ctx.teacher is not None else None
     features = teacher_features(teacher, codec, spec) if cgs and teacher is not None else None
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
     scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
@@ -131,7 +132,7 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     images = decode(codec, z, spec, dcfg["sample"]["batch_size"])
     if teacher is not None:
         acc = samples_accuracy(teacher, images, labels, device, dcfg["sample"]["batch_size"])
-        ctx["results"]["diffusion"] = {"teacher_acc_on_samples": acc}
+        ctx.results["diffusion"] = {"teacher_acc_on_samples": acc}
         info(f"diffusion: teacher accuracy on the samples {acc:.4f}")
     meta = {
         "dataset": spec.name,
@@ -140,7 +141,7 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
         "seed": int(cfg.seed),
         "config": {"diffusion": dcfg},
     }
-    ctx["distilled"] = save_distilled(Path(ctx["run_dir"]) / "distilled", images, labels, spec, meta)
+    ctx.distilled = save_distilled(ctx.run_dir / "distilled", images, labels, spec, meta)
     return ctx
 
 
