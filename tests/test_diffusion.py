@@ -308,3 +308,70 @@ def test_a_unet_config_diffusers_rejects_is_a_config_error():
     }
     with pytest.raises(ConfigError, match="diffusion.model.unet"):
         build_unet({"unet": unet}, num_classes=10, channels=1, resolution=16)
+
+
+def trained_tiny_denoiser(steps: int, ema: float | None):
+    """tiny_denoiser() after `steps` plain training steps (seeded: the same trajectory every call)."""
+    denoiser = tiny_denoiser()
+    tcfg = {
+        "steps": steps,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "weight_decay": 0.0,
+        "params": "all",
+        "label_dropout": 0.1,
+        "seed": 0,
+        "ema": ema,
+    }
+    spec = dataset_spec(DIGITS)
+    sched = make_scheduler(SCHEDULE, "ddpm")
+    cpu = torch.device("cpu")
+    train_denoiser(
+        denoiser,
+        PixelCodec(),
+        load_split(DIGITS, "train"),
+        spec,
+        sched,
+        tcfg,
+        "plain",
+        16,
+        cpu,
+        RunLogger(None),
+        "train",
+    )
+    return denoiser
+
+
+def test_ema_weights_are_the_hand_computed_average_of_the_steps_and_get_saved(tmp_path):
+    raw1 = dict(trained_tiny_denoiser(1, None).net.named_parameters())
+    raw2 = dict(trained_tiny_denoiser(2, None).net.named_parameters())
+    averaged = trained_tiny_denoiser(2, 0.9).net
+    # EMAModel: step 1 copies the weights; step 2 decays with min(0.9, 2 / 11)
+    d2 = min(0.9, 2 / 11)
+    for name, p in averaged.named_parameters():
+        torch.testing.assert_close(p, d2 * raw1[name] + (1 - d2) * raw2[name], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(averaged.conv_in.weight, raw2["conv_in.weight"])
+    # what the stage caches (save_pretrained after training) is the average
+    averaged.save_pretrained(tmp_path / "saved")
+    saved = UNet2DModel.from_pretrained(tmp_path / "saved")
+    torch.testing.assert_close(saved.conv_in.weight, averaged.conv_in.weight)
+
+
+def test_an_ema_decay_outside_0_1_is_a_config_error_naming_the_option():
+    with pytest.raises(ConfigError, match=r"diffusion.train.ema=1.0"):
+        trained_tiny_denoiser(1, 1.0)
+
+
+def test_an_unset_ema_leaves_the_cache_keys_of_older_models_unchanged():
+    from ddist.stages.diffusion import _training_key
+
+    assert _training_key({"lr": 1e-3, "ema": None}) == {"lr": 1e-3}
+    assert _training_key({"lr": 1e-3, "ema": 0.999}) == {"lr": 1e-3, "ema": 0.999}
+
+
+def test_an_unknown_backbone_is_a_config_error_listing_the_registered_ones():
+    from ddist.models.diffusion import BACKBONES, make_codec
+
+    assert set(BACKBONES) == {"pixel", "latent"}
+    with pytest.raises(ConfigError, match="diffusion.backbone 'vit'.*pixel, latent"):
+        make_codec({"backbone": "vit", "model": {}}, 1, need_encoder=False)

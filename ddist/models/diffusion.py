@@ -19,14 +19,15 @@ ConfigError naming the option to set.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
+from diffusers.training_utils import EMAModel
 
 from ddist.errors import ConfigError
 
@@ -76,6 +77,30 @@ class VaeCodec:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder.decode(z / self.scale).sample
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights (diffusers' EMAModel), kept as DiT keeps
+    one: updated after every optimiser step; `copy_to_net` puts the average into the network at the
+    end, so the weights saved and sampled from are the average. decay None: off (no-ops).
+
+    EMAModel's schedule: the first update copies the weights, the n-th (n >= 2) uses the decay
+    min(decay, n / (n + 9)), so a short run does not keep its random initial weights.
+    """
+
+    def __init__(self, net: torch.nn.Module, decay: float | None, option: str):
+        if decay is not None and not 0 < decay < 1:
+            raise ConfigError(f"{option}={decay} must be a decay in (0, 1) (e.g. 0.9999), or null for no EMA.")
+        self.net = net
+        self.ema = None if decay is None else EMAModel(net.parameters(), decay=decay)
+
+    def step(self) -> None:
+        if self.ema is not None:
+            self.ema.step(self.net.parameters())
+
+    def copy_to_net(self) -> None:
+        if self.ema is not None:
+            self.ema.copy_to(self.net.parameters())
 
 
 # ----------------------------------------------------------------------------- loading
@@ -192,21 +217,69 @@ def latent_denoiser(net: DiTTransformer2DModel, model_cfg: Mapping, num_classes:
     return Denoiser(net, (c, s, s), class_id_map(model_cfg, num_classes, table), table, drops_labels=True)
 
 
-def fresh_denoiser(
-    dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: PixelCodec | VaeCodec
-) -> Denoiser:
-    """An untrained denoiser of the configured backbone (trained from scratch by the stage)."""
-    model_cfg = dcfg["model"]
-    if dcfg["backbone"] == "pixel":
-        return pixel_denoiser(build_unet(model_cfg, num_classes, channels, resolution), model_cfg, num_classes)
+Codec = PixelCodec | VaeCodec
+
+
+def fresh_unet(dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: Codec) -> UNet2DModel:
+    return build_unet(dcfg["model"], num_classes, channels, resolution)
+
+
+def fresh_dit(dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: Codec) -> DiTTransformer2DModel:
     vae = cast(VaeCodec, codec).decoder  # a latent backbone always has a VAE codec
-    size = model_cfg["image_size"] // vae_factor(vae)
-    return latent_denoiser(build_dit(model_cfg, num_classes, vae.config.latent_channels, size), model_cfg, num_classes)
+    size = dcfg["model"]["image_size"] // vae_factor(vae)
+    return build_dit(dcfg["model"], num_classes, vae.config.latent_channels, size)
 
 
-def pretrained_denoiser(
-    dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: PixelCodec | VaeCodec
-) -> Denoiser:
+def vae_codec(dcfg: Mapping, channels: int, need_encoder: bool) -> VaeCodec:
+    """The VAE pair of a latent model; the encoder is loaded only when real images must be encoded."""
+    model_cfg = dcfg["model"]
+    decoder = load_vae(model_cfg, "vae_decode", channels)
+    # random weights: both come from vae_config
+    same = model_cfg["vae"] == model_cfg["vae_decode"] or model_cfg.get("random_weights")
+    encoder = (decoder if same else load_vae(model_cfg, "vae", channels)) if need_encoder else None
+    return VaeCodec(encoder, decoder)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What differs between the backbones; every step below that depends on diffusion.backbone asks it."""
+
+    net_cls: type  # what from_pretrained loads
+    fresh: Callable[[Mapping, int, int, int, Codec], torch.nn.Module]  # (dcfg, classes, channels, res, codec)
+    denoiser: Callable[[Any, Mapping, int], Denoiser]  # (net, diffusion.model, classes)
+    codec: Callable[[Mapping, int, bool], Codec]  # (dcfg, channels, need_encoder)
+    image_size: Callable[[Mapping, int], int]  # (dcfg, dataset resolution) -> the side the model sees
+
+
+# diffusion.backbone -> its builders
+BACKBONES = {
+    "pixel": Backbone(
+        UNet2DModel, fresh_unet, pixel_denoiser, lambda dcfg, channels, need_encoder: PixelCodec(), lambda dcfg, r: r
+    ),
+    "latent": Backbone(
+        DiTTransformer2DModel,
+        fresh_dit,
+        latent_denoiser,
+        vae_codec,
+        lambda dcfg, r: int(dcfg["model"]["image_size"]),
+    ),
+}
+
+
+def backbone(dcfg: Mapping) -> Backbone:
+    name = dcfg["backbone"]
+    if name not in BACKBONES:
+        raise ConfigError(f"Unknown diffusion.backbone {name!r}; set it to one of {', '.join(BACKBONES)}.")
+    return BACKBONES[name]
+
+
+def fresh_denoiser(dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: Codec) -> Denoiser:
+    """An untrained denoiser of the configured backbone (trained from scratch by the stage)."""
+    b = backbone(dcfg)
+    return b.denoiser(b.fresh(dcfg, num_classes, channels, resolution, codec), dcfg["model"], num_classes)
+
+
+def pretrained_denoiser(dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: Codec) -> Denoiser:
     """The denoiser `diffusion.model.pretrained` names, or its architecture with random weights when
     diffusion.model.random_weights is set (dry runs and timings without the download)."""
     model_cfg = dcfg["model"]
@@ -219,31 +292,18 @@ def pretrained_denoiser(
 
 def saved_denoiser(dcfg: Mapping, path: str, num_classes: int, option: str, subfolder: str | None = None) -> Denoiser:
     """A denoiser saved with save_pretrained (a hub id or directory)."""
-    model_cfg = dcfg["model"]
-    if dcfg["backbone"] == "pixel":
-        return pixel_denoiser(from_pretrained(UNet2DModel, path, option, subfolder=subfolder), model_cfg, num_classes)
-    net = from_pretrained(DiTTransformer2DModel, path, option, subfolder=subfolder)
-    return latent_denoiser(net, model_cfg, num_classes)
+    b = backbone(dcfg)
+    return b.denoiser(from_pretrained(b.net_cls, path, option, subfolder=subfolder), dcfg["model"], num_classes)
 
 
-def make_codec(dcfg: Mapping, channels: int, need_encoder: bool) -> PixelCodec | VaeCodec:
+def make_codec(dcfg: Mapping, channels: int, need_encoder: bool) -> Codec:
     """The image <-> model-space map; the VAE encoder is loaded only when real images must be encoded."""
-    if dcfg["backbone"] == "pixel":
-        return PixelCodec()
-    if dcfg["backbone"] != "latent":
-        raise ConfigError(f"Unknown diffusion.backbone {dcfg['backbone']!r}; set it to pixel or latent.")
-    model_cfg = dcfg["model"]
-    decoder = load_vae(model_cfg, "vae_decode", channels)
-    same = model_cfg["vae"] == model_cfg["vae_decode"] or model_cfg.get(
-        "random_weights"
-    )  # random: both from vae_config
-    encoder = (decoder if same else load_vae(model_cfg, "vae", channels)) if need_encoder else None
-    return VaeCodec(encoder, decoder)
+    return backbone(dcfg).codec(dcfg, channels, need_encoder)
 
 
 def model_image_size(dcfg: Mapping, resolution: int) -> int:
     """The side the model sees: the dataset's for pixel models, diffusion.model.image_size for latent ones."""
-    return resolution if dcfg["backbone"] == "pixel" else int(dcfg["model"]["image_size"])
+    return backbone(dcfg).image_size(dcfg, resolution)
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:

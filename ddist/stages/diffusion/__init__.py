@@ -102,7 +102,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
             cfg,
             dcfg,
             "diffusion_finetune",
-            {"base": base_key, "finetune": dcfg["finetune"]},
+            {"base": base_key, "finetune": _training_key(dcfg["finetune"])},
             spec,
             make=base,
             fit=lambda d: train(d, ds=train_set(), tcfg=dcfg["finetune"], objective=objective, phase="finetune"),
@@ -165,8 +165,14 @@ def _base_key(cfg: DictConfig, dcfg: dict) -> dict:
     model = {k: v for k, v in dcfg["model"].items() if k != "random_weights" or v}
     key = {"backbone": dcfg["backbone"], "model": model, "schedule": dcfg["schedule"], "data": data_key(cfg)}
     if dcfg["model"]["pretrained"] is None:
-        key["train"] = dcfg["train"]
+        key["train"] = _training_key(dcfg["train"])
     return key
+
+
+def _training_key(tcfg: dict) -> dict:
+    """A train/finetune node as a cache key: ema only when set, so the keys of models cached before
+    the option stay valid."""
+    return {k: v for k, v in tcfg.items() if k != "ema" or v is not None}
 
 
 def _cached_model(cfg, dcfg, kind, key, spec, make, fit):

@@ -21,13 +21,12 @@ from diffusers import DDPMScheduler
 
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
-from ddist.models.diffusion import Denoiser, resize, to_signed
+from ddist.models.diffusion import Denoiser, WeightAverage, resize, to_signed
 from ddist.objectives.diffusion import denoising_loss, predict_x0
 from ddist.objectives.minimax import ClassMemory, minimax_loss
 from ddist.objectives.rsm import REDUCTIONS, rsm_loss
 from ddist.train import check_finite, real_batches, seed_everything
 
-OBJECTIVES = ("plain", "minimax", "rsm")
 PARAM_SUBSETS = ("all", "difffit")
 
 Objective = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -56,31 +55,47 @@ def select_parameters(net: torch.nn.Module, subset: str) -> list[torch.nn.Parame
     return chosen
 
 
+def plain_objective(fcfg: Mapping, num_classes: int) -> Objective:
+    return lambda eps_pred, eps, x0_hat, z0, y: (denoising_loss(eps_pred, eps), {})
+
+
+def rsm_objective(fcfg: Mapping, num_classes: int) -> Objective:
+    lam, reduction = fcfg["rsm"]["lambda"], fcfg["rsm"]["reduction"]
+    if reduction not in REDUCTIONS:
+        raise ConfigError(
+            f"Unknown diffusion.finetune.rsm.reduction {reduction!r}; set it to one of {', '.join(REDUCTIONS)}."
+        )
+    return lambda eps_pred, eps, x0_hat, z0, y: rsm_loss(eps_pred, eps, x0_hat, lam, reduction)
+
+
+def minimax_objective(fcfg: Mapping, num_classes: int) -> Objective:
+    mcfg = fcfg["minimax"]
+    real, gen = ClassMemory(num_classes, mcfg["memory"]), ClassMemory(num_classes, mcfg["memory"])
+
+    def objective(eps_pred, eps, x0_hat, z0, y):
+        out = minimax_loss(eps_pred, eps, x0_hat, y, real, gen, mcfg["lambda_pos"], mcfg["lambda_neg"])
+        real.push(z0, y)
+        gen.push(x0_hat, y)
+        return out
+
+    return objective
+
+
+# diffusion.finetune.objective -> the builder of its loss (`none` skips fine-tuning before this)
+OBJECTIVES: dict[str, Callable[[Mapping, int], Objective]] = {
+    "plain": plain_objective,
+    "minimax": minimax_objective,
+    "rsm": rsm_objective,
+}
+
+
 def make_objective(name: str, fcfg: Mapping, num_classes: int) -> Objective:
     """objective(eps_pred, eps, x0_hat, z0, y) -> (loss, parts to log); MiniMax keeps its memories inside."""
-    if name == "plain":
-        return lambda eps_pred, eps, x0_hat, z0, y: (denoising_loss(eps_pred, eps), {})
-    if name == "rsm":
-        lam, reduction = fcfg["rsm"]["lambda"], fcfg["rsm"]["reduction"]
-        if reduction not in REDUCTIONS:
-            raise ConfigError(
-                f"Unknown diffusion.finetune.rsm.reduction {reduction!r}; set it to one of {', '.join(REDUCTIONS)}."
-            )
-        return lambda eps_pred, eps, x0_hat, z0, y: rsm_loss(eps_pred, eps, x0_hat, lam, reduction)
-    if name == "minimax":
-        mcfg = fcfg["minimax"]
-        real, gen = ClassMemory(num_classes, mcfg["memory"]), ClassMemory(num_classes, mcfg["memory"])
-
-        def objective(eps_pred, eps, x0_hat, z0, y):
-            out = minimax_loss(eps_pred, eps, x0_hat, y, real, gen, mcfg["lambda_pos"], mcfg["lambda_neg"])
-            real.push(z0, y)
-            gen.push(x0_hat, y)
-            return out
-
-        return objective
-    raise ConfigError(
-        f"Unknown diffusion.finetune.objective {name!r}; set it to none or one of {', '.join(OBJECTIVES)}."
-    )
+    if name not in OBJECTIVES:
+        raise ConfigError(
+            f"Unknown diffusion.finetune.objective {name!r}; set it to none or one of {', '.join(OBJECTIVES)}."
+        )
+    return OBJECTIVES[name](fcfg, num_classes)
 
 
 def total_steps(tcfg: Mapping, num_images: int) -> int:
@@ -115,12 +130,13 @@ def train_denoiser(
     """Run the loop for total_steps(tcfg) steps; returns the loss of every step.
 
     tcfg: steps | epochs, batch_size, lr, weight_decay, params, label_dropout,
-    seed and the objective's settings (rsm.lambda, rsm.reduction, minimax.*).
+    seed, ema and the objective's settings (rsm.lambda, rsm.reduction, minimax.*).
     """
     seed_everything(int(tcfg["seed"]))  # DiT draws its label dropout from the global generator
     net = denoiser.net.to(device).train()
     params = select_parameters(net, tcfg.get("params", "all"))
     optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
+    ema = WeightAverage(net, tcfg.get("ema"), f"diffusion.{phase}.ema")
     loss_fn = make_objective(objective, tcfg, len(denoiser.class_ids))
     gen = torch.Generator().manual_seed(int(tcfg["seed"]))
     abar = scheduler.alphas_cumprod.to(device)
@@ -146,6 +162,7 @@ def train_denoiser(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        ema.step()
         losses.append(loss.item())
         if step % 100 == 0 or step == steps - 1:
             logger.log(
@@ -154,5 +171,6 @@ def train_denoiser(
                     **{f"diffusion/{phase}_{k}": v.item() for k, v in parts.items()},
                 }
             )
+    ema.copy_to_net()  # the average is what gets saved and sampled from
     net.requires_grad_(False).eval()
     return losses
