@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ddist.errors import CheckpointError
+from ddist.utils import safe_name
 
 CACHE_VERSION = 1  # bump when a cached artifact's format or meaning changes
 
@@ -299,7 +300,7 @@ def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.
         for img, label in zip(pixels, labels.tolist(), strict=False):
             i = counters.get(label, 0)
             counters[label] = i + 1
-            class_dir = tmp / "images" / f"{label:04d}_{_safe(spec.classes[label])}"
+            class_dir = tmp / "images" / f"{label:04d}_{safe_name(spec.classes[label])}"
             class_dir.mkdir(parents=True, exist_ok=True)
             array = img.permute(1, 2, 0).squeeze(-1).numpy()  # [H, W] for one channel: a greyscale PNG
             Image.fromarray(array).save(class_dir / f"{i:0{width}d}.png")
@@ -352,10 +353,6 @@ def _distilled_problem(images: torch.Tensor, labels: torch.Tensor, meta: dict, s
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
         return f"has labels outside 0..{spec.num_classes - 1} of dataset {spec.name}"
     return None
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(name))
 
 
 def file_sha256(path: str | Path) -> str:

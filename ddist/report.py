@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ddist.sweep import read_error
+from ddist.utils import safe_name
 
 # Columns taken from the analyse stage's output: (column, path into the analysis dict).
 ANALYSIS_COLUMNS = [
@@ -515,7 +516,7 @@ def plot_accuracy_vs_ipc(rows: list[dict], out_dir: Path) -> dict[str, Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        path = out_dir / f"acc_vs_ipc_{_safe(str(dataset))}.png"
+        path = out_dir / f"acc_vs_ipc_{safe_name(str(dataset))}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         plots[dataset] = path
@@ -570,15 +571,11 @@ def plot_sweep(rows: list[dict], sweep_keys: tuple[str, ...], out_dir: Path) -> 
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{dataset}: sweep over {x_key}", fontsize=9)
         fig.tight_layout()
-        path = out_dir / f"sweep_{_safe(str(dataset))}.png"
+        path = out_dir / f"sweep_{safe_name(str(dataset))}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         plots[dataset] = path
     return plots
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
 def log_wandb(rows: list[dict], plots: dict[str, Path], out_dir: Path, project: str, mode: str) -> None:
@@ -636,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or args.paths[0]
     rows, collected, missing = build_report(args.paths, out_dir, tuple(args.sweep))
     if args.wandb:
-        plots = {r["dataset"]: out_dir / f"acc_vs_ipc_{_safe(str(r['dataset']))}.png" for r in rows}
+        plots = {r["dataset"]: out_dir / f"acc_vs_ipc_{safe_name(str(r['dataset']))}.png" for r in rows}
         log_wandb(rows, plots, out_dir, args.wandb_project, args.wandb_mode)
     n_missing = len(missing) + len(collected.incomplete) + len(collected.unreadable)
     print(

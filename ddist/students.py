@@ -49,6 +49,7 @@ from ddist.train import (
     make_schedule,
     seed_everything,
 )
+from ddist.utils import ceil_div
 
 
 def evaluate_set(
@@ -162,7 +163,7 @@ def train_student(
     epochs = epochs_for(ev.epochs, distilled.ipc)
     settings = plan_settings(ev, spec.resolution, cfg.seed, len(labels), epochs)
     batches = stored_batches(stored, settings, ctx.require("teacher")) if stored else plan(settings)
-    steps_per_epoch = -(-len(labels) // settings["batch_size"])
+    steps_per_epoch = ceil_div(len(labels), settings["batch_size"])
     optimizer = make_optimizer(student.parameters(), ev, "evaluate")
     schedule = make_schedule(optimizer, ev, epochs * steps_per_epoch, "evaluate")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ddist"
@@ -70,3 +72,45 @@ def test_no_import_cycles():
         if name not in state:
             visit(name, [name])
     assert not cycles, cycles
+
+
+def top_package(module: str) -> str:
+    """ddist.objectives.deda -> ddist.objectives; ddist.utils -> ddist.utils."""
+    return ".".join(module.split(".")[:2])
+
+
+# objectives and metrics take tensors (and, where they must, a model): never datasets, configs or runs
+TENSOR_LAYERS = ("ddist.objectives", "ddist.metrics")
+TENSOR_LAYER_MAY_IMPORT = {*TENSOR_LAYERS, "ddist.models", "ddist.errors", "ddist.logging", "ddist.utils"}
+# what the pipeline and the stages build on: none of it knows about runs, stages or the entry point
+BELOW_STAGES = ("ddist.models", "ddist.objectives", "ddist.metrics", "ddist.data")
+ABOVE = {"ddist.stages", "ddist.pipeline", "ddist.__main__", "ddist.context", "ddist.teacher", "ddist.students"}
+
+
+def test_objectives_and_metrics_import_only_models_and_helpers():
+    wrong = [
+        f"{name} imports {imported}"
+        for name, path in MODULES.items()
+        if top_package(name) in TENSOR_LAYERS
+        for imported in imports(path, top_level_only=False) & MODULES.keys()
+        if top_package(imported) not in TENSOR_LAYER_MAY_IMPORT
+    ]
+    assert not wrong, wrong
+
+
+def test_models_data_objectives_and_metrics_never_import_the_run_layers():
+    wrong = [
+        f"{name} imports {imported}"
+        for name, path in MODULES.items()
+        if top_package(name) in BELOW_STAGES
+        for imported in imports(path, top_level_only=False) & MODULES.keys()
+        if top_package(imported) in ABOVE
+    ]
+    assert not wrong, wrong
+
+
+def test_importing_the_models_package_does_not_import_diffusers():
+    """ddist.models.diffusion pulls in diffusers (seconds): only code that asks for it pays."""
+    code = "import sys, ddist.models, ddist.objectives; print('diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

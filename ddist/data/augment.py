@@ -12,6 +12,9 @@ same code serves recover (differentiable, on the synthetic pixels) and student t
   or [-roll, roll] (`roll_mode: symmetric`, DeepInversion's `randint(-lim, lim)`).
 - CutMix (Yun et al. 2019) and Mixup (Zhang et al. 2018): one lambda and one partner
   permutation per batch.
+
+`resize` (deterministic, not an augmentation) lives here too, the one resize of image batches:
+the uint8 datasets and the diffusion models' input size both use it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ ROLL_MODES = ("sre2l", "symmetric")
 
 
 # ----------------------------------------------------------------------------- crop, flip, roll
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Square images to `size` x `size` (antialiased when shrinking); a no-op at that size already."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def sample_params(n: int, aug: Mapping, resolution: int, generator: torch.Generator) -> Params:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ddist.errors import ConfigError
+from ddist.utils import ceil_div
 
 # ImageNet evaluation convention: resize the shorter side to 256, centre-crop 224.
 IMAGENET_CROP_RATIO = 224 / 256
@@ -87,7 +88,7 @@ def decode_all(
     workers = workers or torch.get_num_threads()
     if workers <= 1 or len(paths) < POOL_MIN_FILES:
         return torch.from_numpy(_decode_chunk(str(root), paths, channels, resize)).permute(0, 3, 1, 2).contiguous()
-    step = -(-len(paths) // (4 * workers))  # a few chunks per worker balance slow and fast files
+    step = ceil_div(len(paths), 4 * workers)  # a few chunks per worker balance slow and fast files
     chunks = [paths[i : i + step] for i in range(0, len(paths), step)]
     with ThreadPoolExecutor(workers) as pool:
         parts = list(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from ddist.data.augment import resize
 from ddist.data.cache import cache_key, cached_images
 from ddist.data.decode import Resize, decode_all, decode_image
 from ddist.data.layouts import SplitFiles, dataset_spec, list_split
@@ -112,14 +113,7 @@ def _resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
     """Resize a uint8 batch to resolution x resolution (bilinear, antialiased when shrinking)."""
     if images.shape[-1] == resolution and images.shape[-2] == resolution:
         return images
-    x = F.interpolate(
-        images.float() / 255,
-        size=(resolution, resolution),
-        mode="bilinear",
-        align_corners=False,
-        antialias=True,
-    )
-    return _to_uint8(x)
+    return _to_uint8(resize(images.float() / 255, resolution))
 
 
 def _check_channels(cfg: dict, spec: DatasetSpec, native: int) -> None:

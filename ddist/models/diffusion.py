@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
 from diffusers.training_utils import EMAModel
 
@@ -304,13 +303,6 @@ def make_codec(dcfg: Mapping, channels: int, need_encoder: bool) -> Codec:
 def model_image_size(dcfg: Mapping, resolution: int) -> int:
     """The side the model sees: the dataset's for pixel models, diffusion.model.image_size for latent ones."""
     return backbone(dcfg).image_size(dcfg, resolution)
-
-
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Square images to `size` x `size` (antialiased when shrinking); a no-op at that size already."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def to_signed(x: torch.Tensor, spec) -> torch.Tensor:

@@ -21,7 +21,6 @@ of the normalised image. The last iterate is saved as a DistilledSet.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from ddist.objectives import (
 )
 from ddist.teacher import deda_layers, load_teacher, teacher_key
 from ddist.train import check_finite, make_schedule, seed_everything
+from ddist.utils import ceil_div
 
 BATCH_MODES = ("ipc_slice", "whole_class")
 INITS = ("noise", "real")
@@ -146,7 +146,7 @@ def load_class_stats(cfg: DictConfig, ctx: RunContext, teacher, layers: list[str
             ctx.spec.num_classes,
             layers,
             ctx.device,
-            total=math.ceil(len(train.targets) / batch_size),
+            total=ceil_div(len(train.targets), batch_size),
         )
         atomic_save_tensors(
             path, {f"{k}.{part}": t for k, pair in stats.items() for part, t in zip(("mean", "cov"), pair, strict=True)}

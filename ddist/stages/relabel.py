@@ -24,6 +24,7 @@ from ddist.data.plan import augmented_batch, compress_logits, plan, plan_setting
 from ddist.logging import info, progress
 from ddist.teacher import load_teacher
 from ddist.train import epochs_for
+from ddist.utils import ceil_div
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
@@ -39,7 +40,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
         "top_k": cfg.relabel.top_k,
         "teacher_sha256": file_sha256(ctx.require("teacher")),
     }
-    steps_per_epoch = -(-settings["num_images"] // settings["batch_size"])
+    steps_per_epoch = ceil_div(settings["num_images"], settings["batch_size"])
     out = ctx.run_dir / "relabel"
     with atomic_dir(out) as tmp, torch.no_grad():
         epoch_tensors: dict[str, torch.Tensor] = {}

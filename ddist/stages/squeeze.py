@@ -38,6 +38,7 @@ from ddist.train import (
     real_batches,
     seed_everything,
 )
+from ddist.utils import ceil_div
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
@@ -77,7 +78,7 @@ def cached_or_trained(cfg: DictConfig, ctx: RunContext, entry: Path) -> tuple[Pa
     train, test = load_split(cfg.dataset, "train", cache_dir), load_split(cfg.dataset, "test", cache_dir)
     model = build_teacher(cfg, spec).to(device)
     tcfg = cfg.teacher
-    steps_per_epoch = -(-len(train.targets) // tcfg.batch_size)
+    steps_per_epoch = ceil_div(len(train.targets), tcfg.batch_size)
     optimizer = make_optimizer(model.parameters(), tcfg, "teacher")
     schedule = make_schedule(optimizer, tcfg, max(tcfg.epochs * steps_per_epoch, 1), "teacher")
     generator = torch.Generator().manual_seed(cfg.teacher.seed)

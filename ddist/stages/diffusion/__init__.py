@@ -34,6 +34,7 @@ from ddist.artifacts import (
 )
 from ddist.context import RunContext
 from ddist.data import load_split
+from ddist.data.augment import resize
 from ddist.logging import info
 from ddist.models import FeatureModel
 from ddist.models.diffusion import (
@@ -41,7 +42,6 @@ from ddist.models.diffusion import (
     make_codec,
     model_image_size,
     pretrained_denoiser,
-    resize,
     saved_denoiser,
     to_signed,
 )

@@ -13,19 +13,20 @@ subset only.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from diffusers import DDPMScheduler
 
+from ddist.data.augment import resize
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
-from ddist.models.diffusion import Denoiser, WeightAverage, resize, to_signed
+from ddist.models.diffusion import Denoiser, WeightAverage, to_signed
 from ddist.objectives.diffusion import denoising_loss, predict_x0
 from ddist.objectives.minimax import ClassMemory, minimax_loss
 from ddist.objectives.rsm import REDUCTIONS, rsm_loss
 from ddist.train import check_finite, real_batches, seed_everything
+from ddist.utils import ceil_div
 
 PARAM_SUBSETS = ("all", "difffit")
 
@@ -102,7 +103,7 @@ def total_steps(tcfg: Mapping, num_images: int) -> int:
     """`steps` when set, else `epochs` passes over the train split."""
     if tcfg.get("steps"):
         return int(tcfg["steps"])
-    return int(tcfg["epochs"]) * math.ceil(num_images / tcfg["batch_size"])
+    return int(tcfg["epochs"]) * ceil_div(num_images, tcfg["batch_size"])
 
 
 def endless_batches(
