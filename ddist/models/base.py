@@ -1,28 +1,25 @@
 """The feature API every ddist model shares, and the normalisation layers they choose from."""
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-NORMS = ("batch", "instance", "none")
+# model.norm -> a 2-d normalisation layer for `channels` feature maps. "instance" is GroupNorm with
+# one group per channel and an affine transform, as the dataset-distillation ConvNet uses it: unlike
+# nn.InstanceNorm2d it has learnable per-channel scale and shift by default, and it never keeps running
+# statistics, so a student behaves the same in train and eval mode.
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "batch": nn.BatchNorm2d,
+    "instance": lambda channels: nn.GroupNorm(channels, channels, affine=True),
+    "none": lambda channels: nn.Identity(),
+}
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
-    """A 2-d normalisation layer for `channels` feature maps.
-
-    "instance" is GroupNorm with one group per channel and an affine transform, as the
-    dataset-distillation ConvNet uses it: unlike nn.InstanceNorm2d it has learnable
-    per-channel scale and shift by default, and it never keeps running statistics, so a
-    student behaves the same in train and eval mode.
-    """
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "instance":
-        return nn.GroupNorm(channels, channels, affine=True)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}")  # callers validate user input first
+    """NORMS[kind] for `channels` feature maps (callers validate user input first)."""
+    return NORMS[kind](channels)
 
 
 class FeatureModel(nn.Module):
