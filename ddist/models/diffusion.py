@@ -1,6 +1,6 @@
 """The class-conditional denoisers and image codecs the diffusion stage works with.
 
-Two backbones, both from diffusers:
+Two backbones, both from diffusers, registered in BACKBONES (diffusion.backbone):
 - `pixel`: a UNet2DModel with a class-embedding table of num_classes + 1
   entries (the last one is the null class of classifier-free guidance),
   denoising images in [-1, 1] directly (digits, CIFAR).
@@ -14,7 +14,10 @@ Config nodes arrive as plain dicts (resolved once by the stage). Pretrained
 weights come from `from_pretrained` (a hub id or a local
 directory); without them a model is built from the config and trained from
 scratch by the stage. Offline with no local copy the load fails with a
-ConfigError naming the option to set.
+ConfigError naming the option to set. WeightAverage keeps the optional EMA of the
+weights during training (diffusion.train.ema / diffusion.finetune.ema).
+
+Imported only by the diffusion stage (diffusers is a heavy import): ddist.models does not.
 """
 
 from __future__ import annotations
