@@ -87,25 +87,23 @@ BELOW_STAGES = ("ddist.models", "ddist.objectives", "ddist.metrics", "ddist.data
 ABOVE = {"ddist.stages", "ddist.pipeline", "ddist.__main__", "ddist.context", "ddist.teacher", "ddist.students"}
 
 
-def test_objectives_and_metrics_import_only_models_and_helpers():
-    wrong = [
-        f"{name} imports {imported}"
+def package_imports(packages: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(module, the ddist package it imports) for every module under `packages`."""
+    return [
+        (name, top_package(imported))
         for name, path in MODULES.items()
-        if top_package(name) in TENSOR_LAYERS
+        if top_package(name) in packages
         for imported in imports(path, top_level_only=False) & MODULES.keys()
-        if top_package(imported) not in TENSOR_LAYER_MAY_IMPORT
     ]
+
+
+def test_objectives_and_metrics_import_only_models_and_helpers():
+    wrong = [pair for pair in package_imports(TENSOR_LAYERS) if pair[1] not in TENSOR_LAYER_MAY_IMPORT]
     assert not wrong, wrong
 
 
 def test_models_data_objectives_and_metrics_never_import_the_run_layers():
-    wrong = [
-        f"{name} imports {imported}"
-        for name, path in MODULES.items()
-        if top_package(name) in BELOW_STAGES
-        for imported in imports(path, top_level_only=False) & MODULES.keys()
-        if top_package(imported) in ABOVE
-    ]
+    wrong = [pair for pair in package_imports(BELOW_STAGES) if pair[1] in ABOVE]
     assert not wrong, wrong
 
 
