@@ -158,7 +158,8 @@ def fit(
     key = log_key or stage
     device_type = next(model.parameters()).device.type
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
-    start = resume(work_dir, model, optimizer, schedule, scaler)
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler}
+    start = resume(work_dir, parts)
     if start:
         info(f"{desc}: resuming at step {start}/{total_steps} (epoch {start // steps_per_epoch + 1})")
     # torch.compile of a Module returns a Module (OptimizedModule); its stubs only promise a callable
@@ -182,51 +183,39 @@ def fit(
         if done % log_every == 0 or done == total_steps:
             logger.log({f"{key}/loss": loss.item(), f"{key}/lr": schedule.get_last_lr()[0]}, step=done)
         if work_dir is not None and done % steps_per_epoch == 0 and done < total_steps:
-            save_partial(work_dir, model, optimizer, schedule, scaler, done)
+            save_partial(work_dir, done, parts)
     if work_dir is not None:
         (work_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the caller keeps the result
 
 
-def save_partial(
-    work_dir: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    step: int,
-) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "scaler": scaler.state_dict(),
-        "step": step,
-        "torch_rng": torch.get_rng_state(),
-    }
+def save_partial(work_dir: Path, step: int, parts: Mapping[str, Any]) -> None:
+    """Checkpoint the state of `parts` (anything with state_dict: model, optimiser, schedule, a
+    resumable data stream), the step and the global RNG states into the work directory, atomically."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state.update(step=step, torch_rng=torch.get_rng_state(), cuda_rng=_cuda_rng_states())
     with atomic_path(work_dir / CHECKPOINT) as tmp:
         torch.save(state, tmp)
 
 
-def resume(
-    work_dir: Path | None,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-) -> int:
-    """Load the work directory's checkpoint into model, optimiser and schedule; its step (0: none)."""
+def resume(work_dir: Path | None, parts: Mapping[str, Any]) -> int:
+    """Load the work directory's checkpoint into `parts` and the global RNGs; its step (0: none)."""
     path = None if work_dir is None else work_dir / CHECKPOINT
     if path is None or not path.is_file():
         return 0
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
+        for name, part in parts.items():
+            if state[name]:  # a disabled GradScaler's state is {}, which it refuses to load
+                part.load_state_dict(state[name])
     except Exception as err:
         info(f"ignoring the unreadable checkpoint {path} ({type(err).__name__}); starting over")
         return 0
     torch.set_rng_state(state["torch_rng"])
+    cuda_rng = state.get("cuda_rng", [])  # older checkpoints have none
+    if cuda_rng and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
     return int(state["step"])
+
+
+def _cuda_rng_states() -> list[torch.Tensor]:
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddist.artifacts import (
     atomic_dir,
     atomic_save_tensors,
+    building,
     cache_entry,
     load_tensors,
     save_distilled,
@@ -53,6 +54,8 @@ __all__ = ["run"]
 
 # dataset keys that do not change what a diffusion model learns
 _NOT_DATA_KEYS = ("protocol", "download", "augment")
+# training keys that do not change the trained weights
+_NOT_WEIGHT_KEYS = ("checkpoint_every",)
 
 
 def run(cfg: DictConfig, ctx: dict) -> dict:
@@ -89,7 +92,9 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
                 base_key,
                 spec,
                 make=lambda: fresh_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec),
-                fit=lambda d: train(d, ds=train_set(), tcfg=dcfg["train"], objective="plain", phase="train"),
+                fit=lambda d, work: train(
+                    d, ds=train_set(), tcfg=dcfg["train"], objective="plain", phase="train", work_dir=work
+                ),
             )
 
     # fine-tune
@@ -101,10 +106,12 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
             cfg,
             dcfg,
             "diffusion_finetune",
-            {"base": base_key, "finetune": dcfg["finetune"]},
+            {"base": base_key, "finetune": _weights_key(dcfg["finetune"])},
             spec,
             make=base,
-            fit=lambda d: train(d, ds=train_set(), tcfg=dcfg["finetune"], objective=objective, phase="finetune"),
+            fit=lambda d, work: train(
+                d, ds=train_set(), tcfg=dcfg["finetune"], objective=objective, phase="finetune", work_dir=work
+            ),
         )
     denoiser.net.to(device).eval().requires_grad_(False)
 
@@ -164,21 +171,27 @@ def _base_key(cfg: DictConfig, dcfg: dict) -> dict:
     model = {k: v for k, v in dcfg["model"].items() if k != "random_weights" or v}
     key = {"backbone": dcfg["backbone"], "model": model, "schedule": dcfg["schedule"], "data": data_key(cfg)}
     if dcfg["model"]["pretrained"] is None:
-        key["train"] = dcfg["train"]
+        key["train"] = _weights_key(dcfg["train"])
     return key
 
 
+def _weights_key(tcfg: dict) -> dict:
+    return {k: v for k, v in tcfg.items() if k not in _NOT_WEIGHT_KEYS}
+
+
 def _cached_model(cfg, dcfg, kind, key, spec, make, fit):
-    """The denoiser cached under <kind>/<hash(key)>; else make() one, fit it, save it and return it."""
-    entry = cache_entry(cfg, kind, key) / "denoiser"
-    if (entry / "config.json").is_file():
-        info(f"diffusion: using the cached model {entry}")
-        return saved_denoiser(dcfg, str(entry), spec.num_classes, f"paths.cache_dir ({entry})")
-    denoiser = make()
-    fit(denoiser)
-    with atomic_dir(entry) as tmp:
-        denoiser.net.save_pretrained(tmp)
-    return denoiser
+    """The denoiser cached under <kind>/<hash(key)>; else make() one, fit(it, work_dir) (which
+    checkpoints into and resumes from the entry), save it and return it."""
+    with building(cache_entry(cfg, kind, key)) as work:
+        entry = work / "denoiser"
+        if (entry / "config.json").is_file():
+            info(f"diffusion: using the cached model {entry}")
+            return saved_denoiser(dcfg, str(entry), spec.num_classes, f"paths.cache_dir ({entry})")
+        denoiser = make()
+        fit(denoiser, work)
+        with atomic_dir(entry) as tmp:
+            denoiser.net.save_pretrained(tmp)
+        return denoiser
 
 
 @torch.no_grad()
