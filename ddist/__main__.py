@@ -4,20 +4,33 @@ A single run that fails on a user-fixable problem prints one paragraph and exits
 multirun a failing job must not end the sweep: its message goes to `error.json` in its job
 directory, the other jobs run, and the sweep exits non-zero at the end with a summary of
 the failed jobs (ddist.sweep.FailureSummary, a Hydra callback in conf/hydra/default.yaml).
+
+Under torchrun (WORLD_SIZE > 1) the ranks join one process group before Hydra starts and take
+rank 0's start time, so all of them name the same run directory (`ddist.now` in
+conf/hydra/default.yaml); only rank 0 keeps Hydra's .hydra/ there, each rank logs to its own file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ddist import CONF_DIR
 from ddist.errors import DdistError
+
+_started = datetime.now()  # the job's start time; under torchrun, rank 0's
+_rank = int(os.environ.get("RANK", "0"))
+# use_cache: a multirun's job (a joblib worker) reads the value its config carries
+OmegaConf.register_new_resolver("ddist.now", lambda pattern: _started.strftime(pattern), use_cache=True)
+OmegaConf.register_new_resolver("ddist.rank0_only", lambda value: value if _rank == 0 else None)
+OmegaConf.register_new_resolver("ddist.rank_suffix", lambda: f"_rank{_rank}" if _rank else "")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -49,7 +62,17 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _main()
+    global _started
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _main()
+        return
+    from ddist import distributed  # torch: imported only when torchrun started several ranks
+
+    _started = distributed.start()
+    try:
+        _main()
+    finally:
+        distributed.stop()
 
 
 if __name__ == "__main__":

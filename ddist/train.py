@@ -9,10 +9,15 @@ fit:
         every log_every steps: log loss and lr against the stage's step
         every epoch: checkpoint (model, optimiser, schedule, step) into the work directory
 
+Under torchrun the model is DistributedDataParallel: every rank replays the same stream and
+its loss_fn trains on its part of each batch (ddist.distributed.my_part), so the batch size,
+the steps and the schedule are those of one process; rank 0 alone writes checkpoints.
+
 Resume: a rerun with the same work directory loads the last checkpoint and replays the
 stream up to its step without computing anything (the stream is a pure function of its
 seed, so the skipped batches are exactly the ones already trained on), then goes on. The
-result is byte-identical to an uninterrupted run on CPU.
+result is byte-identical to an uninterrupted run on CPU. A checkpoint holds no trace of the
+rank count: a run resumes with as many ranks as it likes (byte-identical only with the same).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ddist import distributed
 from ddist.artifacts import atomic_path
 from ddist.errors import ConfigError, DivergenceError
 from ddist.logging import RunLogger, info, progress
@@ -163,7 +169,8 @@ def fit(
     if start:
         info(f"{desc}: resuming at step {start}/{total_steps} (epoch {start // steps_per_epoch + 1})")
     # torch.compile of a Module returns a Module (OptimizedModule); its stubs only promise a callable
-    forward = cast(torch.nn.Module, torch.compile(model)) if compile else model
+    forward = distributed.wrap(model)  # DDP under torchrun: gradients averaged over the ranks
+    forward = cast(torch.nn.Module, torch.compile(forward)) if compile else forward
     model.train()
     for step, batch in enumerate(progress(stream, desc=desc, total=total_steps)):
         if step < start:
@@ -182,9 +189,9 @@ def fit(
         done = step + 1
         if done % log_every == 0 or done == total_steps:
             logger.log({f"{key}/loss": loss.item(), f"{key}/lr": schedule.get_last_lr()[0]}, step=done)
-        if work_dir is not None and done % steps_per_epoch == 0 and done < total_steps:
+        if work_dir is not None and done % steps_per_epoch == 0 and done < total_steps and distributed.is_main():
             save_partial(work_dir, done, parts)
-    if work_dir is not None:
+    if work_dir is not None and distributed.is_main():
         (work_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the caller keeps the result
 
 
