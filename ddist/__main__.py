@@ -7,7 +7,7 @@ the failed jobs (ddist.sweep.FailureSummary, a Hydra callback in conf/hydra/defa
 
 Under torchrun (WORLD_SIZE > 1) the ranks join one process group before Hydra starts and take
 rank 0's start time, so all of them name the same run directory (`ddist.now` in
-conf/hydra/default.yaml); only rank 0 keeps Hydra's .hydra/ there, each rank logs to its own file.
+conf/hydra/default.yaml, ddist/__init__.py); only rank 0 keeps Hydra's .hydra/ there, each rank logs to its own file.
 """
 
 from __future__ import annotations
@@ -15,22 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+import ddist
 from ddist import CONF_DIR
 from ddist.errors import DdistError
-
-_started = datetime.now()  # the job's start time; under torchrun, rank 0's
-_rank = int(os.environ.get("RANK", "0"))
-# use_cache: a multirun's job (a joblib worker) reads the value its config carries
-OmegaConf.register_new_resolver("ddist.now", lambda pattern: _started.strftime(pattern), use_cache=True)
-OmegaConf.register_new_resolver("ddist.rank0_only", lambda value: value if _rank == 0 else None)
-OmegaConf.register_new_resolver("ddist.rank_suffix", lambda: f"_rank{_rank}" if _rank else "")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -62,13 +55,12 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    global _started
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         _main()
         return
     from ddist import distributed  # torch: imported only when torchrun started several ranks
 
-    _started = distributed.start()
+    ddist.started = distributed.start()  # every rank names its run directory by rank 0's start time
     try:
         _main()
     finally:
