@@ -52,6 +52,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available here. Set device=auto or device=cpu.")
+    if name.startswith("cuda:") and distributed.active():
+        raise ConfigError(f"device={name} under torchrun: each rank uses its own GPU (LOCAL_RANK). Set device=auto.")
     return torch.device(name)
 
 

@@ -131,3 +131,13 @@ def test_torchrun_trains_teacher_and_students_with_ddp_and_rank_0_alone_writes(t
     one, two = (json.loads(p.read_text()) for p in (tmp_path / "one" / "results.json", run_dir / "results.json"))
     assert one["teacher_acc"] > 0.85 and abs(two["teacher_acc"] - one["teacher_acc"]) < 0.05
     assert abs(two["students"][0]["acc_mean"] - one["students"][0]["acc_mean"]) < 0.15
+
+
+def test_a_fixed_gpu_under_torchrun_is_refused_naming_the_option(monkeypatch):
+    from ddist.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    with pytest.raises(ConfigError, match="device=auto"):
+        resolve_device("cuda:0")
+    assert resolve_device("cuda") == torch.device("cuda")
