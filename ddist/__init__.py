@@ -1,7 +1,10 @@
 """ddist: config-driven dataset distillation."""
 
 import os
+from datetime import datetime
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 # Idle OpenMP threads sleep instead of spinning at barriers. Spinning threads made the
 # same recover stage 2.6-3.7x slower whenever another process shared the cores; this must
@@ -16,3 +19,15 @@ __version__ = "0.1.0"
 # directory. Absolute: Hydra resolves a relative config path differently for
 # `python -m ddist` (a file) and for the `ddist` console script (a module).
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+# Resolvers of the run directory (conf/hydra/default.yaml), registered wherever ddist is
+# imported (a joblib worker too). ddist.now formats the job's start time: under torchrun
+# `ddist.__main__` sets it to rank 0's, so every rank names the same directory (cached
+# per pattern: a multirun's jobs read the values their config carries). Only rank 0 keeps
+# Hydra's .hydra/ there; every other rank logs to its own file.
+started = datetime.now()
+_rank = int(os.environ.get("RANK", "0"))
+if not OmegaConf.has_resolver("ddist.now"):
+    OmegaConf.register_new_resolver("ddist.now", lambda pattern: started.strftime(pattern), use_cache=True)
+    OmegaConf.register_new_resolver("ddist.rank0_only", lambda value: value if _rank == 0 else None)
+    OmegaConf.register_new_resolver("ddist.rank_suffix", lambda: f"_rank{_rank}" if _rank else "")

@@ -4,11 +4,16 @@ A single run that fails on a user-fixable problem prints one paragraph and exits
 multirun a failing job must not end the sweep: its message goes to `error.json` in its job
 directory, the other jobs run, and the sweep exits non-zero at the end with a summary of
 the failed jobs (ddist.sweep.FailureSummary, a Hydra callback in conf/hydra/default.yaml).
+
+Under torchrun (WORLD_SIZE > 1) the ranks join one process group before Hydra starts and take
+rank 0's start time, so all of them name the same run directory (`ddist.now` in
+conf/hydra/default.yaml, ddist/__init__.py); only rank 0 keeps Hydra's .hydra/ there, each rank logs to its own file.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+import ddist
 from ddist import CONF_DIR
 from ddist.errors import DdistError
 
@@ -49,7 +55,16 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _main()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _main()
+        return
+    from ddist import distributed  # torch: imported only when torchrun started several ranks
+
+    ddist.started = distributed.start()  # every rank names its run directory by rank 0's start time
+    try:
+        _main()
+    finally:
+        distributed.stop()
 
 
 if __name__ == "__main__":

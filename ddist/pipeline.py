@@ -2,10 +2,12 @@
 
 At the end: results.json in the run directory, the same table on the console and in W&B.
 `dry_run=true` first cuts the configuration down to one step of everything (ddist/dry_run.py).
+Under torchrun every rank runs this; ddist/distributed.py says who does what.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import resource
 import threading
@@ -16,7 +18,7 @@ from typing import Self
 import torch
 from omegaconf import DictConfig
 
-from ddist import dry_run
+from ddist import distributed, dry_run
 from ddist.artifacts import atomic_write_text, strict_json
 from ddist.checks import check_config
 from ddist.context import RunContext
@@ -32,6 +34,10 @@ STAGES = {
     name: f"ddist.stages.{name}"
     for name in ("squeeze", "random", "recover", "relabel", "evaluate", "analyse", "diffusion")
 }
+# stages whose work torchrun's ranks share (DDP training, sharded groups and classes); rank 0 runs the rest
+SHARED_STAGES = ("squeeze", "recover", "evaluate", "diffusion")
+# what a stage that rank 0 ran alone leaves the other ranks: ctx without this process's own objects
+_OWN = ("logger", "device")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -54,7 +60,8 @@ def run(cfg: DictConfig) -> dict:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels
-    logger = RunLogger.from_config(cfg, run_dir, job_type=cfg.pipeline.name)
+    main = distributed.is_main()  # the only rank that writes results and logs to W&B
+    logger = RunLogger.from_config(cfg, run_dir, job_type=cfg.pipeline.name) if main else RunLogger(None)
     ctx = RunContext(run_dir=run_dir, device=device, spec=dataset_spec(cfg.dataset), logger=logger)
     exit_code = 1
     try:
@@ -63,19 +70,35 @@ def run(cfg: DictConfig) -> dict:
             ctx.stage = name
             with PeakMemory() as peak:
                 start = time.perf_counter()
-                ctx = importlib.import_module(STAGES[name]).run(cfg, ctx)
+                ctx = run_stage(name, cfg, ctx)
                 ctx.timings[name] = round(time.perf_counter() - start, 3)
             ctx.peak_memory_mb[name] = peak.mb
             logger.log({f"{name}/seconds": ctx.timings[name], f"{name}/peak_memory_mb": peak.mb})
         results = collect_results(cfg, ctx)
-        # a dry run's numbers mean nothing: another name keeps them out of reports
-        atomic_write_text(run_dir / ("dry_run.json" if cfg.dry_run else "results.json"), strict_json(results))
-        print(format_table(results) + f"\n  run directory: {run_dir}")
-        report_to_logger(logger, results, ctx)
+        if main:
+            # a dry run's numbers mean nothing: another name keeps them out of reports
+            atomic_write_text(run_dir / ("dry_run.json" if cfg.dry_run else "results.json"), strict_json(results))
+            print(format_table(results) + f"\n  run directory: {run_dir}")
+            report_to_logger(logger, results, ctx)
         exit_code = 0
         return results
     finally:
         logger.finish(exit_code)
+
+
+def run_stage(name: str, cfg: DictConfig, ctx: RunContext) -> RunContext:
+    """One stage: on every rank when its work is shared, else on rank 0 alone, whose ctx the others take."""
+    stage = importlib.import_module(STAGES[name])
+    if name in SHARED_STAGES or not distributed.active():
+        return stage.run(cfg, ctx)
+    own = {k: getattr(ctx, k) for k in _OWN}
+
+    def alone() -> dict:
+        with distributed.alone():
+            done = stage.run(cfg, ctx)
+            return {f.name: getattr(done, f.name) for f in dataclasses.fields(done) if f.name not in _OWN}
+
+    return RunContext(**distributed.from_main(alone), **own)
 
 
 def collect_results(cfg: DictConfig, ctx: RunContext) -> dict:

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from ddist import distributed
 from ddist.artifacts import (
     DistilledSet,
     atomic_write_text,
-    building,
     cache_entry,
     file_sha256,
     load_distilled,
@@ -81,7 +81,7 @@ def evaluate_set(
         accs = []
         for repeat in range(ev.repeats):
             work = cache_entry(cfg, "student", {**base_key, "student": model_cfg, "repeat": repeat})
-            with building(work):
+            with distributed.building_together(work):  # torchrun's ranks train it together
                 accs.append(
                     finished_or_trained(cfg, ctx, ev, distilled, name, model_cfg, repeat, teacher, stored, test, work)
                 )
@@ -135,7 +135,8 @@ def finished_or_trained(
         info(f"student {name} repeat {repeat}: finished earlier ({result})")
         return float(json.loads(result.read_text())["acc"])
     acc = train_student(cfg, ctx, ev, distilled, name, model_cfg, repeat, teacher, stored, test, work)
-    atomic_write_text(result, json.dumps({"acc": acc}))
+    if distributed.is_main():
+        atomic_write_text(result, json.dumps({"acc": acc}))
     return acc
 
 
@@ -169,18 +170,19 @@ def train_student(
 
     def loss_fn(student, batch):
         x = augmented_batch(images, batch, device)
+        part, weight = distributed.my_part(len(x))  # all of it in one process
+        x = x[part]
         out = student(x)
         if ev.protocol == "hard":
             _, mix = split_mix(batch)
-            return hard_label_loss(
-                out, mix_targets(F.one_hot(labels[batch["indices"].to(device)], spec.num_classes).float(), mix)
-            )
+            targets = mix_targets(F.one_hot(labels[batch["indices"].to(device)], spec.num_classes).float(), mix)
+            return weight * hard_label_loss(out, targets[part])
         if "logits" in batch:
-            return soft_label_loss(out, batch["logits"].to(device), ev.temperature)
+            return weight * soft_label_loss(out, batch["logits"][part].to(device), ev.temperature)
         assert teacher is not None, "the soft protocol loads the teacher"
         with torch.no_grad():
             target = teacher(x)
-        return soft_label_loss(out, target, ev.temperature)
+        return weight * soft_label_loss(out, target, ev.temperature)
 
     # -- loop, then test
     key = f"evaluate/{name}_r{repeat}"
@@ -203,6 +205,6 @@ def train_student(
         precision=cfg.precision,
         compile=cfg.compile,
     )
-    acc = accuracy(student, test, spec, device, ev.test_batch_size)
+    acc = distributed.from_main(lambda: accuracy(student, test, spec, device, ev.test_batch_size))
     ctx.logger.log({f"{key}/test_acc": acc}, step=epochs * steps_per_epoch)
     return acc

@@ -9,10 +9,15 @@ fit:
         every log_every steps: log loss and lr against the stage's step
         every epoch: checkpoint (model, optimiser, schedule, step) into the work directory
 
+Under torchrun the model is DistributedDataParallel: every rank replays the same stream and
+its loss_fn trains on its part of each batch (ddist.distributed.my_part), so the batch size,
+the steps and the schedule are those of one process; rank 0 alone writes checkpoints.
+
 Resume: a rerun with the same work directory loads the last checkpoint and replays the
 stream up to its step without computing anything (the stream is a pure function of its
 seed, so the skipped batches are exactly the ones already trained on), then goes on. The
-result is byte-identical to an uninterrupted run on CPU.
+result is byte-identical to an uninterrupted run on CPU. A checkpoint holds no trace of the
+rank count: a run resumes with as many ranks as it likes (byte-identical only with the same).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ddist import distributed
 from ddist.artifacts import atomic_path
 from ddist.data import ImageDataset, torch_dataset
 from ddist.errors import ConfigError, DivergenceError
@@ -47,6 +53,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name} but CUDA is not available here. Set device=auto or device=cpu.")
+    if name.startswith("cuda:") and distributed.active():
+        raise ConfigError(f"device={name} under torchrun: each rank uses its own GPU (LOCAL_RANK). Set device=auto.")
     return torch.device(name)
 
 
@@ -167,11 +175,13 @@ def fit(
     key = log_key or stage
     device_type = next(model.parameters()).device.type
     scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
-    start = resume(work_dir, model, optimizer, schedule, scaler)
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler}
+    start = resume(work_dir, parts)
     if start:
         info(f"{desc}: resuming at step {start}/{total_steps} (epoch {start // steps_per_epoch + 1})")
     # torch.compile of a Module returns a Module (OptimizedModule); its stubs only promise a callable
-    forward = cast(torch.nn.Module, torch.compile(model)) if compile else model
+    forward = distributed.wrap(model)  # DDP under torchrun: gradients averaged over the ranks
+    forward = cast(torch.nn.Module, torch.compile(forward)) if compile else forward
     model.train()
     for step, batch in enumerate(progress(stream, desc=desc, total=total_steps)):
         if step < start:
@@ -190,52 +200,40 @@ def fit(
         done = step + 1
         if done % log_every == 0 or done == total_steps:
             logger.log({f"{key}/loss": loss.item(), f"{key}/lr": schedule.get_last_lr()[0]}, step=done)
-        if work_dir is not None and done % steps_per_epoch == 0 and done < total_steps:
-            save_partial(work_dir, model, optimizer, schedule, scaler, done)
-    if work_dir is not None:
+        if work_dir is not None and done % steps_per_epoch == 0 and done < total_steps and distributed.is_main():
+            save_partial(work_dir, done, parts)
+    if work_dir is not None and distributed.is_main():
         (work_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the caller keeps the result
 
 
-def save_partial(
-    work_dir: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    step: int,
-) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "scaler": scaler.state_dict(),
-        "step": step,
-        "torch_rng": torch.get_rng_state(),
-    }
+def save_partial(work_dir: Path, step: int, parts: Mapping[str, Any]) -> None:
+    """Checkpoint the state of `parts` (anything with state_dict: model, optimiser, schedule, a
+    resumable data stream), the step and the global RNG states into the work directory, atomically."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state.update(step=step, torch_rng=torch.get_rng_state(), cuda_rng=_cuda_rng_states())
     with atomic_path(work_dir / CHECKPOINT) as tmp:
         torch.save(state, tmp)
 
 
-def resume(
-    work_dir: Path | None,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-) -> int:
-    """Load the work directory's checkpoint into model, optimiser and schedule; its step (0: none)."""
+def resume(work_dir: Path | None, parts: Mapping[str, Any]) -> int:
+    """Load the work directory's checkpoint into `parts` and the global RNGs; its step (0: none)."""
     path = None if work_dir is None else work_dir / CHECKPOINT
     if path is None or not path.is_file():
         return 0
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
+        for name, part in parts.items():
+            if state[name]:  # a disabled GradScaler's state is {}, which it refuses to load
+                part.load_state_dict(state[name])
     except Exception as err:
         info(f"ignoring the unreadable checkpoint {path} ({type(err).__name__}); starting over")
         return 0
     torch.set_rng_state(state["torch_rng"])
+    cuda_rng = state.get("cuda_rng", [])  # older checkpoints have none
+    if cuda_rng and len(cuda_rng) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_rng)
     return int(state["step"])
+
+
+def _cuda_rng_states() -> list[torch.Tensor]:
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []

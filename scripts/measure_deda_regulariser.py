@@ -141,7 +141,7 @@ def compose_cfg(args, *overrides: str):
 
 
 def regulariser_table(args, cfg, ctx, teacher) -> None:
-    spec = ctx["spec"]
+    spec = ctx.spec
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
     idx = pick_random_real(train, spec.num_classes, args.ipc, args.seed)
     images, labels = torch.stack([train[int(i)][0] for i in idx]), train.targets[idx]
@@ -198,7 +198,7 @@ def recover_table(args) -> None:
             ctx = recover.run(cfg, ctx)
             teacher = load_teacher(cfg, ctx)
             layer = deda_layers(cfg, teacher)[-1]
-            distilled = load_distilled(ctx["distilled"])
+            distilled = load_distilled(ctx.distilled)
             rows.append(
                 (
                     name,

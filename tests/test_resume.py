@@ -1,4 +1,5 @@
-"""Killed training resumes where it stopped and ends byte-identical to an uninterrupted run."""
+"""Killed training (teacher, students, diffusion models) resumes where it stopped and ends
+byte-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import REPO, TINY, read_results, run_ddist
+from diffusers import UNet2DModel
 
 from ddist.artifacts import load_checkpoint
 from ddist.logging import RunLogger
+from ddist.models.diffusion import PixelCodec, pixel_denoiser
+from ddist.stages.diffusion.sampling import make_scheduler
+from ddist.stages.diffusion.train import train_denoiser
 from ddist.train import CHECKPOINT, fit
 
 
@@ -114,3 +120,130 @@ def test_an_unknown_precision_names_the_option():
 
     with pytest.raises(ConfigError, match="precision"):
         _train(None, precision="fp8")
+
+
+# ----------------------------------------------------------------------------- diffusion training
+
+
+class _Images:
+    """A tiny in-memory split: 20 random 8x8 greyscale images of 4 classes."""
+
+    def __init__(self):
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8, generator=gen)
+        self.targets = torch.arange(20) % 4
+
+    def __len__(self):
+        return len(self.targets)
+
+
+class _CrashingCodec(PixelCodec):
+    """The pixel codec, killed (KeyboardInterrupt) at its encode call number `crash_at`."""
+
+    def __init__(self, crash_at=None):
+        self.calls, self.crash_at = 0, crash_at
+
+    def encode(self, x, sample=False):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise KeyboardInterrupt
+        return x
+
+
+def _train_denoiser(work, objective, crash_at=None, ema=None):
+    """12 steps of batch 8 over 20 images (an epoch is 3 batches), a checkpoint every 4 steps."""
+    torch.manual_seed(0)
+    net = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        num_class_embeds=5,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    denoiser = pixel_denoiser(net, {"class_ids": None}, 4)
+    spec = SimpleNamespace(normalize=lambda x: x, denormalize=lambda x: x)
+    schedule = {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+    tcfg = {
+        "steps": 12,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "params": "all",
+        "label_dropout": 0.3,
+        "seed": 0,
+        "checkpoint_every": 4,
+        "ema": ema,
+        "minimax": {"lambda_pos": 0.1, "lambda_neg": 0.1, "memory": 3},
+    }
+    losses = train_denoiser(
+        denoiser,
+        _CrashingCodec(crash_at),
+        _Images(),
+        spec,
+        make_scheduler(schedule, "ddpm"),
+        tcfg,
+        objective,
+        8,
+        torch.device("cpu"),
+        RunLogger(None),
+        "train",
+        work_dir=work,
+    )
+    return net, losses
+
+
+@pytest.mark.parametrize(("objective", "ema"), [("plain", None), ("minimax", None), ("plain", 0.9)])
+def test_diffusion_training_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(tmp_path, objective, ema):
+    # with ema, the saved weights are the average: it must come back from the checkpoint too
+    reference, reference_losses = _train_denoiser(None, objective, ema=ema)
+    with pytest.raises(KeyboardInterrupt):
+        _train_denoiser(tmp_path, objective, crash_at=11, ema=ema)  # in the fourth epoch, after step 8's checkpoint
+    assert (tmp_path / CHECKPOINT).is_file()
+    resumed, losses = _train_denoiser(tmp_path, objective, ema=ema)
+    assert losses == reference_losses[8:]  # steps 9-12 ran again, on the same batches and noise
+    a, b = reference.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+@pytest.mark.slow  # three training runs of the diffusion model: about 2 minutes on one CPU thread
+def test_a_killed_diffusion_training_resumes_to_the_same_model(tmp_path):
+    args = [
+        "ipc=1",
+        "pipeline=diffusion",
+        "pipeline.stages=[diffusion]",
+        "diffusion.model.unet.block_out_channels=[8,16]",
+        "diffusion.model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
+        "diffusion.model.unet.up_block_types=[UpBlock2D,UpBlock2D]",
+        "diffusion.model.unet.norm_num_groups=4",
+        "diffusion.train.steps=60",
+        "diffusion.train.batch_size=32",
+        "diffusion.train.checkpoint_every=10",
+        "diffusion.sample.steps=2",
+    ]
+    run_ddist(*args, "diffusion.train.checkpoint_every=7", run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache")
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "ddist", *TINY, *args, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'a'}"]
+    env = {**os.environ, "DDIST_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not list(cache.glob(f"diffusion/*/{CHECKPOINT}")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(cache.glob("diffusion/*/denoiser"))
+    rerun = run_ddist(*args, run_dir=tmp_path / "b", cache_dir=cache)
+    assert "diffusion train: resuming at step" in rerun.stderr + rerun.stdout
+    # the same model (checkpoint_every is not in the key: the reference made it with other checkpoints)
+    (ref,) = (tmp_path / "ref_cache").glob("diffusion/*/denoiser/*.safetensors")
+    (got,) = cache.glob("diffusion/*/denoiser/*.safetensors")
+    assert ref.parent.parent.name == got.parent.parent.name
+    assert ref.read_bytes() == got.read_bytes()
+    assert (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes() == (
+        tmp_path / "b" / "distilled" / "data.safetensors"
+    ).read_bytes()

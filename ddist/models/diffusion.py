@@ -104,6 +104,14 @@ class WeightAverage:
         if self.ema is not None:
             self.ema.copy_to(self.net.parameters())
 
+    # a checkpoint keeps the average and its step, so a resumed run averages as an uninterrupted one
+    def state_dict(self) -> dict:
+        return {} if self.ema is None else self.ema.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ema is not None:
+            self.ema.load_state_dict(state)
+
 
 # ----------------------------------------------------------------------------- loading
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from ddist import distributed
 from ddist.artifacts import (
     atomic_write_text,
-    building,
     cache_entry,
     load_checkpoint,
     load_model_state,
@@ -55,7 +55,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
 
     # -- the cache: a hit skips training; the lock makes a concurrent run wait for this one
     entry = cache_entry(cfg, "teacher", teacher_key(cfg))
-    with building(entry):
+    with distributed.building_together(entry):  # torchrun's ranks train it together
         ctx.teacher, ctx.teacher_acc, cached = cached_or_trained(cfg, ctx, entry)
     _report(ctx, cached=cached)
     return ctx
@@ -91,7 +91,8 @@ def cached_or_trained(cfg: DictConfig, ctx: RunContext, entry: Path) -> tuple[Pa
 
     def loss_fn(model, batch):
         x, y, params = batch
-        return F.cross_entropy(model(apply(x, params).to(device)), y.to(device))
+        part, weight = distributed.my_part(len(y))  # all of it in one process
+        return weight * F.cross_entropy(model(apply(x, params)[part].to(device)), y[part].to(device))
 
     fit(
         model,
@@ -112,11 +113,14 @@ def cached_or_trained(cfg: DictConfig, ctx: RunContext, entry: Path) -> tuple[Pa
         compile=cfg.compile,
     )
 
-    # -- measure and cache (checkpoint first, meta last: meta marks a complete entry)
-    acc = accuracy(model, test, spec, device)
-    save_checkpoint(path, model, {"test_acc": acc})
-    atomic_write_text(meta_path, json.dumps({"test_acc": acc, "epochs": tcfg.epochs}))
-    return path, acc, False
+    # -- measure and cache on rank 0 (checkpoint first, meta last: meta marks a complete entry)
+    def measure_and_cache() -> float:
+        acc = accuracy(model, test, spec, device)
+        save_checkpoint(path, model, {"test_acc": acc})
+        atomic_write_text(meta_path, json.dumps({"test_acc": acc, "epochs": tcfg.epochs}))
+        return acc
+
+    return path, distributed.from_main(measure_and_cache), False
 
 
 def _report(ctx: RunContext, cached: bool) -> None:

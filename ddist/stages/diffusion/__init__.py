@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddist.artifacts import (
     atomic_dir,
     atomic_save_tensors,
+    building,
     cache_entry,
     load_tensors,
     save_distilled,
@@ -54,6 +55,8 @@ __all__ = ["run"]
 
 # dataset keys that do not change what a diffusion model learns
 _NOT_DATA_KEYS = ("protocol", "download", "augment")
+# training keys that do not change the trained weights
+_NOT_WEIGHT_KEYS = ("checkpoint_every",)
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
@@ -90,7 +93,9 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
                 base_key,
                 spec,
                 make=lambda: fresh_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec),
-                fit=lambda d: train(d, ds=train_set(), tcfg=dcfg["train"], objective="plain", phase="train"),
+                fit=lambda d, work: train(
+                    d, ds=train_set(), tcfg=dcfg["train"], objective="plain", phase="train", work_dir=work
+                ),
             )
 
     # fine-tune
@@ -105,7 +110,9 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
             {"base": base_key, "finetune": _training_key(dcfg["finetune"])},
             spec,
             make=base,
-            fit=lambda d: train(d, ds=train_set(), tcfg=dcfg["finetune"], objective=objective, phase="finetune"),
+            fit=lambda d, work: train(
+                d, ds=train_set(), tcfg=dcfg["finetune"], objective=objective, phase="finetune", work_dir=work
+            ),
         )
     denoiser.net.to(device).eval().requires_grad_(False)
 
@@ -170,22 +177,24 @@ def _base_key(cfg: DictConfig, dcfg: dict) -> dict:
 
 
 def _training_key(tcfg: dict) -> dict:
-    """A train/finetune node as a cache key: ema only when set, so the keys of models cached before
-    the option stay valid."""
-    return {k: v for k, v in tcfg.items() if k != "ema" or v is not None}
+    """A train/finetune node as a cache key: without the keys that do not change the weights, and
+    with ema only when set, so the keys of models cached before these options stay valid."""
+    return {k: v for k, v in tcfg.items() if k not in _NOT_WEIGHT_KEYS and (k != "ema" or v is not None)}
 
 
 def _cached_model(cfg, dcfg, kind, key, spec, make, fit):
-    """The denoiser cached under <kind>/<hash(key)>; else make() one, fit it, save it and return it."""
-    entry = cache_entry(cfg, kind, key) / "denoiser"
-    if (entry / "config.json").is_file():
-        info(f"diffusion: using the cached model {entry}")
-        return saved_denoiser(dcfg, str(entry), spec.num_classes, f"paths.cache_dir ({entry})")
-    denoiser = make()
-    fit(denoiser)
-    with atomic_dir(entry) as tmp:
-        denoiser.net.save_pretrained(tmp)
-    return denoiser
+    """The denoiser cached under <kind>/<hash(key)>; else make() one, fit(it, work_dir) (which
+    checkpoints into and resumes from the entry), save it and return it."""
+    with building(cache_entry(cfg, kind, key)) as work:
+        entry = work / "denoiser"
+        if (entry / "config.json").is_file():
+            info(f"diffusion: using the cached model {entry}")
+            return saved_denoiser(dcfg, str(entry), spec.num_classes, f"paths.cache_dir ({entry})")
+        denoiser = make()
+        fit(denoiser, work)
+        with atomic_dir(entry) as tmp:
+            denoiser.net.save_pretrained(tmp)
+        return denoiser
 
 
 @torch.no_grad()

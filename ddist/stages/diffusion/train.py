@@ -8,12 +8,18 @@
 The same loop trains a pixel model from scratch (`plain`) and fine-tunes any
 model with `plain`, `minimax` or `rsm`, optionally on DiffFit's parameter
 subset only.
+
+Resume: given a work directory, every `checkpoint_every` steps the loop saves the
+model, optimiser, data order (with the generator the noise is drawn from), MiniMax's
+memories, the global RNG states and the step (ddist.train's partial checkpoint); a
+rerun loads it and goes on, ending byte-identical to an uninterrupted run on CPU.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -25,7 +31,7 @@ from ddist.models.diffusion import Denoiser, WeightAverage, to_signed
 from ddist.objectives.diffusion import denoising_loss, predict_x0
 from ddist.objectives.minimax import ClassMemory, minimax_loss
 from ddist.objectives.rsm import REDUCTIONS, rsm_loss
-from ddist.train import check_finite, real_batches, seed_everything
+from ddist.train import CHECKPOINT, check_finite, real_batches, resume, save_partial, seed_everything
 from ddist.utils import ceil_div
 
 PARAM_SUBSETS = ("all", "difffit")
@@ -69,23 +75,10 @@ def rsm_objective(fcfg: Mapping, num_classes: int) -> Objective:
     return lambda eps_pred, eps, x0_hat, z0, y: rsm_loss(eps_pred, eps, x0_hat, lam, reduction)
 
 
-def minimax_objective(fcfg: Mapping, num_classes: int) -> Objective:
-    mcfg = fcfg["minimax"]
-    real, gen = ClassMemory(num_classes, mcfg["memory"]), ClassMemory(num_classes, mcfg["memory"])
-
-    def objective(eps_pred, eps, x0_hat, z0, y):
-        out = minimax_loss(eps_pred, eps, x0_hat, y, real, gen, mcfg["lambda_pos"], mcfg["lambda_neg"])
-        real.push(z0, y)
-        gen.push(x0_hat, y)
-        return out
-
-    return objective
-
-
 # diffusion.finetune.objective -> the builder of its loss (`none` skips fine-tuning before this)
 OBJECTIVES: dict[str, Callable[[Mapping, int], Objective]] = {
     "plain": plain_objective,
-    "minimax": minimax_objective,
+    "minimax": lambda fcfg, num_classes: MinimaxObjective(fcfg["minimax"], num_classes),
     "rsm": rsm_objective,
 }
 
@@ -99,6 +92,26 @@ def make_objective(name: str, fcfg: Mapping, num_classes: int) -> Objective:
     return OBJECTIVES[name](fcfg, num_classes)
 
 
+class MinimaxObjective:
+    """MiniMax's loss and its class memories of real latents and generated estimates (checkpointed)."""
+
+    def __init__(self, mcfg: Mapping, num_classes: int):
+        self.lambda_pos, self.lambda_neg = mcfg["lambda_pos"], mcfg["lambda_neg"]
+        self.real, self.gen = ClassMemory(num_classes, mcfg["memory"]), ClassMemory(num_classes, mcfg["memory"])
+
+    def __call__(self, eps_pred, eps, x0_hat, z0, y):
+        out = minimax_loss(eps_pred, eps, x0_hat, y, self.real, self.gen, self.lambda_pos, self.lambda_neg)
+        self.real.push(z0, y)
+        self.gen.push(x0_hat, y)
+        return out
+
+    def state_dict(self) -> dict[str, list]:
+        return {"real": self.real.items, "gen": self.gen.items}
+
+    def load_state_dict(self, state: Mapping[str, list]) -> None:
+        self.real.items, self.gen.items = list(state["real"]), list(state["gen"])
+
+
 def total_steps(tcfg: Mapping, num_images: int) -> int:
     """`steps` when set, else `epochs` passes over the train split."""
     if tcfg.get("steps"):
@@ -106,13 +119,43 @@ def total_steps(tcfg: Mapping, num_images: int) -> int:
     return int(tcfg["epochs"]) * ceil_div(num_images, tcfg["batch_size"])
 
 
-def endless_batches(
-    ds, spec, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled real batches in [-1, 1], epoch after epoch."""
-    for _ in itertools.count():
-        for x, y in real_batches(ds, spec, batch_size, shuffle=True, generator=generator):
-            yield to_signed(x, spec), y
+class EndlessBatches:
+    """Shuffled real batches in [-1, 1], epoch after epoch, that a checkpoint can restore.
+
+    Its state: the generator's state when the current epoch drew its order, how many of the
+    epoch's batches were drawn, and the generator's state now (the loop draws noise from it
+    too). Restoring redraws the epoch's order, skips the batches drawn, then resets the
+    generator: the batches and noise that follow are those of an uninterrupted run.
+    """
+
+    def __init__(self, ds, spec, batch_size: int, generator: torch.Generator):
+        self.ds, self.spec, self.batch_size, self.generator = ds, spec, batch_size, generator
+        self.epoch: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
+        self.epoch_start, self.drawn = generator.get_state(), 0
+
+    def __iter__(self) -> EndlessBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(self.epoch, None)
+        if batch is None:  # the epoch is over: the next one shuffles (on its first batch)
+            self.epoch_start, self.drawn = self.generator.get_state(), 0
+            self.epoch = real_batches(self.ds, self.spec, self.batch_size, shuffle=True, generator=self.generator)
+            batch = next(self.epoch)
+        self.drawn += 1
+        x, y = batch
+        return to_signed(x, self.spec), y
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch_start": self.epoch_start, "drawn": self.drawn, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["epoch_start"])
+        self.epoch = real_batches(self.ds, self.spec, self.batch_size, shuffle=True, generator=self.generator)
+        for _ in range(state["drawn"]):
+            next(self.epoch)
+        self.epoch_start, self.drawn = state["epoch_start"], state["drawn"]
+        self.generator.set_state(state["generator"])
 
 
 def train_denoiser(
@@ -127,11 +170,13 @@ def train_denoiser(
     device: torch.device,
     logger,
     phase: str,
+    work_dir: Path | None = None,
 ) -> list[float]:
-    """Run the loop for total_steps(tcfg) steps; returns the loss of every step.
+    """Run the loop for total_steps(tcfg) steps; returns the loss of every step run by this call.
 
     tcfg: steps | epochs, batch_size, lr, weight_decay, params, label_dropout,
-    seed, ema and the objective's settings (rsm.lambda, rsm.reduction, minimax.*).
+    seed, ema, the objective's settings (rsm.lambda, rsm.reduction, minimax.*) and, with
+    a `work_dir` to checkpoint into and resume from, checkpoint_every.
     """
     seed_everything(int(tcfg["seed"]))  # DiT draws its label dropout from the global generator
     net = denoiser.net.to(device).train()
@@ -142,10 +187,19 @@ def train_denoiser(
     gen = torch.Generator().manual_seed(int(tcfg["seed"]))
     abar = scheduler.alphas_cumprod.to(device)
     steps = total_steps(tcfg, len(ds))
-    batches = endless_batches(ds, spec, tcfg["batch_size"], gen)
+    batches = EndlessBatches(ds, spec, tcfg["batch_size"], gen)
     info(f"diffusion: {phase} ({objective}) for {steps} steps, {sum(p.numel() for p in params)} trainable parameters")
+    state = {"model": net, "optimizer": optimizer, "batches": batches, "ema": ema}
+    if isinstance(loss_fn, MinimaxObjective):
+        state["objective"] = loss_fn
+    every = tcfg["checkpoint_every"] if work_dir is not None else None
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"diffusion.{phase}.checkpoint_every must be a positive number of steps (got {every!r}).")
+    start = resume(work_dir, state)
+    if start:
+        info(f"diffusion {phase}: resuming at step {start}/{steps}")
     losses = []
-    for step in progress(range(steps), desc=f"diffusion {phase}"):
+    for step in progress(range(start, steps), desc=f"diffusion {phase}", initial=start, total=steps):
         x, y = next(batches)
         with torch.no_grad():
             z0 = codec.encode(resize(x, image_size).to(device), sample=True)
@@ -172,6 +226,10 @@ def train_denoiser(
                     **{f"diffusion/{phase}_{k}": v.item() for k, v in parts.items()},
                 }
             )
+        if work_dir is not None and every is not None and (step + 1) % every == 0 and step + 1 < steps:
+            save_partial(work_dir, step + 1, state)
+    if work_dir is not None:
+        (work_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the caller keeps the model
     ema.copy_to_net()  # the average is what gets saved and sampled from
     net.requires_grad_(False).eval()
     return losses

@@ -1,0 +1,133 @@
+"""torchrun: one process group for the ranks of a job, and the few rules they follow.
+
+`torchrun --nproc_per_node=N -m ddist ...` starts N ranks of the same job. The entry point
+starts the process group (NCCL on CUDA, gloo on CPU) and stops it at exit. Then:
+- every rank runs the stages that share their work: squeeze and evaluate train their models
+  with DistributedDataParallel (`ddist.train.fit`: each rank a contiguous part of every batch),
+  recover and diffusion split their groups and classes (ddist/shard.py);
+- the other stages run on rank 0 alone; the other ranks take over what it made;
+- only rank 0 writes: cache entries, checkpoints, results.json, the W&B run. The other ranks
+  wait for it at a barrier, then read.
+With one process (no torchrun) every function here is the trivial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ddist.artifacts import building
+from ddist.errors import ConfigError
+
+T = TypeVar("T")
+
+_solo = False  # rank 0 alone runs a stage the other ranks skip: no collectives meanwhile
+
+
+def requested() -> bool:
+    """Whether torchrun started several ranks of this job."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start() -> datetime:
+    """Join the process group (torchrun's environment) and agree on the job's start time:
+    rank 0's, which names the run directory of every rank."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is this rank's GPU
+    # a long timeout: ranks wait at barriers while rank 0 alone runs a stage
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=6))
+    stamp = [datetime.now()]
+    dist.broadcast_object_list(stamp, src=0)
+    return stamp[0]
+
+
+def stop() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def active() -> bool:
+    """Whether this process trains and waits together with other ranks right now."""
+    return dist.is_available() and dist.is_initialized() and not _solo
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that writes."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def from_main(make: Callable[[], T]) -> T:
+    """make() on rank 0 alone (it may write); every rank gets its result."""
+    if not active():
+        return make()
+    box = [make() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Run a block on rank 0 as if there were no other ranks (they skip it)."""
+    global _solo
+    _solo = True
+    try:
+        yield
+    finally:
+        _solo = False
+
+
+@contextlib.contextmanager
+def building_together(entry: Path) -> Iterator[Path]:
+    """artifacts.building for ranks that build a cache entry together (DDP): rank 0 holds the
+    entry's lock for all of them, and all leave once it has written the entry."""
+    if not active():
+        with building(entry):
+            yield entry
+        return
+    with building(entry) if is_main() else contextlib.nullcontext(entry):
+        dist.barrier()  # nobody looks into the entry before rank 0 holds it
+        yield entry
+        dist.barrier()  # nobody reads the entry before rank 0 has written it
+
+
+def wrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model DistributedDataParallel when ranks train together (gradients averaged over them), else itself."""
+    if not active():
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+def my_part(n: int) -> tuple[slice, float]:
+    """This rank's contiguous part of a batch of n, and the weight of its mean loss: the DDP
+    average over the ranks of weight x (mean loss of the part) is the whole batch's mean loss."""
+    size, me = world(), rank()
+    if size == 1:
+        return slice(None), 1.0
+    if n < size:
+        raise ConfigError(
+            f"A batch of {n} images cannot be split among {size} torchrun ranks. "
+            "Run fewer ranks (--nproc_per_node) or raise the batch size."
+        )
+    lo, hi = n * me // size, n * (me + 1) // size
+    return slice(lo, hi), size * (hi - lo) / n
