@@ -1,6 +1,8 @@
 """Run cfg.pipeline.stages in order, passing the artifacts made so far in `ctx`.
 
 At the end: results.json in the run directory, the same table on the console and in W&B.
+A stage that leaves ctx["stop"] (a shard that made its share of a set other shards finish,
+ddist/workdir.py) ends the run there: shard.json says what it did, no later stage runs.
 `dry_run=true` first cuts the configuration down to one step of everything (ddist/dry_run.py).
 """
 
@@ -72,6 +74,11 @@ def run(cfg: DictConfig) -> dict:
                 ctx["timings"][name] = round(time.perf_counter() - start, 3)
             ctx["peak_memory_mb"][name] = peak.mb
             logger.log({f"{name}/seconds": ctx["timings"][name], f"{name}/peak_memory_mb": peak.mb})
+            if ctx.get("stop"):  # a shard that did its share of the parts; another assembles the set
+                atomic_write_text(run_dir / "shard.json", strict_json({**ctx["stop"], "timings": ctx["timings"]}))
+                info(f"this job's share is done (see {run_dir / 'shard.json'}); the later stages run where the set is")
+                exit_code = 0
+                return {"shard": ctx["stop"]}
         results = collect_results(cfg, ctx)
         # a dry run's numbers mean nothing: another name keeps them out of reports
         atomic_write_text(run_dir / ("dry_run.json" if cfg.dry_run else "results.json"), strict_json(results))

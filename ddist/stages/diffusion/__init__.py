@@ -19,19 +19,14 @@ sampling options train nothing twice.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddist.artifacts import (
-    atomic_dir,
-    atomic_save_tensors,
-    cache_entry,
-    load_tensors,
-    save_distilled,
-)
+from ddist.artifacts import atomic_dir, atomic_save_tensors, cache_entry, load_tensors, to_plain
 from ddist.data import load_split
 from ddist.logging import info
 from ddist.models import FeatureModel
@@ -44,10 +39,11 @@ from ddist.stages.diffusion.backbones import (
     saved_denoiser,
     to_signed,
 )
-from ddist.stages.diffusion.sampling import make_scheduler, sample_latents
+from ddist.stages.diffusion.sampling import make_scheduler, sample_group, sample_groups
 from ddist.stages.diffusion.train import train_denoiser
-from ddist.teacher import load_teacher
+from ddist.teacher import load_teacher, teacher_identity
 from ddist.train import real_batches
+from ddist.workdir import WorkDir, iter_images, make_set
 
 __all__ = ["run"]
 
@@ -57,6 +53,64 @@ _NOT_DATA_KEYS = ("protocol", "download", "augment")
 
 def run(cfg: DictConfig, ctx: dict) -> dict:
     dcfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.diffusion, resolve=True))
+    spec = ctx["spec"]
+    labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
+    groups = sample_groups(labels, dcfg["sample"])
+    meta = {
+        "dataset": spec.name,
+        "method": cfg.pipeline.name,
+        "ipc": int(cfg.ipc),
+        "seed": int(cfg.seed),
+        "config": {"diffusion": dcfg},
+    }
+    plan = {"labels": labels.tolist(), "dataset": to_plain(cfg.dataset), "meta": meta}
+    work = WorkDir(cfg, "diffusion_sample", sample_key(cfg, dcfg), "groups", len(groups), plan)
+    info(
+        f"diffusion: {len(labels)} images in {len(groups)} groups ({dcfg['sample']['method']}, "
+        f"{dcfg['sample']['steps']} steps)"
+    )
+    ctx = make_set(cfg, ctx, work, lambda todo: sample_parts(cfg, dcfg, ctx, work, labels, groups, todo))
+    if ctx.get("distilled") and "teacher" in ctx:  # a fidelity check of fine-tuning and guidance
+        batch_size = dcfg["sample"]["batch_size"]
+        acc = samples_accuracy(load_teacher(cfg, ctx), iter_images(ctx["distilled"], batch_size), labels, ctx["device"])
+        ctx["results"]["diffusion"] = {"teacher_acc_on_samples": acc}
+        info(f"diffusion: teacher accuracy on the samples {acc:.4f}")
+    return ctx
+
+
+def sample_key(cfg: DictConfig, dcfg: dict) -> dict:
+    """Exactly what determines the sampled set: the model (base and fine-tuning), the sampling
+    settings, ipc, seed, the pipeline (meta.json's method) and, for CGS's teacher kernel, the teacher."""
+    model: dict[str, Any] = {"base": _base_key(cfg, dcfg)}
+    if dcfg["finetune"]["objective"] != "none":
+        model["finetune"] = dcfg["finetune"]
+    key = {"model": model, "sample": dcfg["sample"], "ipc": int(cfg.ipc), "seed": int(cfg.seed)}
+    key["pipeline"] = cfg.pipeline.name
+    if dcfg["sample"]["method"] == "cgs" and dcfg["sample"]["cgs"]["kernel"] == "teacher":
+        key["teacher"] = teacher_identity(cfg)
+    return key
+
+
+def sample_parts(
+    cfg: DictConfig, dcfg: dict, ctx: dict, work: WorkDir, labels: torch.Tensor, groups: list, todo: list[int]
+) -> None:
+    """Load (or train) the model, then sample, decode and save the groups `todo`, each as soon as it is done."""
+    spec, device = ctx["spec"], ctx["device"]
+    denoiser, codec, image_size = load_denoiser(cfg, dcfg, ctx)
+    cgs = dcfg["sample"]["method"] == "cgs"
+    train_set = functools.cache(lambda: load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)))
+    means = class_means(cfg, dcfg, codec, train_set, spec, image_size, device) if cgs else None
+    teacher = load_teacher(cfg, ctx) if "teacher" in ctx else None
+    features = teacher_features(teacher, codec, spec) if cgs and teacher is not None else None
+    scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
+    for n, g in enumerate(todo):
+        z = sample_group(denoiser, scheduler, labels, groups[g], int(cfg.seed), dcfg["sample"], device, means, features)
+        work.save(g, decode(codec, z, spec, dcfg["sample"]["batch_size"]), groups[g])
+        info(f"diffusion: sampled group {g + 1}/{len(groups)} ({n + 1}/{len(todo)} of this run)")
+
+
+def load_denoiser(cfg: DictConfig, dcfg: dict, ctx: dict):
+    """The denoiser to sample from (base model, fine-tuned when asked; each cached), its codec and image size."""
     spec, device, logger = ctx["spec"], ctx["device"], ctx["logger"]
     train_set = functools.cache(lambda: load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)))
     image_size = model_image_size(dcfg, spec.resolution)
@@ -107,41 +161,7 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
             fit=lambda d: train(d, ds=train_set(), tcfg=dcfg["finetune"], objective=objective, phase="finetune"),
         )
     denoiser.net.to(device).eval().requires_grad_(False)
-
-    # sample
-    means = class_means(cfg, dcfg, codec, train_set, spec, image_size, device) if cgs else None
-    teacher = load_teacher(cfg, ctx) if "teacher" in ctx else None
-    features = teacher_features(teacher, codec, spec) if cgs and teacher is not None else None
-    labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
-    scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
-    info(f"diffusion: sampling {len(labels)} images ({dcfg['sample']['method']}, {dcfg['sample']['steps']} steps)")
-    z = sample_latents(
-        denoiser,
-        scheduler,
-        labels,
-        int(cfg.seed),
-        dcfg["sample"],
-        device,
-        means,
-        features,
-        on_group=lambda g, n: info(f"diffusion: sampled group {g}/{n}"),
-    )
-
-    # save
-    images = decode(codec, z, spec, dcfg["sample"]["batch_size"])
-    if teacher is not None:
-        acc = samples_accuracy(teacher, images, labels, device, dcfg["sample"]["batch_size"])
-        ctx["results"]["diffusion"] = {"teacher_acc_on_samples": acc}
-        info(f"diffusion: teacher accuracy on the samples {acc:.4f}")
-    meta = {
-        "dataset": spec.name,
-        "method": cfg.pipeline.name,
-        "ipc": int(cfg.ipc),
-        "seed": int(cfg.seed),
-        "config": {"diffusion": dcfg},
-    }
-    ctx["distilled"] = save_distilled(Path(ctx["run_dir"]) / "distilled", images, labels, spec, meta)
-    return ctx
+    return denoiser, codec, image_size
 
 
 def _trains(dcfg: dict) -> bool:
@@ -224,12 +244,10 @@ def teacher_features(teacher: FeatureModel, codec, spec):
 
 @torch.no_grad()
 def samples_accuracy(
-    teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int
+    teacher: torch.nn.Module, batches: Iterable[torch.Tensor], labels: torch.Tensor, device: torch.device
 ) -> float:
-    """Top-1 accuracy (a fraction) of the teacher on dataset-normalised images with their intended labels."""
-    preds = torch.cat(
-        [teacher(images[s : s + batch_size].to(device)).argmax(1).cpu() for s in range(0, len(images), batch_size)]
-    )
+    """Top-1 accuracy (a fraction) of the teacher on batches of dataset-normalised images with their intended labels."""
+    preds = torch.cat([teacher(images.to(device)).argmax(1).cpu() for images in batches])
     return float((preds == labels).float().mean())
 
 
