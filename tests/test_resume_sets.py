@@ -147,7 +147,9 @@ def test_joblib_shards_assemble_the_unsharded_set(cache_dir, tmp_path):
     )
     jobs = [tmp_path / "sweep" / str(i) for i in range(2)]
     sets = [j / "distilled" / "data.safetensors" for j in jobs if (j / "distilled").exists()]
-    assert sets and all(s.read_bytes() == (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes() for s in sets)
+    assert sets and all(
+        s.read_bytes() == (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes() for s in sets
+    )
     assert all((j / "shard.json").exists() != (j / "distilled").exists() for j in jobs)
 
 

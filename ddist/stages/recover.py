@@ -16,6 +16,12 @@ optimised on its own for `iterations` steps: Adam (betas), cosine (or constant) 
 fresh random augmentation of the batch every step (`dataset.augment.recover`), the
 teacher in eval mode, the objective, a step, then the pixels clipped to the valid range
 of the normalised image. The last iterate is saved as a DistilledSet.
+
+Resume, reuse, shards (ddist/workdir.py): each group draws its starting noise and its
+augmentations from its own generator, seeded from (seed, group), and is written to the
+work directory <cache_dir>/recover/<hash of dataset, teacher, recover settings, ipc, seed>
+as soon as it is done. A rerun of the same command skips the finished groups; a finished
+set is reused; `shard.index` / `shard.count` split the groups among jobs.
 """
 
 from __future__ import annotations

@@ -14,6 +14,13 @@
 Models and means are cached under ${paths.cache_dir}/<kind>/<hash> keyed by
 exactly the config that made them, so sweeps over `seed`, `ipc` or the
 sampling options train nothing twice.
+
+Sampling is resumable and shardable (ddist/workdir.py): the sampling groups (batches of
+images, or whole classes for CGS) go to ${paths.cache_dir}/diffusion_sample/<hash of the
+model key, sampling settings, ipc, seed> as each is decoded; a rerun samples only the
+missing groups (each image has its own generator, so a group does not depend on the
+others), a finished set is reused without loading the model, and `shard.index` /
+`shard.count` split the groups among jobs.
 """
 
 from __future__ import annotations
