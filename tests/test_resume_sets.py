@@ -130,7 +130,14 @@ def test_shards_by_hand_stop_after_their_share_and_the_last_assembles(cache_dir,
     assert merge.main([str(tmp_path / "s0")]) == 0  # already assembled: says so
 
 
-def test_joblib_shards_assemble_the_unsharded_set(cache_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("launcher", "plugin"),
+    [("joblib", "hydra_plugins.hydra_joblib_launcher"), ("submitit_local", "hydra_plugins.hydra_submitit_launcher")],
+)
+def test_launcher_shards_assemble_the_unsharded_set(launcher, plugin, cache_dir, tmp_path):
+    """Two shards as one multirun, in parallel processes (joblib) or submitit's local executor
+    (the SLURM launcher's code path without a cluster)."""
+    pytest.importorskip(plugin, reason=f"the optional launcher plugin for hydra/launcher={launcher} is not installed")
     args = [*RECOVER, "recover.iterations=4", "seed=3"]
     reference = run_ddist(*args, run_dir=tmp_path / "ref", cache_dir=cache_dir)
     shutil.rmtree(_work_dir(reference))
@@ -139,17 +146,17 @@ def test_joblib_shards_assemble_the_unsharded_set(cache_dir, tmp_path):
         *args,
         "shard.index=0,1",
         "shard.count=2",
-        "hydra/launcher=joblib",
+        f"hydra/launcher={launcher}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         "hydra.sweep.subdir=${hydra.job.num}",
         run_dir=tmp_path,
         cache_dir=cache_dir,
     )
     jobs = [tmp_path / "sweep" / str(i) for i in range(2)]
+    expected = (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes()
     sets = [j / "distilled" / "data.safetensors" for j in jobs if (j / "distilled").exists()]
-    assert sets and all(
-        s.read_bytes() == (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes() for s in sets
-    )
+    assert sets and all(s.read_bytes() == expected for s in sets)
+    # a job either stopped after its share or went on with the set (assembled by it, or by the other)
     assert all((j / "shard.json").exists() != (j / "distilled").exists() for j in jobs)
 
 

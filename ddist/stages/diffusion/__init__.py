@@ -103,9 +103,9 @@ def sample_parts(
 ) -> None:
     """Load (or train) the model, then sample, decode and save the groups `todo`, each as soon as it is done."""
     spec, device = ctx["spec"], ctx["device"]
-    denoiser, codec, image_size = load_denoiser(cfg, dcfg, ctx)
-    cgs = dcfg["sample"]["method"] == "cgs"
     train_set = functools.cache(lambda: load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)))
+    denoiser, codec, image_size = load_denoiser(cfg, dcfg, ctx, train_set)
+    cgs = dcfg["sample"]["method"] == "cgs"
     means = class_means(cfg, dcfg, codec, train_set, spec, image_size, device) if cgs else None
     teacher = load_teacher(cfg, ctx) if "teacher" in ctx else None
     features = teacher_features(teacher, codec, spec) if cgs and teacher is not None else None
@@ -116,10 +116,10 @@ def sample_parts(
         info(f"diffusion: sampled group {g + 1}/{len(groups)} ({n + 1}/{len(todo)} of this run)")
 
 
-def load_denoiser(cfg: DictConfig, dcfg: dict, ctx: dict):
-    """The denoiser to sample from (base model, fine-tuned when asked; each cached), its codec and image size."""
+def load_denoiser(cfg: DictConfig, dcfg: dict, ctx: dict, train_set):
+    """The denoiser to sample from (base model, fine-tuned when asked; each cached), its codec and image size.
+    train_set() gives the real train split (loaded only when a model is trained here)."""
     spec, device, logger = ctx["spec"], ctx["device"], ctx["logger"]
-    train_set = functools.cache(lambda: load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)))
     image_size = model_image_size(dcfg, spec.resolution)
     cgs = dcfg["sample"]["method"] == "cgs"
     codec = make_codec(dcfg, spec.channels, need_encoder=_trains(dcfg) or cgs)
