@@ -12,9 +12,10 @@ import json
 import math
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,37 +276,109 @@ def tensor_checksum(*tensors: torch.Tensor) -> str:
 
 
 def save_distilled(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor, spec, meta: dict) -> Path:
-    """Write a DistilledSet directory atomically.
+    """Write a DistilledSet directory atomically from tensors in memory (see write_distilled)."""
+    images = images.detach().float().cpu()
+    chunks = (images[s : s + 1024] for s in range(0, len(images), 1024))
+    return write_distilled(path, chunks, labels, tuple(images.shape[1:]), spec, meta)
 
-    images/<class>/<i>.png are viewable (and ImageFolder-compatible: file names are
-    zero-padded, so their sorted order is the order in data.safetensors), data.safetensors
-    keeps the exact float tensors, meta.json says what made them and their checksum.
+
+def write_distilled(
+    path: str | os.PathLike,
+    chunks: Iterable[torch.Tensor],
+    labels: torch.Tensor,
+    image_shape: tuple[int, ...],
+    spec,
+    meta: dict,
+) -> Path:
+    """Write a DistilledSet directory atomically, streaming its images chunk by chunk.
+
+    `chunks` yields the images (normalised space) in the order of `labels`, so no more than one
+    chunk is ever in memory. images/<class>/<i>.png are viewable (and ImageFolder-compatible: file
+    names are zero-padded, so their sorted order is the order in data.safetensors),
+    data.safetensors keeps the exact float tensors (byte for byte what safetensors' save_file
+    writes), meta.json says what made them and their checksum.
     """
-    images, labels = images.detach().float().cpu(), labels.detach().long().cpu()
-    meta = {
-        **meta,
-        "num_images": len(labels),
-        "classes": list(spec.classes),
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "code_version": code_version(),
-        "sha256": tensor_checksum(images, labels),
-    }
+    labels = labels.detach().long().cpu().contiguous()
     path = Path(path)
     width = len(str(max(int(labels.bincount().max()) - 1, 0))) if len(labels) else 1
-    with atomic_dir(path) as tmp:
-        save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp / "data.safetensors"))
-        pixels = spec.denormalize(images).clamp(0, 1).mul(255).round().to(torch.uint8)
-        counters: dict[int, int] = {}
-        for img, label in zip(pixels, labels.tolist(), strict=False):
-            i = counters.get(label, 0)
-            counters[label] = i + 1
-            class_dir = tmp / "images" / f"{label:04d}_{safe_name(spec.classes[label])}"
-            class_dir.mkdir(parents=True, exist_ok=True)
-            array = img.permute(1, 2, 0).squeeze(-1).numpy()  # [H, W] for one channel: a greyscale PNG
-            Image.fromarray(array).save(class_dir / f"{i:0{width}d}.png")
+    digest = hashlib.sha256()  # tensor_checksum(images, labels), one chunk at a time
+    counters: dict[int, int] = {}
+    with atomic_dir(path) as tmp, open(tmp / "data.safetensors", "wb") as out:
+        out.write(_safetensors_header(len(labels), image_shape))
+        out.write(labels.numpy().tobytes())
+        written = 0
+        for chunk in chunks:
+            chunk = chunk.detach().float().cpu().contiguous()
+            data = chunk.numpy().tobytes()
+            out.write(data)
+            digest.update(data)
+            pixels = spec.denormalize(chunk).clamp(0, 1).mul(255).round().to(torch.uint8)
+            for img, label in zip(pixels, labels[written : written + len(chunk)].tolist(), strict=True):
+                i = counters.get(label, 0)
+                counters[label] = i + 1
+                class_dir = tmp / "images" / f"{label:04d}_{safe_name(spec.classes[label])}"
+                class_dir.mkdir(parents=True, exist_ok=True)
+                array = img.permute(1, 2, 0).squeeze(-1).numpy()  # [H, W] for one channel: a greyscale PNG
+                Image.fromarray(array).save(class_dir / f"{i:0{width}d}.png")
+            written += len(chunk)
+        if written != len(labels):
+            raise ValueError(f"write_distilled got {written} images for {len(labels)} labels")
+        digest.update(labels.numpy().tobytes())
+        out.close()
+        meta = {
+            **meta,
+            "num_images": len(labels),
+            "classes": list(spec.classes),
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "code_version": code_version(),
+            "sha256": digest.hexdigest(),
+        }
         (tmp / "meta.json").write_text(json.dumps(to_plain(meta), indent=2, default=str))
     return path
+
+
+def _safetensors_header(n: int, image_shape: tuple[int, ...]) -> bytes:
+    """The safetensors header of {"images": float32 [n, *image_shape], "labels": int64 [n]}, as
+    save_file lays it out: labels first (the larger alignment), the JSON padded with spaces to 8 bytes."""
+    label_bytes, image_bytes = 8 * n, 4 * n * math.prod(image_shape)
+    header = {
+        "labels": {"dtype": "I64", "shape": [n], "data_offsets": [0, label_bytes]},
+        "images": {
+            "dtype": "F32",
+            "shape": [n, *image_shape],
+            "data_offsets": [label_bytes, label_bytes + image_bytes],
+        },
+    }
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class TensorRows:
+    """Rows of a tensor in a safetensors file, read on demand (no memory map: only the rows asked
+    for are ever in memory, whatever the file's size)."""
+
+    DTYPES = {"F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}  # noqa: RUF012
+
+    def __init__(self, path: str | os.PathLike, name: str):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            info = json.loads(f.read(size))[name]
+        self.dtype = self.DTYPES[info["dtype"]]
+        self.shape = tuple(info["shape"])
+        self.row_bytes = torch.tensor([], dtype=self.dtype).element_size() * math.prod(self.shape[1:])
+        self.offset = 8 + size + info["data_offsets"][0]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self.row_bytes)
+            data = bytearray(f.read((stop - start) * self.row_bytes))
+        return torch.frombuffer(data, dtype=self.dtype).reshape(stop - start, *self.shape[1:])
 
 
 def load_distilled(path: str | os.PathLike, spec=None, option: str = "evaluate.distilled") -> DistilledSet:

@@ -43,6 +43,9 @@ class RunContext:
     teacher_acc: float | None = None  # squeeze: its test accuracy
     distilled: Path | None = None  # random | recover | diffusion (or evaluate.distilled): the DistilledSet
     relabel: Path | None = None  # relabel (stored protocol): the stored soft labels; None = online
+    # recover | diffusion under sharding: this job did its share and another assembles the set
+    # (what it did, for shard.json); the pipeline stops after that stage
+    stop: dict[str, Any] | None = None
 
     # what goes to results.json
     results: dict[str, Any] = field(default_factory=dict)  # stage outputs: students, analysis, ...

@@ -1,6 +1,8 @@
 """Run cfg.pipeline.stages in order, passing the artifacts made so far in a RunContext (ddist/context.py).
 
 At the end: results.json in the run directory, the same table on the console and in W&B.
+A stage that sets ctx.stop (a shard that made its share of a set other shards finish,
+ddist/workdir.py) ends the run there: shard.json says what it did, no later stage runs.
 `dry_run=true` first cuts the configuration down to one step of everything (ddist/dry_run.py).
 Under torchrun every rank runs this; ddist/distributed.py says who does what.
 """
@@ -74,6 +76,12 @@ def run(cfg: DictConfig) -> dict:
                 ctx.timings[name] = round(time.perf_counter() - start, 3)
             ctx.peak_memory_mb[name] = peak.mb
             logger.log({f"{name}/seconds": ctx.timings[name], f"{name}/peak_memory_mb": peak.mb})
+            if ctx.stop:  # a shard that did its share of the parts; another assembles the set
+                if main:
+                    atomic_write_text(run_dir / "shard.json", strict_json({**ctx.stop, "timings": ctx.timings}))
+                info(f"this job's share is done (see {run_dir / 'shard.json'}); the later stages run where the set is")
+                exit_code = 0
+                return {"shard": ctx.stop}
         results = collect_results(cfg, ctx)
         if main:
             # a dry run's numbers mean nothing: another name keeps them out of reports

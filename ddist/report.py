@@ -174,10 +174,11 @@ def collect(paths: list[Path], sweep_keys: tuple[str, ...] = ()) -> Collected:
                 out.duplicates.append(older.path)
             else:
                 by_cell[run.identity] = run
-        # A Hydra job directory (it has .hydra/) without results.json did not finish.
+        # A Hydra job directory (it has .hydra/) without results.json did not finish (a shard's
+        # job that made its share of a set, shard.json, did: another job has the results).
         for hydra_dir in sorted(root.rglob(".hydra")):
             job = hydra_dir.parent
-            if job not in seen_dirs and not (job / "results.json").exists():
+            if job not in seen_dirs and not (job / "results.json").exists() and not (job / "shard.json").exists():
                 out.incomplete.append((job, _overrides(job)))
     out.runs = sorted(by_cell.values(), key=lambda r: tuple(str(x) for x in r.identity))
     return out

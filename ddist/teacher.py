@@ -6,6 +6,8 @@ teacher kernel read it through `load_teacher`.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
@@ -42,6 +44,15 @@ def teacher_key(cfg: DictConfig) -> dict:
 
 def build_teacher(cfg: DictConfig, spec) -> FeatureModel:
     return build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution)
+
+
+def teacher_identity(cfg: DictConfig) -> dict:
+    """The teacher in a cache key of what it made: its key (with the real data it saw), and the
+    bytes of a given checkpoint (teacher.checkpoint)."""
+    key: dict[str, Any] = {"teacher": teacher_key(cfg)}
+    if cfg.teacher.checkpoint:
+        key["checkpoint_sha256"] = hashlib.sha256(Path(cfg.teacher.checkpoint).read_bytes()).hexdigest()
+    return key
 
 
 def load_teacher(cfg: DictConfig, ctx: RunContext) -> FeatureModel:

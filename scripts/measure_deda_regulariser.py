@@ -150,7 +150,7 @@ def regulariser_table(args, cfg, ctx, teacher) -> None:
     layers = args.layers or [deda_layers(cfg, teacher)[-1]]
     print(
         f"\n{cfg.dataset.name}: teacher {cfg.teacher.model.name} (width {cfg.teacher.model.get('width')}, "
-        f"{cfg.teacher.epochs} epochs, test acc {ctx['teacher_acc']:.4f}), IPC {args.ipc}, {len(classes)} classes; "
+        f"{cfg.teacher.epochs} epochs, test acc {ctx.teacher_acc:.4f}), IPC {args.ipc}, {len(classes)} classes; "
         f"step {args.step}; adam {args.adam_steps} steps lr {args.lr}"
     )
     print(

@@ -16,19 +16,25 @@ optimised on its own for `iterations` steps: Adam (betas), cosine (or constant) 
 fresh random augmentation of the batch every step (`dataset.augment.recover`), the
 teacher in eval mode, the objective, a step, then the pixels clipped to the valid range
 of the normalised image. The last iterate is saved as a DistilledSet.
+
+Resume, reuse, shards (ddist/workdir.py): each group draws its starting noise and its
+augmentations from its own generator, seeded from (seed, group), and is written to the
+work directory <cache_dir>/recover/<hash of dataset, teacher, recover settings, ipc, seed>
+as soon as it is done. A rerun of the same command skips the finished groups; a finished
+set is reused; `shard.index` / `shard.count` split the groups among jobs.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from ddist.artifacts import atomic_save_tensors, cache_entry, load_tensors, save_distilled, to_plain
+from ddist.artifacts import atomic_save_tensors, cache_entry, load_tensors, to_plain
 from ddist.context import RunContext
 from ddist.data import ImageDataset, load_split, torch_dataset
 from ddist.data.augment import apply, sample_params
@@ -43,9 +49,10 @@ from ddist.objectives import (
     RecoverObjective,
     SRe2LObjective,
 )
-from ddist.teacher import deda_layers, load_teacher, teacher_key
+from ddist.teacher import deda_layers, load_teacher, teacher_identity
 from ddist.train import check_finite, make_schedule, seed_everything
 from ddist.utils import ceil_div
+from ddist.workdir import WorkDir, make_set
 
 BATCH_MODES = ("ipc_slice", "whole_class")
 INITS = ("noise", "real")
@@ -82,26 +89,24 @@ def pixel_bounds(spec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return low.to(device), high.to(device)
 
 
-def initial_images(cfg: DictConfig, spec, generator: torch.Generator) -> torch.Tensor:
-    """Class-major starting images [C * IPC, C, H, W] in normalised space."""
-    shape = (spec.num_classes * cfg.ipc, spec.channels, spec.resolution, spec.resolution)
-    if cfg.recover.init == "noise":
-        return torch.randn(shape, generator=generator)
+def initial_images(spec, n: int, generator: torch.Generator) -> torch.Tensor:
+    """N(0, 1) starting images [n, C, H, W] in normalised space."""
+    return torch.randn((n, spec.channels, spec.resolution, spec.resolution), generator=generator)
+
+
+def real_init(cfg: DictConfig, spec):
+    """rows -> the random real train images that start those rows of the class-major set."""
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
-    idx = pick_random_real(train, spec.num_classes, cfg.ipc, cfg.seed)
-    return torch.stack([train[int(i)][0] for i in idx])
+    picked = pick_random_real(train, spec.num_classes, cfg.ipc, cfg.seed)
+    return lambda rows: torch.stack([train[int(i)][0] for i in picked[rows]])
 
 
 # ----------------------------------------------------------------------------- real class statistics
 
 
 def class_stats_key(cfg: DictConfig, layers: list[str]) -> dict:
-    """What determines the real class statistics: the teacher (its cache key, or the bytes of a
-    given checkpoint), the real data it saw, and the layers."""
-    key = {"teacher": teacher_key(cfg), "layers": layers}
-    if cfg.teacher.checkpoint:
-        key["checkpoint_sha256"] = hashlib.sha256(Path(cfg.teacher.checkpoint).read_bytes()).hexdigest()
-    return key
+    """What determines the real class statistics: the teacher and the layers."""
+    return {**teacher_identity(cfg), "layers": layers}
 
 
 def class_sorted_batches(ds: ImageDataset, spec, batch_size: int, num_workers: int = 0):
@@ -294,21 +299,53 @@ def warn_if_stuck(losses: list[float], x: torch.Tensor, bounds: tuple[torch.Tens
     return problems
 
 
+def recover_key(cfg: DictConfig) -> dict:
+    """Exactly what determines the recovered set: the data, the teacher, the recover settings, ipc and seed."""
+    return {
+        "dataset": to_plain(cfg.dataset),
+        "teacher": teacher_identity(cfg),
+        "recover": to_plain(cfg.recover),
+        "ipc": int(cfg.ipc),
+        "seed": int(cfg.seed),
+    }
+
+
+def group_generator(seed: int, group: int) -> torch.Generator:
+    """The generator of one batch group, from (seed, group) alone: a group's initial noise and
+    augmentations do not depend on which groups ran before it in this process."""
+    state = np.random.SeedSequence([seed, group]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     check_options(cfg)
-    spec, device, logger, rcfg = ctx.spec, ctx.device, ctx.logger, cfg.recover
+    spec, rcfg = ctx.spec, cfg.recover
     seed_everything(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    teacher = load_teacher(cfg, ctx)
-    objective = build_objective(cfg, ctx, teacher)
-
-    # the whole set stays on the CPU (ImageNet-scale sets do not fit a GPU); batches move over
-    images = initial_images(cfg, spec, generator)
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
     groups = batch_groups(spec.num_classes, cfg.ipc, rcfg.batch.mode, rcfg.batch.size)
+    meta = {
+        "dataset": spec.name,
+        "method": rcfg.objective,
+        "ipc": cfg.ipc,
+        "seed": cfg.seed,
+        "config": {"recover": to_plain(rcfg), "teacher": to_plain(cfg.teacher)},
+    }
+    plan = {"labels": labels.tolist(), "dataset": to_plain(cfg.dataset), "meta": meta}
+    work = WorkDir(cfg, "recover", recover_key(cfg), "groups", len(groups), plan)
+    return make_set(cfg, ctx, work, lambda todo: recover_groups(cfg, ctx, work, groups, labels, todo))
+
+
+def recover_groups(
+    cfg: DictConfig, ctx: RunContext, work: WorkDir, groups: list[torch.Tensor], labels: torch.Tensor, todo: list[int]
+) -> None:
+    """Optimise the groups `todo`, saving each to the work directory as soon as it is done."""
+    spec, device, logger, rcfg = ctx.spec, ctx.device, ctx.logger, cfg.recover
+    teacher = load_teacher(cfg, ctx)
+    objective = build_objective(cfg, ctx, teacher)
+    real = real_init(cfg, spec) if rcfg.init == "real" else None
     bounds = pixel_bounds(spec, device)
     augment = OmegaConf.to_container(cfg.dataset.augment.recover, resolve=True)
-    bar = progress(desc=f"recover ({rcfg.objective})", total=len(groups) * rcfg.iterations)
+    bar = progress(desc=f"recover ({rcfg.objective})", total=len(todo) * rcfg.iterations)
 
     def on_step(it: int, loss: torch.Tensor, parts: dict, lr: float) -> None:
         bar.update(1)
@@ -319,10 +356,13 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
             bar.set_postfix(loss=f"{loss.item():.4f}")
 
     try:
-        for g, idx in enumerate(groups):
-            images[idx] = optimise_batch(
+        for g in todo:
+            idx = groups[g]
+            generator = group_generator(int(cfg.seed), g)
+            x0 = initial_images(spec, len(idx), generator) if real is None else real(idx)
+            images = optimise_batch(
                 objective,
-                images[idx].to(device),
+                x0.to(device),
                 labels[idx].to(device),
                 rcfg,
                 augment,
@@ -331,22 +371,8 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
                 generator,
                 on_step,
             ).cpu()
+            work.save(g, images, idx)
             info(f"recover batch {g + 1}/{len(groups)} done ({len(idx)} images, {rcfg.iterations} iterations)")
     finally:
         objective.close()
         bar.close()
-
-    ctx.distilled = save_distilled(
-        ctx.run_dir / "distilled",
-        images,
-        labels,
-        spec,
-        {
-            "dataset": spec.name,
-            "method": rcfg.objective,
-            "ipc": cfg.ipc,
-            "seed": cfg.seed,
-            "config": {"recover": to_plain(rcfg), "teacher": to_plain(cfg.teacher)},
-        },
-    )
-    return ctx

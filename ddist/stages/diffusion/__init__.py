@@ -14,25 +14,26 @@
 Models and means are cached under ${paths.cache_dir}/<kind>/<hash> keyed by
 exactly the config that made them, so sweeps over `seed`, `ipc` or the
 sampling options train nothing twice.
+
+Sampling is resumable and shardable (ddist/workdir.py): the sampling groups (batches of
+images, or whole classes for CGS) go to ${paths.cache_dir}/diffusion_sample/<hash of the
+model key, sampling settings, ipc, seed> as each is decoded; a rerun samples only the
+missing groups (each image has its own generator, so a group does not depend on the
+others), a finished set is reused without loading the model, and `shard.index` /
+`shard.count` split the groups among jobs.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddist.artifacts import (
-    atomic_dir,
-    atomic_save_tensors,
-    building,
-    cache_entry,
-    load_tensors,
-    save_distilled,
-)
+from ddist.artifacts import atomic_dir, atomic_save_tensors, building, cache_entry, load_tensors, to_plain
 from ddist.context import RunContext
 from ddist.data import load_split
 from ddist.data.augment import resize
@@ -46,10 +47,11 @@ from ddist.models.diffusion import (
     saved_denoiser,
     to_signed,
 )
-from ddist.stages.diffusion.sampling import make_scheduler, sample_latents
+from ddist.stages.diffusion.sampling import make_scheduler, sample_group, sample_groups
 from ddist.stages.diffusion.train import train_denoiser
-from ddist.teacher import load_teacher
+from ddist.teacher import load_teacher, teacher_identity
 from ddist.train import real_batches
+from ddist.workdir import WorkDir, iter_images, make_set
 
 __all__ = ["run"]
 
@@ -61,8 +63,66 @@ _NOT_WEIGHT_KEYS = ("checkpoint_every",)
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     dcfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.diffusion, resolve=True))
-    spec, device, logger = ctx.spec, ctx.device, ctx.logger
+    spec = ctx.spec
+    labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
+    groups = sample_groups(labels, dcfg["sample"])
+    meta = {
+        "dataset": spec.name,
+        "method": cfg.pipeline.name,
+        "ipc": int(cfg.ipc),
+        "seed": int(cfg.seed),
+        "config": {"diffusion": dcfg},
+    }
+    plan = {"labels": labels.tolist(), "dataset": to_plain(cfg.dataset), "meta": meta}
+    work = WorkDir(cfg, "diffusion_sample", sample_key(cfg, dcfg), "groups", len(groups), plan)
+    info(
+        f"diffusion: {len(labels)} images in {len(groups)} groups ({dcfg['sample']['method']}, "
+        f"{dcfg['sample']['steps']} steps)"
+    )
+    ctx = make_set(cfg, ctx, work, lambda todo: sample_parts(cfg, dcfg, ctx, work, labels, groups, todo))
+    if ctx.distilled is not None and ctx.teacher is not None:  # a fidelity check of fine-tuning and guidance
+        batch_size = dcfg["sample"]["batch_size"]
+        acc = samples_accuracy(load_teacher(cfg, ctx), iter_images(ctx.distilled, batch_size), labels, ctx.device)
+        ctx.results["diffusion"] = {"teacher_acc_on_samples": acc}
+        info(f"diffusion: teacher accuracy on the samples {acc:.4f}")
+    return ctx
+
+
+def sample_key(cfg: DictConfig, dcfg: dict) -> dict:
+    """Exactly what determines the sampled set: the model (base and fine-tuning), the sampling
+    settings, ipc, seed, the pipeline (meta.json's method) and, for CGS's teacher kernel, the teacher."""
+    model: dict[str, Any] = {"base": _base_key(cfg, dcfg)}
+    if dcfg["finetune"]["objective"] != "none":
+        model["finetune"] = dcfg["finetune"]
+    key = {"model": model, "sample": dcfg["sample"], "ipc": int(cfg.ipc), "seed": int(cfg.seed)}
+    key["pipeline"] = cfg.pipeline.name
+    if dcfg["sample"]["method"] == "cgs" and dcfg["sample"]["cgs"]["kernel"] == "teacher":
+        key["teacher"] = teacher_identity(cfg)
+    return key
+
+
+def sample_parts(
+    cfg: DictConfig, dcfg: dict, ctx: RunContext, work: WorkDir, labels: torch.Tensor, groups: list, todo: list[int]
+) -> None:
+    """Load (or train) the model, then sample, decode and save the groups `todo`, each as soon as it is done."""
+    spec, device = ctx.spec, ctx.device
     train_set = functools.cache(lambda: load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)))
+    denoiser, codec, image_size = load_denoiser(cfg, dcfg, ctx, train_set)
+    cgs = dcfg["sample"]["method"] == "cgs"
+    means = class_means(cfg, dcfg, codec, train_set, spec, image_size, device) if cgs else None
+    teacher = load_teacher(cfg, ctx) if ctx.teacher is not None else None
+    features = teacher_features(teacher, codec, spec) if cgs and teacher is not None else None
+    scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
+    for n, g in enumerate(todo):
+        z = sample_group(denoiser, scheduler, labels, groups[g], int(cfg.seed), dcfg["sample"], device, means, features)
+        work.save(g, decode(codec, z, spec, dcfg["sample"]["batch_size"]), groups[g])
+        info(f"diffusion: sampled group {g + 1}/{len(groups)} ({n + 1}/{len(todo)} of this run)")
+
+
+def load_denoiser(cfg: DictConfig, dcfg: dict, ctx: RunContext, train_set):
+    """The denoiser to sample from (base model, fine-tuned when asked; each cached), its codec and image size.
+    train_set() gives the real train split (loaded only when a model is trained here)."""
+    spec, device, logger = ctx.spec, ctx.device, ctx.logger
     image_size = model_image_size(dcfg, spec.resolution)
     cgs = dcfg["sample"]["method"] == "cgs"
     codec = make_codec(dcfg, spec.channels, need_encoder=_trains(dcfg) or cgs)
@@ -115,41 +175,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
             ),
         )
     denoiser.net.to(device).eval().requires_grad_(False)
-
-    # sample
-    means = class_means(cfg, dcfg, codec, train_set, spec, image_size, device) if cgs else None
-    teacher = load_teacher(cfg, ctx) if ctx.teacher is not None else None
-    features = teacher_features(teacher, codec, spec) if cgs and teacher is not None else None
-    labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
-    scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
-    info(f"diffusion: sampling {len(labels)} images ({dcfg['sample']['method']}, {dcfg['sample']['steps']} steps)")
-    z = sample_latents(
-        denoiser,
-        scheduler,
-        labels,
-        int(cfg.seed),
-        dcfg["sample"],
-        device,
-        means,
-        features,
-        on_group=lambda g, n: info(f"diffusion: sampled group {g}/{n}"),
-    )
-
-    # save
-    images = decode(codec, z, spec, dcfg["sample"]["batch_size"])
-    if teacher is not None:
-        acc = samples_accuracy(teacher, images, labels, device, dcfg["sample"]["batch_size"])
-        ctx.results["diffusion"] = {"teacher_acc_on_samples": acc}
-        info(f"diffusion: teacher accuracy on the samples {acc:.4f}")
-    meta = {
-        "dataset": spec.name,
-        "method": cfg.pipeline.name,
-        "ipc": int(cfg.ipc),
-        "seed": int(cfg.seed),
-        "config": {"diffusion": dcfg},
-    }
-    ctx.distilled = save_distilled(ctx.run_dir / "distilled", images, labels, spec, meta)
-    return ctx
+    return denoiser, codec, image_size
 
 
 def _trains(dcfg: dict) -> bool:
@@ -240,12 +266,10 @@ def teacher_features(teacher: FeatureModel, codec, spec):
 
 @torch.no_grad()
 def samples_accuracy(
-    teacher: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int
+    teacher: torch.nn.Module, batches: Iterable[torch.Tensor], labels: torch.Tensor, device: torch.device
 ) -> float:
-    """Top-1 accuracy (a fraction) of the teacher on dataset-normalised images with their intended labels."""
-    preds = torch.cat(
-        [teacher(images[s : s + batch_size].to(device)).argmax(1).cpu() for s in range(0, len(images), batch_size)]
-    )
+    """Top-1 accuracy (a fraction) of the teacher on batches of dataset-normalised images with their intended labels."""
+    preds = torch.cat([teacher(images.to(device)).argmax(1).cpu() for images in batches])
     return float((preds == labels).float().mean())
 
 

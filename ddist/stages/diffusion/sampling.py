@@ -2,8 +2,11 @@
 
 Every image has its own random generator, seeded from (seed, class, index in
 class), that draws its initial noise and then its per-step noise. How images
-are grouped into batches therefore never changes what they are, and CGS with
-eta_dpp = mu_dm = 0 reproduces independent sampling exactly.
+are grouped into batches therefore never changes what they are (up to float
+rounding in batched kernels), and CGS with eta_dpp = mu_dm = 0 reproduces
+independent sampling. The groups (sample_groups) are the stage's independent
+parts: each depends on nothing but its rows, so a killed sampling resumes at
+the group it was in and shards split the groups (ddist/workdir.py).
 
     z_T ~ N(0, I)                                   per image
     for each step t:
@@ -48,14 +51,16 @@ def make_scheduler(schedule: Mapping, kind: str) -> DDPMScheduler | DDIMSchedule
     return SCHEDULERS[kind](**schedule, clip_sample=False)
 
 
-def image_generators(seed: int, labels: list[int]) -> list[torch.Generator]:
-    """One CPU generator per image, seeded from (seed, class, index within the class)."""
+def image_generators(seed: int, labels: list[int], rows: list[int] | None = None) -> list[torch.Generator]:
+    """One CPU generator per image (of `rows`, default all), seeded from (seed, class, index within the class)."""
     seen: dict[int, int] = {}
-    gens = []
+    keys = []
     for c in labels:
-        i = seen.get(c, 0)
-        seen[c] = i + 1
-        state = np.random.SeedSequence([seed, c, i]).generate_state(1, dtype=np.uint64)[0]
+        keys.append((c, seen.get(c, 0)))
+        seen[c] = keys[-1][1] + 1
+    gens = []
+    for r in range(len(labels)) if rows is None else rows:
+        state = np.random.SeedSequence([seed, *keys[r]]).generate_state(1, dtype=np.uint64)[0]
         gens.append(torch.Generator().manual_seed(int(state)))
     return gens
 
@@ -203,6 +208,52 @@ def class_groups(labels: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [*groups, current]
 
 
+def sample_groups(labels: torch.Tensor, scfg: Mapping) -> list[torch.Tensor]:
+    """The rows of each group the sampler denoises together: the independent parts of the set.
+
+    independent: batches of scfg.batch_size images (classes mixed); cgs: whole classes packed
+    into groups of about batch_size images (a larger class is a group of its own).
+    """
+    if scfg["method"] == "independent":
+        size = scfg["batch_size"]
+        return [torch.arange(s, min(s + size, len(labels))) for s in range(0, len(labels), size)]
+    return class_groups(labels, scfg["batch_size"])
+
+
+def sample_group(
+    denoiser: Denoiser,
+    scheduler,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    seed: int,
+    scfg: Mapping,
+    device: torch.device,
+    class_means: torch.Tensor | None = None,
+    features: Features | None = None,
+) -> torch.Tensor:
+    """Clean latents [len(rows), C, h, w] of the rows `rows` of dataset labels [N]: one group of
+    sample_groups, which depends on nothing but its rows (each image has its own generator)."""
+    check_sample_config(scfg, denoiser.latent_shape[0], features)
+    gens = image_generators(seed, labels.tolist(), rows.tolist())
+    z = randn_tensor((len(rows), *denoiser.latent_shape), generator=gens, device=device)
+    group_labels = labels[rows]
+    ids = denoiser.model_ids(group_labels).to(device)
+    scheduler.set_timesteps(scfg["steps"], device=device)
+    guide = None
+    if scfg["method"] != "independent":
+        assert class_means is not None, "cgs needs class_means"
+        guide = cgs_guidance(
+            scfg["cgs"],
+            scheduler,
+            [
+                (torch.nonzero(group_labels == c).flatten().to(device), class_means[c].to(device))
+                for c in group_labels.unique().tolist()
+            ],
+            features,
+        )
+    return denoise(denoiser, scheduler, z, ids, gens, scfg, guide)
+
+
 def sample_latents(
     denoiser: Denoiser,
     scheduler,
@@ -214,44 +265,15 @@ def sample_latents(
     features: Features | None = None,
     on_group=None,
 ) -> torch.Tensor:
-    """Clean latents [N, C, h, w] for dataset labels [N].
-
-    independent: images in batches of scfg.batch_size (classes mixed);
-    cgs: whole classes packed into groups of about batch_size images (a
-    larger class is a group of its own; model passes are still chunked by
-    batch_size), each class guided over all its images with its real mean
-    latent class_means[c] (and, for the teacher kernel, `features`).
-    on_group(done, total) is called after each group, for progress reporting.
+    """Clean latents [N, C, h, w] for dataset labels [N], group by group (sample_groups, sample_group):
+    each CGS class guided over all its images with its real mean latent class_means[c] (and, for
+    the teacher kernel, `features`). on_group(done, total) is called after each group.
     """
     check_sample_config(scfg, denoiser.latent_shape[0], features)
-    method = scfg["method"]
-    label_list = labels.tolist()
-    gens = image_generators(seed, label_list)
-    z = randn_tensor((len(labels), *denoiser.latent_shape), generator=gens, device=device)
-    ids = denoiser.model_ids(labels).to(device)
-    scheduler.set_timesteps(scfg["steps"], device=device)
-    if method == "independent":
-        groups = [
-            torch.arange(s, min(s + scfg["batch_size"], len(labels))) for s in range(0, len(labels), scfg["batch_size"])
-        ]
-    else:
-        groups = class_groups(labels, scfg["batch_size"])
-    out = torch.empty_like(z)
+    groups = sample_groups(labels, scfg)
+    out = torch.empty((len(labels), *denoiser.latent_shape), device=device)
     for g, idx in enumerate(groups):
-        group_labels = labels[idx]
-        guide = None
-        if method != "independent":
-            assert class_means is not None, "cgs needs class_means"
-            guide = cgs_guidance(
-                scfg["cgs"],
-                scheduler,
-                [
-                    (torch.nonzero(group_labels == c).flatten().to(device), class_means[c].to(device))
-                    for c in group_labels.unique().tolist()
-                ],
-                features,
-            )
-        out[idx] = denoise(denoiser, scheduler, z[idx], ids[idx], [gens[i] for i in idx.tolist()], scfg, guide)
+        out[idx] = sample_group(denoiser, scheduler, labels, idx, seed, scfg, device, class_means, features)
         if on_group is not None:
             on_group(g + 1, len(groups))
     return out

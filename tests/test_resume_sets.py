@@ -1,0 +1,198 @@
+"""Recover and diffusion sampling resume, reuse and shard (ddist/workdir.py, ddist/merge.py).
+
+A run killed with SIGKILL while its parts are being written resumes with only the unfinished
+parts and ends byte-identical to an uninterrupted run; shards (by hand, or a joblib multirun)
+assemble the same set; an identical configuration reuses a finished set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF, REPO, TINY, compose_cfg, run_ddist
+from hydra import compose, initialize_config_dir
+from test_experiments_diffusion import TINY_PIXEL
+
+from ddist import merge
+from ddist.artifacts import load_distilled, save_distilled, to_plain
+from ddist.data import dataset_spec
+from ddist.workdir import WorkDir
+
+# 10 recover groups (ipc_slice, 2 classes a batch, 2 images a class) of 60 iterations each
+RECOVER = ["pipeline=sre2l", "pipeline.stages=[squeeze,recover]", "ipc=2", "recover.batch.size=2"]
+RECOVER_ITERATIONS = "recover.iterations=60"
+# 10 sampling groups (independent, 2 images each) of 20 steps each, with the tiny pixel UNet
+SAMPLE = ["pipeline=diffusion", "pipeline.stages=[diffusion]", "ipc=2", *TINY_PIXEL, "diffusion.sample.batch_size=2"]
+SAMPLE_STEPS = "diffusion.sample.steps=20"
+
+
+def _log(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def _work_dir(proc: subprocess.CompletedProcess) -> Path:
+    """The work directory a run assembled or reused its set in (from its log)."""
+    match = re.search(r"(?:assembled .* into|reusing the finished set) (\S+)/distilled", _log(proc))
+    assert match, _log(proc)[-3000:]
+    return Path(match.group(1))
+
+
+def _kill_after_some_parts(args: list[str], cache: Path, run_dir: Path, kind: str, total: int) -> set[str]:
+    """Start `python -m ddist ARGS`, SIGKILL it once a random number (1 .. total - 2) of its parts
+    are on disk; returns the names of the parts that were there."""
+    want = random.randint(1, total - 2)
+    cmd = [sys.executable, "-m", "ddist", *TINY, *args, f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "DDIST_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    parts: list[Path] = []
+    while len(parts) < want and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+        parts = list(cache.glob(f"{kind}/*/parts/*.safetensors"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed (wanted {want} parts)"
+    parts = list(cache.glob(f"{kind}/*/parts/*.safetensors"))
+    assert 1 <= len(parts) < total
+    assert not list(cache.glob(f"{kind}/*/distilled"))
+    return {p.name for p in parts}
+
+
+def _redone(proc: subprocess.CompletedProcess, pattern: str) -> set[str]:
+    """The parts a run made, as part file names, from its 'group g/N' log lines."""
+    return {f"{int(g) - 1:06d}.safetensors" for g in re.findall(pattern, _log(proc))}
+
+
+@pytest.mark.parametrize(
+    ("args", "kind", "done_line"),
+    [
+        ([*RECOVER, RECOVER_ITERATIONS], "recover", r"recover batch (\d+)/10 done"),
+        ([*SAMPLE, SAMPLE_STEPS], "diffusion_sample", r"sampled group (\d+)/10"),
+    ],
+    ids=["recover", "sampling"],
+)
+def test_a_killed_run_resumes_with_only_the_unfinished_parts(args, kind, done_line, cache_dir, tmp_path):
+    reference = run_ddist(*args, run_dir=tmp_path / "ref", cache_dir=cache_dir)
+    expected = (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes()
+    shutil.rmtree(_work_dir(reference))  # the same cache (teacher, diffusion model), no finished set
+
+    finished = _kill_after_some_parts(args, cache_dir, tmp_path / "killed", kind, total=10)
+    rerun = run_ddist(*args, run_dir=tmp_path / "rerun", cache_dir=cache_dir)
+
+    name = "recover" if kind == "recover" else "diffusion_sample"
+    first_missing = min(set(f"{i:06d}.safetensors" for i in range(10)) - finished)
+    assert f"{name}: {len(finished)}/10 groups done, resuming at {int(first_missing[:6]) + 1}" in _log(rerun)
+    assert _redone(rerun, done_line).isdisjoint(finished)  # no finished part was made again
+    assert len(_redone(rerun, done_line)) == 10 - len(finished)
+    assert (tmp_path / "rerun" / "distilled" / "data.safetensors").read_bytes() == expected
+    assert not (_work_dir(rerun) / "parts").exists()  # the parts went into the set
+
+
+def test_an_identical_configuration_reuses_the_finished_set(cache_dir, tmp_path):
+    args = [*RECOVER, "recover.iterations=3"]
+    first = run_ddist(*args, run_dir=tmp_path / "a", cache_dir=cache_dir)
+    second = run_ddist(*args, run_dir=tmp_path / "b", cache_dir=cache_dir)
+    assert "reusing the finished set" in _log(second) and "recover batch" not in _log(second)
+    assert _work_dir(first) == _work_dir(second)
+    a, b = (tmp_path / r / "distilled" / "data.safetensors" for r in "ab")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.stat().st_ino == b.stat().st_ino  # run directories hold hard links, not copies
+    other = run_ddist(*args, "seed=1", run_dir=tmp_path / "c", cache_dir=cache_dir)
+    assert "recover batch" in _log(other) and _work_dir(other) != _work_dir(first)
+
+
+def test_shards_by_hand_stop_after_their_share_and_the_last_assembles(cache_dir, tmp_path):
+    args = [*RECOVER, "recover.iterations=4", "shard.count=2"]
+    reference = run_ddist(*RECOVER, "recover.iterations=4", run_dir=tmp_path / "ref", cache_dir=cache_dir)
+    shutil.rmtree(_work_dir(reference))
+
+    first = run_ddist(*args, "shard.index=0", run_dir=tmp_path / "s0", cache_dir=cache_dir)
+    shard = json.loads((tmp_path / "s0" / "shard.json").read_text())
+    assert shard["parts"] == [0, 2, 4, 6, 8] and shard["missing"] == [1, 3, 5, 7, 9]
+    assert not (tmp_path / "s0" / "results.json").exists() and not (tmp_path / "s0" / "distilled").exists()
+    assert "stopping here" in _log(first)
+    assert merge.main([str(tmp_path / "s0")]) == 2  # parts missing: nothing to merge yet
+
+    run_ddist(*args, "shard.index=1", run_dir=tmp_path / "s1", cache_dir=cache_dir)
+    expected = (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes()
+    assert (tmp_path / "s1" / "distilled" / "data.safetensors").read_bytes() == expected
+    assert merge.main([str(tmp_path / "s0")]) == 0  # already assembled: says so
+
+
+@pytest.mark.parametrize(
+    ("launcher", "plugin"),
+    [("joblib", "hydra_plugins.hydra_joblib_launcher"), ("submitit_local", "hydra_plugins.hydra_submitit_launcher")],
+)
+def test_launcher_shards_assemble_the_unsharded_set(launcher, plugin, cache_dir, tmp_path):
+    """Two shards as one multirun, in parallel processes (joblib) or submitit's local executor
+    (the SLURM launcher's code path without a cluster)."""
+    pytest.importorskip(plugin, reason=f"the optional launcher plugin for hydra/launcher={launcher} is not installed")
+    args = [*RECOVER, "recover.iterations=4", "seed=3"]
+    reference = run_ddist(*args, run_dir=tmp_path / "ref", cache_dir=cache_dir)
+    shutil.rmtree(_work_dir(reference))
+    run_ddist(
+        "-m",
+        *args,
+        "shard.index=0,1",
+        "shard.count=2",
+        f"hydra/launcher={launcher}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        run_dir=tmp_path,
+        cache_dir=cache_dir,
+    )
+    jobs = [tmp_path / "sweep" / str(i) for i in range(2)]
+    expected = (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes()
+    sets = [j / "distilled" / "data.safetensors" for j in jobs if (j / "distilled").exists()]
+    assert sets and all(s.read_bytes() == expected for s in sets)
+    # a job either stopped after its share or went on with the set (assembled by it, or by the other)
+    assert all((j / "shard.json").exists() != (j / "distilled").exists() for j in jobs)
+
+
+def test_merge_assembles_parts_into_the_set_save_distilled_writes(tmp_path):
+    cfg = compose_cfg("ipc=3", cache_dir=tmp_path / "cache", run_dir=tmp_path / "run")
+    spec = dataset_spec(cfg.dataset)
+    labels = torch.arange(10).repeat_interleave(3)
+    images = torch.randn(30, 1, 16, 16)
+    groups = [torch.arange(c, 30, 3) for c in range(3)]  # one image of every class per part, as ipc_slice
+    plan = {"labels": labels.tolist(), "dataset": to_plain(cfg.dataset), "meta": {"ipc": 3}}
+    work = WorkDir(cfg, "recover", {"test": 1}, "groups", len(groups), plan)
+    for g in (2, 0):
+        work.save(g, images[groups[g]], groups[g])
+    assert merge.main([str(work.root)]) == 2  # part 1 is missing
+    work.save(1, images[groups[1]], groups[1])
+    assert merge.main([str(work.root)]) == 0
+    save_distilled(tmp_path / "direct", images, labels, spec, {"ipc": 3})
+    assert (work.distilled / "data.safetensors").read_bytes() == (tmp_path / "direct" / "data.safetensors").read_bytes()
+    assert load_distilled(work.distilled).meta["sha256"] == load_distilled(tmp_path / "direct").meta["sha256"]
+    assert sorted(p.name for p in (work.distilled / "images").rglob("*.png")) == sorted(
+        p.name for p in (tmp_path / "direct" / "images").rglob("*.png")
+    )
+
+
+def test_merge_of_a_directory_that_is_no_work_names_what_to_pass(tmp_path, capsys):
+    assert merge.main([str(tmp_path)]) == 2
+    assert "neither a work directory" in capsys.readouterr().err
+
+
+def test_the_slurm_launcher_config_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "shard.count=4", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.gpus_per_node == 1 and cfg.shard.count == 4
