@@ -41,7 +41,7 @@ from ddist.objectives import (
     DEDAObjective,
     SRe2LObjective,
 )
-from ddist.teacher import deda_layers, load_teacher, teacher_key
+from ddist.teacher import deda_layers, frozen_teacher, load_teacher, teacher_key
 from ddist.train import check_finite, make_schedule, seed_everything
 
 BATCH_MODES = ("ipc_slice", "whole_class")
@@ -94,16 +94,41 @@ def initial_images(cfg: DictConfig, spec, generator: torch.Generator) -> torch.T
 
 def class_stats_key(cfg: DictConfig, layers: list[str]) -> dict:
     """What determines the real class statistics: the teacher (its cache key, or the bytes of a
-    given checkpoint), the real data it saw, and the layers."""
+    given checkpoint), the real data it saw (all of it, or a seeded subset per class), and the layers."""
     key = {"teacher": teacher_key(cfg), "layers": layers}
     if cfg.teacher.checkpoint:
         key["checkpoint_sha256"] = hashlib.sha256(Path(cfg.teacher.checkpoint).read_bytes()).hexdigest()
+    if cfg.recover.deda.stats_images_per_class is not None:  # null keeps the keys of statistics cached before
+        key["images_per_class"] = cfg.recover.deda.stats_images_per_class
     return key
 
 
-def class_sorted_batches(ds, spec, batch_size: int, num_workers: int = 0):
-    """Normalised real batches in label order, so each batch holds few classes (cheap reductions)."""
-    order = torch.sort(ds.targets, stable=True).indices
+# The subset of real images per class is drawn with this seed, not the run's, so every seed of a
+# sweep shares one cached set of statistics per teacher.
+STATS_SUBSET_SEED = 0
+
+
+def stats_indices(targets: torch.Tensor, per_class: int | None) -> torch.Tensor:
+    """Indices of the real images the class statistics read, in label order: all of them, or
+    `per_class` drawn at random (seeded) from each class (all of a class that has fewer)."""
+    order = torch.sort(targets, stable=True).indices
+    if per_class is None:
+        return order
+    generator = torch.Generator().manual_seed(STATS_SUBSET_SEED)
+    counts = torch.bincount(targets).tolist()
+    return torch.cat(
+        [
+            members[torch.randperm(len(members), generator=generator)[:per_class]].sort().values
+            for members in order.split(counts)
+        ]
+    )
+
+
+def class_sorted_batches(ds, spec, batch_size: int, num_workers: int = 0, order: torch.Tensor | None = None):
+    """Normalised real batches in label order (`order`, default all images), so each batch
+    holds few classes (cheap reductions)."""
+    if order is None:
+        order = torch.sort(ds.targets, stable=True).indices
     if getattr(ds, "images", None) is None:  # decoded from files: let loader workers do it
         yield from DataLoader(Subset(ds, order.tolist()), batch_size=batch_size, num_workers=num_workers)
         return
@@ -112,15 +137,16 @@ def class_sorted_batches(ds, spec, batch_size: int, num_workers: int = 0):
         yield spec.normalize(ds.images[idx].float() / 255), ds.targets[idx]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def real_class_stats(
     teacher, batches, num_classes: int, layers: list[str], device: torch.device, total: int | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (mean [C, d], cov [C, d, d])} of the teacher's features over real batches:
-    one forward per batch, per-class sums accumulated by index_add (ClassMomentSums)."""
+    one forward per batch (features only, no classifier head), per-class sums accumulated by
+    index_add (ClassMomentSums)."""
     sums = None
     for x, y in progress(batches, desc="recover: real class statistics", total=total):
-        _, feats = teacher.forward_features(x.to(device))
+        feats = teacher.features(x.to(device))
         if sums is None:
             sums = ClassMomentSums(num_classes, {k: feats[k].shape[1] for k in layers}, device)
         sums.update(feats, y.to(device))
@@ -134,15 +160,16 @@ def load_class_stats(cfg: DictConfig, ctx: dict, teacher, layers: list[str]) -> 
     path = entry / "class_stats.safetensors"
     if not path.exists():
         train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
+        order = stats_indices(train.targets, cfg.recover.deda.stats_images_per_class)
         batch_size = cfg.recover.deda.stats_batch_size
-        batches = class_sorted_batches(train, ctx["spec"], batch_size, cfg.teacher.get("num_workers", 0))
+        batches = class_sorted_batches(train, ctx["spec"], batch_size, cfg.teacher.get("num_workers", 0), order)
         stats = real_class_stats(
-            teacher,
+            frozen_teacher(cfg, teacher, grad=False),
             batches,
             ctx["spec"].num_classes,
             layers,
             ctx["device"],
-            total=math.ceil(len(train.targets) / batch_size),
+            total=math.ceil(len(order) / batch_size),
         )
         atomic_save_tensors(
             path, {f"{k}.{part}": t for k, pair in stats.items() for part, t in zip(("mean", "cov"), pair, strict=True)}
@@ -198,7 +225,7 @@ def build_objective(cfg: DictConfig, ctx: dict, teacher):
     layers = deda_layers(cfg, teacher)
     real = load_class_stats(cfg, ctx, teacher, layers)
     return DEDAObjective(
-        teacher,
+        frozen_teacher(cfg, teacher, grad=True),  # DEDA reads no BatchNorm inputs: fold them away
         real,
         cfg.ipc,
         mean_weight=dcfg.mean_weight,
