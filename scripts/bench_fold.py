@@ -78,7 +78,8 @@ def main() -> None:
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
-            "config", overrides=[*CIFAR, "recover=deda", f"ipc={args.ipc}", f"model@teacher.model={args.model}", "logger=none"]
+            "config",
+            overrides=[*CIFAR, "recover=deda", f"ipc={args.ipc}", f"model@teacher.model={args.model}", "logger=none"],
         )
     spec = dataset_spec(cfg.dataset)
     torch.manual_seed(0)
@@ -120,7 +121,10 @@ def main() -> None:
         for name in variants:
             rates["recover it/s"].setdefault(name, []).append(recover_rate(name))
             rates["stats images/s"].setdefault(name, []).append(stats_rate(name))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v['folded'][-1] / v['unfolded'][-1]:.2f}x" for k, v in rates.items()))
+        print(
+            f"round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{k} {v['folded'][-1] / v['unfolded'][-1]:.2f}x" for k, v in rates.items())
+        )
     print(f"after:  {uptime()}")
     print(
         f"model={args.model} ipc={args.ipc} batch={len(labels)} threads={args.threads} rounds={args.rounds} "
