@@ -132,7 +132,7 @@ def main() -> None:
     )
     for what, by_name in rates.items():
         unfolded, folded = statistics.median(by_name["unfolded"]), statistics.median(by_name["folded"])
-        print(f"{what:>16}: unfolded {unfolded:9.1f}  folded {folded:9.1f}  ratio {folded / unfolded:.2f}x")
+        print(f"{what:>16}: unfolded {unfolded:9.3f}  folded {folded:9.3f}  ratio {folded / unfolded:.2f}x")
 
 
 if __name__ == "__main__":
