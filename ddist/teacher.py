@@ -55,7 +55,7 @@ def load_teacher(cfg: DictConfig, ctx: dict) -> FeatureModel:
 
 def frozen_teacher(cfg: DictConfig, teacher: FeatureModel, grad: bool) -> FeatureModel:
     """The teacher for passes that never read BatchNorm inputs (DEDA recover, its real class
-    statistics, relabel, analysis): with `teacher.fold_bn` a copy with BatchNorm folded into
+    statistics, relabel, online soft labels, analysis): with `teacher.fold_bn` a copy with BatchNorm folded into
     the convs, in channels_last when no gradient flows through it (grad=False); else `teacher`."""
     if not cfg.teacher.fold_bn:
         return teacher

@@ -120,3 +120,29 @@ def test_stats_subset_statistics_equal_those_of_the_subset():
         assert len(members) == 40
         want.update({"f": feats[members]}, targets[members])
     torch.testing.assert_close(sums.moments()["f"][1], want.moments()["f"][1])
+
+
+# ----------------------------------------------------------------------------- the options
+
+
+def test_fold_bn_selects_the_teacher_and_leaves_the_cache_keys(tmp_path):
+    from conftest import compose_cfg
+
+    from ddist.stages.recover import class_stats_key
+    from ddist.teacher import frozen_teacher, teacher_key
+
+    on = compose_cfg("recover=deda", cache_dir=tmp_path, run_dir=tmp_path)
+    off = compose_cfg("recover=deda", "teacher.fold_bn=false", cache_dir=tmp_path, run_dir=tmp_path)
+    model = eval_model("convnet", width=8)
+    folded = frozen_teacher(on, model, grad=True)
+    assert folded is not model and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert frozen_teacher(off, model, grad=True) is model
+    # the same statistics either way (to float tolerance), so one cache entry serves both
+    assert teacher_key(on) == teacher_key(off)
+    assert class_stats_key(on, ["stage3"]) == class_stats_key(off, ["stage3"])
+    # a subset per class is another entry; null keeps the key of statistics cached before the option
+    subset = compose_cfg(
+        "recover=deda", "recover.deda.stats_images_per_class=500", cache_dir=tmp_path, run_dir=tmp_path
+    )
+    assert "images_per_class" not in class_stats_key(on, ["stage3"])
+    assert class_stats_key(subset, ["stage3"])["images_per_class"] == 500

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAINED_TEACHER, compose_cfg, read_results, run_ddist
+from conftest import TRAINED_TEACHER, compose_cfg, read_results, run_pipeline
 from conftest import stage_ctx as pipeline_ctx
 from hydra import compose, initialize_config_dir
 
@@ -110,7 +110,7 @@ def test_recover_end_to_end_on_digits(method, cache_dir, tmp_path):
     ipc = 2
     run_dir = tmp_path / "run"
     objective = "recover.deda.reg_iterations=3" if method == "deda" else "recover.bn_matching.r_bn=0.01"
-    run_ddist(
+    run_pipeline(
         f"pipeline={method}", f"ipc={ipc}", "recover.iterations=6", objective, run_dir=run_dir, cache_dir=cache_dir
     )
 
