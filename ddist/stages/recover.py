@@ -199,6 +199,12 @@ def check_options(cfg: DictConfig) -> None:
             f"recover.deda.reg_normalisation={rcfg.deda.reg_normalisation!r} is not one of "
             f"{list(REG_NORMALISATIONS)}; set recover.deda.reg_normalisation."
         )
+    per_class = rcfg.deda.stats_images_per_class if rcfg.objective == "deda" else None
+    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
+        raise ConfigError(
+            f"recover.deda.stats_images_per_class={per_class!r} must be a positive number of real images "
+            "per class, or null for all of them; fix it."
+        )
     if rcfg.objective == "deda" and rcfg.batch.mode != "whole_class":
         raise ConfigError(
             "DEDA's statistics are per class, so every class needs all its images in one batch: "
