@@ -7,6 +7,10 @@ Times, for the train and test splits of a `format=folder` dataset (CIFAR-10 by d
 listing (`list_split`), the digest of every file by one os.stat call each (the cache key's) and
 by one scandir pass per folder (`scandir_digest`), interleaved over
 --rounds rounds (medians). Both digests must be equal (entries cached before stay valid).
+
+measured (CIFAR-10, 60k files, warm page cache): load 1.4-2.7, 0.266 s per-file vs 0.250 s scandir (1.06x);
+load 13-14, 3.11 vs 3.18 s (0.98x). Linux's scandir gives each entry's type, not its stat, so every
+DirEntry.stat is a syscall as os.stat is; the key stays per-file os.stat.
 """
 
 from __future__ import annotations
