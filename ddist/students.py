@@ -40,7 +40,7 @@ from ddist.errors import ConfigError
 from ddist.logging import info
 from ddist.models import build_model, student_config
 from ddist.objectives.distill import hard_label_loss, soft_label_loss
-from ddist.teacher import load_teacher
+from ddist.teacher import frozen_teacher, load_teacher
 from ddist.train import (
     accuracy,
     epochs_for,
@@ -72,7 +72,8 @@ def evaluate_set(
         raise ConfigError(f"Unknown evaluate.protocol '{ev.protocol}'. Set it to soft or hard.")
     distilled = load_distilled(distilled_path, ctx.spec)
     test = load_split(cfg.dataset, "test", Path(cfg.paths.cache_dir))
-    teacher = load_teacher(cfg, ctx) if ev.protocol == "soft" else None
+    # online soft labels: the teacher runs under no_grad every student step, so its BN is folded away
+    teacher = frozen_teacher(cfg, load_teacher(cfg, ctx), grad=False) if ev.protocol == "soft" else None
     stored = stored if ev.protocol == "soft" else None
     base_key = student_base_key(cfg, ev, distilled, ctx)
     results = []

@@ -16,11 +16,12 @@ from ddist.artifacts import load_checkpoint, load_model_state
 from ddist.context import RunContext
 from ddist.errors import ConfigError
 from ddist.models import FeatureModel, build_model
+from ddist.models.fold import fold_batchnorm
 
 # dataset keys that do not change the teacher (they steer other stages)
 _NOT_TEACHER_KEYS = ("protocol", "download")
 # teacher keys that do not change its weights
-_NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every")
+_NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every", "fold_bn")
 
 
 def teacher_key(cfg: DictConfig) -> dict:
@@ -62,6 +63,15 @@ def load_teacher(cfg: DictConfig, ctx: RunContext) -> FeatureModel:
     load_model_state(model, load_checkpoint(path, "teacher.checkpoint"), path, "teacher.checkpoint")
     model.requires_grad_(False)
     return model.to(ctx.device).eval()
+
+
+def frozen_teacher(cfg: DictConfig, teacher: FeatureModel, grad: bool) -> FeatureModel:
+    """The teacher for passes that never read BatchNorm inputs (DEDA recover, its real class
+    statistics, relabel, online soft labels, analysis): with `teacher.fold_bn` a copy with BatchNorm folded into
+    the convs, in channels_last when no gradient flows through it (grad=False); else `teacher`."""
+    if not cfg.teacher.fold_bn:
+        return teacher
+    return fold_batchnorm(teacher, channels_last=not grad)
 
 
 def deda_layers(cfg: DictConfig, teacher) -> list[str]:

@@ -40,15 +40,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ddist.artifacts import cache_entry, load_distilled
+from ddist.context import RunContext
 from ddist.data import dataset_spec, load_split
 from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
-from ddist.logging import RunLogger
 from ddist.metrics.covariance import class_covariance_figures
 from ddist.objectives import REG_NORMALISATIONS, class_moments, diversity_regulariser
 from ddist.stages import recover, squeeze
 from ddist.stages.analyse import real_subsample
-from ddist.teacher import deda_layers, load_teacher
+from ddist.teacher import deda_layers, load_teacher, teacher_key
 from ddist.train import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,17 +184,7 @@ def recover_table(args) -> None:
         for i, (name, overrides) in enumerate(variants.items()):
             cfg = compose_cfg(args, *overrides, f"paths.output_dir={tmp}/{i}")
             spec = dataset_spec(cfg.dataset)
-            ctx = squeeze.run(
-                cfg,
-                {
-                    "spec": spec,
-                    "device": torch.device("cpu"),
-                    "logger": RunLogger(None),
-                    "run_dir": Path(tmp) / str(i),
-                    "results": {},
-                    "timings": {},
-                },
-            )
+            ctx = squeeze.run(cfg, RunContext(run_dir=Path(tmp) / str(i), device=torch.device("cpu"), spec=spec))
             ctx = recover.run(cfg, ctx)
             teacher = load_teacher(cfg, ctx)
             layer = deda_layers(cfg, teacher)[-1]
@@ -255,14 +245,14 @@ def main() -> None:
     if (
         cfg.dataset.name != "digits"
         and not args.train_teacher
-        and not (cache_entry(cfg, "teacher", squeeze.teacher_key(cfg)) / "meta.json").exists()
+        and not (cache_entry(cfg, "teacher", teacher_key(cfg)) / "meta.json").exists()
     ):
         raise ConfigError(
             f"no cached {cfg.dataset.name} teacher under --cache-dir {args.cache_dir}; "
             "point --cache-dir at it or pass --train-teacher"
         )
     seed_everything(args.seed)
-    ctx = squeeze.run(cfg, {"spec": spec, "device": torch.device("cpu"), "logger": RunLogger(None)})
+    ctx = squeeze.run(cfg, RunContext(run_dir=Path(args.cache_dir), device=torch.device("cpu"), spec=spec))
     regulariser_table(args, cfg, ctx, load_teacher(cfg, ctx))
     if args.recover:
         recover_table(args)

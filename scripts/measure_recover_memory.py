@@ -39,8 +39,8 @@ def one_case(ipc: int, iterations: int, mode: str, size: int | None) -> dict:
     from hydra import compose, initialize_config_dir
 
     from ddist.artifacts import save_checkpoint
+    from ddist.context import RunContext
     from ddist.data import dataset_spec
-    from ddist.logging import RunLogger
     from ddist.models import build_model
     from ddist.stages import recover
 
@@ -62,15 +62,7 @@ def one_case(ipc: int, iterations: int, mode: str, size: int | None) -> dict:
     spec = dataset_spec(cfg.dataset)
     teacher = build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution)
     save_checkpoint(tmp / "teacher.pt", teacher)
-    ctx = {
-        "run_dir": tmp / "run",
-        "logger": RunLogger(None),
-        "device": torch.device("cpu"),
-        "spec": spec,
-        "teacher": tmp / "teacher.pt",
-        "results": {},
-        "timings": {},
-    }
+    ctx = RunContext(run_dir=tmp / "run", device=torch.device("cpu"), spec=spec, teacher=tmp / "teacher.pt")
     groups = recover.batch_groups(spec.num_classes, ipc, mode, size)
     before = rss_mb()
     peak, stop = [before], threading.Event()

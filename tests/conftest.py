@@ -1,5 +1,6 @@
-"""Shared test helpers: run the real entry point in a subprocess with tiny settings, or
-compose the config and run single stages in-process.
+"""Shared test helpers: run the real entry point in a subprocess with tiny settings (run_ddist,
+kept for tests of the command line itself), or compose the config and run the whole pipeline
+(run_pipeline) or single stages in-process, without ~6 s of imports per run.
 
 Every end-to-end test uses a session-wide cache directory, so the tiny digits teacher
 is trained once per test session (the cache is keyed by config, as in real use).
@@ -77,6 +78,16 @@ def trained_digits_teacher(cache_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("teacher")
     cfg = compose_cfg(*TRAINED_TEACHER, cache_dir=cache_dir, run_dir=run_dir)
     return squeeze.run(cfg, stage_ctx(cfg, run_dir)).require("teacher")
+
+
+def run_pipeline(*overrides: str, run_dir: Path, cache_dir: Path, tiny: bool = True) -> dict:
+    """What `python -m ddist OVERRIDES` runs, in this process: the composed config (with TINY
+    unless tiny=False; CPU, no W&B) through ddist.pipeline.run; returns the results. A bad input
+    raises its error here (no exit code); run_ddist covers the command line itself."""
+    from ddist import pipeline
+
+    tiny_overrides = [o for o in TINY if o != "logger=none"] if tiny else []  # compose_cfg sets it
+    return pipeline.run(compose_cfg(*tiny_overrides, *overrides, cache_dir=cache_dir, run_dir=run_dir))
 
 
 def run_ddist(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_ddist
+from conftest import run_pipeline
 
 from ddist.data.subsets import pick_random_real
 from ddist.metrics import robust
@@ -17,7 +17,7 @@ from ddist.stages.analyse import real_subsample, same_ipc_rows
 def run_dir(tmp_path_factory, cache_dir):
     """One tiny random-pipeline run with every analyse option that works offline."""
     run = tmp_path_factory.mktemp("analyse") / "run"
-    run_ddist(
+    run_pipeline(
         "pipeline=random",
         "ipc=2",
         "analyse.enabled=true",

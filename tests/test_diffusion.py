@@ -3,7 +3,7 @@ the latent path, and the error for a missing pretrained model offline."""
 
 import pytest
 import torch
-from conftest import run_ddist
+from conftest import run_ddist, run_pipeline
 from diffusers import UNet2DModel
 
 from ddist.artifacts import load_distilled
@@ -281,15 +281,18 @@ def test_a_missing_pretrained_model_offline_is_a_config_error_naming_the_option(
 
 
 def test_the_latent_path_samples_a_distilled_set_with_a_tiny_dit(tmp_path, cache_dir):
-    run_diffusion_only(
-        tmp_path,
-        cache_dir,
+    run_pipeline(
+        "ipc=1",
+        "pipeline=diffusion",
+        "pipeline.stages=[diffusion]",
         "diffusion=tiny_dit",
         "diffusion.train.steps=2",
         "diffusion.sample.steps=2",
         "diffusion.sample.method=cgs",
         "diffusion.finetune.objective=rsm",
         "diffusion.finetune.steps=1",
+        run_dir=tmp_path / "run",
+        cache_dir=cache_dir,
     )
     distilled = load_distilled(tmp_path / "run" / "distilled")
     assert distilled.images.shape == (10, 1, 16, 16) and distilled.labels.tolist() == list(range(10))

@@ -137,9 +137,12 @@ class FeatureTeacher(nn.Module):
 
     feature_names = ("stage1", "stage2", "penultimate")
 
-    def forward_features(self, x):
+    def features(self, x):
         f = x.flatten(1)
-        return f * 0.0, OrderedDict(stage1=f, stage2=2 * f, penultimate=2 * f)
+        return OrderedDict(stage1=f, stage2=2 * f, penultimate=2 * f)
+
+    def forward_features(self, x):
+        return x.flatten(1) * 0.0, self.features(x)
 
 
 def deda(layers, ipc=2, **kw):

@@ -1,4 +1,6 @@
-"""The entry point end to end: `python -m ddist` with tiny settings, multirun, W&B offline, bad input."""
+"""The pipeline end to end with tiny settings: in-process runs (run_pipeline) for what the pipeline
+does, and `python -m ddist` subprocesses (run_ddist) for what only the command line does: the printed
+table, multirun with W&B offline, one paragraph without traceback for a bad input, the console script."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import read_results, run_ddist, tiny_teacher
+from conftest import read_results, run_ddist, run_pipeline, tiny_teacher
 from safetensors.torch import load_file
+
+from ddist.errors import DdistError
 
 
 def test_random_pipeline_writes_results_and_distilled_set(tmp_path, cache_dir):
@@ -38,18 +42,18 @@ def test_random_pipeline_writes_results_and_distilled_set(tmp_path, cache_dir):
 def test_same_seed_gives_identical_distilled_set_and_accuracy(tmp_path, cache_dir):
     runs = [tmp_path / "a", tmp_path / "b"]
     for run_dir in runs:
-        run_ddist("pipeline=random", "ipc=2", "seed=3", run_dir=run_dir, cache_dir=cache_dir)
+        run_pipeline("pipeline=random", "ipc=2", "seed=3", run_dir=run_dir, cache_dir=cache_dir)
     a, b = ((r / "distilled" / "data.safetensors").read_bytes() for r in runs)
     assert a == b
     assert read_results(runs[0])["students"] == read_results(runs[1])["students"]
     other = tmp_path / "c"
-    run_ddist("pipeline=random", "ipc=2", "seed=4", run_dir=other, cache_dir=cache_dir)
+    run_pipeline("pipeline=random", "ipc=2", "seed=4", run_dir=other, cache_dir=cache_dir)
     assert (other / "distilled" / "data.safetensors").read_bytes() != a
 
 
 def test_hard_protocol_and_several_students_with_repeats(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    run_ddist(
+    run_pipeline(
         "pipeline=random",
         "ipc=1",
         "evaluate=hard",
@@ -95,85 +99,90 @@ def test_multirun_makes_one_wandb_run_per_job_with_the_final_accuracy(tmp_path, 
         assert b"pipeline:random" in record
 
 
+def pipeline_error(*overrides: str, run_dir: Path, cache_dir: Path) -> str:
+    """The message of the error an in-process run with these overrides raises."""
+    with pytest.raises(Exception) as info:  # Hydra's composition errors and ddist's alike
+        run_pipeline(*overrides, run_dir=run_dir, cache_dir=cache_dir)
+    return str(info.value)
+
+
+def test_bad_input_is_one_clear_error_without_traceback(tmp_path, cache_dir):
+    """The command line turns a ddist error into one paragraph, exit 2, no traceback."""
+    proc = run_ddist("pipeline=random", "ipc=0", run_dir=tmp_path / "run", cache_dir=cache_dir, check=False)
+    assert proc.returncode == 2
+    assert "ipc must be an integer >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
         ("dataset=nosuch", "Available options in 'dataset'"),
         ("pipeline=nosuch", "Available options in 'pipeline'"),
-        ("ipc=0", "ipc must be an integer >= 1"),
         ("ipc=1000", "Set ipc <="),
         ("evaluate.students=[nosuchnet]", "convnet"),
         ("teacher.checkpoint=/nonexistent/teacher.pt", "teacher.checkpoint"),
     ],
 )
-def test_bad_input_is_one_clear_error_without_traceback(tmp_path, cache_dir, override, needle):
+def test_bad_input_is_a_clear_error(tmp_path, cache_dir, override, needle):
     pipeline = [] if override.startswith("pipeline=") else ["pipeline=random"]
-    proc = run_ddist(*pipeline, override, run_dir=tmp_path / "run", cache_dir=cache_dir, check=False)
-    assert proc.returncode != 0
-    assert needle in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert needle in pipeline_error(*pipeline, override, run_dir=tmp_path / "run", cache_dir=cache_dir)
 
 
 def test_missing_data_root_names_the_option(tmp_path, cache_dir):
-    proc = run_ddist(
-        "pipeline=random",
-        "dataset=cifar10",
-        f"dataset.root={tmp_path}/nothing",
-        run_dir=tmp_path / "run",
-        cache_dir=cache_dir,
-        check=False,
-    )
-    assert proc.returncode == 2 and "dataset.root" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(DdistError, match="dataset.root"):
+        run_pipeline(
+            "pipeline=random",
+            "dataset=cifar10",
+            f"dataset.root={tmp_path}/nothing",
+            run_dir=tmp_path / "run",
+            cache_dir=cache_dir,
+        )
 
 
 def test_corrupt_or_mismatched_teacher_checkpoint_is_a_clear_error(tmp_path, cache_dir):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    proc = run_ddist(f"teacher.checkpoint={corrupt}", run_dir=tmp_path / "r1", cache_dir=cache_dir, check=False)
-    assert proc.returncode == 2 and "teacher.checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(DdistError, match="teacher.checkpoint"):
+        run_pipeline(f"teacher.checkpoint={corrupt}", run_dir=tmp_path / "r1", cache_dir=cache_dir)
     assert corrupt.read_bytes() == b"not a checkpoint"
 
     # a valid checkpoint of another architecture (the cached tiny teacher, loaded into a wider model)
-    run_ddist("pipeline=random", "ipc=1", run_dir=tmp_path / "r2", cache_dir=cache_dir)
+    run_pipeline("pipeline=random", "ipc=1", "pipeline.stages=[squeeze]", run_dir=tmp_path / "r2", cache_dir=cache_dir)
     teacher = tiny_teacher(cache_dir)
     before = teacher.read_bytes()
-    proc = run_ddist(
-        f"teacher.checkpoint={teacher}",
-        "teacher.model.width=32",
-        run_dir=tmp_path / "r3",
-        cache_dir=cache_dir,
-        check=False,
-    )
-    assert proc.returncode == 2 and "does not fit" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(DdistError, match="does not fit"):
+        run_pipeline(
+            f"teacher.checkpoint={teacher}", "teacher.model.width=32", run_dir=tmp_path / "r3", cache_dir=cache_dir
+        )
     assert teacher.read_bytes() == before
 
 
 def test_an_existing_checkpoint_is_used_and_measured(tmp_path, cache_dir):
-    run_ddist("pipeline=random", "ipc=1", run_dir=tmp_path / "r1", cache_dir=cache_dir)
+    squeeze_only = ["pipeline=random", "ipc=1", "pipeline.stages=[squeeze]"]
+    first = run_pipeline(*squeeze_only, run_dir=tmp_path / "r1", cache_dir=cache_dir)
     teacher = tiny_teacher(cache_dir)
-    run_dir = tmp_path / "r2"
-    run_ddist(
-        "pipeline=random", "ipc=1", f"teacher.checkpoint={teacher}", run_dir=run_dir, cache_dir=tmp_path / "empty_cache"
+    given = run_pipeline(
+        *squeeze_only, f"teacher.checkpoint={teacher}", run_dir=tmp_path / "r2", cache_dir=tmp_path / "empty_cache"
     )
-    assert read_results(run_dir)["teacher_acc"] == pytest.approx(read_results(tmp_path / "r1")["teacher_acc"])
+    assert given["teacher_acc"] == pytest.approx(first["teacher_acc"])
     assert not list((tmp_path / "empty_cache").glob("teacher/*/teacher.pt"))
 
 
 def test_a_failed_run_keeps_an_earlier_result(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    run_ddist("pipeline=random", "ipc=1", run_dir=run_dir, cache_dir=cache_dir)
+    run_pipeline("pipeline=random", "ipc=1", run_dir=run_dir, cache_dir=cache_dir)
     before = (run_dir / "results.json").read_bytes()
-    proc = run_ddist(
-        "pipeline=random",
-        "ipc=1",
-        "evaluate.lr=1e30",
-        "evaluate.optimizer=sgd",
-        "evaluate.momentum=0",
-        run_dir=run_dir,
-        cache_dir=cache_dir,
-        check=False,
-    )
-    assert proc.returncode == 2 and "evaluate.lr" in proc.stderr
+    with pytest.raises(DdistError, match="evaluate.lr"):
+        run_pipeline(
+            "pipeline=random",
+            "ipc=1",
+            "evaluate.lr=1e30",
+            "evaluate.optimizer=sgd",
+            "evaluate.momentum=0",
+            run_dir=run_dir,
+            cache_dir=cache_dir,
+        )
     assert (run_dir / "results.json").read_bytes() == before
 
 

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAINED_TEACHER, compose_cfg, read_results, run_ddist
+from conftest import TRAINED_TEACHER, compose_cfg, read_results, run_pipeline
 from conftest import stage_ctx as pipeline_ctx
 from hydra import compose, initialize_config_dir
 
 from ddist.artifacts import load_distilled, save_checkpoint
 from ddist.context import RunContext
-from ddist.data import dataset_spec
+from ddist.data import dataset_spec, load_split
 from ddist.errors import ConfigError, DivergenceError
 from ddist.models import build_model
 from ddist.stages import analyse, recover, squeeze
@@ -107,7 +107,7 @@ def test_recover_end_to_end_on_digits(method, cache_dir, tmp_path):
     ipc = 2
     run_dir = tmp_path / "run"
     objective = "recover.deda.reg_iterations=3" if method == "deda" else "recover.bn_matching.r_bn=0.01"
-    run_ddist(
+    run_pipeline(
         f"pipeline={method}", f"ipc={ipc}", "recover.iterations=6", objective, run_dir=run_dir, cache_dir=cache_dir
     )
 
@@ -168,3 +168,31 @@ def test_deda_regulariser_spreads_and_conditions_the_class_covariance(trained_di
     assert syn["mean_diagonal"] > syn0["mean_diagonal"]
     assert syn["condition_number"] < syn0["condition_number"]
     assert with_reg["real_same_ipc"] == without["real_same_ipc"]  # the same real reference
+
+
+@pytest.mark.parametrize("value", [0, -5, "all"])
+def test_a_bad_stats_subset_names_the_option(tmp_path, value):
+    cfg = digits_cfg(tmp_path, f"recover.deda.stats_images_per_class={value}")
+    with pytest.raises(ConfigError, match=r"recover\.deda\.stats_images_per_class"):
+        recover.run(cfg, stage_ctx(cfg, tmp_path))
+
+
+@pytest.mark.parametrize("per_class", [7, None])
+def test_the_stats_pass_reads_that_many_real_images_per_class(tmp_path, monkeypatch, per_class):
+    from ddist.teacher import load_teacher
+
+    cfg = digits_cfg(tmp_path, f"recover.deda.stats_images_per_class={'null' if per_class is None else per_class}")
+    ctx = stage_ctx(cfg, tmp_path)
+    seen = []
+
+    def counted(batches):
+        for x, y in batches:
+            seen.append(y)
+            yield x, y
+
+    real_pass = recover.real_class_stats
+    monkeypatch.setattr(recover, "real_class_stats", lambda t, b, *a, **k: real_pass(t, counted(b), *a, **k))
+    recover.load_class_stats(cfg, ctx, load_teacher(cfg, ctx), ["stage1"])
+    counts = torch.bincount(torch.cat(seen), minlength=10)
+    all_counts = torch.bincount(load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)).targets, minlength=10)
+    assert counts.tolist() == (all_counts if per_class is None else torch.full((10,), per_class)).tolist()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import CONF, read_results, run_ddist, tiny_teacher
+from conftest import CONF, read_results, run_pipeline, tiny_teacher
 from hydra import compose, initialize_config_dir
 
 from ddist.artifacts import load_distilled
@@ -26,7 +26,7 @@ def compose_cfg(overrides):
 def stored_run(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("stored")
     overrides = ["pipeline=random", "ipc=3", "seed=5", "relabel=stored", "relabel.top_k=null"]
-    run_ddist(*overrides, run_dir=run_dir, cache_dir=cache_dir)
+    run_pipeline(*overrides, run_dir=run_dir, cache_dir=cache_dir)
     teacher = tiny_teacher(cache_dir)
     return run_dir, teacher, overrides
 
@@ -81,7 +81,7 @@ def test_stored_labels_of_another_teacher_or_with_a_missing_epoch_are_refused(st
 
 def test_top_k_storage_renormalises_over_the_kept_classes(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    run_ddist("ipc=1", "relabel=stored", "relabel.top_k=3", run_dir=run_dir, cache_dir=cache_dir)
+    run_pipeline("pipeline=random", "ipc=1", "relabel=stored", "relabel.top_k=3", run_dir=run_dir, cache_dir=cache_dir)
     cfg = compose_cfg(["ipc=1", "evaluate.epochs=3"])
     settings = plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, 10, 3)
     batch = next(stored_batches(run_dir / "relabel", settings))

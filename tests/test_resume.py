@@ -3,6 +3,7 @@ byte-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, TINY, read_results, run_ddist
+from conftest import REPO, TINY, read_results, run_ddist, run_pipeline
 from diffusers import UNet2DModel
 
 from ddist.artifacts import load_checkpoint
@@ -96,12 +97,16 @@ def test_a_killed_teacher_training_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_finished_students_are_not_trained_again(tmp_path):
+def test_finished_students_are_not_trained_again(tmp_path, caplog):
     cache_dir = tmp_path / "cache"  # its own: the session cache may already hold this student
-    first = run_ddist("pipeline=random", "ipc=2", run_dir=tmp_path / "a", cache_dir=cache_dir)
-    second = run_ddist("pipeline=random", "ipc=2", run_dir=tmp_path / "b", cache_dir=cache_dir)
-    assert "finished earlier" not in first.stderr + first.stdout
-    assert "finished earlier" in second.stderr + second.stdout
+    logs = []
+    for run in ("a", "b"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ddist"):
+            run_pipeline("pipeline=random", "ipc=2", run_dir=tmp_path / run, cache_dir=cache_dir)
+        logs.append(caplog.text)
+    assert "finished earlier" not in logs[0]
+    assert "finished earlier" in logs[1]
     assert read_results(tmp_path / "a")["students"] == read_results(tmp_path / "b")["students"]
 
 

@@ -45,10 +45,15 @@ class FeatureModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self._trunk(x)[1])
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, "OrderedDict[str, torch.Tensor]"]:
-        """Logits and an OrderedDict of features: globally average-pooled stage outputs
-        ("stage1".."stageK") and "penultimate", the exact input of the final linear layer."""
+    def features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """The features of `forward_features` without running the classifier head."""
         stages, penultimate = self._trunk(x)
         feats = OrderedDict((f"stage{i}", s.mean(dim=(2, 3))) for i, s in enumerate(stages, start=1))
         feats["penultimate"] = penultimate
-        return self.fc(penultimate), feats
+        return feats
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, "OrderedDict[str, torch.Tensor]"]:
+        """Logits and an OrderedDict of features: globally average-pooled stage outputs
+        ("stage1".."stageK") and "penultimate", the exact input of the final linear layer."""
+        feats = self.features(x)
+        return self.fc(feats["penultimate"]), feats

@@ -22,9 +22,8 @@ from torch import nn
 
 
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of feature maps [N, C, H, W] over (N, H, W)."""
-    mean = x.mean(dim=(0, 2, 3))
-    var = x.var(dim=(0, 2, 3), unbiased=False)
+    """Per-channel mean and biased variance of feature maps [N, C, H, W] over (N, H, W), in one pass."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
     return mean, var
 
 

@@ -44,7 +44,7 @@ from ddist.logging import info
 from ddist.metrics import covariance, diversity, fid, robust, spectrum
 from ddist.models import FeatureModel
 from ddist.students import evaluate_set
-from ddist.teacher import deda_layers, load_teacher
+from ddist.teacher import deda_layers, frozen_teacher, load_teacher
 
 # The image grid shows at most this many classes (rows) and images per class (columns).
 GRID_CLASSES, GRID_IMAGES = 20, 10
@@ -64,7 +64,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
 
     # -- setup: the set, the teacher, the real subsample
     distilled = load_distilled(ctx.require("distilled"))
-    teacher = load_teacher(cfg, ctx)
+    teacher = frozen_teacher(cfg, load_teacher(cfg, ctx), grad=False)
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
     per_class = real_subsample(train, spec.num_classes, acfg.real_samples_per_class, cfg.seed)
     real_idx = torch.cat(per_class)
@@ -131,15 +131,12 @@ def same_ipc_rows(class_sizes: list[int], ipc: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def features(
     model: FeatureModel, x: torch.Tensor, device: torch.device, key: str = "penultimate", batch_size: int = 256
 ) -> torch.Tensor:
-    """The model's `key` features (forward_features) of normalised images [N,C,H,W], on the CPU."""
-    feats = [
-        model.forward_features(x[i : i + batch_size].to(device))[1][key].float().cpu()
-        for i in range(0, len(x), batch_size)
-    ]
+    """The model's `key` features (FeatureModel.features) of normalised images [N,C,H,W], on the CPU."""
+    feats = [model.features(x[i : i + batch_size].to(device))[key].float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(feats)
 
 

@@ -49,7 +49,7 @@ from ddist.objectives import (
     RecoverObjective,
     SRe2LObjective,
 )
-from ddist.teacher import deda_layers, load_teacher, teacher_identity
+from ddist.teacher import deda_layers, frozen_teacher, load_teacher, teacher_identity
 from ddist.train import check_finite, make_schedule, seed_everything
 from ddist.utils import ceil_div
 from ddist.workdir import WorkDir, make_set
@@ -105,13 +105,42 @@ def real_init(cfg: DictConfig, spec):
 
 
 def class_stats_key(cfg: DictConfig, layers: list[str]) -> dict:
-    """What determines the real class statistics: the teacher and the layers."""
-    return {**teacher_identity(cfg), "layers": layers}
+    """What determines the real class statistics: the teacher, the real data it saw (all of it, or a
+    seeded subset per class), and the layers."""
+    key = {**teacher_identity(cfg), "layers": layers}
+    if cfg.recover.deda.stats_images_per_class is not None:  # null keeps the keys of statistics cached before
+        key["images_per_class"] = cfg.recover.deda.stats_images_per_class
+    return key
 
 
-def class_sorted_batches(ds: ImageDataset, spec, batch_size: int, num_workers: int = 0):
-    """Normalised real batches in label order, so each batch holds few classes (cheap reductions)."""
-    order = torch.sort(ds.targets, stable=True).indices
+# The subset of real images per class is drawn with this seed, not the run's, so every seed of a
+# sweep shares one cached set of statistics per teacher.
+STATS_SUBSET_SEED = 0
+
+
+def stats_indices(targets: torch.Tensor, per_class: int | None) -> torch.Tensor:
+    """Indices of the real images the class statistics read, in label order: all of them, or
+    `per_class` drawn at random (seeded) from each class (all of a class that has fewer)."""
+    order = torch.sort(targets, stable=True).indices
+    if per_class is None:
+        return order
+    generator = torch.Generator().manual_seed(STATS_SUBSET_SEED)
+    counts = torch.bincount(targets).tolist()
+    return torch.cat(
+        [
+            members[torch.randperm(len(members), generator=generator)[:per_class]].sort().values
+            for members in order.split(counts)
+        ]
+    )
+
+
+def class_sorted_batches(
+    ds: ImageDataset, spec, batch_size: int, num_workers: int = 0, order: torch.Tensor | None = None
+):
+    """Normalised real batches in label order (`order`, default all images), so each batch
+    holds few classes (cheap reductions)."""
+    if order is None:
+        order = torch.sort(ds.targets, stable=True).indices
     images = ds.images
     if images is None:  # decoded from files: let loader workers do it
         yield from DataLoader(Subset(torch_dataset(ds), order.tolist()), batch_size=batch_size, num_workers=num_workers)
@@ -121,15 +150,16 @@ def class_sorted_batches(ds: ImageDataset, spec, batch_size: int, num_workers: i
         yield spec.normalize(images[idx].float() / 255), ds.targets[idx]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def real_class_stats(
     teacher, batches, num_classes: int, layers: list[str], device: torch.device, total: int | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (mean [C, d], cov [C, d, d])} of the teacher's features over real batches:
-    one forward per batch, per-class sums accumulated by index_add (ClassMomentSums)."""
+    one forward per batch (features only, no classifier head), per-class sums accumulated by
+    index_add (ClassMomentSums)."""
     sums = None
     for x, y in progress(batches, desc="recover: real class statistics", total=total):
-        _, feats = teacher.forward_features(x.to(device))
+        feats = teacher.features(x.to(device))
         if sums is None:
             sums = ClassMomentSums(num_classes, {k: feats[k].shape[1] for k in layers}, device)
         sums.update(feats, y.to(device))
@@ -143,15 +173,16 @@ def load_class_stats(cfg: DictConfig, ctx: RunContext, teacher, layers: list[str
     path = entry / "class_stats.safetensors"
     if not path.exists():
         train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
+        order = stats_indices(train.targets, cfg.recover.deda.stats_images_per_class)
         batch_size = cfg.recover.deda.stats_batch_size
-        batches = class_sorted_batches(train, ctx.spec, batch_size, cfg.teacher.get("num_workers", 0))
+        batches = class_sorted_batches(train, ctx.spec, batch_size, cfg.teacher.get("num_workers", 0), order)
         stats = real_class_stats(
-            teacher,
+            frozen_teacher(cfg, teacher, grad=False),
             batches,
             ctx.spec.num_classes,
             layers,
             ctx.device,
-            total=ceil_div(len(train.targets), batch_size),
+            total=ceil_div(len(order), batch_size),
         )
         atomic_save_tensors(
             path, {f"{k}.{part}": t for k, pair in stats.items() for part, t in zip(("mean", "cov"), pair, strict=True)}
@@ -179,6 +210,12 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError(
             f"recover.deda.reg_normalisation={rcfg.deda.reg_normalisation!r} is not one of "
             f"{list(REG_NORMALISATIONS)}; set recover.deda.reg_normalisation."
+        )
+    per_class = rcfg.deda.stats_images_per_class if rcfg.objective == "deda" else None
+    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
+        raise ConfigError(
+            f"recover.deda.stats_images_per_class={per_class!r} must be a positive number of real images "
+            "per class, or null for all of them; fix it."
         )
     if rcfg.objective == "deda" and rcfg.batch.mode != "whole_class":
         raise ConfigError(
@@ -208,7 +245,7 @@ def build_deda(cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> Recov
     layers = deda_layers(cfg, teacher)
     real = load_class_stats(cfg, ctx, teacher, layers)
     return DEDAObjective(
-        teacher,
+        frozen_teacher(cfg, teacher, grad=True),  # DEDA reads no BatchNorm inputs: fold them away
         real,
         cfg.ipc,
         mean_weight=dcfg.mean_weight,

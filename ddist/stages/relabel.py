@@ -22,7 +22,7 @@ from ddist.artifacts import atomic_dir, file_sha256, load_distilled
 from ddist.context import RunContext
 from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings
 from ddist.logging import info, progress
-from ddist.teacher import load_teacher
+from ddist.teacher import frozen_teacher, load_teacher
 from ddist.train import epochs_for
 from ddist.utils import ceil_div
 
@@ -33,7 +33,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
         return ctx
 
     distilled = load_distilled(cfg.evaluate.distilled or ctx.require("distilled"), ctx.spec)
-    teacher, device = load_teacher(cfg, ctx), ctx.device
+    teacher, device = frozen_teacher(cfg, load_teacher(cfg, ctx), grad=False), ctx.device
     epochs = epochs_for(cfg.relabel.epochs, distilled.ipc)
     settings = {
         **plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, len(distilled.labels), epochs),
@@ -42,7 +42,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     }
     steps_per_epoch = ceil_div(settings["num_images"], settings["batch_size"])
     out = ctx.run_dir / "relabel"
-    with atomic_dir(out) as tmp, torch.no_grad():
+    with atomic_dir(out) as tmp, torch.inference_mode():
         epoch_tensors: dict[str, torch.Tensor] = {}
         for step, batch in enumerate(
             progress(plan(settings), desc="relabel", total=steps_per_epoch * settings["epochs"])
