@@ -1,8 +1,9 @@
 """Students: train fresh models on a DistilledSet and test them on the real test split
 (or, with `evaluate.split=val`, on the validation split carved from train).
 
-Used by the evaluate stage (the run's students) and the analyse stage (DD-Ranking's
-baselines). Protocols (conf/evaluate/):
+Used by the evaluate stage (the run's students and, via ddist.baseline, the random-real
+baseline's) and the analyse stage (DD-Ranking's baselines); `store_soft_labels` is the
+relabel stage's storage, shared with the baseline. Protocols (conf/evaluate/):
 - soft (SRe2L / RDED): KL(softmax(teacher/T) || softmax(student/T)), batch mean, on the same
   augmented and mixed batch; the teacher's logits come online or from the relabel stage's
   stored file set. No T^2 factor, as SRe2L's reference evaluation.
