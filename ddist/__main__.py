@@ -8,6 +8,7 @@ the failed jobs (ddist.sweep.FailureSummary, a Hydra callback in conf/hydra/defa
 Under torchrun (WORLD_SIZE > 1) the ranks join one process group before Hydra starts and take
 rank 0's start time, so all of them name the same run directory (`ddist.now` in
 conf/hydra/default.yaml, ddist/__init__.py); only rank 0 keeps Hydra's .hydra/ there, each rank logs to its own file.
+With `objective_metric` set, a job returns that value of its results (an optimising sweeper's objective).
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from ddist.errors import DdistError
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float | None:
     # imported after Hydra has parsed the command line: `--help` stays fast
     from ddist import pipeline, sweep
 
     job_dir = Path(cfg.paths.output_dir)
     sweep.clear_error(job_dir)  # a rerun of a job in a reused sweep directory starts clean
     try:
-        pipeline.run(cfg)
+        # what a sweeper that optimises (hydra/sweeper=optuna_tpe) reads: the value objective_metric names
+        return pipeline.objective(cfg, pipeline.run(cfg))
     except (DdistError, OmegaConfBaseException) as err:
         # a user-fixable problem: one paragraph, no traceback
         message = (
@@ -52,6 +54,7 @@ def _main(cfg: DictConfig) -> None:
         # a bug: keep the traceback in the job's log, and let the sweep go on
         logging.getLogger("ddist").exception("job failed")
         sweep.record_error(job_dir, f"{type(err).__name__}: {err}", exit_code=1)
+    return None  # a failed job: an optimising sweeper marks the trial failed and goes on
 
 
 def main() -> None:

@@ -110,7 +110,12 @@ def check_config(cfg: DictConfig) -> None:
     check_stage_inputs(cfg)
     check_cache_dir(Path(cfg.paths.cache_dir))
     check_set_fits_memory(cfg)
-    if "random" in cfg.pipeline.stages or OmegaConf.select(cfg, "recover.init") == "real":
+    check_evidence_options(cfg)
+    if (
+        "random" in cfg.pipeline.stages
+        or OmegaConf.select(cfg, "recover.init") == "real"
+        or ("evaluate" in cfg.pipeline.stages and OmegaConf.select(cfg, "evaluate.baseline") == "random")
+    ):
         check_real_images_per_class(cfg)
     for key in WEIGHTS:
         value = OmegaConf.select(cfg, key, default=None)
@@ -135,6 +140,27 @@ def check_stage_inputs(cfg: DictConfig) -> None:
                 f"(pipeline.stages={list(cfg.pipeline.stages)}): {PROVIDERS[need]}."
             )
         have |= MAKES.get(stage, set())
+
+
+def check_evidence_options(cfg: DictConfig) -> None:
+    """evaluate.split, evaluate.baseline, dataset.val_per_class and objective_metric name things that exist."""
+    split = OmegaConf.select(cfg, "evaluate.split", default="test")
+    if split not in ("test", "val"):
+        raise ConfigError(f"evaluate.split={split!r} is not a split students are scored on. Set it to test or val.")
+    val = OmegaConf.select(cfg, "dataset.val_per_class", default=None)
+    if val is not None and not (_int(val) and val >= 0):
+        raise ConfigError(f"dataset.val_per_class must be an integer >= 0 or null (got {val!r}).")
+    if split == "val" and not val:
+        raise ConfigError(
+            "evaluate.split=val scores students on the validation split, which dataset.val_per_class carves "
+            "from train; set dataset.val_per_class (e.g. 10) or evaluate.split=test."
+        )
+    baseline = OmegaConf.select(cfg, "evaluate.baseline", default="none")
+    if baseline not in ("random", "none"):
+        raise ConfigError(f"evaluate.baseline={baseline!r} is not a baseline. Set it to random or none.")
+    metric = OmegaConf.select(cfg, "objective_metric", default=None)
+    if metric is not None and (not isinstance(metric, str) or not metric):
+        raise ConfigError(f"objective_metric={metric!r} must name a value of results.json, e.g. students.0.acc_mean.")
 
 
 def check_real_images_per_class(cfg: DictConfig) -> None:

@@ -3,7 +3,8 @@
 `prepare(cfg)` (applied by pipeline.run) cuts the configuration down without changing its kind:
 
 - data: the first CLASSES classes with PER_CLASS images each (dataset.subset), at the dataset's
-  own resolution; random images (dataset.format=synthetic) when the data is not on this machine;
+  own resolution (one more per class when dataset.val_per_class carves a validation split);
+  random images (dataset.format=synthetic) when the data is not on this machine;
 - ipc <= PER_CLASS, and every loop one step: teacher epochs (0 stays 0), recover iterations,
   student epochs and repeats, relabel epochs, diffusion train / fine-tune / sampling steps;
 - weights: pretrained diffusion models and VAEs that are neither local directories nor in the
@@ -65,6 +66,9 @@ def _cut_data(cfg: DictConfig) -> int:
     total = dataset_spec(ds).num_classes
     classes = min(CLASSES, total)
     ds.subset = {"classes": classes, "per_class": PER_CLASS}
+    if ds.get("val_per_class"):  # one validation image per class, carved on top of the PER_CLASS train images
+        ds.val_per_class = 1
+        ds.subset.per_class = PER_CLASS + 1
     if ds.get("imagenet_ids") is not None:  # per-label lists outside the spec follow the cut
         ds.imagenet_ids = list(ds.imagenet_ids)[:classes]
     return classes

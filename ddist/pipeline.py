@@ -15,7 +15,7 @@ import resource
 import threading
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import torch
 from omegaconf import DictConfig
@@ -117,6 +117,8 @@ def collect_results(cfg: DictConfig, ctx: RunContext) -> dict:
         "ipc": cfg.ipc,
         "seed": cfg.seed,
         "teacher_acc": ctx.teacher_acc,
+        # where students were scored: "val" marks a run that chose settings (report test only for the chosen one)
+        "evaluate_split": cfg.evaluate.split,
         "students": ctx.results.get("students", []),
         "timings": ctx.timings,
         "peak_memory_mb": ctx.peak_memory_mb,
@@ -127,21 +129,38 @@ def collect_results(cfg: DictConfig, ctx: RunContext) -> dict:
 
 
 def format_table(results: dict) -> str:
+    """The console table: per student the accuracy, the random-real baseline under the same
+    protocol, the gain in points and DD-Ranking's IOR (ddist.baseline); "-" without a baseline."""
+    split = results.get("evaluate_split", "test")
     head = (
         f"{'dry run: ' if results.get('dry_run') else ''}{results['method']} on {results['dataset']}, "
         f"IPC {results['ipc']}, seed {results['seed']}"
+        + (
+            ", scored on the validation split (choosing settings: report test accuracy only for the chosen one)"
+            if split == "val"
+            else ""
+        )
     )
     teacher = results["teacher_acc"]
     lines = [
         head,
         f"  teacher (full real data): {100 * teacher:.2f}%" if teacher is not None else "  teacher: -",
-        f"  {'student':<16}{'protocol':<10}{'acc mean':>10}{'std':>8}  runs",
+        f"  {'student':<16}{'protocol':<10}{'acc mean':>10}{'std':>8}  runs{'random real':>13}{'gain':>9}{'IOR':>8}",
     ]
     for s in results["students"]:
+        base = (
+            f"{100 * s['baseline_acc_mean']:>12.2f}%{s['gain_pp']:>+7.2f}pp{s['ior']:>+8.3f}"
+            if "gain_pp" in s
+            else f"{'-':>13}{'-':>9}{'-':>8}"
+        )
         lines.append(
             f"  {s['name']:<16}{s['protocol']:<10}{100 * s['acc_mean']:>9.2f}%{100 * s['acc_std']:>7.2f}%"
-            f"  {len(s['accs'])}"
+            f"  {len(s['accs']):>4}{base}"
         )
+    baseline = results.get("baseline")
+    if baseline is not None:
+        what = "the set itself" if baseline.get("same_as_set") else "same IPC, seed, students and label protocol"
+        lines.append(f"  random real: {what}; gain = acc - random real, in points = 100 IOR (DD-Ranking)")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in results["timings"].items())
     lines.append(f"  time: {timings}")
     return "\n".join(lines)
@@ -156,22 +175,66 @@ def report_to_logger(logger: RunLogger, results: dict, ctx: RunContext) -> None:
             results["seed"],
             s["name"],
             s["protocol"],
+            results.get("evaluate_split", "test"),
             s["acc_mean"],
             s["acc_std"],
+            s.get("baseline_acc_mean"),
+            s.get("gain_pp"),
+            s.get("ior"),
         ]
         for s in results["students"]
     ]
     logger.log_table(
-        "results", ["method", "dataset", "ipc", "seed", "student", "protocol", "acc_mean", "acc_std"], rows
+        "results",
+        [
+            "method",
+            "dataset",
+            "ipc",
+            "seed",
+            "student",
+            "protocol",
+            "split",
+            "acc_mean",
+            "acc_std",
+            "random_acc_mean",
+            "gain_pp",
+            "ior",
+        ],
+        rows,
     )
-    logger.summary(
-        {f"acc/{s['name']}/{s['protocol']}": s["acc_mean"] for s in results["students"]}
-        | {"teacher_acc": results["teacher_acc"]}
-    )
+    summary: dict = {"teacher_acc": results["teacher_acc"]}
+    for s in results["students"]:
+        key = f"acc/{s['name']}/{s['protocol']}"
+        summary[key] = s["acc_mean"]
+        if "gain_pp" in s:
+            summary |= {f"{key}/random": s["baseline_acc_mean"], f"{key}/gain_pp": s["gain_pp"], f"{key}/ior": s["ior"]}
+    logger.summary(summary)
     if ctx.distilled:
         logger.log_artifact(
             ctx.distilled, f"distilled-{results['method']}-{results['dataset']}-ipc{results['ipc']}", "distilled_set"
         )
+
+
+def objective(cfg: DictConfig, results: dict) -> float | None:
+    """The value `objective_metric` names in results (a dotted path, list items by index), which the
+    Hydra entry point returns to a sweeper that optimises (hydra/sweeper=optuna_tpe); None when unset."""
+    path = cfg.get("objective_metric")
+    if not path:
+        return None
+    value: Any = results
+    for part in str(path).split("."):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            raise ConfigError(
+                f"objective_metric={path} names no value of results.json (no {part!r}); "
+                "use a dotted path such as students.0.acc_mean or students.0.gain_pp."
+            )
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"objective_metric={path} names {value!r}, not a number; point it at one.")
+    return float(value)
 
 
 class PeakMemory:

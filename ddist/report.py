@@ -13,9 +13,12 @@ PATH):
     sweep_<dataset>.png        with --sweep: SSIM, spectrum slope, student accuracy and the teacher's
                                accuracy on the samples against the first KEY, one line per value of the others
 
-A row is one (dataset, method, IPC, student, protocol): accuracy mean +- std over seeds
-(std of the per-seed means), the random-real accuracy under the same protocol and IPC,
-IOR = acc - random acc, the analyse metrics averaged over seeds, and the cost. Missing
+A row is one (dataset, method, IPC, student, protocol, scored split): accuracy mean +- std
+over seeds (std of the per-seed means), the random-real accuracy under the same protocol and
+IPC (the baseline each run evaluated beside its set, else the random pipeline's runs), the
+gain in points and IOR = acc - random acc, the analyse metrics averaged over seeds, and the
+cost. Rows scored on the validation split (evaluate.split=val) are marked [val]: they chose
+settings and are no test result. Missing
 runs are listed, never fatal: a Hydra job directory without results.json, and any
 (method, IPC, seed) of a dataset's grid that no run covers. Paths in the report are
 relative to DIR, so a report and its runs can move to another machine together.
@@ -68,7 +71,9 @@ CSV_COLUMNS = [
     "seeds",
     "acc_mean",
     "acc_std",
+    "split",
     "random_acc",
+    "gain_pp",
     "ior",
     *(name for name, _ in ANALYSIS_COLUMNS),
     "sample_acc",
@@ -98,10 +103,16 @@ class Run:
         return (r.get("dataset"), r.get("method"), r.get("ipc"), r.get("seed"))
 
     @property
+    def split(self) -> str:
+        """Where its students were scored: "val" marks a run that chose settings (evaluate.split=val)."""
+        return str(self.results.get("evaluate_split") or "test")
+
+    @property
     def identity(self) -> tuple:
-        """The cell plus what was evaluated: runs of one cell under other protocols or students are not duplicates."""
+        """The cell plus what was evaluated and where: runs of one cell under other protocols or students,
+        or scored on another split, are not duplicates."""
         evaluated = sorted((str(s.get("name")), str(s.get("protocol"))) for s in self.results.get("students") or [])
-        return (*self.cell, tuple(evaluated), self.sweep)
+        return (*self.cell, tuple(evaluated), self.split, self.sweep)
 
 
 @dataclass
@@ -244,20 +255,24 @@ def _total_time(run: Run) -> float | None:
 
 
 def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] = ()) -> list[dict]:
-    """One row per (dataset, method, IPC, student, protocol, sweep point), seeds aggregated."""
+    """One row per (dataset, method, IPC, student, protocol, scored split, sweep point), seeds aggregated."""
     groups: dict[tuple, list[tuple[Run, dict]]] = defaultdict(list)
     for run in runs:
         r = run.results
         for student in r.get("students") or []:
-            group = (r["dataset"], r["method"], r["ipc"], student.get("name"), student.get("protocol"), run.sweep)
-            groups[group].append((run, student))
+            cell = (r["dataset"], r["method"], r["ipc"], student.get("name"), student.get("protocol"))
+            groups[(*cell, run.split, run.sweep)].append((run, student))
     rows = []
-    for (*key, sweep), members in groups.items():
+    for (*key, split, sweep), members in groups.items():
         accs = [float(s["acc_mean"]) if "acc_mean" in s else statistics.fmean(s["accs"]) for _, s in members]
         row: dict[str, Any] = dict(zip(KEY, key, strict=False))
         row["sweep"] = " ".join(f"{k}={v}" for k, v in zip(sweep_keys, sweep, strict=False))
         row["sweep_values"] = dict(zip(sweep_keys, sweep, strict=False))
+        row["split"] = split
         row["seeds"] = len(members)
+        # the random-real baseline each run evaluated beside its set (evaluate.baseline=random)
+        bases = [float(s["baseline_acc_mean"]) for _, s in members if s.get("baseline_acc_mean") is not None]
+        row["own_random_acc"] = statistics.fmean(bases) if len(bases) == len(members) else None
         row["acc_mean"] = statistics.fmean(accs)
         row["acc_std"] = _std(accs)
         for name, path in ANALYSIS_COLUMNS:
@@ -269,13 +284,20 @@ def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] =
         row["runs"] = ";".join(sorted(os.path.relpath(run.path, relative_to) for run, _ in members))
         row["overrides"] = " ".join(row_overrides([run for run, _ in members], sweep_keys))
         rows.append(row)
+    # runs made before the baseline ran beside every result: the random pipeline's rows of the same cell
     random_acc = {
-        (r["dataset"], r["ipc"], r["student"], r["protocol"]): r["acc_mean"] for r in rows if r["method"] == "random"
+        (r["dataset"], r["ipc"], r["student"], r["protocol"], r["split"]): r["acc_mean"]
+        for r in rows
+        if r["method"] == "random"
     }
     for row in rows:
-        base = random_acc.get((row["dataset"], row["ipc"], row["student"], row["protocol"]))
+        base = row.pop("own_random_acc")
+        if base is None:
+            base = random_acc.get((row["dataset"], row["ipc"], row["student"], row["protocol"], row["split"]))
         row["random_acc"] = base
+        # DD-Ranking's IOR = Acc(syn) - Acc(random real, same protocol) (ddist.baseline), and the same in points
         row["ior"] = None if base is None else row["acc_mean"] - base
+        row["gain_pp"] = None if base is None else 100 * row["ior"]
     # Random first within each IPC: it is the baseline the other rows are read against.
     return sorted(
         rows,
@@ -284,6 +306,7 @@ def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] =
             _num(r["ipc"]),
             str(r["student"]),
             str(r["protocol"]),
+            r["split"],
             r["method"] != "random",
             str(r["method"]),
             *((_num(v), str(v)) for v in r["sweep_values"].values()),
@@ -330,6 +353,10 @@ def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.1f}"
 
 
+def _gain(points: float | None) -> str:
+    return "" if points is None else f"{points:+.1f}"
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return ""
@@ -357,6 +384,8 @@ def table_cells(row: dict) -> list[str]:
     acc = f"{_pct(row['acc_mean'])} ± {_pct(row['acc_std'])}"
     fd = row["fid"] if row["fid"] is not None else row["fd_teacher"]
     method = str(row["method"]) + (f" ({_short(row['sweep_values'])})" if row["sweep_values"] else "")
+    if row["split"] == "val":
+        method += " [val]"  # chose settings on the validation split: not a test result
     return [
         method,
         str(row["ipc"]),
@@ -365,7 +394,8 @@ def table_cells(row: dict) -> list[str]:
         str(row["seeds"]),
         acc,
         _pct(row["random_acc"]),
-        _pct(row["ior"]),
+        _gain(row["gain_pp"]),
+        _fmt(row["ior"]),
         _fmt(row["lrs"]),
         _fmt(row["ars"]),
         _fmt(row["proto_dist"]),
@@ -397,7 +427,8 @@ TABLE_HEADER = [
     "seeds",
     "acc % (mean ± std)",
     "random %",
-    "IOR (pp)",
+    "gain (pp)",
+    "IOR",
     "LRS",
     "ARS",
     "proto dist",
@@ -429,9 +460,13 @@ def write_markdown(
         f"Runs read: {len(collected.runs)} from {', '.join(inputs)}.",
         "",
         (
-            "Accuracies are top-1 on the real test set, mean ± std over seeds. IOR = acc - random-real acc at the "
-            "same IPC and protocol (percentage points). LRS/ARS: DD-Ranking scores in [0, 1] (only when "
-            "`analyse.robust_scores=true`). proto dist: class-prototype cosine distance (higher = more spread); "
+            "Accuracies are top-1 on the real test set, mean ± std over seeds; [val]: scored on the validation "
+            "split carved from train (evaluate.split=val), i.e. a run that chose settings: report test accuracy "
+            "only for the chosen setting. random %: random real images at the same IPC, seed and protocol, "
+            "evaluated beside each run (else the random pipeline's runs). gain = acc - random acc (percentage "
+            "points); IOR: DD-Ranking's improvement over random, the same as a fraction. LRS/ARS: DD-Ranking "
+            "scores in [0, 1] (only when `analyse.robust_scores=true`). proto dist: class-prototype cosine "
+            "distance (higher = more spread); "
             "SSIM, feat cos: within-class pairwise similarity (lower = more diverse); eff. rank and spec. slope of "
             "the teacher-feature spectrum; FD: FID when Inception weights were given, else the teacher-space "
             "Frechet distance (fd_teacher). teacher acc on samples: the teacher's top-1 accuracy on a diffusion "

@@ -1,7 +1,9 @@
-"""Students: train fresh models on a DistilledSet and test them on the real test split.
+"""Students: train fresh models on a DistilledSet and test them on the real test split
+(or, with `evaluate.split=val`, on the validation split carved from train).
 
-Used by the evaluate stage (the run's students) and the analyse stage (DD-Ranking's
-baselines). Protocols (conf/evaluate/):
+Used by the evaluate stage (the run's students and, via ddist.baseline, the random-real
+baseline's) and the analyse stage (DD-Ranking's baselines); `store_soft_labels` is the
+relabel stage's storage, shared with the baseline. Protocols (conf/evaluate/):
 - soft (SRe2L / RDED): KL(softmax(teacher/T) || softmax(student/T)), batch mean, on the same
   augmented and mixed batch; the teacher's logits come online or from the relabel stage's
   stored file set. No T^2 factor, as SRe2L's reference evaluation.
@@ -26,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddist import distributed
 from ddist.artifacts import (
     DistilledSet,
+    atomic_dir,
     atomic_write_text,
     cache_entry,
     file_sha256,
@@ -35,9 +38,10 @@ from ddist.artifacts import (
 from ddist.context import RunContext
 from ddist.data import load_split
 from ddist.data.augment import mix_targets, split_mix
-from ddist.data.plan import augmented_batch, plan, plan_settings, stored_batches
+from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings, stored_batches
+from ddist.data.spec import without_unset_val
 from ddist.errors import ConfigError
-from ddist.logging import info
+from ddist.logging import info, progress
 from ddist.models import build_model, student_config
 from ddist.objectives.distill import hard_label_loss, soft_label_loss
 from ddist.teacher import frozen_teacher, load_teacher
@@ -71,11 +75,11 @@ def evaluate_set(
     if ev.protocol not in ("soft", "hard"):
         raise ConfigError(f"Unknown evaluate.protocol '{ev.protocol}'. Set it to soft or hard.")
     distilled = load_distilled(distilled_path, ctx.spec)
-    test = load_split(cfg.dataset, "test", Path(cfg.paths.cache_dir))
+    test = load_split(cfg.dataset, ev.split, Path(cfg.paths.cache_dir))  # "val" when choosing settings
     # online soft labels: the teacher runs under no_grad every student step, so its BN is folded away
     teacher = frozen_teacher(cfg, load_teacher(cfg, ctx), grad=False) if ev.protocol == "soft" else None
     stored = stored if ev.protocol == "soft" else None
-    base_key = student_base_key(cfg, ev, distilled, ctx)
+    base_key = student_base_key(cfg, ev, distilled, ctx, stored)
     results = []
     for entry in ev.students:
         name, model_cfg = student_config(entry)
@@ -99,15 +103,22 @@ def evaluate_set(
     return results
 
 
-def student_base_key(cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, ctx: RunContext) -> dict:
+def student_base_key(
+    cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, ctx: RunContext, stored: Path | None = None
+) -> dict:
     """What a student's accuracy depends on besides its architecture and repeat: the set's tensors,
-    the evaluate settings, the seed, the test split and (soft protocol) the teacher's weights."""
+    the evaluate settings, the seed, the scored split, (soft protocol) the teacher's weights and,
+    with stored soft labels, how they were compressed (fp16, top-k)."""
     settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True))
-    for key in ("distilled", "students", "repeats", "test_batch_size"):
+    for key in ("distilled", "students", "repeats", "test_batch_size", "baseline"):
         settings.pop(key, None)
-    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
+    if settings.get("split") == "test":  # keys of students cached before the option stay valid
+        settings.pop("split")
+    dataset = without_unset_val(cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True)))
     dataset.pop("protocol", None)
+    labels = {"stored": "fp16", "top_k": json.loads((stored / "meta.json").read_text())["top_k"]} if stored else None
     return {
+        **({"labels": labels} if labels else {}),
         "set": distilled.meta.get("sha256") or tensor_checksum(distilled.images, distilled.labels),
         "evaluate": settings,
         "seed": cfg.seed,
@@ -209,3 +220,44 @@ def train_student(
     acc = distributed.from_main(lambda: accuracy(student, test, spec, device, ev.test_batch_size))
     ctx.logger.log({f"{key}/test_acc": acc}, step=epochs * steps_per_epoch)
     return acc
+
+
+# ----------------------------------------------------------------------------- stored soft labels
+
+
+def store_soft_labels(cfg: DictConfig, ctx: RunContext, distilled_path: str | Path, out: Path) -> int:
+    """The teacher's soft labels for `relabel.epochs` epochs of the batch plan evaluate draws for this
+    set and seed, in fp16 (top-k when `relabel.top_k`), written atomically to `out`; returns the bytes.
+
+    Used by the relabel stage (the run's set) and the random-real baseline, so both get exactly
+    the same label protocol."""
+    distilled = load_distilled(distilled_path, ctx.spec)
+    teacher, device = frozen_teacher(cfg, load_teacher(cfg, ctx), grad=False), ctx.device
+    epochs = epochs_for(cfg.relabel.epochs, distilled.ipc)
+    settings = {
+        **plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, len(distilled.labels), epochs),
+        "top_k": cfg.relabel.top_k,
+        "teacher_sha256": file_sha256(ctx.require("teacher")),
+    }
+    steps_per_epoch = ceil_div(settings["num_images"], settings["batch_size"])
+    with atomic_dir(out) as tmp, torch.inference_mode():
+        epoch_tensors: dict[str, torch.Tensor] = {}
+        for step, batch in enumerate(
+            progress(plan(settings), desc="relabel", total=steps_per_epoch * settings["epochs"])
+        ):
+            logits = teacher(augmented_batch(distilled.images, batch, device)).float().cpu()
+            stored = {**batch, **compress_logits(logits, settings["top_k"])}
+            epoch_tensors.update({f"{step:07d}/{k}": v for k, v in stored.items()})
+            if (step + 1) % steps_per_epoch == 0:
+                _save_tensors(tmp / f"epoch_{step // steps_per_epoch:04d}.safetensors", epoch_tensors)
+                epoch_tensors = {}
+        nbytes = sum(f.stat().st_size for f in tmp.glob("epoch_*.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({**settings, "bytes": nbytes}, indent=2))
+    info(f"relabel: stored {settings['epochs']} epochs of soft labels, {nbytes / 1e6:.2f} MB in {out}")
+    return nbytes
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))

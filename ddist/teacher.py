@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import load_checkpoint, load_model_state
 from ddist.context import RunContext
+from ddist.data.spec import without_unset_val
 from ddist.errors import ConfigError
 from ddist.models import FeatureModel, build_model
 from ddist.models.fold import fold_batchnorm
@@ -31,6 +32,7 @@ def teacher_key(cfg: DictConfig) -> dict:
         dataset.pop(name, None)
     if dataset.get("subset") is None:  # keeps the keys of teachers cached before the option valid
         dataset.pop("subset", None)
+    without_unset_val(dataset)  # a validation split changes the training data, hence the key
     dataset["augment"] = dataset.get("augment", {}).get("student")
     teacher = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher, resolve=True))
     for name in _NOT_WEIGHT_KEYS:

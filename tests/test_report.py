@@ -82,7 +82,7 @@ def test_rows_missing_runs_and_files(sweep, tmp_path):
     md = (out / "report.md").read_text()
     assert "no run for dataset=digits method=random ipc=10 seed=1" in md
     assert "unfinished job (no results.json)" in md and "pipeline=deda ipc=10 seed=1" in md
-    assert "| deda | 1 | convnet | soft | 2 | 71.0 ± 1.4 | 51.0 | 20.0 |" in md
+    assert "| deda | 1 | convnet | soft | 2 | 71.0 ± 1.4 | 51.0 | +20.0 | 0.200 |" in md
     assert str(tmp_path) not in md  # relative paths only: the report moves with its runs
 
     with open(out / "report.csv") as f:

@@ -39,6 +39,8 @@ log = logging.getLogger("ddist")
 _DIGITS_MAX = 16.0
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
+# The validation split (dataset.val_per_class) is one fixed draw per dataset, whatever the run's seed.
+VAL_SPLIT_SEED = 0
 
 
 @runtime_checkable
@@ -102,7 +104,11 @@ class ImageFileDataset(Dataset):
 
 def class_indices(ds: ImageDataset, c: int) -> torch.Tensor:
     """LongTensor of the indices of `ds` whose label is `c`."""
-    return torch.nonzero(ds.targets == c).flatten()
+    return class_indices_of(ds.targets, c)
+
+
+def class_indices_of(targets: torch.Tensor, c: int) -> torch.Tensor:
+    return torch.nonzero(targets == c).flatten()
 
 
 def _to_uint8(x01: torch.Tensor) -> torch.Tensor:
@@ -218,17 +224,74 @@ def _keep_files(cfg: dict, files: SplitFiles) -> SplitFiles:
 def load_split(
     cfg_dataset: Mapping[str, Any] | DictConfig, split: str, cache_dir: Path | str | None = None
 ) -> ImageDataset:
-    """One split ("train" | "test") of the configured dataset.
+    """One split ("train" | "val" | "test") of the configured dataset.
 
     Items are (float [C,H,W] normalised with the spec's mean/std, int label);
     `ds.targets` is a LongTensor [N] and `ds.images` the uint8 [N,C,H,W]
     tensor when the split is in memory (None otherwise). Decoded image files
     are cached under `<cache_dir>/datasets/` when `cache_dir` is given.
     `dataset.subset` keeps the first `per_class` items of each of the first `classes` labels.
+    `dataset.val_per_class` carves that many images of each class out of train (after the
+    subset): "val" is those, "train" the rest, so every user of "train" (teacher, class
+    statistics, random-real picks, real initialisation) never sees a validation image.
     """
     cfg = as_dict(cfg_dataset)
-    if split not in SPLITS:
-        raise ConfigError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+    if split not in (*SPLITS, "val"):
+        raise ConfigError(f"Unknown split {split!r}; use one of {', '.join((*SPLITS, 'val'))}.")
+    per_class = val_size(cfg)
+    if split == "test" or (split == "train" and not per_class):
+        return _load(cfg, split, cache_dir)
+    if not per_class:
+        raise ConfigError(
+            "The validation split needs dataset.val_per_class (images per class carved from train); "
+            "set it (e.g. dataset.val_per_class=10) or score on the test split (evaluate.split=test)."
+        )
+    train = _load(cfg, "train", cache_dir)
+    val = val_indices(train.targets, dataset_spec(cfg).num_classes, per_class)
+    if split == "val":
+        return _take(train, val)
+    rest = torch.ones(len(train.targets), dtype=torch.bool)
+    rest[val] = False
+    return _take(train, torch.nonzero(rest).flatten())
+
+
+def val_size(cfg: dict) -> int:
+    """`dataset.val_per_class` as an int (0: no validation split)."""
+    value = cfg.get("val_per_class") or 0
+    if not isinstance(value, int) or value < 0:
+        raise ConfigError(f"dataset.val_per_class={value!r} must be an integer >= 0 (or null: no validation split).")
+    return value
+
+
+def val_indices(targets: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
+    """Sorted train indices of the validation split: `per_class` random images of each class,
+    drawn with a fixed seed, so every run, seed and method of a dataset shares one split."""
+    generator = torch.Generator().manual_seed(VAL_SPLIT_SEED)
+    picked = []
+    for c in range(num_classes):
+        pool = class_indices_of(targets, c)
+        if len(pool) <= per_class:
+            raise ConfigError(
+                f"dataset.val_per_class={per_class} leaves class {c} no training images (it has {len(pool)}); "
+                f"set dataset.val_per_class below {len(pool)}."
+            )
+        picked.append(pool[torch.randperm(len(pool), generator=generator)[:per_class]])
+    return torch.cat(picked).sort().values
+
+
+def _take(ds: ImageDataset, idx: torch.Tensor) -> ImageDataset:
+    """The items `idx` of a split, in memory or as a file list."""
+    if isinstance(ds, ImageFileDataset):
+        files = ds.files
+        keep = idx.tolist()
+        picked = SplitFiles(files.root, tuple(files.paths[i] for i in keep), tuple(files.targets[i] for i in keep))
+        return ImageFileDataset(picked, ds.resize, ds.spec)
+    assert isinstance(ds, ImageTensorDataset)
+    return ImageTensorDataset(ds.images[idx], ds.targets[idx], ds.spec)
+
+
+def _load(cfg: dict, split: str, cache_dir: Path | str | None) -> ImageDataset:
+    """One split as stored ("train" | "test"), cut to dataset.subset."""
     fmt = check_format(cfg)
     spec = dataset_spec(cfg)
     # the files and tensors are read as the whole dataset's, then cut to dataset.subset

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddist.artifacts import atomic_write_text, cache_entry, load_distilled, save_distilled, strict_json
 from ddist.context import RunContext
 from ddist.data import class_indices, load_split
+from ddist.data.spec import without_unset_val
 from ddist.data.subsets import save_random_real
 from ddist.logging import info
 from ddist.metrics import covariance, diversity, fid, robust, spectrum
@@ -281,7 +282,7 @@ def real_hard_accuracy(cfg: DictConfig, ctx: RunContext, train, hard: dict) -> f
         return float(cfg.analyse.real_hard_acc)
     ev_hard = OmegaConf.merge(cfg.evaluate, hard)
     key = {
-        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True),
+        "dataset": without_unset_val(cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))),
         "evaluate": OmegaConf.to_container(ev_hard, resolve=True),
         "seed": cfg.seed,
     }

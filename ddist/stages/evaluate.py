@@ -1,6 +1,8 @@
-"""Evaluate: train the configured students on the DistilledSet and test them (ddist.students).
+"""Evaluate: train the configured students on the DistilledSet and test them (ddist.students),
+then the same students on the random-real baseline (ddist.baseline, `evaluate.baseline`).
 
-`evaluate.distilled=PATH` evaluates an existing set instead of the one the run made.
+`evaluate.distilled=PATH` evaluates an existing set instead of the one the run made;
+`evaluate.split=val` scores on the validation split (choosing settings), else on test.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ddist.baseline import random_baseline, with_gains
 from ddist.context import RunContext
+from ddist.logging import info
 from ddist.students import evaluate_set
 
 
@@ -17,7 +21,14 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     if cfg.evaluate.distilled:
         ctx.distilled = Path(cfg.evaluate.distilled)
     students = evaluate_set(cfg, ctx, ctx.require("distilled"), stored=ctx.relabel)
+    baseline = random_baseline(cfg, ctx, students)
+    students = with_gains(students, baseline)
     ctx.results["students"] = students
+    ctx.results["baseline"] = baseline
     for s in students:
-        ctx.logger.log({f"evaluate/{s['name']}/{s['protocol']}/acc_mean": s["acc_mean"]})
+        key = f"evaluate/{s['name']}/{s['protocol']}"
+        ctx.logger.log({f"{key}/acc_mean": s["acc_mean"]})
+        if baseline is not None:
+            ctx.logger.log({f"{key}/random_acc_mean": s["baseline_acc_mean"], f"{key}/gain_pp": s["gain_pp"]})
+            info(f"student {s['name']} ({s['protocol']}): {s['gain_pp']:+.2f} points over random real")
     return ctx

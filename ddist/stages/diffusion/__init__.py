@@ -37,6 +37,7 @@ from ddist.artifacts import atomic_dir, atomic_save_tensors, building, cache_ent
 from ddist.context import RunContext
 from ddist.data import load_split
 from ddist.data.augment import resize
+from ddist.data.spec import without_unset_val
 from ddist.logging import info
 from ddist.models import FeatureModel
 from ddist.models.diffusion import (
@@ -185,7 +186,8 @@ def _trains(dcfg: dict) -> bool:
 
 def data_key(cfg: DictConfig) -> dict:
     dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
-    # subset only when set, so the keys of models cached before the option stay valid
+    # subset and val_per_class only when set, so the keys of models cached before the options stay valid
+    dataset = without_unset_val(dataset)
     return {k: v for k, v in dataset.items() if k not in _NOT_DATA_KEYS and (k != "subset" or v)}
 
 
