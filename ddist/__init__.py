@@ -16,3 +16,6 @@ __version__ = "0.1.0"
 # directory. Absolute: Hydra resolves a relative config path differently for
 # `python -m ddist` (a file) and for the `ddist` console script (a module).
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+# The schemas of that tree go into Hydra's ConfigStore before anything composes it.
+from ddist import config as _config  # noqa: E402, F401

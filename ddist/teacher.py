@@ -27,7 +27,9 @@ def teacher_key(cfg: DictConfig) -> dict:
         dataset.pop(name, None)
     if dataset.get("subset") is None:  # keeps the keys of teachers cached before the option valid
         dataset.pop("subset", None)
-    dataset["augment"] = dataset.get("augment", {}).get("student")
+    dataset["augment"] = augment = dataset["augment"]["student"]
+    if not augment["roll"]:  # roll_mode does nothing without roll: keeps the keys of teachers cached before it
+        augment.pop("roll_mode")
     teacher = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher, resolve=True))
     for name in _NOT_WEIGHT_KEYS:
         teacher.pop(name, None)

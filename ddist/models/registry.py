@@ -9,7 +9,9 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ddist import CONF_DIR
 from ddist.errors import ConfigError
@@ -129,7 +131,8 @@ def student_config(entry) -> tuple[str, dict]:
     """An `evaluate.students` entry -> (its name, the model config for build_model).
 
     An entry is a preset name of conf/model ("convnet6") or a mapping {name: <preset>, ...}
-    whose other keys override the preset's fields ({name: convnet, width: 16}).
+    whose other keys override the preset's fields ({name: convnet, width: 16}). The result is
+    checked against the preset's schema (ddist/config.py), as composing the preset would.
     """
     fields = _as_dict(entry)
     name = fields.pop("name", None)
@@ -139,7 +142,12 @@ def student_config(entry) -> tuple[str, dict]:
             f"evaluate.students names {name!r}, which is not a model preset; use the name of a "
             f"file in {PRESET_DIR}: {', '.join(presets)} (or {{name: <preset>, <field>: <value>}})."
         )
-    return name, {
-        **cast("dict[str, Any]", OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml"))),
-        **fields,
-    }
+    preset = cast(DictConfig, OmegaConf.load(PRESET_DIR / f"{name}.yaml"))
+    schemas = [ConfigStore.instance().load(f"model/{s}.yaml").node for s in preset.pop("defaults") if s != "_self_"]
+    try:
+        model_cfg = OmegaConf.merge(*schemas, preset, fields)
+    except OmegaConfBaseException as err:
+        raise ConfigError(
+            f"evaluate.students entry {entry!r}: {str(err).splitlines()[0]} (preset conf/model/{name}.yaml)."
+        ) from None
+    return name, cast("dict[str, Any]", OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True))
