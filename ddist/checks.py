@@ -1,4 +1,6 @@
-"""Up-front checks of a composed config: ranges, devices, paths, stage inputs, memory.
+"""Up-front checks of a composed config: ranges, devices, paths, stage inputs, memory, and the
+rules between options. The schemas (ddist/config.py) have already checked each value's type and
+choices when the config was composed; what they cannot say is checked here.
 
 Every check runs before any work, so a mistake costs seconds, not an hour of recover, and
 every message names the option to change. Settings that run but can hardly be meant are
@@ -21,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from ddist.errors import ConfigError
 from ddist.logging import warn
 from ddist.threads import thread_count
-from ddist.train import PRECISIONS
 
 
 def _int(v: Any) -> bool:
@@ -56,6 +57,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "teacher.lr": POSITIVE,
     "recover.iterations": AT_LEAST_1,
     "recover.lr": POSITIVE,
+    "recover.batch.size": (AT_LEAST_1[0], "an integer >= 1 (images per batch), or null for one batch"),
     "evaluate.epochs": (_epochs, "an integer >= 1 or a table {ipc bound: epochs, max: epochs} of them"),
     "evaluate.batch_size": AT_LEAST_1,
     "evaluate.test_batch_size": AT_LEAST_1,
@@ -108,9 +110,9 @@ def check_config(cfg: DictConfig) -> None:
     if not DEVICE.fullmatch(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is not a device. Set device=auto, cpu, cuda or cuda:N.")
     thread_count(cfg.threads)
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}. Set precision=fp32.")
     check_stage_inputs(cfg)
+    if "recover" in cfg.pipeline.stages:
+        check_recover(cfg.recover)
     check_cache_dir(Path(cfg.paths.cache_dir))
     check_set_fits_memory(cfg)
     if "random" in cfg.pipeline.stages or OmegaConf.select(cfg, "recover.init") == "real":
@@ -138,6 +140,21 @@ def check_stage_inputs(cfg: DictConfig) -> None:
                 f"(pipeline.stages={list(cfg.pipeline.stages)}): {PROVIDERS[need]}."
             )
         have |= MAKES.get(stage, set())
+
+
+def check_recover(rcfg: DictConfig) -> None:
+    """What one recover option asks of another (the schema checks each one alone)."""
+    if rcfg.objective == "deda" and "deda" not in rcfg:
+        raise ConfigError("recover.objective=deda needs the recover.deda settings: set recover=deda instead.")
+    if rcfg.objective == "deda" and rcfg.batch.mode != "whole_class":
+        raise ConfigError(
+            "DEDA's statistics are per class, so every class needs all its images in one batch: "
+            "set recover.batch.mode=whole_class."
+        )
+    if rcfg.objective == "sre2l" and rcfg.bn_matching is None:
+        raise ConfigError(
+            "recover.objective=sre2l needs recover.bn_matching (null in recover=deda): set recover=sre2l."
+        )
 
 
 def check_real_images_per_class(cfg: DictConfig) -> None:

@@ -28,6 +28,11 @@ from typing import Any, Literal
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+# choices that code also lists (ddist.objectives.deda), named once here
+RegNormalisation = Literal["mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel"]
+ClassReduction = Literal["mean", "sum"]
+RsmReduction = Literal["mean", "sum"]
+
 # ----------------------------------------------------------------------------- top level
 
 
@@ -179,10 +184,10 @@ class DedaConfig:
     gamma: float = MISSING
     lambda_diag: float = MISSING
     lambda_offdiag: float = MISSING
-    reg_normalisation: Literal["mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel"] = MISSING
+    reg_normalisation: RegNormalisation = MISSING
     reg_iterations: int = MISSING
     layers: list[str] | None = MISSING
-    class_reduction: Literal["mean", "sum"] = MISSING
+    class_reduction: ClassReduction = MISSING
     stats_batch_size: int = MISSING
 
 
@@ -299,7 +304,7 @@ class DiffusionTrainConfig:
 @dataclass
 class RSMConfig:
     lambda_: float = MISSING  # the key `lambda`
-    reduction: Literal["mean", "sum"] = MISSING
+    reduction: RsmReduction = MISSING
 
 
 @dataclass

@@ -33,9 +33,8 @@ from ddist.artifacts import (
     tensor_checksum,
 )
 from ddist.data import load_split
-from ddist.data.augment import mix_targets, split_mix
+from ddist.data.augment import augment_key, mix_targets, split_mix
 from ddist.data.plan import augmented_batch, plan, plan_settings, stored_batches
-from ddist.errors import ConfigError
 from ddist.logging import info
 from ddist.models import build_model, student_config
 from ddist.objectives.distill import hard_label_loss, soft_label_loss
@@ -62,8 +61,6 @@ def evaluate_set(
     or a sweep over other evaluate settings) trains only the students not yet finished.
     """
     ev = cast(DictConfig, OmegaConf.merge(cfg.evaluate, overrides or {}))
-    if ev.protocol not in ("soft", "hard"):
-        raise ConfigError(f"Unknown evaluate.protocol '{ev.protocol}'. Set it to soft or hard.")
     distilled = load_distilled(distilled_path, ctx["spec"])
     test = load_split(cfg.dataset, "test", Path(cfg.paths.cache_dir))
     teacher = load_teacher(cfg, ctx) if ev.protocol == "soft" else None
@@ -98,6 +95,7 @@ def student_base_key(cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, c
     settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True))
     for key in ("distilled", "students", "repeats", "test_batch_size"):
         settings.pop(key, None)
+    settings["augment"] = augment_key(settings["augment"])
     dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
     dataset.pop("protocol", None)
     return {
@@ -158,8 +156,8 @@ def train_student(
     settings = plan_settings(ev, spec.resolution, cfg.seed, len(labels), epochs)
     batches = stored_batches(stored, settings, ctx["teacher"]) if stored else plan(settings)
     steps_per_epoch = -(-len(labels) // settings["batch_size"])
-    optimizer = make_optimizer(student.parameters(), ev, "evaluate")
-    schedule = make_schedule(optimizer, ev, epochs * steps_per_epoch, "evaluate")
+    optimizer = make_optimizer(student.parameters(), ev)
+    schedule = make_schedule(optimizer, ev, epochs * steps_per_epoch)
 
     def loss_fn(student, batch):
         x = augmented_batch(images, batch, device)

@@ -11,6 +11,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import load_checkpoint, load_model_state
+from ddist.data.augment import augment_key
 from ddist.errors import ConfigError
 from ddist.models import FeatureModel, build_model
 
@@ -27,9 +28,7 @@ def teacher_key(cfg: DictConfig) -> dict:
         dataset.pop(name, None)
     if dataset.get("subset") is None:  # keeps the keys of teachers cached before the option valid
         dataset.pop("subset", None)
-    dataset["augment"] = augment = dataset["augment"]["student"]
-    if not augment["roll"]:  # roll_mode does nothing without roll: keeps the keys of teachers cached before it
-        augment.pop("roll_mode")
+    dataset["augment"] = augment_key(dataset["augment"]["student"])
     teacher = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher, resolve=True))
     for name in _NOT_WEIGHT_KEYS:
         teacher.pop(name, None)

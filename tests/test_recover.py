@@ -9,6 +9,7 @@ from conftest import stage_ctx as pipeline_ctx
 from hydra import compose, initialize_config_dir
 
 from ddist.artifacts import load_distilled, save_checkpoint
+from ddist.checks import check_recover
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError, DivergenceError
 from ddist.logging import RunLogger
@@ -99,10 +100,17 @@ def test_nan_loss_stops_the_stage_naming_the_iteration(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "distilled").exists()
 
 
-def test_deda_needs_whole_classes_in_a_batch(tmp_path):
-    cfg = digits_cfg(tmp_path, "recover.batch.mode=ipc_slice")
-    with pytest.raises(ConfigError, match="recover.batch.mode=whole_class"):
-        recover.run(cfg, stage_ctx(cfg, tmp_path))
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        (["recover.batch.mode=ipc_slice"], "recover.batch.mode=whole_class"),
+        (["recover=sre2l", "recover.objective=deda"], "set recover=deda"),
+        (["recover.objective=sre2l"], "set recover=sre2l"),
+    ],
+)
+def test_recover_options_that_do_not_go_together_are_refused_up_front(overrides, fix, tmp_path):
+    with pytest.raises(ConfigError, match=fix):
+        check_recover(digits_cfg(tmp_path, *overrides).recover)
 
 
 @pytest.mark.parametrize("method", ["deda", "sre2l"])
@@ -131,12 +139,6 @@ def test_recover_end_to_end_on_digits(method, cache_dir, tmp_path):
     assert accs and all(0.0 <= a <= 1.0 for a in accs)
     if method == "deda":  # the real class statistics are cached for the next run
         assert list(cache_dir.glob("class_stats/*/class_stats.safetensors"))
-
-
-def test_unknown_regulariser_normalisation_names_the_option(tmp_path):
-    cfg = digits_cfg(tmp_path, "recover.deda.reg_normalisation=trace")
-    with pytest.raises(ConfigError, match=r"recover\.deda\.reg_normalisation='trace'.*mean_sum"):
-        recover.run(cfg, stage_ctx(cfg, tmp_path))
 
 
 def deda_covariance(cache_dir: Path, run_dir: Path, *overrides: str) -> dict:

@@ -26,7 +26,6 @@ from ddist.data.spec import (
     SPLITS,
     DatasetSpec,
     as_dict,
-    check_format,
     data_root,
     subset_size,
 )
@@ -220,7 +219,7 @@ def load_split(
     cfg = as_dict(cfg_dataset)
     if split not in SPLITS:
         raise ConfigError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
-    fmt = check_format(cfg)
+    fmt = cfg["format"]
     spec = dataset_spec(cfg)
     # the files and tensors are read as the whole dataset's, then cut to dataset.subset
     whole = {**cfg, "subset": None}
@@ -233,7 +232,7 @@ def load_split(
 
     files = _keep_files(cfg, list_split(whole, dataset_spec(whole), split))
     resize = Resize.for_split(fmt, split, spec.resolution)
-    if not cfg.get("in_memory", True):
+    if not cfg["in_memory"]:
         return ImageFileDataset(files, resize, spec)
     targets = torch.tensor(files.targets, dtype=torch.long)
     labels = spec.wnids if spec.wnids is not None else spec.classes

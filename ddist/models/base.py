@@ -5,8 +5,6 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-NORMS = ("batch", "instance", "none")
-
 
 def make_norm(kind: str, channels: int) -> nn.Module:
     """A 2-d normalisation layer for `channels` feature maps.
@@ -22,7 +20,7 @@ def make_norm(kind: str, channels: int) -> nn.Module:
         return nn.GroupNorm(channels, channels, affine=True)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}")  # callers validate user input first
+    raise ValueError(f"unknown norm {kind!r}")  # the model schemas (ddist/config.py) admit no other
 
 
 class FeatureModel(nn.Module):

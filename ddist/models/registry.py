@@ -15,9 +15,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddist import CONF_DIR
 from ddist.errors import ConfigError
-from ddist.models.base import NORMS, FeatureModel
+from ddist.models.base import FeatureModel
 from ddist.models.convnet import ConvNet
-from ddist.models.resnet import STEMS, build_resnet
+from ddist.models.resnet import build_resnet
 from ddist.models.resnet_ap import ResNetAP10, min_resolution
 
 
@@ -29,7 +29,6 @@ def _convnet(
     width: int = 128,
     norm: str = "batch",
 ) -> ConvNet:
-    _check_choice("norm", norm, NORMS)
     if depth < 1 or width < 1:
         raise ConfigError(f"model.depth={depth} and model.width={width} must both be >= 1; fix them.")
     return ConvNet(num_classes, channels, resolution, depth=depth, width=width, norm=norm)
@@ -59,8 +58,6 @@ def _resnet_ap10(
     num_classes: int, channels: int, resolution: int, stem: str = "auto", norm: str = "instance"
 ) -> ResNetAP10:
     """stem auto -> "imagenet" from 128px up (ImageNet subsets at 128-224px), else "cifar"."""
-    _check_choice("stem", stem, STEMS)
-    _check_choice("norm", norm, NORMS)
     if stem == "auto":
         stem = "imagenet" if resolution >= 128 else "cifar"
     if resolution < min_resolution(stem):
@@ -80,11 +77,6 @@ _BUILDERS: dict[str, Callable[..., FeatureModel]] = {
 }
 MODEL_NAMES = tuple(sorted(_BUILDERS))
 PRESET_DIR = CONF_DIR / "model"
-
-
-def _check_choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"model.{key}={value!r} is not one of {list(choices)}; set model.{key} to one of them.")
 
 
 def _as_dict(model_cfg) -> dict:

@@ -17,10 +17,7 @@ from ddist.objectives.deda import (
     mean_alignment,
 )
 
-RECOVER_OBJECTIVES = ("sre2l", "deda")
-
 __all__ = [
-    "RECOVER_OBJECTIVES",
     "REG_NORMALISATIONS",
     "ClassMomentSums",
     "DEDAObjective",

@@ -7,8 +7,12 @@ one-step clean-sample estimate x0_hat defined here; `minimax` and `cgs` import
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
+
+from ddist.config import RsmReduction
 
 
 def _per_sample(abar_t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
@@ -43,7 +47,7 @@ def denoising_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 
 # How l1_sparsity reduces a sample's |x0_hat| entries (see its docstring).
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS: tuple[str, ...] = get_args(RsmReduction)  # diffusion.finetune.rsm.reduction's choices
 
 
 def l1_sparsity(x0_hat: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -34,20 +34,9 @@ from ddist.data.augment import apply, sample_params
 from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
 from ddist.logging import info, progress, warn
-from ddist.objectives import (
-    RECOVER_OBJECTIVES,
-    REG_NORMALISATIONS,
-    ClassMomentSums,
-    DEDAObjective,
-    SRe2LObjective,
-)
+from ddist.objectives import ClassMomentSums, DEDAObjective, SRe2LObjective
 from ddist.teacher import deda_layers, load_teacher, teacher_key
 from ddist.train import check_finite, make_schedule, seed_everything
-
-BATCH_MODES = ("ipc_slice", "whole_class")
-INITS = ("noise", "real")
-SCHEDULES = ("cosine", "constant")
-
 
 # ----------------------------------------------------------------------------- batches and pixels
 
@@ -135,7 +124,7 @@ def load_class_stats(cfg: DictConfig, ctx: dict, teacher, layers: list[str]) -> 
     if not path.exists():
         train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
         batch_size = cfg.recover.deda.stats_batch_size
-        batches = class_sorted_batches(train, ctx["spec"], batch_size, cfg.teacher.get("num_workers", 0))
+        batches = class_sorted_batches(train, ctx["spec"], batch_size, cfg.teacher.num_workers)
         stats = real_class_stats(
             teacher,
             batches,
@@ -154,33 +143,6 @@ def load_class_stats(cfg: DictConfig, ctx: dict, teacher, layers: list[str]) -> 
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def check_options(cfg: DictConfig) -> None:
-    rcfg = cfg.recover
-    choices = {
-        "objective": (rcfg.objective, RECOVER_OBJECTIVES),
-        "init": (rcfg.init, INITS),
-        "schedule": (rcfg.schedule, SCHEDULES),
-        "batch.mode": (rcfg.batch.mode, BATCH_MODES),
-    }
-    for option, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"recover.{option}={value!r} is not one of {list(allowed)}; set recover.{option}.")
-    if rcfg.objective == "deda" and rcfg.deda.reg_normalisation not in REG_NORMALISATIONS:
-        raise ConfigError(
-            f"recover.deda.reg_normalisation={rcfg.deda.reg_normalisation!r} is not one of "
-            f"{list(REG_NORMALISATIONS)}; set recover.deda.reg_normalisation."
-        )
-    if rcfg.objective == "deda" and rcfg.batch.mode != "whole_class":
-        raise ConfigError(
-            "DEDA's statistics are per class, so every class needs all its images in one batch: "
-            "set recover.batch.mode=whole_class."
-        )
-    if rcfg.iterations < 1 or cfg.ipc < 1:
-        raise ConfigError(f"recover.iterations={rcfg.iterations} and ipc={cfg.ipc} must be >= 1; fix them.")
-    if rcfg.batch.size is not None and rcfg.batch.size < 1:
-        raise ConfigError(f"recover.batch.size={rcfg.batch.size} must be >= 1 images, or null for one batch.")
 
 
 def build_objective(cfg: DictConfig, ctx: dict, teacher):
@@ -230,7 +192,7 @@ def optimise_batch(
     x = x0.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=rcfg.lr, betas=tuple(rcfg.betas))
     iterations = rcfg.iterations
-    schedule = make_schedule(optimizer, rcfg, iterations, "recover")
+    schedule = make_schedule(optimizer, rcfg, iterations)
     losses = []
     for it in range(iterations):
         x_aug = apply(x, sample_params(len(labels), augment, resolution, generator))
@@ -279,7 +241,6 @@ def warn_if_stuck(losses: list[float], x: torch.Tensor, bounds: tuple[torch.Tens
 
 
 def run(cfg: DictConfig, ctx: dict) -> dict:
-    check_options(cfg)
     spec, device, logger, rcfg = ctx["spec"], ctx["device"], ctx["logger"], cfg.recover
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)

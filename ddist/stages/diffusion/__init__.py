@@ -189,7 +189,7 @@ def class_means(cfg, dcfg, codec, train_set, spec, image_size, device) -> torch.
         "backbone": dcfg["backbone"],
         "codec": None
         if dcfg["backbone"] == "pixel"
-        else {k: dcfg["model"].get(k) for k in ("vae", "vae_subfolder", "vae_config", "image_size")},
+        else {k: dcfg["model"][k] for k in ("vae", "vae_subfolder", "vae_config", "image_size")},
     }
     path = cache_entry(cfg, "diffusion_means", key) / "means.safetensors"
     if path.is_file():
