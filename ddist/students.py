@@ -92,11 +92,11 @@ def evaluate_set(
 def student_base_key(cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, ctx: dict) -> dict:
     """What a student's accuracy depends on besides its architecture and repeat: the set's tensors,
     the evaluate settings, the seed, the test split and (soft protocol) the teacher's weights."""
-    settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True))
+    settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True, enum_to_str=True))
     for key in ("distilled", "students", "repeats", "test_batch_size"):
         settings.pop(key, None)
     settings["augment"] = augment_key(settings["augment"])
-    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
+    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
     dataset.pop("protocol", None)
     return {
         "set": distilled.meta.get("sha256") or tensor_checksum(distilled.images, distilled.labels),

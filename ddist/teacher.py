@@ -23,13 +23,13 @@ _NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every")
 
 def teacher_key(cfg: DictConfig) -> dict:
     """Exactly the config that determines the teacher's weights."""
-    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
+    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
     for name in _NOT_TEACHER_KEYS:
         dataset.pop(name, None)
     if dataset.get("subset") is None:  # keeps the keys of teachers cached before the option valid
         dataset.pop("subset", None)
     dataset["augment"] = augment_key(dataset["augment"]["student"])
-    teacher = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher, resolve=True))
+    teacher = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher, resolve=True, enum_to_str=True))
     for name in _NOT_WEIGHT_KEYS:
         teacher.pop(name, None)
     if teacher.get("clip_grad_norm") is None:  # keeps the keys of teachers cached before the option valid

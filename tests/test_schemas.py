@@ -5,6 +5,7 @@ names the key; the CLI says so in one line."""
 from __future__ import annotations
 
 import pickle
+from typing import get_args, get_type_hints
 
 import pytest
 from conftest import CONF, run_ddist
@@ -131,3 +132,12 @@ def test_the_cli_reports_a_composition_error_in_one_line(tmp_path, cache_dir):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     first = proc.stderr.splitlines()[0]
     assert first.startswith("ddist: config error: recover.init: Invalid value 'zeros'"), proc.stderr
+
+
+def test_the_schemas_name_every_stage_and_model_builder():
+    from ddist import config, pipeline
+    from ddist.models import MODEL_NAMES
+
+    (stage,) = get_args(get_type_hints(config.PipelineConfig)["stages"])
+    assert set(get_args(stage)) == set(pipeline.STAGES)
+    assert set(get_args(get_type_hints(config.ModelConfig)["name"])) == set(MODEL_NAMES)

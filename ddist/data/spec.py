@@ -57,7 +57,7 @@ class DatasetSpec:
 def as_dict(cfg_dataset: Mapping[str, Any] | DictConfig) -> dict:
     """A plain, resolved dict from a DictConfig node or a mapping."""
     if isinstance(cfg_dataset, DictConfig):
-        return cast("dict[str, Any]", OmegaConf.to_container(cfg_dataset, resolve=True))
+        return cast("dict[str, Any]", OmegaConf.to_container(cfg_dataset, resolve=True, enum_to_str=True))
     return dict(cfg_dataset)
 
 

@@ -84,7 +84,7 @@ def _as_dict(model_cfg) -> dict:
     if isinstance(model_cfg, str):
         return {"name": model_cfg}
     if isinstance(model_cfg, DictConfig):
-        return cast("dict[str, Any]", OmegaConf.to_container(model_cfg, resolve=True))
+        return cast("dict[str, Any]", OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True))
     if isinstance(model_cfg, Mapping):
         return dict(model_cfg)
     raise ConfigError(

@@ -252,7 +252,7 @@ def run(cfg: DictConfig, ctx: dict) -> dict:
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
     groups = batch_groups(spec.num_classes, cfg.ipc, rcfg.batch.mode, rcfg.batch.size)
     bounds = pixel_bounds(spec, device)
-    augment = OmegaConf.to_container(cfg.dataset.augment.recover, resolve=True)
+    augment = OmegaConf.to_container(cfg.dataset.augment.recover, resolve=True, enum_to_str=True)
     bar = progress(desc=f"recover ({rcfg.objective})", total=len(groups) * rcfg.iterations)
 
     def on_step(it: int, loss: torch.Tensor, parts: dict, lr: float) -> None:

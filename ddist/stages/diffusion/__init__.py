@@ -56,7 +56,7 @@ _NOT_DATA_KEYS = ("protocol", "download", "augment")
 
 
 def run(cfg: DictConfig, ctx: dict) -> dict:
-    dcfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.diffusion, resolve=True))
+    dcfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.diffusion, resolve=True, enum_to_str=True))
     spec, device, logger = ctx["spec"], ctx["device"], ctx["logger"]
     train_set = functools.cache(lambda: load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)))
     image_size = model_image_size(dcfg, spec.resolution)
@@ -150,7 +150,7 @@ def _trains(dcfg: dict) -> bool:
 
 
 def data_key(cfg: DictConfig) -> dict:
-    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
+    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
     # subset only when set, so the keys of models cached before the option stay valid
     return {k: v for k, v in dataset.items() if k not in _NOT_DATA_KEYS and (k != "subset" or v)}
 
