@@ -64,7 +64,7 @@ def _cut_data(cfg: DictConfig) -> int:
             ds.num_classes = CLASSES
     total = dataset_spec(ds).num_classes
     classes = min(CLASSES, total)
-    ds.subset = {"classes": classes, "per_class": PER_CLASS}
+    ds.merge_with({"subset": {"classes": classes, "per_class": PER_CLASS}})  # a typed node takes a merge
     if "imagenet_ids" in ds:  # ImageNet subsets: per-label lists outside the spec follow the cut
         ds.imagenet_ids = list(ds.imagenet_ids)[:classes]
     return classes
