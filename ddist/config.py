@@ -13,6 +13,15 @@ OmegaConf with each Literal turned into a StrEnum of its values (`_for_omegaconf
 member is a str (it compares, hashes, formats and JSON-encodes as its value), so code reads
 `cfg.recover.objective == "deda"` as before. A field named after a Python keyword (rsm's
 `lambda`) is declared with a trailing underscore. Importing ddist registers the schemas.
+
+Two things OmegaConf asks of code that changes a composed config: a typed node takes a dict by
+merge (`node.merge_with({...})`), not by assignment; and OmegaConf.to_container(...,
+enum_to_str=True) gives plain strings.
+
+ConfigStore names: `config_schema` (the whole config), `<group>/schema` for a group with one
+schema, `<group>/<kind>_schema` for a group whose options differ in keys (model: convnet, resnet,
+resnet_ap; dataset: imagenet_subset; recover: deda; relabel: online, stored; diffusion: pixel,
+latent; logger: none, wandb).
 """
 
 from __future__ import annotations
