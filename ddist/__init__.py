@@ -31,3 +31,5 @@ if not OmegaConf.has_resolver("ddist.now"):
     OmegaConf.register_new_resolver("ddist.now", lambda pattern: started.strftime(pattern), use_cache=True)
     OmegaConf.register_new_resolver("ddist.rank0_only", lambda value: value if _rank == 0 else None)
     OmegaConf.register_new_resolver("ddist.rank_suffix", lambda: f"_rank{_rank}" if _rank else "")
+# The schemas of that tree go into Hydra's ConfigStore before anything composes it.
+from ddist import config as _config  # noqa: E402, F401

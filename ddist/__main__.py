@@ -1,6 +1,8 @@
 """`python -m ddist` (or `ddist`): the Hydra entry point over conf/config.yaml.
 
-A single run that fails on a user-fixable problem prints one paragraph and exits 2. In a
+A single run that fails on a user-fixable problem prints one paragraph and exits 2; so does a
+config that does not compose (an unknown key, a wrong type, a value outside its choices: the
+schemas of ddist/config.py), naming the key, instead of Hydra's multi-line report. In a
 multirun a failing job must not end the sweep: its message goes to `error.json` in its job
 directory, the other jobs run, and the sweep exits non-zero at the end with a summary of
 the failed jobs (ddist.sweep.FailureSummary, a Hydra callback in conf/hydra/default.yaml).
@@ -15,10 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 import hydra
+import hydra._internal.utils as hydra_utils
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -57,7 +62,46 @@ def _main(cfg: DictConfig) -> float | None:
     return None  # a failed job: an optimising sweeper marks the trial failed and goes on
 
 
+def composition_error(err: ConfigCompositionException) -> str:
+    """One line for a config that does not compose: the key, OmegaConf's reason, and where (an
+    override or a file). Hydra puts OmegaConf's error in the cause (overrides) or in its own text (files)."""
+    cause = err.__cause__
+    text = f"{err}\n{cause}" if isinstance(cause, OmegaConfBaseException) else str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    at = next((i for i, line in enumerate(lines) if line.startswith("full_key:")), None)
+    if not at:
+        return " ".join(lines)
+    key = lines[at].removeprefix("full_key:").strip()
+    where = re.sub(r":? *\w+ raised while composing config:$", "", lines[0])  # "In 'experiment/x'", "Error merging ..."
+    return f"{key}: {lines[at - 1]} ({where})"
+
+
+def _report_composition_errors(run_and_report):
+    """Hydra's run_and_report, with a composition error reported like ddist's own errors."""
+
+    def report(func):
+        def guarded():
+            try:
+                return func()
+            except ConfigCompositionException as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1" or isinstance(err, MissingConfigException):
+                    raise  # Hydra's report: the full trace, or the list of available options
+                print(
+                    f"ddist: config error: {composition_error(err)}\n"
+                    "Check the overrides and the config files under conf/ (their keys: ddist/config.py).",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
+
+        return run_and_report(guarded)
+
+    return report
+
+
 def main() -> None:
+    # Hydra composes inside its own error reporter (no public hook), so that is where a composition error
+    # becomes one message and exit code 2
+    hydra_utils.run_and_report = _report_composition_errors(hydra_utils.run_and_report)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         _main()
         return

@@ -39,7 +39,7 @@ CACHE_VERSION = 1  # bump when a cached artifact's format or meaning changes
 def to_plain(obj: Any) -> Any:
     """A resolved, JSON-ready copy of a config node (or anything already plain)."""
     if isinstance(obj, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(obj, resolve=True)
+        return OmegaConf.to_container(obj, resolve=True, enum_to_str=True)
     return obj
 
 

@@ -1,4 +1,6 @@
-"""Up-front checks of a composed config: ranges, devices, paths, stage inputs, memory.
+"""Up-front checks of a composed config: ranges, devices, paths, stage inputs, memory, and the
+rules between options. The schemas (ddist/config.py) have already checked each value's type and
+choices when the config was composed; what they cannot say is checked here.
 
 Every check runs before any work, so a mistake costs seconds, not an hour of recover, and
 every message names the option to change. Settings that run but can hardly be meant are
@@ -22,7 +24,6 @@ from ddist.context import PROVIDERS
 from ddist.errors import ConfigError
 from ddist.logging import warn
 from ddist.threads import thread_count
-from ddist.train import PRECISIONS
 
 
 def _int(v: Any) -> bool:
@@ -57,6 +58,13 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "teacher.lr": POSITIVE,
     "recover.iterations": AT_LEAST_1,
     "recover.lr": POSITIVE,
+    "recover.batch.size": (AT_LEAST_1[0], "an integer >= 1 (images per batch), or null for one batch"),
+    "recover.deda.stats_images_per_class": (AT_LEAST_1[0], "an integer >= 1 (real images per class), or null for all"),
+    "dataset.val_per_class": (AT_LEAST_0[0], "an integer >= 0 (images per class carved from train), or null"),
+    "shard.count": AT_LEAST_1,
+    "shard.index": AT_LEAST_0,
+    "diffusion.train.checkpoint_every": AT_LEAST_1,
+    "diffusion.finetune.checkpoint_every": AT_LEAST_1,
     "evaluate.epochs": (_epochs, "an integer >= 1 or a table {ipc bound: epochs, max: epochs} of them"),
     "evaluate.batch_size": AT_LEAST_1,
     "evaluate.test_batch_size": AT_LEAST_1,
@@ -105,9 +113,9 @@ def check_config(cfg: DictConfig) -> None:
     if not DEVICE.fullmatch(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is not a device. Set device=auto, cpu, cuda or cuda:N.")
     thread_count(cfg.threads)
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}. Set precision=fp32.")
     check_stage_inputs(cfg)
+    if "recover" in cfg.pipeline.stages:
+        check_recover(cfg.recover)
     check_cache_dir(Path(cfg.paths.cache_dir))
     check_set_fits_memory(cfg)
     check_evidence_options(cfg)
@@ -143,24 +151,30 @@ def check_stage_inputs(cfg: DictConfig) -> None:
 
 
 def check_evidence_options(cfg: DictConfig) -> None:
-    """evaluate.split, evaluate.baseline, dataset.val_per_class and objective_metric name things that exist."""
-    split = OmegaConf.select(cfg, "evaluate.split", default="test")
-    if split not in ("test", "val"):
-        raise ConfigError(f"evaluate.split={split!r} is not a split students are scored on. Set it to test or val.")
-    val = OmegaConf.select(cfg, "dataset.val_per_class", default=None)
-    if val is not None and not (_int(val) and val >= 0):
-        raise ConfigError(f"dataset.val_per_class must be an integer >= 0 or null (got {val!r}).")
-    if split == "val" and not val:
+    """What the evidence options ask of each other (the schema checks each one alone)."""
+    if cfg.evaluate.split == "val" and not cfg.dataset.val_per_class:
         raise ConfigError(
             "evaluate.split=val scores students on the validation split, which dataset.val_per_class carves "
             "from train; set dataset.val_per_class (e.g. 10) or evaluate.split=test."
         )
-    baseline = OmegaConf.select(cfg, "evaluate.baseline", default="none")
-    if baseline not in ("random", "none"):
-        raise ConfigError(f"evaluate.baseline={baseline!r} is not a baseline. Set it to random or none.")
-    metric = OmegaConf.select(cfg, "objective_metric", default=None)
+    metric = cfg.objective_metric
     if metric is not None and (not isinstance(metric, str) or not metric):
         raise ConfigError(f"objective_metric={metric!r} must name a value of results.json, e.g. students.0.acc_mean.")
+
+
+def check_recover(rcfg: DictConfig) -> None:
+    """What one recover option asks of another (the schema checks each one alone)."""
+    if rcfg.objective == "deda" and "deda" not in rcfg:
+        raise ConfigError("recover.objective=deda needs the recover.deda settings: set recover=deda instead.")
+    if rcfg.objective == "deda" and rcfg.batch.mode != "whole_class":
+        raise ConfigError(
+            "DEDA's statistics are per class, so every class needs all its images in one batch: "
+            "set recover.batch.mode=whole_class."
+        )
+    if rcfg.objective == "sre2l" and rcfg.bn_matching is None:
+        raise ConfigError(
+            "recover.objective=sre2l needs recover.bn_matching (null in recover=deda): set recover=sre2l."
+        )
 
 
 def check_real_images_per_class(cfg: DictConfig) -> None:

@@ -44,7 +44,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     cfg.ipc = min(cfg.ipc, PER_CLASS)
     _one_step(cfg)
     _drop_given_artifacts(cfg)
-    if cfg.teacher.model.get("pretrained"):
+    if "pretrained" in cfg.teacher.model and cfg.teacher.model.pretrained:  # ResNets have the option
         info(
             f"dry run: teacher.model.pretrained={cfg.teacher.model.pretrained} -> random weights "
             f"(the ImageNet-1k head does not fit {classes} classes)"
@@ -65,11 +65,11 @@ def _cut_data(cfg: DictConfig) -> int:
             ds.num_classes = CLASSES
     total = dataset_spec(ds).num_classes
     classes = min(CLASSES, total)
-    ds.subset = {"classes": classes, "per_class": PER_CLASS}
-    if ds.get("val_per_class"):  # one validation image per class, carved on top of the PER_CLASS train images
+    ds.merge_with({"subset": {"classes": classes, "per_class": PER_CLASS}})  # a typed node takes a merge
+    if ds.val_per_class:  # one validation image per class, carved on top of the PER_CLASS train images
         ds.val_per_class = 1
         ds.subset.per_class = PER_CLASS + 1
-    if ds.get("imagenet_ids") is not None:  # per-label lists outside the spec follow the cut
+    if "imagenet_ids" in ds:  # ImageNet subsets: per-label lists outside the spec follow the cut
         ds.imagenet_ids = list(ds.imagenet_ids)[:classes]
     return classes
 
@@ -83,7 +83,7 @@ def _data_present(ds: DictConfig) -> bool:
 def _one_step(cfg: DictConfig) -> None:
     cfg.teacher.epochs = min(cfg.teacher.epochs, 1)
     cfg.recover.iterations = 1
-    if cfg.recover.get("deda") is not None:
+    if "deda" in cfg.recover:
         cfg.recover.deda.reg_iterations = 1
     cfg.evaluate.epochs = 1
     cfg.evaluate.repeats = 1
@@ -112,12 +112,10 @@ def _cut_diffusion(cfg: DictConfig, classes: int) -> None:
     ids = model.class_ids
     if not OmegaConf.is_interpolation(model, "class_ids") and ids is not None:
         model.class_ids = list(ids)[:classes]
-    names = ["pretrained"] + (["vae", "vae_decode"] if cfg.diffusion.backbone == "latent" else [])
-    subfolders = {
-        "pretrained": model.get("subfolder"),
-        "vae": model.get("vae_subfolder"),
-        "vae_decode": model.get("vae_subfolder"),
-    }
+    subfolders = {"pretrained": model.subfolder}  # weights to look for, and the subfolder of each
+    if cfg.diffusion.backbone == "latent":
+        subfolders |= {"vae": model.vae_subfolder, "vae_decode": model.vae_subfolder}
+    names = list(subfolders)
     absent = [n for n in names if model[n] is not None and not _weights_present(model[n], subfolders[n])]
     if absent and not model.random_weights:
         info(

@@ -77,7 +77,7 @@ class RunLogger:
         import wandb  # imported lazily: it is slow to import and unused with logger=none
 
         method, dataset = cfg.pipeline.name, cfg.dataset.name
-        config = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
+        config = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         config["overrides"] = hydra_overrides()
         run = wandb.init(
             project=lcfg.project,

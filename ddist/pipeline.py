@@ -43,10 +43,8 @@ _OWN = ("logger", "device")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Fail before any work on options that cannot run (ddist.checks)."""
-    unknown = [s for s in cfg.pipeline.stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"Unknown stage(s) {unknown} in pipeline.stages. Valid stages: {', '.join(STAGES)}.")
+    """Fail before any work on options that cannot run (ddist.checks); the schemas have already
+    checked each value (a stage name in pipeline.stages, say) when the config was composed."""
     check_config(cfg)
     for entry in cfg.evaluate.students:  # a bad name fails now, not after hours of distillation
         student_config(entry)
@@ -218,7 +216,7 @@ def report_to_logger(logger: RunLogger, results: dict, ctx: RunContext) -> None:
 def objective(cfg: DictConfig, results: dict) -> float | None:
     """The value `objective_metric` names in results (a dotted path, list items by index), which the
     Hydra entry point returns to a sweeper that optimises (hydra/sweeper=optuna_tpe); None when unset."""
-    path = cfg.get("objective_metric")
+    path = cfg.objective_metric
     if not path:
         return None
     value: Any = results

@@ -37,10 +37,9 @@ from ddist.artifacts import (
 )
 from ddist.context import RunContext
 from ddist.data import load_split
-from ddist.data.augment import mix_targets, split_mix
+from ddist.data.augment import augment_key, mix_targets, split_mix
 from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings, stored_batches
 from ddist.data.spec import without_unset_val
-from ddist.errors import ConfigError
 from ddist.logging import info, progress
 from ddist.models import build_model, student_config
 from ddist.objectives.distill import hard_label_loss, soft_label_loss
@@ -72,8 +71,6 @@ def evaluate_set(
     or a sweep over other evaluate settings) trains only the students not yet finished.
     """
     ev = cast(DictConfig, OmegaConf.merge(cfg.evaluate, overrides or {}))
-    if ev.protocol not in ("soft", "hard"):
-        raise ConfigError(f"Unknown evaluate.protocol '{ev.protocol}'. Set it to soft or hard.")
     distilled = load_distilled(distilled_path, ctx.spec)
     test = load_split(cfg.dataset, ev.split, Path(cfg.paths.cache_dir))  # "val" when choosing settings
     # online soft labels: the teacher runs under no_grad every student step, so its BN is folded away
@@ -109,12 +106,15 @@ def student_base_key(
     """What a student's accuracy depends on besides its architecture and repeat: the set's tensors,
     the evaluate settings, the seed, the scored split, (soft protocol) the teacher's weights and,
     with stored soft labels, how they were compressed (fp16, top-k)."""
-    settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True))
+    settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True, enum_to_str=True))
     for key in ("distilled", "students", "repeats", "test_batch_size", "baseline"):
         settings.pop(key, None)
-    if settings.get("split") == "test":  # keys of students cached before the option stay valid
+    if settings["split"] == "test":  # keys of students cached before the option stay valid
         settings.pop("split")
-    dataset = without_unset_val(cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True)))
+    settings["augment"] = augment_key(settings["augment"])
+    dataset = without_unset_val(
+        cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
+    )
     dataset.pop("protocol", None)
     labels = {"stored": "fp16", "top_k": json.loads((stored / "meta.json").read_text())["top_k"]} if stored else None
     return {
@@ -177,8 +177,8 @@ def train_student(
     settings = plan_settings(ev, spec.resolution, cfg.seed, len(labels), epochs)
     batches = stored_batches(stored, settings, ctx.require("teacher")) if stored else plan(settings)
     steps_per_epoch = ceil_div(len(labels), settings["batch_size"])
-    optimizer = make_optimizer(student.parameters(), ev, "evaluate")
-    schedule = make_schedule(optimizer, ev, epochs * steps_per_epoch, "evaluate")
+    optimizer = make_optimizer(student.parameters(), ev)
+    schedule = make_schedule(optimizer, ev, epochs * steps_per_epoch)
 
     def loss_fn(student, batch):
         x = augmented_batch(images, batch, device)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import load_checkpoint, load_model_state
 from ddist.context import RunContext
+from ddist.data.augment import augment_key
 from ddist.data.spec import without_unset_val
 from ddist.errors import ConfigError
 from ddist.models import FeatureModel, build_model
@@ -27,14 +28,14 @@ _NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every", "fold_bn")
 
 def teacher_key(cfg: DictConfig) -> dict:
     """Exactly the config that determines the teacher's weights."""
-    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
+    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
     for name in _NOT_TEACHER_KEYS:
         dataset.pop(name, None)
     if dataset.get("subset") is None:  # keeps the keys of teachers cached before the option valid
         dataset.pop("subset", None)
     without_unset_val(dataset)  # a validation split changes the training data, hence the key
-    dataset["augment"] = dataset.get("augment", {}).get("student")
-    teacher = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher, resolve=True))
+    dataset["augment"] = augment_key(dataset["augment"]["student"])
+    teacher = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher, resolve=True, enum_to_str=True))
     for name in _NOT_WEIGHT_KEYS:
         teacher.pop(name, None)
     if teacher.get("clip_grad_norm") is None:  # keeps the keys of teachers cached before the option valid

@@ -58,27 +58,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(params, opt: Mapping, option: str) -> torch.optim.Optimizer:
-    """SGD (with momentum) or AdamW from a config node with lr, momentum, weight_decay."""
-    name = opt["optimizer"]
-    if name == "sgd":
+def make_optimizer(params, opt: Mapping) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW from a config node with optimizer, lr, momentum, weight_decay."""
+    if opt["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=opt["lr"], weight_decay=opt["weight_decay"])
-    raise ConfigError(f"Unknown optimizer '{name}'. Set {option}.optimizer to sgd or adamw.")
+    return torch.optim.AdamW(params, lr=opt["lr"], weight_decay=opt["weight_decay"])
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, opt: Mapping, total_steps: int, option: str):
-    """Per-step schedule: cosine to zero, step decay at fractions of training, or constant."""
-    name = opt.get("schedule", "constant")
-    if name == "cosine":
+def make_schedule(optimizer: torch.optim.Optimizer, opt: Mapping, total_steps: int):
+    """Per-step schedule (opt.schedule): cosine to zero, step decay at fractions of training
+    (multistep: opt.milestones, opt.gamma), or constant."""
+    if opt["schedule"] == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
-    if name == "multistep":
-        milestones = [int(f * total_steps) for f in opt.get("milestones", [])]
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=opt.get("gamma", 0.1))
-    if name == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    raise ConfigError(f"Unknown schedule '{name}'. Set {option}.schedule to cosine, multistep or constant.")
+    if opt["schedule"] == "multistep":
+        milestones = [int(f * total_steps) for f in opt["milestones"]]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=opt["gamma"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
 def epochs_for(epochs, ipc: int) -> int:
@@ -142,8 +137,6 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def autocast(precision: str, device_type: str):
     """Mixed precision for the forward pass: torch.autocast at bf16/fp16, nothing at fp32."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"Unknown precision {precision!r}. Set precision to fp32, bf16 or fp16.")
     dtype = PRECISIONS[precision]
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 

@@ -19,7 +19,7 @@ from ddist.artifacts import (
     save_distilled,
 )
 from ddist.data import dataset_spec
-from ddist.data.augment import apply, apply_mix, batch_plan, mix_targets, sample_mix, sample_params
+from ddist.data.augment import apply, apply_mix, augment_key, batch_plan, mix_targets, sample_mix, sample_params
 from ddist.errors import CheckpointError, ConfigError
 from ddist.objectives.distill import hard_label_loss, soft_label_loss
 from ddist.train import epochs_for
@@ -83,7 +83,8 @@ def test_corrupt_distilled_set_and_checkpoint_raise_clear_errors(tmp_path):
 
 def test_augmentation_replays_exactly_and_identity_params_change_nothing():
     x = torch.rand(4, 3, 8, 8)
-    params = sample_params(4, {"crop_scale": [0.3, 1.0], "flip": True, "roll": 2}, 8, torch.Generator().manual_seed(0))
+    aug = {"crop_scale": [0.3, 1.0], "flip": True, "roll": 2, "roll_mode": "sre2l"}
+    params = sample_params(4, aug, 8, torch.Generator().manual_seed(0))
     assert torch.equal(apply(x, params), apply(x, params))
     identity = {"crop": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4), "flip": torch.zeros(4, dtype=torch.bool)}
     assert torch.allclose(apply(x, identity), x, atol=1e-6)
@@ -91,19 +92,22 @@ def test_augmentation_replays_exactly_and_identity_params_change_nothing():
     assert torch.equal(apply(x, {"roll": torch.tensor([1, -2])}), torch.roll(x, (1, -2), (2, 3)))
 
 
-def test_roll_offsets_follow_the_reference_by_default():
+def test_roll_offsets_follow_the_reference_or_are_symmetric():
     # SRe2L's reference: random.randint(0, lim), inclusive; DeepInversion's: randint(-lim, lim)
     gen = torch.Generator().manual_seed(0)
 
-    def draws(aug):
+    def draws(mode):
+        aug = {"crop_scale": None, "flip": False, "roll": 3, "roll_mode": mode}
         return torch.stack([sample_params(2, aug, 8, gen)["roll"] for _ in range(400)])
 
-    default = draws({"roll": 3})
-    assert set(default.flatten().tolist()) == {0, 1, 2, 3}
-    assert torch.equal(default, default.clamp(0, 3))
-    assert set(draws({"roll": 3, "roll_mode": "symmetric"}).flatten().tolist()) == set(range(-3, 4))
-    with pytest.raises(ConfigError, match="roll_mode"):
-        sample_params(2, {"roll": 3, "roll_mode": "both"}, 8, gen)
+    sre2l = draws("sre2l")
+    assert set(sre2l.flatten().tolist()) == {0, 1, 2, 3}
+    assert set(draws("symmetric").flatten().tolist()) == set(range(-3, 4))
+
+
+def test_roll_mode_without_a_roll_stays_out_of_cache_keys():
+    assert augment_key({"roll": 0, "roll_mode": "sre2l", "flip": True}) == {"roll": 0, "flip": True}
+    assert augment_key({"roll": 2, "roll_mode": "symmetric"}) == {"roll": 2, "roll_mode": "symmetric"}
 
 
 def test_cutmix_pastes_a_box_and_lambda_is_the_kept_area():
@@ -125,7 +129,7 @@ def test_batch_plan_is_determined_by_the_seed():
         "num_images": 10,
         "batch_size": 4,
         "epochs": 2,
-        "aug": {"flip": True},
+        "aug": {"crop_scale": None, "flip": True, "roll": 0, "roll_mode": "sre2l"},
         "mix": "cutmix",
         "mix_alpha": 1.0,
         "resolution": 8,
@@ -172,7 +176,7 @@ def test_cosine_schedule_reaches_zero():
     from ddist.train import make_schedule
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = make_schedule(opt, {"schedule": "cosine"}, 10, "x")
+    sched = make_schedule(opt, {"schedule": "cosine"}, 10)
     lrs = []
     for _ in range(10):
         opt.step()

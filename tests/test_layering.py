@@ -81,7 +81,15 @@ def top_package(module: str) -> str:
 
 # objectives and metrics take tensors (and, where they must, a model): never datasets, configs or runs
 TENSOR_LAYERS = ("ddist.objectives", "ddist.metrics")
-TENSOR_LAYER_MAY_IMPORT = {*TENSOR_LAYERS, "ddist.models", "ddist.errors", "ddist.logging", "ddist.utils"}
+# ddist.config: the schemas' choice types (Literals), which a loss names once with its option
+TENSOR_LAYER_MAY_IMPORT = {
+    *TENSOR_LAYERS,
+    "ddist.models",
+    "ddist.errors",
+    "ddist.logging",
+    "ddist.utils",
+    "ddist.config",
+}
 # what the pipeline and the stages build on: none of it knows about runs, stages or the entry point
 BELOW_STAGES = ("ddist.models", "ddist.objectives", "ddist.metrics", "ddist.data")
 ABOVE = {"ddist.stages", "ddist.pipeline", "ddist.__main__", "ddist.context", "ddist.teacher", "ddist.students"}

@@ -7,8 +7,10 @@ import torch
 from conftest import TRAINED_TEACHER, compose_cfg, read_results, run_pipeline
 from conftest import stage_ctx as pipeline_ctx
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
 from ddist.artifacts import load_distilled, save_checkpoint
+from ddist.checks import check_config, check_recover
 from ddist.context import RunContext
 from ddist.data import dataset_spec, load_split
 from ddist.errors import ConfigError, DivergenceError
@@ -96,10 +98,17 @@ def test_nan_loss_stops_the_stage_naming_the_iteration(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "distilled").exists()
 
 
-def test_deda_needs_whole_classes_in_a_batch(tmp_path):
-    cfg = digits_cfg(tmp_path, "recover.batch.mode=ipc_slice")
-    with pytest.raises(ConfigError, match="recover.batch.mode=whole_class"):
-        recover.run(cfg, stage_ctx(cfg, tmp_path))
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        (["recover.batch.mode=ipc_slice"], "recover.batch.mode=whole_class"),
+        (["recover=sre2l", "recover.objective=deda"], "set recover=deda"),
+        (["recover.objective=sre2l"], "set recover=sre2l"),
+    ],
+)
+def test_recover_options_that_do_not_go_together_are_refused_up_front(overrides, fix, tmp_path):
+    with pytest.raises(ConfigError, match=fix):
+        check_recover(digits_cfg(tmp_path, *overrides).recover)
 
 
 @pytest.mark.parametrize("method", ["deda", "sre2l"])
@@ -128,12 +137,6 @@ def test_recover_end_to_end_on_digits(method, cache_dir, tmp_path):
     assert accs and all(0.0 <= a <= 1.0 for a in accs)
     if method == "deda":  # the real class statistics are cached for the next run
         assert list(cache_dir.glob("class_stats/*/class_stats.safetensors"))
-
-
-def test_unknown_regulariser_normalisation_names_the_option(tmp_path):
-    cfg = digits_cfg(tmp_path, "recover.deda.reg_normalisation=trace")
-    with pytest.raises(ConfigError, match=r"recover\.deda\.reg_normalisation='trace'.*mean_sum"):
-        recover.run(cfg, stage_ctx(cfg, tmp_path))
 
 
 def deda_covariance(cache_dir: Path, run_dir: Path, *overrides: str) -> dict:
@@ -170,11 +173,16 @@ def test_deda_regulariser_spreads_and_conditions_the_class_covariance(trained_di
     assert with_reg["real_same_ipc"] == without["real_same_ipc"]  # the same real reference
 
 
-@pytest.mark.parametrize("value", [0, -5, "all"])
+@pytest.mark.parametrize("value", [0, -5])
 def test_a_bad_stats_subset_names_the_option(tmp_path, value):
     cfg = digits_cfg(tmp_path, f"recover.deda.stats_images_per_class={value}")
     with pytest.raises(ConfigError, match=r"recover\.deda\.stats_images_per_class"):
-        recover.run(cfg, stage_ctx(cfg, tmp_path))
+        check_config(cfg)
+
+
+def test_a_stats_subset_that_is_not_a_number_fails_at_compose(tmp_path):
+    with pytest.raises(ConfigCompositionException, match=r"stats_images_per_class"):
+        digits_cfg(tmp_path, "recover.deda.stats_images_per_class=all")
 
 
 @pytest.mark.parametrize("per_class", [7, None])

@@ -120,13 +120,6 @@ def test_mixed_precision_runs_the_forward_pass_in_low_precision(precision, dtype
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=False))
 
 
-def test_an_unknown_precision_names_the_option():
-    from ddist.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="precision"):
-        _train(None, precision="fp8")
-
-
 # ----------------------------------------------------------------------------- diffusion training
 
 

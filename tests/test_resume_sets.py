@@ -48,9 +48,9 @@ def _work_dir(proc: subprocess.CompletedProcess) -> Path:
     return Path(match.group(1))
 
 
-def _kill_after_some_parts(args: list[str], cache: Path, run_dir: Path, kind: str, total: int) -> set[str]:
+def _kill_after_some_parts(args: list[str], cache: Path, work: Path, run_dir: Path, total: int) -> set[str]:
     """Start `python -m ddist ARGS`, SIGKILL it once a random number (1 .. total - 2) of its parts
-    are on disk; returns the names of the parts that were there."""
+    are on disk in its work directory `work`; returns the names of the parts that were there."""
     want = random.randint(1, total - 2)
     cmd = [sys.executable, "-m", "ddist", *TINY, *args, f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "DDIST_PROGRESS": "0"}
@@ -59,13 +59,13 @@ def _kill_after_some_parts(args: list[str], cache: Path, run_dir: Path, kind: st
     parts: list[Path] = []
     while len(parts) < want and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-        parts = list(cache.glob(f"{kind}/*/parts/*.safetensors"))
+        parts = list(work.glob("parts/*.safetensors"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed (wanted {want} parts)"
-    parts = list(cache.glob(f"{kind}/*/parts/*.safetensors"))
+    parts = list(work.glob("parts/*.safetensors"))
     assert 1 <= len(parts) < total
-    assert not list(cache.glob(f"{kind}/*/distilled"))
+    assert not (work / "distilled").exists()
     return {p.name for p in parts}
 
 
@@ -85,9 +85,10 @@ def _redone(proc: subprocess.CompletedProcess, pattern: str) -> set[str]:
 def test_a_killed_run_resumes_with_only_the_unfinished_parts(args, kind, done_line, cache_dir, tmp_path):
     reference = run_ddist(*args, run_dir=tmp_path / "ref", cache_dir=cache_dir)
     expected = (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes()
-    shutil.rmtree(_work_dir(reference))  # the same cache (teacher, diffusion model), no finished set
+    work = _work_dir(reference)
+    shutil.rmtree(work)  # the same cache (teacher, diffusion model), no finished set
 
-    finished = _kill_after_some_parts(args, cache_dir, tmp_path / "killed", kind, total=10)
+    finished = _kill_after_some_parts(args, cache_dir, work, tmp_path / "killed", total=10)
     rerun = run_ddist(*args, run_dir=tmp_path / "rerun", cache_dir=cache_dir)
 
     name = "recover" if kind == "recover" else "diffusion_sample"

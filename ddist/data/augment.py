@@ -25,12 +25,7 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from ddist.errors import ConfigError
-
 Params = dict[str, torch.Tensor]
-# reading: SRe2L's paper only says "random shifts"; its code rolls by randint(0, lim) in both
-# dimensions, so that is the default. symmetric keeps DeepInversion's two-sided jitter.
-ROLL_MODES = ("sre2l", "symmetric")
 
 
 # ----------------------------------------------------------------------------- crop, flip, roll
@@ -43,10 +38,17 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+def augment_key(aug: dict) -> dict:
+    """`aug` as a cache key: roll_mode, which does nothing without a roll, is left out then, so the
+    keys of teachers and students cached before the option stay valid."""
+    return {k: v for k, v in aug.items() if k != "roll_mode" or aug["roll"]}
+
+
 def sample_params(n: int, aug: Mapping, resolution: int, generator: torch.Generator) -> Params:
-    """Parameters of one batch: per-image crop boxes and flips, one roll for the batch."""
+    """Parameters of one batch: per-image crop boxes and flips, one roll for the batch.
+    `aug` holds crop_scale, flip, roll and roll_mode (dataset.augment.*)."""
     params: Params = {}
-    if aug.get("crop_scale"):
+    if aug["crop_scale"]:
         lo, hi = aug["crop_scale"]
         area = torch.empty(n).uniform_(lo, hi, generator=generator)
         log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
@@ -57,19 +59,16 @@ def sample_params(n: int, aug: Mapping, resolution: int, generator: torch.Genera
         cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - width)
         cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - height)
         params["crop"] = torch.stack([cx, cy, width, height], dim=1)
-    if aug.get("flip"):
+    if aug["flip"]:
         params["flip"] = torch.rand(n, generator=generator) < 0.5
-    if aug.get("roll"):
-        params["roll"] = sample_roll(int(aug["roll"]), aug.get("roll_mode", "sre2l"), generator)
+    if aug["roll"]:
+        params["roll"] = sample_roll(int(aug["roll"]), aug["roll_mode"], generator)
     return params
 
 
 def sample_roll(lim: int, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """The (dy, dx) offsets of one roll: each in [0, lim] (sre2l) or [-lim, lim] (symmetric)."""
-    if mode not in ROLL_MODES:
-        raise ConfigError(
-            f"Unknown roll_mode {mode!r}; set dataset.augment.recover.roll_mode to one of {', '.join(ROLL_MODES)}."
-        )
+    """The (dy, dx) offsets of one roll: each in [0, lim] (sre2l, as SRe2L's code) or [-lim, lim]
+    (symmetric, DeepInversion's two-sided jitter)."""
     low = 0 if mode == "sre2l" else -lim
     return torch.randint(low, lim + 1, (2,), generator=generator)
 
@@ -105,8 +104,6 @@ def sample_mix(n: int, kind: str, alpha: float, resolution: int, generator: torc
     """One lambda ~ Beta(alpha, alpha) and a partner permutation; CutMix also draws a box."""
     if kind == "none":
         return {}
-    if kind not in ("cutmix", "mixup"):
-        raise ConfigError(f"Unknown mix '{kind}'. Set evaluate.mix to one of: cutmix, mixup, none.")
     lam = _beta(alpha, generator)
     perm = torch.randperm(n, generator=generator)
     if kind == "mixup":

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from omegaconf import DictConfig
 
-from ddist.data.spec import DatasetSpec, as_dict, check_format, data_root, per_channel, subset_size
+from ddist.data.spec import DatasetSpec, as_dict, data_root, per_channel, subset_size
 from ddist.errors import ConfigError
 
 # Same suffixes torchvision's ImageFolder accepts.
@@ -61,7 +61,7 @@ class SplitFiles:
 
 def missing_data(cfg: dict, what: Path) -> ConfigError:
     """The one-paragraph error for data that is not where the config says."""
-    fmt = cast(str, cfg.get("format"))  # a valid format: check_format runs before any file is looked for
+    fmt = cast(str, cfg["format"])  # one of the schema's formats
     return ConfigError(
         f"Dataset {cfg.get('name')!r} (format {fmt!r}): {what} does not exist. "
         f"{_HOW_TO_GET[fmt]}, then set dataset.root=/path/to/it "
@@ -224,7 +224,6 @@ def _keep_subset(cfg: dict, classes, wnids, num_classes: int):
 def dataset_spec(cfg_dataset: Mapping[str, Any] | DictConfig) -> DatasetSpec:
     """Build the DatasetSpec of a `dataset` config node (DictConfig or dict)."""
     cfg = as_dict(cfg_dataset)
-    check_format(cfg)
     classes, wnids = cfg.get("classes"), cfg.get("wnids")
     if classes is None:
         classes, wnids = discover_classes(cfg)

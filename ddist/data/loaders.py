@@ -27,7 +27,6 @@ from ddist.data.spec import (
     SPLITS,
     DatasetSpec,
     as_dict,
-    check_format,
     data_root,
     subset_size,
 )
@@ -292,7 +291,7 @@ def _take(ds: ImageDataset, idx: torch.Tensor) -> ImageDataset:
 
 def _load(cfg: dict, split: str, cache_dir: Path | str | None) -> ImageDataset:
     """One split as stored ("train" | "test"), cut to dataset.subset."""
-    fmt = check_format(cfg)
+    fmt = cfg["format"]
     spec = dataset_spec(cfg)
     # the files and tensors are read as the whole dataset's, then cut to dataset.subset
     whole = {**cfg, "subset": None}
@@ -305,7 +304,7 @@ def _load(cfg: dict, split: str, cache_dir: Path | str | None) -> ImageDataset:
 
     files = _keep_files(cfg, list_split(whole, dataset_spec(whole), split))
     resize = Resize.for_split(fmt, split, spec.resolution)
-    if not cfg.get("in_memory", True):
+    if not cfg["in_memory"]:
         return ImageFileDataset(files, resize, spec)
     targets = torch.tensor(files.targets, dtype=torch.long)
     labels = spec.wnids if spec.wnids is not None else spec.classes

@@ -26,7 +26,7 @@ def plan_settings(ev: DictConfig, resolution: int, seed: int, num_images: int, e
         "num_images": num_images,
         "batch_size": int(ev.batch_size),
         "epochs": int(epochs),
-        "augment": OmegaConf.to_container(ev.augment, resolve=True),
+        "augment": OmegaConf.to_container(ev.augment, resolve=True, enum_to_str=True),
         "mix": ev.mix,
         "mix_alpha": float(ev.mix_alpha),
         "resolution": int(resolution),

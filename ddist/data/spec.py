@@ -21,8 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddist.errors import ConfigError
 
-# Formats and the data layout each one reads (see ddist/data/layouts.py).
-FORMATS = ("torchvision", "folder", "digits", "tiny_imagenet", "imagenet", "imagenet_subset", "synthetic")
 SPLITS = ("train", "test")
 
 
@@ -59,19 +57,8 @@ class DatasetSpec:
 def as_dict(cfg_dataset: Mapping[str, Any] | DictConfig) -> dict:
     """A plain, resolved dict from a DictConfig node or a mapping."""
     if isinstance(cfg_dataset, DictConfig):
-        return cast("dict[str, Any]", OmegaConf.to_container(cfg_dataset, resolve=True))
+        return cast("dict[str, Any]", OmegaConf.to_container(cfg_dataset, resolve=True, enum_to_str=True))
     return dict(cfg_dataset)
-
-
-def check_format(cfg: dict) -> str:
-    """The dataset format, or a ConfigError listing the valid ones."""
-    fmt = cfg.get("format")
-    if fmt not in FORMATS:
-        raise ConfigError(
-            f"Unknown dataset format {fmt!r} for dataset {cfg.get('name')!r}. "
-            f"Set dataset.format to one of: {', '.join(FORMATS)}."
-        )
-    return fmt
 
 
 def data_root(cfg: dict) -> Path:

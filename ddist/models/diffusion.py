@@ -178,11 +178,11 @@ def load_vae(model_cfg: Mapping, key: str, channels: int) -> AutoencoderKL:
     """The VAE named by diffusion.model.<key> (hub id or directory); a random one from vae_config when it
     is null or diffusion.model.random_weights is set."""
     path = model_cfg[key]
-    random = path is None or model_cfg.get("random_weights")
+    random = path is None or model_cfg["random_weights"]
     vae = (
         build_vae(model_cfg, channels)
         if random
-        else from_pretrained(AutoencoderKL, path, f"diffusion.model.{key}", subfolder=model_cfg.get("vae_subfolder"))
+        else from_pretrained(AutoencoderKL, path, f"diffusion.model.{key}", subfolder=model_cfg["vae_subfolder"])
     )
     if vae.config.in_channels != channels:
         raise ConfigError(
@@ -199,7 +199,7 @@ def vae_factor(vae: AutoencoderKL) -> int:
 
 def class_id_map(model_cfg: Mapping, num_classes: int, table_size: int) -> torch.Tensor:
     """Dataset label -> model class id: diffusion.model.class_ids, or the identity when the model has our classes."""
-    ids = model_cfg.get("class_ids")
+    ids = model_cfg["class_ids"]
     if ids is None:
         if table_size != num_classes:
             raise ConfigError(
@@ -245,7 +245,7 @@ def vae_codec(dcfg: Mapping, channels: int, need_encoder: bool) -> VaeCodec:
     model_cfg = dcfg["model"]
     decoder = load_vae(model_cfg, "vae_decode", channels)
     # random weights: both come from vae_config
-    same = model_cfg["vae"] == model_cfg["vae_decode"] or model_cfg.get("random_weights")
+    same = model_cfg["vae"] == model_cfg["vae_decode"] or model_cfg["random_weights"]
     encoder = (decoder if same else load_vae(model_cfg, "vae", channels)) if need_encoder else None
     return VaeCodec(encoder, decoder)
 
@@ -293,10 +293,10 @@ def pretrained_denoiser(dcfg: Mapping, num_classes: int, channels: int, resoluti
     """The denoiser `diffusion.model.pretrained` names, or its architecture with random weights when
     diffusion.model.random_weights is set (dry runs and timings without the download)."""
     model_cfg = dcfg["model"]
-    if model_cfg.get("random_weights"):
+    if model_cfg["random_weights"]:
         return fresh_denoiser(dcfg, num_classes, channels, resolution, codec)
     return saved_denoiser(
-        dcfg, model_cfg["pretrained"], num_classes, "diffusion.model.pretrained", subfolder=model_cfg.get("subfolder")
+        dcfg, model_cfg["pretrained"], num_classes, "diffusion.model.pretrained", subfolder=model_cfg["subfolder"]
     )
 
 

@@ -9,13 +9,15 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ddist import CONF_DIR
 from ddist.errors import ConfigError
-from ddist.models.base import NORMS, FeatureModel
+from ddist.models.base import FeatureModel
 from ddist.models.convnet import ConvNet
-from ddist.models.resnet import STEMS, build_resnet
+from ddist.models.resnet import build_resnet
 from ddist.models.resnet_ap import ResNetAP10, min_resolution
 
 
@@ -27,7 +29,6 @@ def _convnet(
     width: int = 128,
     norm: str = "batch",
 ) -> ConvNet:
-    _check_choice("norm", norm, NORMS)
     if depth < 1 or width < 1:
         raise ConfigError(f"model.depth={depth} and model.width={width} must both be >= 1; fix them.")
     return ConvNet(num_classes, channels, resolution, depth=depth, width=width, norm=norm)
@@ -57,8 +58,6 @@ def _resnet_ap10(
     num_classes: int, channels: int, resolution: int, stem: str = "auto", norm: str = "instance"
 ) -> ResNetAP10:
     """stem auto -> "imagenet" from 128px up (ImageNet subsets at 128-224px), else "cifar"."""
-    _check_choice("stem", stem, STEMS)
-    _check_choice("norm", norm, NORMS)
     if stem == "auto":
         stem = "imagenet" if resolution >= 128 else "cifar"
     if resolution < min_resolution(stem):
@@ -80,17 +79,12 @@ MODEL_NAMES = tuple(sorted(_BUILDERS))
 PRESET_DIR = CONF_DIR / "model"
 
 
-def _check_choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"model.{key}={value!r} is not one of {list(choices)}; set model.{key} to one of them.")
-
-
 def _as_dict(model_cfg) -> dict:
     """A plain dict {name: ..., **kwargs} from a str name, a dict or a DictConfig."""
     if isinstance(model_cfg, str):
         return {"name": model_cfg}
     if isinstance(model_cfg, DictConfig):
-        return cast("dict[str, Any]", OmegaConf.to_container(model_cfg, resolve=True))
+        return cast("dict[str, Any]", OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True))
     if isinstance(model_cfg, Mapping):
         return dict(model_cfg)
     raise ConfigError(
@@ -129,7 +123,8 @@ def student_config(entry) -> tuple[str, dict]:
     """An `evaluate.students` entry -> (its name, the model config for build_model).
 
     An entry is a preset name of conf/model ("convnet6") or a mapping {name: <preset>, ...}
-    whose other keys override the preset's fields ({name: convnet, width: 16}).
+    whose other keys override the preset's fields ({name: convnet, width: 16}). The result is
+    checked against the preset's schema (ddist/config.py), as composing the preset would.
     """
     fields = _as_dict(entry)
     name = fields.pop("name", None)
@@ -139,7 +134,12 @@ def student_config(entry) -> tuple[str, dict]:
             f"evaluate.students names {name!r}, which is not a model preset; use the name of a "
             f"file in {PRESET_DIR}: {', '.join(presets)} (or {{name: <preset>, <field>: <value>}})."
         )
-    return name, {
-        **cast("dict[str, Any]", OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml"))),
-        **fields,
-    }
+    preset = cast(DictConfig, OmegaConf.load(PRESET_DIR / f"{name}.yaml"))
+    schemas = [ConfigStore.instance().load(f"model/{s}.yaml").node for s in preset.pop("defaults") if s != "_self_"]
+    try:
+        model_cfg = OmegaConf.merge(*schemas, preset, fields)
+    except OmegaConfBaseException as err:
+        raise ConfigError(
+            f"evaluate.students entry {entry!r}: {str(err).splitlines()[0]} (preset conf/model/{name}.yaml)."
+        ) from None
+    return name, cast("dict[str, Any]", OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True))

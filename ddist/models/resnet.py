@@ -11,8 +11,6 @@ from torch import nn
 from ddist.errors import ConfigError
 from ddist.models.base import FeatureModel
 
-STEMS = ("auto", "cifar", "imagenet")
-
 
 class TorchvisionResNet(FeatureModel):
     """A torchvision ResNet whose four layers are the feature stages.
@@ -73,8 +71,6 @@ def _kaiming(conv: nn.Conv2d) -> nn.Conv2d:
 def resolve_stem(stem: str, resolution: int, pretrained: bool) -> str:
     """auto -> the ImageNet stem when pretrained weights are loaded (they were trained with
     it) or the images are larger than 64px, else the CIFAR stem."""
-    if stem not in STEMS:
-        raise ConfigError(f"model.stem={stem!r} is not one of {list(STEMS)}; set model.stem to one of them.")
     if stem == "auto":
         return "imagenet" if pretrained or resolution > 64 else "cifar"
     if stem == "cifar" and pretrained:

@@ -43,15 +43,18 @@ A class with one synthetic image has no covariance: with IPC = 1 the covariance 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
+from ddist.config import ClassReduction, RegNormalisation
 from ddist.logging import warn
 from ddist.models.base import FeatureModel
 
-CLASS_REDUCTIONS = ("mean", "sum")
-REG_NORMALISATIONS = ("mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel")
+# the choices of recover.deda.class_reduction and .reg_normalisation, as the schema lists them
+CLASS_REDUCTIONS: tuple[str, ...] = get_args(ClassReduction)
+REG_NORMALISATIONS: tuple[str, ...] = get_args(RegNormalisation)
 
 
 # ----------------------------------------------------------------------------- class statistics

@@ -282,8 +282,10 @@ def real_hard_accuracy(cfg: DictConfig, ctx: RunContext, train, hard: dict) -> f
         return float(cfg.analyse.real_hard_acc)
     ev_hard = OmegaConf.merge(cfg.evaluate, hard)
     key = {
-        "dataset": without_unset_val(cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))),
-        "evaluate": OmegaConf.to_container(ev_hard, resolve=True),
+        "dataset": without_unset_val(
+            cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
+        ),
+        "evaluate": OmegaConf.to_container(ev_hard, resolve=True, enum_to_str=True),
         "seed": cfg.seed,
     }
     entry = cache_entry(cfg, "real_hard_acc", key)

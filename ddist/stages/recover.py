@@ -42,22 +42,11 @@ from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
 from ddist.logging import info, progress, warn
 from ddist.models import FeatureModel
-from ddist.objectives import (
-    REG_NORMALISATIONS,
-    ClassMomentSums,
-    DEDAObjective,
-    RecoverObjective,
-    SRe2LObjective,
-)
+from ddist.objectives import ClassMomentSums, DEDAObjective, RecoverObjective, SRe2LObjective
 from ddist.teacher import deda_layers, frozen_teacher, load_teacher, teacher_identity
 from ddist.train import check_finite, make_schedule, seed_everything
 from ddist.utils import ceil_div
 from ddist.workdir import WorkDir, make_set
-
-BATCH_MODES = ("ipc_slice", "whole_class")
-INITS = ("noise", "real")
-SCHEDULES = ("cosine", "constant")
-
 
 # ----------------------------------------------------------------------------- batches and pixels
 
@@ -175,7 +164,7 @@ def load_class_stats(cfg: DictConfig, ctx: RunContext, teacher, layers: list[str
         train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
         order = stats_indices(train.targets, cfg.recover.deda.stats_images_per_class)
         batch_size = cfg.recover.deda.stats_batch_size
-        batches = class_sorted_batches(train, ctx.spec, batch_size, cfg.teacher.get("num_workers", 0), order)
+        batches = class_sorted_batches(train, ctx.spec, batch_size, cfg.teacher.num_workers, order)
         stats = real_class_stats(
             frozen_teacher(cfg, teacher, grad=False),
             batches,
@@ -193,39 +182,6 @@ def load_class_stats(cfg: DictConfig, ctx: RunContext, teacher, layers: list[str
 
 
 # ----------------------------------------------------------------------------- setup
-
-
-def check_options(cfg: DictConfig) -> None:
-    rcfg = cfg.recover
-    choices = {
-        "objective": (rcfg.objective, tuple(OBJECTIVE_BUILDERS)),
-        "init": (rcfg.init, INITS),
-        "schedule": (rcfg.schedule, SCHEDULES),
-        "batch.mode": (rcfg.batch.mode, BATCH_MODES),
-    }
-    for option, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"recover.{option}={value!r} is not one of {list(allowed)}; set recover.{option}.")
-    if rcfg.objective == "deda" and rcfg.deda.reg_normalisation not in REG_NORMALISATIONS:
-        raise ConfigError(
-            f"recover.deda.reg_normalisation={rcfg.deda.reg_normalisation!r} is not one of "
-            f"{list(REG_NORMALISATIONS)}; set recover.deda.reg_normalisation."
-        )
-    per_class = rcfg.deda.stats_images_per_class if rcfg.objective == "deda" else None
-    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
-        raise ConfigError(
-            f"recover.deda.stats_images_per_class={per_class!r} must be a positive number of real images "
-            "per class, or null for all of them; fix it."
-        )
-    if rcfg.objective == "deda" and rcfg.batch.mode != "whole_class":
-        raise ConfigError(
-            "DEDA's statistics are per class, so every class needs all its images in one batch: "
-            "set recover.batch.mode=whole_class."
-        )
-    if rcfg.iterations < 1 or cfg.ipc < 1:
-        raise ConfigError(f"recover.iterations={rcfg.iterations} and ipc={cfg.ipc} must be >= 1; fix them.")
-    if rcfg.batch.size is not None and rcfg.batch.size < 1:
-        raise ConfigError(f"recover.batch.size={rcfg.batch.size} must be >= 1 images, or null for one batch.")
 
 
 def build_sre2l(cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> RecoverObjective:
@@ -288,7 +244,7 @@ def optimise_batch(
     x = x0.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=rcfg.lr, betas=tuple(rcfg.betas))
     iterations = rcfg.iterations
-    schedule = make_schedule(optimizer, rcfg, iterations, "recover")
+    schedule = make_schedule(optimizer, rcfg, iterations)
     losses = []
     for it in range(iterations):
         x_aug = apply(x, sample_params(len(labels), augment, resolution, generator))
@@ -355,7 +311,6 @@ def group_generator(seed: int, group: int) -> torch.Generator:
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
-    check_options(cfg)
     spec, rcfg = ctx.spec, cfg.recover
     seed_everything(cfg.seed)
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
@@ -381,7 +336,7 @@ def recover_groups(
     objective = build_objective(cfg, ctx, teacher)
     real = real_init(cfg, spec) if rcfg.init == "real" else None
     bounds = pixel_bounds(spec, device)
-    augment = OmegaConf.to_container(cfg.dataset.augment.recover, resolve=True)
+    augment = OmegaConf.to_container(cfg.dataset.augment.recover, resolve=True, enum_to_str=True)
     bar = progress(desc=f"recover ({rcfg.objective})", total=len(todo) * rcfg.iterations)
 
     def on_step(it: int, loss: torch.Tensor, parts: dict, lr: float) -> None:

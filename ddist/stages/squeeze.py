@@ -79,8 +79,8 @@ def cached_or_trained(cfg: DictConfig, ctx: RunContext, entry: Path) -> tuple[Pa
     model = build_teacher(cfg, spec).to(device)
     tcfg = cfg.teacher
     steps_per_epoch = ceil_div(len(train.targets), tcfg.batch_size)
-    optimizer = make_optimizer(model.parameters(), tcfg, "teacher")
-    schedule = make_schedule(optimizer, tcfg, max(tcfg.epochs * steps_per_epoch, 1), "teacher")
+    optimizer = make_optimizer(model.parameters(), tcfg)
+    schedule = make_schedule(optimizer, tcfg, max(tcfg.epochs * steps_per_epoch, 1))
     generator = torch.Generator().manual_seed(cfg.teacher.seed)
     augment = cfg.dataset.augment.student
 

@@ -63,7 +63,7 @@ _NOT_WEIGHT_KEYS = ("checkpoint_every",)
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
-    dcfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.diffusion, resolve=True))
+    dcfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.diffusion, resolve=True, enum_to_str=True))
     spec = ctx.spec
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
     groups = sample_groups(labels, dcfg["sample"])
@@ -185,7 +185,7 @@ def _trains(dcfg: dict) -> bool:
 
 
 def data_key(cfg: DictConfig) -> dict:
-    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True))
+    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
     # subset and val_per_class only when set, so the keys of models cached before the options stay valid
     dataset = without_unset_val(dataset)
     return {k: v for k, v in dataset.items() if k not in _NOT_DATA_KEYS and (k != "subset" or v)}
@@ -233,7 +233,7 @@ def class_means(cfg, dcfg, codec, train_set, spec, image_size, device) -> torch.
         "backbone": dcfg["backbone"],
         "codec": None
         if dcfg["backbone"] == "pixel"
-        else {k: dcfg["model"].get(k) for k in ("vae", "vae_subfolder", "vae_config", "image_size")},
+        else {k: dcfg["model"][k] for k in ("vae", "vae_subfolder", "vae_config", "image_size")},
     }
     path = cache_entry(cfg, "diffusion_means", key) / "means.safetensors"
     if path.is_file():

@@ -1,0 +1,536 @@
+"""Schemas of the config tree (conf/): every key's type, every choice a Literal.
+
+Each option file of a group lists its schema first in its defaults list (`defaults: [schema,
+_self_]`), and conf/config.yaml lists `config_schema`, so Hydra composes every YAML file onto a
+typed node: an unknown key, a value of the wrong type or a choice outside its Literal fails
+when the config is composed, with OmegaConf's message naming the key. The values (and their
+comments) stay in the YAML files: a schema field is MISSING unless the YAML may leave it out.
+
+Adding an option: one field here, one line (value and comment) in the YAML file.
+
+OmegaConf 2.3 validates Enums but not Literals, so at import every schema below is rebuilt for
+OmegaConf with each Literal turned into a StrEnum of its values (`_for_omegaconf`). A StrEnum
+member is a str (it compares, hashes, formats and JSON-encodes as its value), so code reads
+`cfg.recover.objective == "deda"` as before. A field named after a Python keyword (rsm's
+`lambda`) is declared with a trailing underscore. Importing ddist registers the schemas.
+
+Two things OmegaConf asks of code that changes a composed config: a typed node takes a dict by
+merge (`node.merge_with({...})`), not by assignment; and OmegaConf.to_container(...,
+enum_to_str=True) gives plain strings.
+
+ConfigStore names: `config_schema` (the whole config), `<group>/schema` for a group with one
+schema, `<group>/<kind>_schema` for a group whose options differ in keys (model: convnet, resnet,
+resnet_ap; dataset: imagenet_subset; recover: deda; relabel: online, stored; diffusion: pixel,
+latent; logger: none, wandb).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import keyword
+import types
+import typing
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# choices that code also lists (ddist.objectives.deda), named once here
+RegNormalisation = Literal["mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel"]
+ClassReduction = Literal["mean", "sum"]
+RsmReduction = Literal["mean", "sum"]
+
+# ----------------------------------------------------------------------------- top level
+
+
+@dataclass
+class ShardConfig:
+    index: int = MISSING
+    count: int = MISSING
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    cache_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: list[float] | None = MISSING
+    flip: bool = MISSING
+    roll: int = MISSING
+    roll_mode: Literal["sre2l", "symmetric"] = MISSING
+
+
+@dataclass
+class DatasetAugment:
+    student: AugmentConfig = MISSING
+    recover: AugmentConfig = MISSING
+
+
+@dataclass
+class SubsetConfig:
+    classes: int | None = None
+    per_class: int | None = None
+
+
+@dataclass
+class ProtocolConfig:
+    teacher_epochs: int = MISSING
+    teacher_lr: float = MISSING
+    student_epochs: int = MISSING
+    temperature: float = MISSING
+    batch_size: int = MISSING
+    hard_epochs: dict[Any, int] = MISSING  # {ipc bound: epochs, ..., max: epochs}
+    recover_iterations: int = MISSING
+    recover_lr: float = MISSING
+    r_bn: float = MISSING
+    deda_reg_iterations: int = MISSING
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    format: Literal["torchvision", "folder", "digits", "tiny_imagenet", "imagenet", "imagenet_subset", "synthetic"] = (
+        MISSING
+    )
+    root: str | None = MISSING
+    download: bool = MISSING
+    num_classes: int | None = MISSING
+    classes: list[str] | None = MISSING
+    wnids: list[str] | None = MISSING
+    channels: int = MISSING
+    resolution: int = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+    in_memory: bool = MISSING
+    subset: SubsetConfig | None = MISSING
+    val_per_class: int | None = MISSING  # images per class carved from train as a validation split
+    augment: DatasetAugment = MISSING
+    protocol: ProtocolConfig = MISSING
+
+
+@dataclass
+class ImagenetSubsetConfig(DatasetConfig):
+    imagenet_ids: list[int] = MISSING  # ImageNet-1k class index of each label
+
+
+# ----------------------------------------------------------------------------- model (conf/model)
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["convnet", "resnet18", "resnet50", "resnet_ap10"] = MISSING
+
+
+@dataclass
+class ConvNetConfig(ModelConfig):
+    name: Literal["convnet"] = MISSING
+    depth: int = MISSING
+    width: int = MISSING
+    norm: Literal["batch", "instance", "none"] = MISSING
+
+
+@dataclass
+class ResNetConfig(ModelConfig):
+    name: Literal["resnet18", "resnet50"] = MISSING
+    stem: Literal["auto", "cifar", "imagenet"] = MISSING
+    pretrained: Any = MISSING  # false | true (torchvision's DEFAULT weights) | a weights enum name
+
+
+@dataclass
+class ResNetAPConfig(ModelConfig):
+    name: Literal["resnet_ap10"] = MISSING
+    stem: Literal["auto", "cifar", "imagenet"] = MISSING
+    norm: Literal["batch", "instance", "none"] = MISSING
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+@dataclass
+class TeacherConfig:
+    model: ModelConfig = MISSING
+    checkpoint: str | None = MISSING
+    seed: int = MISSING
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    optimizer: Literal["sgd", "adamw"] = MISSING
+    lr: float = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+    schedule: Literal["cosine", "constant"] = MISSING
+    clip_grad_norm: float | None = MISSING
+    num_workers: int = MISSING
+    log_every: int = MISSING
+    fold_bn: bool = MISSING  # fold eval-mode BatchNorm into the convolutions wherever the teacher is frozen
+
+
+# ----------------------------------------------------------------------------- recover
+
+
+@dataclass
+class RecoverBatch:
+    mode: Literal["ipc_slice", "whole_class"] = MISSING
+    size: int | None = MISSING
+
+
+@dataclass
+class BNMatchingConfig:
+    r_bn: float = MISSING
+    first_bn_multiplier: float = MISSING
+
+
+@dataclass
+class DedaConfig:
+    mean_weight: float = MISSING
+    gamma: float = MISSING
+    lambda_diag: float = MISSING
+    lambda_offdiag: float = MISSING
+    reg_normalisation: RegNormalisation = MISSING
+    reg_iterations: int = MISSING
+    layers: list[str] | None = MISSING
+    class_reduction: ClassReduction = MISSING
+    stats_batch_size: int = MISSING
+    stats_images_per_class: int | None = MISSING  # null: all real images
+
+
+@dataclass
+class RecoverConfig:
+    objective: Literal["sre2l", "deda"] = MISSING
+    iterations: int = MISSING
+    lr: float = MISSING
+    betas: list[float] = MISSING
+    schedule: Literal["cosine", "constant"] = MISSING
+    init: Literal["noise", "real"] = MISSING
+    ce_weight: float = MISSING
+    batch: RecoverBatch = MISSING
+    log_every: int = MISSING
+    bn_matching: BNMatchingConfig | None = MISSING
+
+
+@dataclass
+class DedaRecoverConfig(RecoverConfig):
+    deda: DedaConfig = MISSING
+
+
+# ----------------------------------------------------------------------------- relabel
+
+
+@dataclass
+class RelabelConfig:
+    mode: Literal["online", "stored"] = MISSING
+
+
+@dataclass
+class OnlineRelabelConfig(RelabelConfig):
+    mode: Literal["online"] = MISSING
+
+
+@dataclass
+class StoredRelabelConfig(RelabelConfig):
+    mode: Literal["stored"] = MISSING
+    epochs: Any = MISSING  # as evaluate.epochs: a count or a table by IPC
+    top_k: int | None = MISSING
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvaluateConfig:
+    protocol: Literal["soft", "hard"] = MISSING
+    split: Literal["test", "val"] = MISSING
+    baseline: Literal["random", "none"] = MISSING
+    distilled: str | None = MISSING
+    students: list[Any] = MISSING  # preset names or {name: <preset>, <field>: <value>} (ddist.models.student_config)
+    repeats: int = MISSING
+    epochs: Any = MISSING  # an epoch count or a table {ipc bound: epochs, max: epochs}
+    batch_size: int = MISSING
+    optimizer: Literal["sgd", "adamw"] = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    momentum: float = MISSING
+    schedule: Literal["cosine", "multistep", "constant"] = MISSING
+    milestones: list[float] = MISSING
+    gamma: float = MISSING
+    temperature: float = MISSING
+    mix: Literal["cutmix", "mixup", "none"] = MISSING
+    mix_alpha: float = MISSING
+    augment: AugmentConfig = MISSING
+    test_batch_size: int = MISSING
+    clip_grad_norm: float | None = MISSING
+    log_every: int = MISSING
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+@dataclass
+class DiffusionModelConfig:
+    pretrained: str | None = MISSING
+    subfolder: str | None = MISSING
+    class_ids: list[int] | None = MISSING
+    random_weights: bool = MISSING
+
+
+@dataclass
+class PixelModelConfig(DiffusionModelConfig):
+    unet: dict[str, Any] = MISSING  # diffusers UNet2DModel keyword arguments
+
+
+@dataclass
+class LatentModelConfig(DiffusionModelConfig):
+    vae: str | None = MISSING
+    vae_decode: str | None = MISSING
+    vae_subfolder: str | None = MISSING
+    vae_config: dict[str, Any] = MISSING  # diffusers AutoencoderKL keyword arguments
+    dit: dict[str, Any] = MISSING  # diffusers DiTTransformer2DModel keyword arguments
+    image_size: int = MISSING
+
+
+@dataclass
+class NoiseScheduleConfig:
+    num_train_timesteps: int = MISSING
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = MISSING
+    beta_start: float = MISSING
+    beta_end: float = MISSING
+
+
+@dataclass
+class DiffusionTrainConfig:
+    steps: int | None = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    label_dropout: float = MISSING
+    seed: int = MISSING
+    ema: float | None = MISSING  # EMA decay of the weights; null = off
+    checkpoint_every: int = MISSING
+
+
+@dataclass
+class RSMConfig:
+    lambda_: float = MISSING  # the key `lambda`
+    reduction: RsmReduction = MISSING
+
+
+@dataclass
+class MinimaxConfig:
+    lambda_pos: float = MISSING
+    lambda_neg: float = MISSING
+    memory: int = MISSING
+
+
+@dataclass
+class FinetuneConfig(DiffusionTrainConfig):
+    objective: Literal["none", "plain", "minimax", "rsm"] = MISSING
+    params: Literal["all", "difffit"] = MISSING
+    epochs: int = MISSING
+    rsm: RSMConfig = MISSING
+    minimax: MinimaxConfig = MISSING
+
+
+@dataclass
+class CGSConfig:
+    eta_dpp: float = MISSING
+    mu_dm: float = MISSING
+    eps: float = MISSING
+    kernel: Literal["zt", "x0_hat", "teacher"] = MISSING
+    start: int = MISSING
+    end: int | None = MISSING
+
+
+@dataclass
+class SampleConfig:
+    method: Literal["independent", "cgs"] = MISSING
+    scheduler: Literal["ddpm", "ddim"] = MISSING
+    steps: int = MISSING
+    guidance_scale: float = MISSING
+    guidance_channels: int | None = MISSING
+    ddim_eta: float = MISSING
+    batch_size: int = MISSING
+    cgs: CGSConfig = MISSING
+
+
+@dataclass
+class DiffusionConfig:
+    backbone: Literal["pixel", "latent"] = MISSING
+    model: DiffusionModelConfig = MISSING
+    schedule: NoiseScheduleConfig = MISSING
+    train: DiffusionTrainConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    sample: SampleConfig = MISSING
+
+
+@dataclass
+class PixelDiffusionConfig(DiffusionConfig):
+    backbone: Literal["pixel"] = MISSING
+    model: PixelModelConfig = MISSING
+
+
+@dataclass
+class LatentDiffusionConfig(DiffusionConfig):
+    backbone: Literal["latent"] = MISSING
+    model: LatentModelConfig = MISSING
+
+
+# ----------------------------------------------------------------------------- analyse, pipeline, logger
+
+
+@dataclass
+class FidConfig:
+    weights: str | None = MISSING
+
+
+@dataclass
+class AnalyseConfig:
+    enabled: bool = MISSING
+    real_samples_per_class: int = MISSING
+    figures: bool = MISSING
+    fid: FidConfig = MISSING
+    robust_scores: bool = MISSING
+    lrs_weight: float = MISSING
+    ars_weight: float = MISSING
+    real_hard_acc: float | None = MISSING
+    hard: EvaluateConfig = MISSING  # the hard-label protocol of DD-Ranking's baselines
+
+
+@dataclass
+class PipelineConfig:
+    name: str = MISSING
+    stages: list[Literal["squeeze", "random", "recover", "relabel", "evaluate", "analyse", "diffusion"]] = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    name: Literal["none", "wandb"] = MISSING
+
+
+@dataclass
+class NoLoggerConfig(LoggerConfig):
+    name: Literal["none"] = MISSING
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    name: Literal["wandb"] = MISSING
+    mode: Literal["offline", "online", "disabled"] = MISSING
+    project: str = MISSING
+    entity: str | None = MISSING
+    group: str | None = MISSING
+    tags: list[str] = MISSING
+
+
+# ----------------------------------------------------------------------------- the whole config
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = MISSING
+    teacher: TeacherConfig = MISSING
+    recover: RecoverConfig = MISSING
+    relabel: RelabelConfig = MISSING
+    evaluate: EvaluateConfig = MISSING
+    diffusion: Any = MISSING  # typed by the option's schema: OmegaConf cannot narrow diffusion.model in a merge
+    analyse: AnalyseConfig = MISSING
+    pipeline: PipelineConfig = MISSING
+    logger: LoggerConfig = MISSING
+    ipc: int = MISSING
+    seed: int = MISSING
+    device: str = MISSING  # auto | cpu | mps | cuda | cuda:N (checked in ddist.checks)
+    precision: Literal["fp32", "bf16", "fp16"] = MISSING
+    compile: bool = MISSING
+    threads: Any = MISSING  # auto or a count (checked in ddist.threads)
+    dry_run: bool = MISSING
+    objective_metric: str | None = MISSING  # the results value a job returns to an optimising sweeper
+    shard: ShardConfig = MISSING
+    paths: PathsConfig = MISSING
+
+
+# ConfigStore entries: (group, name, schema). The option files name these in their defaults lists.
+SCHEMAS: list[tuple[str | None, str, type]] = [
+    (None, "config_schema", Config),
+    ("dataset", "schema", DatasetConfig),
+    ("dataset", "imagenet_subset_schema", ImagenetSubsetConfig),
+    ("model", "convnet_schema", ConvNetConfig),
+    ("model", "resnet_schema", ResNetConfig),
+    ("model", "resnet_ap_schema", ResNetAPConfig),
+    ("recover", "schema", RecoverConfig),
+    ("recover", "deda_schema", DedaRecoverConfig),
+    ("relabel", "online_schema", OnlineRelabelConfig),
+    ("relabel", "stored_schema", StoredRelabelConfig),
+    ("evaluate", "schema", EvaluateConfig),
+    ("diffusion", "pixel_schema", PixelDiffusionConfig),
+    ("diffusion", "latent_schema", LatentDiffusionConfig),
+    ("analyse", "schema", AnalyseConfig),
+    ("logger", "none_schema", NoLoggerConfig),
+    ("logger", "wandb_schema", WandbLoggerConfig),
+]
+
+
+# ----------------------------------------------------------------------------- Literal -> StrEnum for OmegaConf
+
+
+def _for_omegaconf(schema: type) -> type:
+    """The dataclass `schema` as OmegaConf 2.3 takes it: Literals become StrEnums (nested dataclasses
+    too). Rebuilt classes and enums are module attributes of their own names, so configs pickle
+    (joblib and submitit ship them to other processes) and error messages name the schema."""
+    if hasattr(_rebuilt, schema.__name__):
+        return getattr(_rebuilt, schema.__name__)
+    hints = typing.get_type_hints(schema)
+    annotations, defaults = {}, {}
+    for f in dataclasses.fields(schema):
+        key = f.name[:-1] if f.name.endswith("_") and keyword.iskeyword(f.name[:-1]) else f.name
+        annotations[key] = _convert(hints[f.name], f"{schema.__name__}_{key}")
+        defaults[key] = f.default
+    bases = tuple(_for_omegaconf(b) for b in schema.__bases__ if dataclasses.is_dataclass(b))
+    qualname = f"{_REBUILT_NAMESPACE}.{schema.__name__}"
+    namespace = {"__annotations__": annotations, "__module__": __name__, "__qualname__": qualname, **defaults}
+    # never instantiated: no __init__ (it could not take `lambda`), __repr__ or __eq__
+    rebuilt: type = dataclass(init=False, repr=False, eq=False)(type(schema.__name__, bases, namespace))
+    setattr(_rebuilt, schema.__name__, rebuilt)
+    return rebuilt
+
+
+def _convert(hint: Any, enum_name: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        qualname = f"{_REBUILT_NAMESPACE}.{enum_name}"
+        enum = StrEnum(enum_name, [(v, v) for v in args], module=__name__, qualname=qualname)  # type: ignore[misc]
+        setattr(_rebuilt, enum_name, enum)
+        return enum
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        assert len(inner) == 1, f"{enum_name}: OmegaConf takes X | None, not {hint}"
+        return _convert(inner[0], enum_name) | None
+    if origin is list:
+        return list[_convert(args[0], enum_name)]  # type: ignore[misc]
+    if origin is dict:
+        return dict[args[0], _convert(args[1], enum_name)]  # type: ignore[misc,valid-type]
+    if dataclasses.is_dataclass(hint):
+        return _for_omegaconf(hint)  # type: ignore[arg-type]
+    return hint
+
+
+# the rebuilt classes and enums, reachable for pickle as ddist.config._rebuilt.<name>
+_REBUILT_NAMESPACE = "_rebuilt"
+_rebuilt = types.SimpleNamespace()
+
+
+def register() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent; importing ddist does it)."""
+    store = ConfigStore.instance()
+    for group, name, schema in SCHEMAS:
+        store.store(group=group, name=name, node=_for_omegaconf(schema))
+
+
+register()
