@@ -23,10 +23,11 @@ from ddist.stages import recover
 SMALL = ["pipeline=sre2l", "ipc=3", "recover.batch.size=4", "recover.iterations=12", "teacher.model.width=16"]
 
 
-def recovered(tmp_path: Path, name: str, *overrides: str) -> torch.Tensor:
-    """The images of a recover run on digits with an untrained (fixed) teacher, in its own cache."""
+def recover_run(tmp_path: Path, name: str, *overrides: str, cache: str | None = None):
+    """The ctx after a recover run on digits with an untrained (fixed) teacher, in its own cache
+    (or tmp_path / cache)."""
     run_dir = tmp_path / name
-    cfg = compose_cfg(*SMALL, *overrides, cache_dir=run_dir / "cache", run_dir=run_dir)
+    cfg = compose_cfg(*SMALL, *overrides, cache_dir=tmp_path / (cache or f"{name}-cache"), run_dir=run_dir)
     check_config(cfg)
     spec = dataset_spec(cfg.dataset)
     torch.manual_seed(0)
@@ -35,7 +36,11 @@ def recovered(tmp_path: Path, name: str, *overrides: str) -> torch.Tensor:
         save_checkpoint(teacher, build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution))
     ctx = pipeline_ctx(cfg, run_dir)
     ctx.teacher, ctx.teacher_acc = teacher, 0.1
-    return load_distilled(recover.run(cfg, ctx).require("distilled")).images
+    return recover.run(cfg, ctx)
+
+
+def recovered(tmp_path: Path, name: str, *overrides: str) -> torch.Tensor:
+    return load_distilled(recover_run(tmp_path, name, *overrides).require("distilled")).images
 
 
 @pytest.mark.parametrize("augment", ["roll", "roll+crop"])
@@ -47,6 +52,15 @@ def test_stacked_groups_recover_the_images_of_groups_run_one_at_a_time(augment, 
         stacked = recovered(tmp_path, f"g{groups}", *extra, f"recover.batch.parallel_groups={groups}")
         torch.testing.assert_close(stacked, alone, atol=1e-5, rtol=0)
     assert alone.abs().sum() > 0
+
+
+def test_stacked_shards_make_their_own_groups_and_the_last_assembles_the_set(tmp_path):
+    alone = recovered(tmp_path, "alone")
+    stacked = ["recover.batch.parallel_groups=3", "shard.count=2"]
+    first = recover_run(tmp_path, "s0", *stacked, "shard.index=0", cache="shared")
+    assert first.stop and first.distilled is None  # groups 0, 2, 4, 6, 8 done; the others missing
+    second = recover_run(tmp_path, "s1", *stacked, "shard.index=1", cache="shared")
+    torch.testing.assert_close(load_distilled(second.require("distilled")).images, alone, atol=1e-5, rtol=0)
 
 
 def test_stacks_hold_groups_of_one_size_and_one_at_a_time_keeps_the_order():

@@ -304,7 +304,7 @@ def optimise_groups(
             loss,
             "recover",
             it,
-            "Lower recover.lr (or the objective's weights, e.g. recover.bn_matching.r_bn or recover.deda.gamma).",
+            "Lower recover.lr (or recover.bn_matching.r_bn).",
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
