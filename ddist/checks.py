@@ -59,6 +59,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "recover.iterations": AT_LEAST_1,
     "recover.lr": POSITIVE,
     "recover.batch.size": (AT_LEAST_1[0], "an integer >= 1 (images per batch), or null for one batch"),
+    "recover.batch.parallel_groups": AT_LEAST_1,
     "recover.deda.stats_images_per_class": (AT_LEAST_1[0], "an integer >= 1 (real images per class), or null for all"),
     "dataset.val_per_class": (AT_LEAST_0[0], "an integer >= 0 (images per class carved from train), or null"),
     "shard.count": AT_LEAST_1,
@@ -170,6 +171,11 @@ def check_recover(rcfg: DictConfig) -> None:
         raise ConfigError(
             "DEDA's statistics are per class, so every class needs all its images in one batch: "
             "set recover.batch.mode=whole_class."
+        )
+    if rcfg.batch.parallel_groups > 1 and rcfg.objective != "sre2l":
+        raise ConfigError(
+            f"recover.batch.parallel_groups={rcfg.batch.parallel_groups} stacks independent batches, which only "
+            f"recover.objective=sre2l supports (not {rcfg.objective}): set recover.batch.parallel_groups=1."
         )
     if rcfg.objective == "sre2l" and rcfg.bn_matching is None:
         raise ConfigError(

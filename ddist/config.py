@@ -181,6 +181,7 @@ class TeacherConfig:
 class RecoverBatch:
     mode: Literal["ipc_slice", "whole_class"] = MISSING
     size: int | None = MISSING
+    parallel_groups: int = MISSING
 
 
 @dataclass

@@ -97,6 +97,17 @@ def apply(x: torch.Tensor, params: Params) -> torch.Tensor:
     return x
 
 
+def apply_groups(x: torch.Tensor, params: list[Params]) -> torch.Tensor:
+    """apply() to G equal groups stacked in x [G * B, C, H, W], group g with params[g]: the per-image
+    crops and flips as one resample of the whole stack, each group's roll (one per batch) on its slice."""
+    per_image: Params = {k: torch.cat([p[k] for p in params]) for k in ("crop", "flip") if k in params[0]}
+    x = apply(x, per_image)
+    if "roll" not in params[0]:
+        return x
+    slices = x.chunk(len(params))
+    return torch.cat([apply(s, {"roll": p["roll"]}) for s, p in zip(slices, params, strict=True)])
+
+
 # ----------------------------------------------------------------------------- CutMix / Mixup
 
 

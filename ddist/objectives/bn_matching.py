@@ -10,6 +10,11 @@ mu_l(x) and var_l(x) are the statistics of the batch at the *input* of the l-th 
 layer over (N, H, W), the variance biased (divide by N*H*W, as BatchNorm normalises with);
 the norms are plain, not squared; w_l = `first_bn_multiplier` for the first BatchNorm layer
 (in module order) and 1 for the others.
+
+`per_group` evaluates G independent batches stacked along the batch dimension in one forward
+pass: every statistic and every CE mean is taken per group, so the sum of the G losses has,
+for each group's pixels, exactly the gradient that group's own loss has (recover's
+`batch.parallel_groups`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+def group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """batch_moments of each of `groups` equal slices of x [G * B, C, H, W]: mean and var [G, C]."""
+    var, mean = torch.var_mean(x.unflatten(0, (groups, -1)), dim=(1, 3, 4), unbiased=False)
+    return mean, var
+
+
 def bn_statistic_loss(
     moments: list[tuple[torch.Tensor, torch.Tensor]],
     running: list[tuple[torch.Tensor, torch.Tensor]],
@@ -36,12 +47,13 @@ def bn_statistic_loss(
 
     `moments[l]` are the batch (mean, var) at layer l's input, `running[l]` its
     (running_mean, running_var); w_0 = first_bn_multiplier, w_l = 1 for l > 0.
+    Moments [C] give the loss of one batch; moments [G, C] (group_moments) the G groups' losses [G].
     """
     total = moments[0][0].new_zeros(())
     for index, ((mean, var), (running_mean, running_var)) in enumerate(zip(moments, running, strict=False)):
         weight = first_bn_multiplier if index == 0 else 1.0
         total = total + weight * (
-            torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
+            torch.linalg.vector_norm(mean - running_mean, dim=-1) + torch.linalg.vector_norm(var - running_var, dim=-1)
         )
     return total
 
@@ -51,16 +63,19 @@ class BNStatistics:
 
     Registered once at construction and removed by `close()`; `moments` holds the (mean, var)
     of the last forward pass, in module order, and `running` the layers' stored statistics.
+    With `groups` > 1 the batch is that many stacked groups and the moments are per group, [G, C].
     """
 
     def __init__(self, model: nn.Module):
         self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         self.moments: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(self.layers)  # type: ignore[list-item]
         self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+        self.groups = 1
 
     def _hook(self, index: int):
         def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            self.moments[index] = batch_moments(inputs[0])
+            x = inputs[0]
+            self.moments[index] = batch_moments(x) if self.groups == 1 else group_moments(x, self.groups)
 
         return record
 
@@ -104,6 +119,22 @@ class SRe2LObjective:
         bn = bn_statistic_loss(self.bn.moments, self.bn.running, self.first_bn_multiplier)
         loss = self.ce_weight * ce + self.r_bn * bn
         return loss, {"ce": ce.detach(), "bn": bn.detach()}
+
+    def per_group(
+        self, images: torch.Tensor, labels: torch.Tensor, groups: int, iteration: int, iterations: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The losses [G] of `groups` equal batches stacked in `images` (group g in rows g*B..(g+1)*B-1),
+        from one forward pass, and their parts [G] (detached). Optimise their sum: each group's pixels
+        then get the gradient of that group's own loss, as if it ran alone."""
+        self.bn.groups = groups
+        try:
+            logits = self.teacher(images)
+        finally:
+            self.bn.groups = 1
+        ce = F.cross_entropy(logits, labels, reduction="none").unflatten(0, (groups, -1)).mean(dim=1)
+        bn = bn_statistic_loss(self.bn.moments, self.bn.running, self.first_bn_multiplier)
+        losses = self.ce_weight * ce + self.r_bn * bn
+        return losses, {"ce": ce.detach(), "bn": bn.detach()}
 
     def close(self) -> None:
         self.bn.close()

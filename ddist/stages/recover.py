@@ -22,6 +22,13 @@ augmentations from its own generator, seeded from (seed, group), and is written 
 work directory <cache_dir>/recover/<hash of dataset, teacher, recover settings, ipc, seed>
 as soon as it is done. A rerun of the same command skips the finished groups; a finished
 set is reused; `shard.index` / `shard.count` split the groups among jobs.
+
+Stacked groups (`batch.parallel_groups` G > 1, SRe2L): up to G groups of one size run as one
+problem, their pixels one leaf [G * B, C, H, W], one teacher forward, the BN statistics and
+CE per group, the SUM of the groups' losses, one Adam. Adam, the clamp and the lr schedule
+act elementwise and each group's pixels only reach its own loss, so every group gets the
+steps it would get alone (up to float rounding); each keeps its own generator and is saved
+on its own.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from torch.utils.data import DataLoader, Subset
 from ddist.artifacts import atomic_save_tensors, cache_entry, load_tensors, to_plain
 from ddist.context import RunContext
 from ddist.data import ImageDataset, load_split, torch_dataset
-from ddist.data.augment import apply, sample_params
+from ddist.data.augment import apply, apply_groups, sample_params
 from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
 from ddist.logging import info, progress, warn
@@ -267,6 +274,68 @@ def optimise_batch(
     return x.detach()
 
 
+def optimise_groups(
+    objective: SRe2LObjective,
+    x0: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    rcfg,
+    augment,
+    resolution: int,
+    bounds: tuple[torch.Tensor, torch.Tensor],
+    generators: list[torch.Generator],
+    on_step,
+) -> list[torch.Tensor]:
+    """optimise_batch of G equal-size groups as one stacked problem; returns each group's last iterate.
+    Group g draws its augmentations from generators[g], exactly as it would alone."""
+    groups = len(x0)
+    x = torch.cat(x0).requires_grad_(True)
+    y = torch.cat(labels)
+    optimizer = torch.optim.Adam([x], lr=rcfg.lr, betas=tuple(rcfg.betas))
+    iterations = rcfg.iterations
+    schedule = make_schedule(optimizer, rcfg, iterations)
+    losses = []
+    for it in range(iterations):
+        params = [
+            sample_params(len(lab), augment, resolution, gen) for lab, gen in zip(labels, generators, strict=True)
+        ]
+        group_losses, parts = objective.per_group(apply_groups(x, params), y, groups, it, iterations)
+        loss = group_losses.sum()  # a sum, not a mean: each group's gradient is its own loss's
+        check_finite(
+            loss,
+            "recover",
+            it,
+            "Lower recover.lr (or recover.bn_matching.r_bn).",
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            x.clamp_(*bounds)
+        # logged as one group's loss (the mean over the groups), comparable with groups run one at a time
+        on_step(it, group_losses.mean(), {k: v.mean() for k, v in parts.items()}, schedule.get_last_lr()[0], groups)
+        losses.append(group_losses.detach())
+    per_group = torch.stack(losses).T.tolist()
+    images = x.detach().chunk(groups)
+    for group_losses_g, images_g in zip(per_group, images, strict=True):
+        warn_if_stuck(group_losses_g, images_g, bounds)
+    return list(images)
+
+
+def stacks(todo: list[int], sizes: list[int], most: int) -> list[list[int]]:
+    """`todo` in stacks of at most `most` groups of one batch size (a stack needs equal groups):
+    each group joins the open stack of its size, which runs once full (the rest at the end), so
+    most=1 keeps the order of `todo`."""
+    runs: list[list[int]] = []
+    open_stacks: dict[int, list[int]] = {}
+    for g in todo:
+        stack = open_stacks.setdefault(sizes[g], [])
+        stack.append(g)
+        if len(stack) == most:
+            runs.append(open_stacks.pop(sizes[g]))
+    return runs + list(open_stacks.values())
+
+
 # Settings that run but cannot be meant: at most this share of pixels on the clamp bounds ...
 CLAMPED_SHARE = 0.5
 # ... and the loss of the last tenth of the iterations below that of the first tenth.
@@ -293,11 +362,16 @@ def warn_if_stuck(losses: list[float], x: torch.Tensor, bounds: tuple[torch.Tens
 
 
 def recover_key(cfg: DictConfig) -> dict:
-    """Exactly what determines the recovered set: the data, the teacher, the recover settings, ipc and seed."""
+    """Exactly what determines the recovered set: the data, the teacher, the recover settings, ipc and seed.
+    batch.parallel_groups is left out at 1, so work directories made before the option stay valid; stacked
+    groups differ from sequential ones by float rounding, so any other value keys its own set."""
+    recover_settings = to_plain(cfg.recover)
+    if recover_settings["batch"].get("parallel_groups") == 1:
+        del recover_settings["batch"]["parallel_groups"]
     return {
         "dataset": to_plain(cfg.dataset),
         "teacher": teacher_identity(cfg),
-        "recover": to_plain(cfg.recover),
+        "recover": recover_settings,
         "ipc": int(cfg.ipc),
         "seed": int(cfg.seed),
     }
@@ -339,32 +413,43 @@ def recover_groups(
     augment = OmegaConf.to_container(cfg.dataset.augment.recover, resolve=True, enum_to_str=True)
     bar = progress(desc=f"recover ({rcfg.objective})", total=len(todo) * rcfg.iterations)
 
-    def on_step(it: int, loss: torch.Tensor, parts: dict, lr: float) -> None:
-        bar.update(1)
+    def on_step(it: int, loss: torch.Tensor, parts: dict, lr: float, groups: int = 1) -> None:
+        bar.update(groups)
         if it % rcfg.log_every == 0 or it == rcfg.iterations - 1:
             logger.log(
                 {"recover/loss": loss.item(), "recover/lr": lr, **{f"recover/{k}": v.item() for k, v in parts.items()}}
             )
             bar.set_postfix(loss=f"{loss.item():.4f}")
 
+    def start(g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """Group g's starting pixels, labels and generator (drawn from first, as each group alone)."""
+        idx = groups[g]
+        generator = group_generator(int(cfg.seed), g)
+        x0 = initial_images(spec, len(idx), generator) if real is None else real(idx)
+        return x0.to(device), labels[idx].to(device), generator
+
+    def done(g: int, images: torch.Tensor) -> None:
+        work.save(g, images.cpu(), groups[g])
+        info(f"recover batch {g + 1}/{len(groups)} done ({len(groups[g])} images, {rcfg.iterations} iterations)")
+
     try:
-        for g in todo:
-            idx = groups[g]
-            generator = group_generator(int(cfg.seed), g)
-            x0 = initial_images(spec, len(idx), generator) if real is None else real(idx)
-            images = optimise_batch(
-                objective,
-                x0.to(device),
-                labels[idx].to(device),
-                rcfg,
-                augment,
-                spec.resolution,
-                bounds,
-                generator,
-                on_step,
-            ).cpu()
-            work.save(g, images, idx)
-            info(f"recover batch {g + 1}/{len(groups)} done ({len(idx)} images, {rcfg.iterations} iterations)")
+        for stack in stacks(todo, [len(idx) for idx in groups], rcfg.batch.parallel_groups):
+            starts = [start(g) for g in stack]
+            if len(stack) == 1:  # one group: the loop of one batch, as without parallel_groups
+                x0, y, generator = starts[0]
+                images = [optimise_batch(objective, x0, y, rcfg, augment, spec.resolution, bounds, generator, on_step)]
+            else:
+                if not isinstance(objective, SRe2LObjective):
+                    raise ConfigError(
+                        f"recover.batch.parallel_groups={rcfg.batch.parallel_groups} needs recover.objective=sre2l "
+                        "(its BN statistics are taken per stacked group); set recover.batch.parallel_groups=1."
+                    )
+                x0s, ys, generators = (list(part) for part in zip(*starts, strict=True))
+                images = optimise_groups(
+                    objective, x0s, ys, rcfg, augment, spec.resolution, bounds, generators, on_step
+                )
+            for g, images_g in zip(stack, images, strict=True):
+                done(g, images_g)
     finally:
         objective.close()
         bar.close()
