@@ -22,6 +22,14 @@ for precision in fp32 bf16; do
       > "$OUT/${pipeline}_${precision}.log" 2>&1 || echo "gpu_check: $pipeline $precision failed (see its log)"
   done
 done
+# SRe2L's IPC slices as one stacked problem (recover.batch.parallel_groups) vs one at a time, at IPC 10:
+# the recover seconds of the two runs are the GPU ratio issue 11 asks for
+"$PYTHON" -m ddist pipeline=sre2l device=cuda ipc=10 recover.batch.parallel_groups=10 logger=none \
+  "paths.cache_dir=$OUT/cache" "hydra.run.dir=$OUT/sre2l_ipc10_g10" "$@" > "$OUT/sre2l_ipc10_g10.log" 2>&1 \
+  || echo "gpu_check: sre2l parallel_groups=10 failed (see its log)"
+"$PYTHON" -m ddist pipeline=sre2l device=cuda ipc=10 logger=none \
+  "paths.cache_dir=$OUT/cache" "hydra.run.dir=$OUT/sre2l_ipc10_g1" "$@" > "$OUT/sre2l_ipc10_g1.log" 2>&1 \
+  || echo "gpu_check: sre2l parallel_groups=1 failed (see its log)"
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
