@@ -6,8 +6,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: no CUDA device here; skipped"
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no CUDA device here (or no torch in $PYTHON: set PYTHON=.venv/bin/python); skipped"
   exit 0
 fi
 OUT=outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)
