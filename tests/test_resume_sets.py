@@ -188,6 +188,7 @@ def test_merge_of_a_directory_that_is_no_work_names_what_to_pass(tmp_path, capsy
 
 
 def test_the_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra/launcher=slurm needs its plugin")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(
             "config",
