@@ -27,14 +27,15 @@ run_job() {  # run_job CASE  -> appends "CASE seconds" to $WORK/times
     env_args=(OMP_WAIT_POLICY=)  # set but empty: ddist leaves it alone; libgomp warns and uses its default
     opts=(threads=2)
   fi
-  local load
+  local load job seconds
   load=$(cut -d' ' -f1 /proc/loadavg)
-  env "${env_args[@]}" DDIST_PROGRESS=0 /usr/bin/time -f "%e" -o "$WORK/t" \
-    "$PYTHON" -m ddist logger=none "paths.cache_dir=$WORK/cache_$RANDOM$RANDOM" \
-    "hydra.run.dir=$WORK/run_$RANDOM$RANDOM" "${opts[@]}" >"$WORK/log" 2>&1 \
-    || { echo "the job failed ($case):"; tail -20 "$WORK/log"; exit 1; }
-  printf '%-12s %7.1f s   load %s\n' "$case" "$(cat "$WORK/t")" "$load"
-  echo "$case $(cat "$WORK/t")" >>"$WORK/times"
+  job=$(mktemp -d -p "$WORK")  # its own cache (cold) and run directory
+  env "${env_args[@]}" DDIST_PROGRESS=0 /usr/bin/time -f "%e" -o "$job/seconds" \
+    "$PYTHON" -m ddist logger=none "paths.cache_dir=$job/cache" "hydra.run.dir=$job/run" "${opts[@]}" \
+    >"$job/log" 2>&1 || { echo "the job failed ($case):"; tail -20 "$job/log"; exit 1; }
+  seconds=$(<"$job/seconds")
+  printf '%-12s %7.1f s   load %s\n' "$case" "$seconds" "$load"
+  echo "$case $seconds" >>"$WORK/times"
 }
 
 for ((r = 1; r <= REPEATS; r++)); do
