@@ -25,6 +25,15 @@ from ddist.data import dataset_spec
 # shares a 2-core machine with other jobs, where spinning OpenMP threads slow it 3x.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core this process may use (its affinity mask, as ddist's threads=auto),
+    not the machine's core count that xdist would read when psutil is installed."""
+    from ddist.threads import available_cores
+
+    return available_cores()
+
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 

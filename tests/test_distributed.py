@@ -75,6 +75,7 @@ def _two_ranks(tmp_path, work):
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 def test_ddp_fit_of_two_ranks_resumes_a_checkpoint_and_matches_one_process(tmp_path):
     reference, _ = _fit(None)
     with pytest.raises(KeyboardInterrupt):

@@ -8,12 +8,14 @@ The data root lies in tmp_path, so every dataset but digits is the synthetic sta
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 from conftest import CONF, run_ddist
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from ddist import pipeline
@@ -70,9 +72,33 @@ def check_dry_run(tmp_path: Path, *overrides: str) -> dict:
     return results
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_file_dry_runs(tmp_path, experiment):
-    check_dry_run(tmp_path, f"experiment={experiment}", *(SMALL_LATENT if experiment in DIT_XL else []))
+def _cell(experiment: str) -> str:
+    """An experiment's cell without its IPC: the files of one cell differ in IPC and the settings that scale
+    with it, which the dry run cuts (IPC 2, one step), so most of them cut to one and the same run."""
+    return re.sub(r"_ipc\d+$", "", experiment)
+
+
+@pytest.fixture(scope="session")
+def dry_runs_done() -> dict[str, str]:
+    """The cut configs this worker has dry-run, each with the experiment that ran it."""
+    return {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "experiment", [pytest.param(e, marks=pytest.mark.xdist_group(f"dry-run {_cell(e)}")) for e in EXPERIMENTS]
+)
+def test_every_experiment_file_dry_runs(tmp_path, experiment, dry_runs_done):
+    """Every file composes and cuts; a file whose cut config equals one already run (another IPC of its
+    cell: its group runs on one worker) is that very run, so it is not run twice."""
+    overrides = [f"experiment={experiment}", *(SMALL_LATENT if experiment in DIT_XL else [])]
+    cut = prepare(compose_dry_run(tmp_path, *overrides))
+    key = OmegaConf.to_yaml(OmegaConf.masked_copy(cut, [k for k in cut if k != "paths"]))  # paths: tmp_path
+    if key in dry_runs_done:
+        assert dry_runs_done[key] != experiment and _cell(dry_runs_done[key]) == _cell(experiment)
+        return
+    check_dry_run(tmp_path, *overrides)
+    dry_runs_done[key] = experiment
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -87,6 +113,8 @@ def test_dry_run_cuts_stored_labels_and_robust_score_baselines_too(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.full_size
+@pytest.mark.xdist_group("full-size DiT-XL/2")  # ~10 GB each: never two at once
 @pytest.mark.parametrize("experiment", ["minimax/imagenette_ipc10", "rsm_cgs/imagewoof_ipc10"])
 def test_dit_xl_cells_dry_run_at_full_size(tmp_path, experiment):
     """DiT-XL/2 (28 layers, 1000-class table) and the SD VAE as configured, random weights."""
@@ -116,6 +144,7 @@ def test_dry_run_cuts_steps_and_data_but_keeps_the_models(tmp_path):
         prepare(compose_dry_run(tmp_path, f"teacher.checkpoint={tmp_path}/missing.pt"))
 
 
+@pytest.mark.slow
 def test_dry_run_from_the_command_line(tmp_path):
     """`python -m ddist experiment=... dry_run=true` on the cell whose students used to crash evaluate."""
     run_dir, cache = tmp_path / "run", tmp_path / "cache"

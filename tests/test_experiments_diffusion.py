@@ -111,6 +111,7 @@ TINY_PIXEL = [
 ]
 
 
+@pytest.mark.slow
 def test_every_diffusion_pipeline_runs_end_to_end_on_digits(tmp_path, cache_dir):
     """One multirun over the five pipelines: one process, one cached base model."""
     sweep = tmp_path / "sweep"

@@ -68,6 +68,7 @@ def test_hard_protocol_and_several_students_with_repeats(tmp_path, cache_dir):
     assert all(len(s["accs"]) == 2 for s in students)
 
 
+@pytest.mark.slow
 def test_multirun_makes_one_wandb_run_per_job_with_the_final_accuracy(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     run_ddist(

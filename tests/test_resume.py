@@ -75,6 +75,7 @@ def test_fit_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(tmp_pa
     assert not (tmp_path / CHECKPOINT).exists()  # a finished fit leaves no partial checkpoint
 
 
+@pytest.mark.slow
 def test_a_killed_teacher_training_resumes_to_the_same_weights(tmp_path):
     args = ["pipeline.stages=[squeeze]", "teacher.epochs=8"]
     run_ddist(*args, run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache")

@@ -74,6 +74,7 @@ def _redone(proc: subprocess.CompletedProcess, pattern: str) -> set[str]:
     return {f"{int(g) - 1:06d}.safetensors" for g in re.findall(pattern, _log(proc))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "kind", "done_line"),
     [
@@ -100,6 +101,7 @@ def test_a_killed_run_resumes_with_only_the_unfinished_parts(args, kind, done_li
     assert not (_work_dir(rerun) / "parts").exists()  # the parts went into the set
 
 
+@pytest.mark.slow
 def test_an_identical_configuration_reuses_the_finished_set(cache_dir, tmp_path):
     args = [*RECOVER, "recover.iterations=3"]
     first = run_ddist(*args, run_dir=tmp_path / "a", cache_dir=cache_dir)
@@ -113,6 +115,7 @@ def test_an_identical_configuration_reuses_the_finished_set(cache_dir, tmp_path)
     assert "recover batch" in _log(other) and _work_dir(other) != _work_dir(first)
 
 
+@pytest.mark.slow
 def test_shards_by_hand_stop_after_their_share_and_the_last_assembles(cache_dir, tmp_path):
     args = [*RECOVER, "recover.iterations=4", "shard.count=2"]
     reference = run_ddist(*RECOVER, "recover.iterations=4", run_dir=tmp_path / "ref", cache_dir=cache_dir)
@@ -131,6 +134,7 @@ def test_shards_by_hand_stop_after_their_share_and_the_last_assembles(cache_dir,
     assert merge.main([str(tmp_path / "s0")]) == 0  # already assembled: says so
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("launcher", "plugin"),
     [("joblib", "hydra_plugins.hydra_joblib_launcher"), ("submitit_local", "hydra_plugins.hydra_submitit_launcher")],

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 from conftest import run_ddist, run_pipeline
 
 from ddist import report
 
 
+@pytest.mark.slow
 def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     sweep_dir = tmp_path / "sweep"
     # job 0 asks for an unknown device (a clean ddist error); job 1 is a tiny random-real run
@@ -34,6 +36,7 @@ def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert f"failed job: `{failed.name}`" in md and "device" in md
 
 
+@pytest.mark.slow
 def test_a_rerun_that_succeeds_clears_the_old_error(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -43,6 +46,7 @@ def test_a_rerun_that_succeeds_clears_the_old_error(tmp_path, cache_dir):
     assert proc.stdout.rstrip().endswith(f"run directory: {run_dir}")  # the table ends by saying where it is
 
 
+@pytest.mark.slow
 def test_two_runs_needing_one_teacher_train_it_once(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
