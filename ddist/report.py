@@ -546,6 +546,9 @@ def plot_accuracy_vs_ipc(rows: list[dict], out_dir: Path) -> dict[str, Path]:
                 label=label,
             )
         ax.set_xscale("log")
+        ipcs = sorted({_num(r["ipc"]) for r in subset} - {math.inf})
+        ax.set_xticks(ipcs, [f"{i:g}" for i in ipcs], minor=False)  # the measured IPCs, not powers of ten
+        ax.set_xticks([], minor=True)
         ax.set_xlabel("images per class")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{dataset}: accuracy vs IPC")
