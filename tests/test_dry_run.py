@@ -78,27 +78,24 @@ def _cell(experiment: str) -> str:
     return re.sub(r"_ipc\d+$", "", experiment)
 
 
-@pytest.fixture(scope="session")
-def dry_runs_done() -> dict[str, str]:
-    """The cut configs this worker has dry-run, each with the experiment that ran it."""
-    return {}
+CELLS = sorted({_cell(e) for e in EXPERIMENTS})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "experiment", [pytest.param(e, marks=pytest.mark.xdist_group(f"dry-run {_cell(e)}")) for e in EXPERIMENTS]
-)
-def test_every_experiment_file_dry_runs(tmp_path, experiment, dry_runs_done):
-    """Every file composes and cuts; a file whose cut config equals one already run (another IPC of its
-    cell: its group runs on one worker) is that very run, so it is not run twice."""
-    overrides = [f"experiment={experiment}", *(SMALL_LATENT if experiment in DIT_XL else [])]
-    cut = prepare(compose_dry_run(tmp_path, *overrides))
-    key = OmegaConf.to_yaml(OmegaConf.masked_copy(cut, [k for k in cut if k != "paths"]))  # paths: tmp_path
-    if key in dry_runs_done:
-        assert dry_runs_done[key] != experiment and _cell(dry_runs_done[key]) == _cell(experiment)
-        return
-    check_dry_run(tmp_path, *overrides)
-    dry_runs_done[key] = experiment
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_experiment_file_dry_runs(tmp_path, cell):
+    """Every file of the cell composes and cuts; each distinct cut config runs once (files whose cut
+    configs are equal would make the very same run)."""
+    ran: dict[str, str] = {}
+    for i, experiment in enumerate(e for e in EXPERIMENTS if _cell(e) == cell):
+        overrides = [f"experiment={experiment}", *(SMALL_LATENT if experiment in DIT_XL else [])]
+        root = tmp_path / str(i)
+        cut = prepare(compose_dry_run(root, *overrides))
+        key = OmegaConf.to_yaml(OmegaConf.masked_copy(cut, [k for k in cut if k != "paths"]))  # paths: tmp_path
+        if key not in ran:
+            check_dry_run(root, *overrides)
+            ran[key] = experiment
+    assert ran
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -114,16 +111,18 @@ def test_dry_run_cuts_stored_labels_and_robust_score_baselines_too(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.full_size
-@pytest.mark.xdist_group("full-size DiT-XL/2")  # ~10 GB each: never two at once
-@pytest.mark.parametrize("experiment", ["minimax/imagenette_ipc10", "rsm_cgs/imagewoof_ipc10"])
-def test_dit_xl_cells_dry_run_at_full_size(tmp_path, experiment):
-    """DiT-XL/2 (28 layers, 1000-class table) and the SD VAE as configured, random weights."""
-    results = check_dry_run(tmp_path, f"experiment={experiment}")
-    meta = json.loads((Path(results["distilled"]) / "meta.json").read_text())
-    model = meta["config"]["diffusion"]["model"]
-    assert model["random_weights"] and (model["dit"]["num_layers"], model["dit"]["num_embeds_ada_norm"]) == (28, 1000)
-    assert model["class_ids"] == {"imagenette": [0, 217], "imagewoof": [193, 182]}[results["dataset"]]
-    shutil.rmtree(tmp_path / "run" / "dry_run_cache")  # gigabytes of fine-tuned DiT
+def test_dit_xl_cells_dry_run_at_full_size(tmp_path):
+    """DiT-XL/2 (28 layers, 1000-class table) and the SD VAE as configured, random weights; one cell after
+    the other in one test (~10 GB each: parallel workers must never hold two)."""
+    for experiment, class_ids in [("minimax/imagenette_ipc10", [0, 217]), ("rsm_cgs/imagewoof_ipc10", [193, 182])]:
+        root = tmp_path / experiment.replace("/", "_")
+        results = check_dry_run(root, f"experiment={experiment}")
+        meta = json.loads((Path(results["distilled"]) / "meta.json").read_text())
+        model = meta["config"]["diffusion"]["model"]
+        dit = model["dit"]
+        assert model["random_weights"] and (dit["num_layers"], dit["num_embeds_ada_norm"]) == (28, 1000)
+        assert model["class_ids"] == class_ids
+        shutil.rmtree(root / "run" / "dry_run_cache")  # gigabytes of fine-tuned DiT
 
 
 def test_dry_run_cuts_steps_and_data_but_keeps_the_models(tmp_path):
