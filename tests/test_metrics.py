@@ -122,6 +122,17 @@ def test_frechet_distance_of_identical_features_is_zero():
     assert shifted == pytest.approx(6.0, abs=1e-6)  # mean moves by 1 in each of 6 dims
 
 
+@pytest.mark.parametrize("n_real", [5, 40])  # fewer samples than dimensions (the nuclear-norm form) and more
+def test_frechet_distance_of_features_equals_the_covariance_formula(n_real):
+    g = torch.Generator().manual_seed(2)
+    real = torch.randn(n_real, 12, generator=g) @ torch.randn(12, 12, generator=g)
+    syn = torch.randn(7, 12, generator=g) * 2 + 0.5
+    expected = fid.frechet_distance(*fid.feature_stats(real), *fid.feature_stats(syn))
+    # rel 1e-6: the eigh form takes square roots of the rank-deficient covariances' ~1e-16 eigenvalues
+    assert fid.frechet_distance_features(real, syn) == pytest.approx(expected, rel=1e-6)
+    assert expected > 1.0  # not the trivial zero
+
+
 def test_missing_inception_weights_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="analyse.fid.weights"):
         fid.check_inception_weights(tmp_path / "nope.pth")

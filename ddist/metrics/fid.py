@@ -23,14 +23,19 @@ import torch
 from ddist.errors import CheckpointError, ConfigError
 
 
-def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean [D] and unbiased covariance [D, D] of features [N, D], in float64 (N >= 2)."""
+def _centred(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] of features [N, D] (N >= 2) and the centred features scaled by 1 / sqrt(N - 1), in float64."""
     x = feats.double()
     if x.shape[0] < 2:
         raise ValueError("a Frechet distance needs at least two samples per set")
     mu = x.mean(0)
-    xc = x - mu
-    return mu, xc.T @ xc / (x.shape[0] - 1)
+    return mu, (x - mu) / (x.shape[0] - 1) ** 0.5
+
+
+def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and unbiased covariance [D, D] of features [N, D], in float64 (N >= 2)."""
+    mu, xc = _centred(feats)
+    return mu, xc.T @ xc
 
 
 def _sqrt_psd(mat: torch.Tensor) -> torch.Tensor:
@@ -57,8 +62,20 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
 
 
 def frechet_distance_features(real_feats: torch.Tensor, syn_feats: torch.Tensor) -> float:
-    """Frechet distance between the Gaussians fitted to two feature sets (used for `fd_teacher`)."""
-    return frechet_distance(*feature_stats(real_feats), *feature_stats(syn_feats))
+    """Frechet distance between the Gaussians fitted to two feature sets [N1, D] and [N2, D] (`fd_teacher`).
+
+    With fewer samples than dimensions (a distilled set of 100 in a 2048-d ConvNet space) it skips
+    the D x D eigendecompositions: with X, Y the centred features scaled by 1/sqrt(N - 1), so that
+    cov1 = X^T X and cov2 = Y^T Y, the nonzero eigenvalues of cov1^1/2 cov2 cov1^1/2 are those of
+    cov1 cov2 = X^T (X Y^T) Y, i.e. of (X Y^T)(X Y^T)^T, so tr((cov1^1/2 cov2 cov1^1/2)^1/2) is the
+    nuclear norm of the N1 x N2 matrix X Y^T, and tr(cov) = ||X||_F^2. Exact, not an approximation.
+    """
+    if min(len(real_feats), len(syn_feats)) >= real_feats.shape[1]:
+        return frechet_distance(*feature_stats(real_feats), *feature_stats(syn_feats))
+    (mu1, x), (mu2, y) = _centred(real_feats), _centred(syn_feats)
+    trace_sqrt = torch.linalg.svdvals(x @ y.T).sum()
+    d2 = (mu1 - mu2).square().sum() + x.square().sum() + y.square().sum() - 2 * trace_sqrt
+    return float(d2.clamp_min(0))
 
 
 def check_inception_weights(weights: str | Path) -> Path:
