@@ -9,6 +9,7 @@ is trained once per test session (the cache is keyed by config, as in real use).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -97,6 +98,14 @@ def run_pipeline(*overrides: str, run_dir: Path, cache_dir: Path, tiny: bool = T
 
     tiny_overrides = [o for o in TINY if o != "logger=none"] if tiny else []  # compose_cfg sets it
     return pipeline.run(compose_cfg(*tiny_overrides, *overrides, cache_dir=cache_dir, run_dir=run_dir))
+
+
+def run_logged(*overrides: str, run_dir: Path, cache_dir: Path, caplog, tiny: bool = True) -> str:
+    """run_pipeline, returning what the run logged (ddist's INFO lines), as a test of the log reads it."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ddist"):
+        run_pipeline(*overrides, run_dir=run_dir, cache_dir=cache_dir, tiny=tiny)
+    return caplog.text
 
 
 def run_ddist(

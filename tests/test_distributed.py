@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO, TINY, TRAINED_TEACHER
+from conftest import REPO, TINY, TRAINED_TEACHER, run_pipeline
 
 from ddist import distributed
 from ddist.errors import ConfigError
@@ -99,12 +99,15 @@ def test_a_batch_smaller_than_the_rank_count_is_refused_clearly(monkeypatch):
         distributed.my_part(3)
 
 
-def _torchrun(cwd: Path, cache: Path, *overrides: str, nproc: int) -> subprocess.CompletedProcess:
-    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    args = [*TINY, *TRAINED_TEACHER, "pipeline=random", "pipeline.stages=[squeeze,random,evaluate]"]
+RANDOM_SET = [*TRAINED_TEACHER, "pipeline=random", "pipeline.stages=[squeeze,random,evaluate]"]
+
+
+def _torchrun(cwd: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node=2 -m ddist RANDOM_SET OVERRIDES` in cwd."""
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "DDIST_PROGRESS": "0", "WANDB_SILENT": "true"}
     proc = subprocess.run(
-        [*cmd, "-m", "ddist", *args, f"paths.cache_dir={cache}", *overrides],
+        [*cmd, "-m", "ddist", *TINY, *RANDOM_SET, f"paths.cache_dir={cache}", *overrides],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -116,20 +119,19 @@ def _torchrun(cwd: Path, cache: Path, *overrides: str, nproc: int) -> subprocess
     return proc
 
 
-@pytest.mark.slow  # a one-process and a two-rank run of squeeze, random, evaluate: about 2 minutes
-def test_torchrun_trains_teacher_and_students_with_ddp_and_rank_0_alone_writes(tmp_path):
-    single = _torchrun(tmp_path, tmp_path / "cache1", "hydra.run.dir=one", nproc=1)
-    assert single.returncode == 0
+@pytest.mark.slow  # a two-rank run of squeeze, random, evaluate beside the same run in this process
+def test_torchrun_trains_teacher_and_students_with_ddp_and_rank_0_alone_writes(tmp_path, cache_dir):
+    one = run_pipeline(*RANDOM_SET, run_dir=tmp_path / "one", cache_dir=cache_dir)  # the session's teacher
     both = tmp_path / "two"
     both.mkdir()
-    _torchrun(both, tmp_path / "cache2", "logger=wandb", "logger.mode=offline", nproc=2)
+    _torchrun(both, tmp_path / "cache2", "logger=wandb", "logger.mode=offline")
     # one run directory (the default, named by rank 0's start time) with one results.json and one W&B run
     (run_dir,) = both.glob("outputs/runs/*/*")
     assert [p.relative_to(both) for p in both.rglob("results.json")] == [run_dir.relative_to(both) / "results.json"]
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
     assert (run_dir / ".hydra").is_dir() and len(list(run_dir.glob("*_rank1.log"))) == 1
     # the teacher and students trained across the ranks reach the one-process accuracies
-    one, two = (json.loads(p.read_text()) for p in (tmp_path / "one" / "results.json", run_dir / "results.json"))
+    two = json.loads((run_dir / "results.json").read_text())
     assert one["teacher_acc"] > 0.85 and abs(two["teacher_acc"] - one["teacher_acc"]) < 0.05
     assert abs(two["students"][0]["acc_mean"] - one["students"][0]["acc_mean"]) < 0.15
 

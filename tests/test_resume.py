@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, TINY, read_results, run_ddist, run_pipeline
+from conftest import REPO, TINY, read_results, run_logged, run_pipeline
 from diffusers import UNet2DModel
 
 from ddist.artifacts import load_checkpoint
@@ -76,9 +76,10 @@ def test_fit_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_killed_teacher_training_resumes_to_the_same_weights(tmp_path):
+def test_a_killed_teacher_training_resumes_to_the_same_weights(tmp_path, caplog):
+    """The run that is killed is a subprocess (SIGKILL); the reference and the rerun run in-process."""
     args = ["pipeline.stages=[squeeze]", "teacher.epochs=8"]
-    run_ddist(*args, run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache")
+    run_pipeline(*args, run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache")
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "ddist", *TINY, *args, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'a'}"]
     env = {**os.environ, "DDIST_PROGRESS": "0"}
@@ -90,8 +91,8 @@ def test_a_killed_teacher_training_resumes_to_the_same_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not list(cache.glob("teacher/*/teacher.pt"))
-    rerun = run_ddist(*args, run_dir=tmp_path / "b", cache_dir=cache)
-    assert "resuming at step" in rerun.stderr + rerun.stdout
+    rerun = run_logged(*args, run_dir=tmp_path / "b", cache_dir=cache, caplog=caplog)
+    assert "resuming at step" in rerun
     (ref,) = (tmp_path / "ref_cache").glob("teacher/*/teacher.pt")
     (got,) = cache.glob("teacher/*/teacher.pt")
     a, b = load_checkpoint(ref, "x")["state_dict"], load_checkpoint(got, "x")["state_dict"]
@@ -209,8 +210,8 @@ def test_diffusion_training_resumes_from_its_last_checkpoint_and_matches_an_unin
     assert not (tmp_path / CHECKPOINT).exists()
 
 
-@pytest.mark.slow  # three training runs of the diffusion model: about 2 minutes on one CPU thread
-def test_a_killed_diffusion_training_resumes_to_the_same_model(tmp_path):
+@pytest.mark.slow  # three training runs of the diffusion model, one of them killed
+def test_a_killed_diffusion_training_resumes_to_the_same_model(tmp_path, caplog):
     args = [
         "ipc=1",
         "pipeline=diffusion",
@@ -224,7 +225,9 @@ def test_a_killed_diffusion_training_resumes_to_the_same_model(tmp_path):
         "diffusion.train.checkpoint_every=10",
         "diffusion.sample.steps=2",
     ]
-    run_ddist(*args, "diffusion.train.checkpoint_every=7", run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache")
+    run_pipeline(
+        *args, "diffusion.train.checkpoint_every=7", run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache"
+    )
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "ddist", *TINY, *args, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'a'}"]
     env = {**os.environ, "DDIST_PROGRESS": "0"}
@@ -236,8 +239,8 @@ def test_a_killed_diffusion_training_resumes_to_the_same_model(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not list(cache.glob("diffusion/*/denoiser"))
-    rerun = run_ddist(*args, run_dir=tmp_path / "b", cache_dir=cache)
-    assert "diffusion train: resuming at step" in rerun.stderr + rerun.stdout
+    rerun = run_logged(*args, run_dir=tmp_path / "b", cache_dir=cache, caplog=caplog)
+    assert "diffusion train: resuming at step" in rerun
     # the same model (checkpoint_every is not in the key: the reference made it with other checkpoints)
     (ref,) = (tmp_path / "ref_cache").glob("diffusion/*/denoiser/*.safetensors")
     (got,) = cache.glob("diffusion/*/denoiser/*.safetensors")

@@ -2,7 +2,8 @@
 
 A run killed with SIGKILL while its parts are being written resumes with only the unfinished
 parts and ends byte-identical to an uninterrupted run; shards (by hand, or a joblib multirun)
-assemble the same set; an identical configuration reuses a finished set.
+assemble the same set; an identical configuration reuses a finished set. Only the run that is
+killed and the multiruns are `python -m ddist` subprocesses; the others run in-process.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, REPO, TINY, compose_cfg, run_ddist
+from conftest import CONF, REPO, TINY, compose_cfg, run_ddist, run_logged
 from hydra import compose, initialize_config_dir
 from test_experiments_diffusion import TINY_PIXEL
 
@@ -37,14 +38,10 @@ SAMPLE = ["pipeline=diffusion", "pipeline.stages=[diffusion]", "ipc=2", *TINY_PI
 SAMPLE_STEPS = "diffusion.sample.steps=20"
 
 
-def _log(proc: subprocess.CompletedProcess) -> str:
-    return proc.stdout + proc.stderr
-
-
-def _work_dir(proc: subprocess.CompletedProcess) -> Path:
+def _work_dir(log: str) -> Path:
     """The work directory a run assembled or reused its set in (from its log)."""
-    match = re.search(r"(?:assembled .* into|reusing the finished set) (\S+)/distilled", _log(proc))
-    assert match, _log(proc)[-3000:]
+    match = re.search(r"(?:assembled .* into|reusing the finished set) (\S+)/distilled", log)
+    assert match, log[-3000:]
     return Path(match.group(1))
 
 
@@ -69,9 +66,9 @@ def _kill_after_some_parts(args: list[str], cache: Path, work: Path, run_dir: Pa
     return {p.name for p in parts}
 
 
-def _redone(proc: subprocess.CompletedProcess, pattern: str) -> set[str]:
+def _redone(log: str, pattern: str) -> set[str]:
     """The parts a run made, as part file names, from its 'group g/N' log lines."""
-    return {f"{int(g) - 1:06d}.safetensors" for g in re.findall(pattern, _log(proc))}
+    return {f"{int(g) - 1:06d}.safetensors" for g in re.findall(pattern, log)}
 
 
 @pytest.mark.slow
@@ -83,18 +80,18 @@ def _redone(proc: subprocess.CompletedProcess, pattern: str) -> set[str]:
     ],
     ids=["recover", "sampling"],
 )
-def test_a_killed_run_resumes_with_only_the_unfinished_parts(args, kind, done_line, cache_dir, tmp_path):
-    reference = run_ddist(*args, run_dir=tmp_path / "ref", cache_dir=cache_dir)
+def test_a_killed_run_resumes_with_only_the_unfinished_parts(args, kind, done_line, cache_dir, tmp_path, caplog):
+    reference = run_logged(*args, run_dir=tmp_path / "ref", cache_dir=cache_dir, caplog=caplog)
     expected = (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes()
     work = _work_dir(reference)
     shutil.rmtree(work)  # the same cache (teacher, diffusion model), no finished set
 
     finished = _kill_after_some_parts(args, cache_dir, work, tmp_path / "killed", total=10)
-    rerun = run_ddist(*args, run_dir=tmp_path / "rerun", cache_dir=cache_dir)
+    rerun = run_logged(*args, run_dir=tmp_path / "rerun", cache_dir=cache_dir, caplog=caplog)
 
     name = "recover" if kind == "recover" else "diffusion_sample"
     first_missing = min(set(f"{i:06d}.safetensors" for i in range(10)) - finished)
-    assert f"{name}: {len(finished)}/10 groups done, resuming at {int(first_missing[:6]) + 1}" in _log(rerun)
+    assert f"{name}: {len(finished)}/10 groups done, resuming at {int(first_missing[:6]) + 1}" in rerun
     assert _redone(rerun, done_line).isdisjoint(finished)  # no finished part was made again
     assert len(_redone(rerun, done_line)) == 10 - len(finished)
     assert (tmp_path / "rerun" / "distilled" / "data.safetensors").read_bytes() == expected
@@ -102,33 +99,35 @@ def test_a_killed_run_resumes_with_only_the_unfinished_parts(args, kind, done_li
 
 
 @pytest.mark.slow
-def test_an_identical_configuration_reuses_the_finished_set(cache_dir, tmp_path):
+def test_an_identical_configuration_reuses_the_finished_set(cache_dir, tmp_path, caplog):
     args = [*RECOVER, "recover.iterations=3"]
-    first = run_ddist(*args, run_dir=tmp_path / "a", cache_dir=cache_dir)
-    second = run_ddist(*args, run_dir=tmp_path / "b", cache_dir=cache_dir)
-    assert "reusing the finished set" in _log(second) and "recover batch" not in _log(second)
+    first = run_logged(*args, run_dir=tmp_path / "a", cache_dir=cache_dir, caplog=caplog)
+    second = run_logged(*args, run_dir=tmp_path / "b", cache_dir=cache_dir, caplog=caplog)
+    assert "reusing the finished set" in second and "recover batch" not in second
     assert _work_dir(first) == _work_dir(second)
     a, b = (tmp_path / r / "distilled" / "data.safetensors" for r in "ab")
     assert a.read_bytes() == b.read_bytes()
     assert a.stat().st_ino == b.stat().st_ino  # run directories hold hard links, not copies
-    other = run_ddist(*args, "seed=1", run_dir=tmp_path / "c", cache_dir=cache_dir)
-    assert "recover batch" in _log(other) and _work_dir(other) != _work_dir(first)
+    other = run_logged(*args, "seed=1", run_dir=tmp_path / "c", cache_dir=cache_dir, caplog=caplog)
+    assert "recover batch" in other and _work_dir(other) != _work_dir(first)
 
 
 @pytest.mark.slow
-def test_shards_by_hand_stop_after_their_share_and_the_last_assembles(cache_dir, tmp_path):
+def test_shards_by_hand_stop_after_their_share_and_the_last_assembles(cache_dir, tmp_path, caplog):
     args = [*RECOVER, "recover.iterations=4", "shard.count=2"]
-    reference = run_ddist(*RECOVER, "recover.iterations=4", run_dir=tmp_path / "ref", cache_dir=cache_dir)
+    reference = run_logged(
+        *RECOVER, "recover.iterations=4", run_dir=tmp_path / "ref", cache_dir=cache_dir, caplog=caplog
+    )
     shutil.rmtree(_work_dir(reference))
 
-    first = run_ddist(*args, "shard.index=0", run_dir=tmp_path / "s0", cache_dir=cache_dir)
+    first = run_logged(*args, "shard.index=0", run_dir=tmp_path / "s0", cache_dir=cache_dir, caplog=caplog)
     shard = json.loads((tmp_path / "s0" / "shard.json").read_text())
     assert shard["parts"] == [0, 2, 4, 6, 8] and shard["missing"] == [1, 3, 5, 7, 9]
     assert not (tmp_path / "s0" / "results.json").exists() and not (tmp_path / "s0" / "distilled").exists()
-    assert "stopping here" in _log(first)
+    assert "stopping here" in first
     assert merge.main([str(tmp_path / "s0")]) == 2  # parts missing: nothing to merge yet
 
-    run_ddist(*args, "shard.index=1", run_dir=tmp_path / "s1", cache_dir=cache_dir)
+    run_logged(*args, "shard.index=1", run_dir=tmp_path / "s1", cache_dir=cache_dir, caplog=caplog)
     expected = (tmp_path / "ref" / "distilled" / "data.safetensors").read_bytes()
     assert (tmp_path / "s1" / "distilled" / "data.safetensors").read_bytes() == expected
     assert merge.main([str(tmp_path / "s0")]) == 0  # already assembled: says so
@@ -139,12 +138,12 @@ def test_shards_by_hand_stop_after_their_share_and_the_last_assembles(cache_dir,
     ("launcher", "plugin"),
     [("joblib", "hydra_plugins.hydra_joblib_launcher"), ("submitit_local", "hydra_plugins.hydra_submitit_launcher")],
 )
-def test_launcher_shards_assemble_the_unsharded_set(launcher, plugin, cache_dir, tmp_path):
+def test_launcher_shards_assemble_the_unsharded_set(launcher, plugin, cache_dir, tmp_path, caplog):
     """Two shards as one multirun, in parallel processes (joblib) or submitit's local executor
     (the SLURM launcher's code path without a cluster)."""
     pytest.importorskip(plugin, reason=f"the optional launcher plugin for hydra/launcher={launcher} is not installed")
     args = [*RECOVER, "recover.iterations=4", "seed=3"]
-    reference = run_ddist(*args, run_dir=tmp_path / "ref", cache_dir=cache_dir)
+    reference = run_logged(*args, run_dir=tmp_path / "ref", cache_dir=cache_dir, caplog=caplog)
     shutil.rmtree(_work_dir(reference))
     run_ddist(
         "-m",
