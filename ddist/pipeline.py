@@ -140,16 +140,18 @@ def format_table(results: dict) -> str:
         )
     )
     teacher = results["teacher_acc"]
+    compared = any("gain_pp" in s for s in results["students"])  # evaluate.baseline=none: no baseline columns
     lines = [
         head,
         f"  teacher (full real data): {100 * teacher:.2f}%" if teacher is not None else "  teacher: -",
-        f"  {'student':<16}{'protocol':<10}{'acc mean':>10}{'std':>8}  runs{'random real':>13}{'gain':>9}{'IOR':>8}",
+        f"  {'student':<16}{'protocol':<10}{'acc mean':>10}{'std':>8}  runs"
+        + (f"{'random real':>13}{'gain':>9}{'IOR':>8}" if compared else ""),
     ]
     for s in results["students"]:
         base = (
             f"{100 * s['baseline_acc_mean']:>12.2f}%{s['gain_pp']:>+7.2f}pp{s['ior']:>+8.3f}"
             if "gain_pp" in s
-            else f"{'-':>13}{'-':>9}{'-':>8}"
+            else f"{'-':>13}{'-':>9}{'-':>8}" * compared
         )
         lines.append(
             f"  {s['name']:<16}{s['protocol']:<10}{100 * s['acc_mean']:>9.2f}%{100 * s['acc_std']:>7.2f}%"
