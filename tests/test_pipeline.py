@@ -5,7 +5,6 @@ table, multirun with W&B offline, one paragraph without traceback for a bad inpu
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,18 +184,6 @@ def test_a_failed_run_keeps_an_earlier_result(tmp_path, cache_dir):
             cache_dir=cache_dir,
         )
     assert (run_dir / "results.json").read_bytes() == before
-
-
-@pytest.mark.skipif(
-    os.environ.get("CI") is None and os.environ.get("DDIST_SLOW") is None,
-    reason="the README's default job takes minutes; run in CI or with DDIST_SLOW=1",
-)
-def test_default_main_job_runs(tmp_path):
-    run_dir = tmp_path / "run"
-    run_ddist("logger=none", run_dir=run_dir, cache_dir=tmp_path / "cache", tiny=False)
-    results = read_results(run_dir)
-    assert results["dataset"] == "digits" and results["method"] == "deda" and results["teacher_acc"] > 0.9
-    assert results["students"][0]["acc_mean"] > 0.8
 
 
 def test_console_script_is_the_same_entry_point(tmp_path):
