@@ -38,13 +38,16 @@ def compose_resolved(overrides: list[str]):
 
 CASES = [f"{override}={option}" for group, override in GROUPS.items() for option in options(group)]
 CASES += [f"experiment={option}" for option in options("experiment")]
+# the 50 experiment files are slow-tier: half the fast tier's compose time, and the slow tier's
+# dry-run matrix composes and runs each of them again
+MARKED = [pytest.param(c, marks=pytest.mark.slow) if c.startswith("experiment=") else c for c in CASES]
 
 
 def test_the_cases_cover_every_group():
     assert {c.split("=")[0] for c in CASES} >= set(GROUPS.values()) | {"experiment"}
 
 
-@pytest.mark.parametrize("override", CASES)
+@pytest.mark.parametrize("override", MARKED)
 def test_config_composes_and_resolves(override):
     cfg = compose_resolved([override])
     assert cfg["ipc"] >= 1 and cfg["pipeline"]["stages"]
