@@ -10,7 +10,9 @@
 # finished is in OUT_DIR/report.md (unfinished cells are listed as missing). Cheaper
 # settings: append e.g. evaluate.epochs=100 seed=0. The runs use the dataset's protocol
 # (conf/dataset/cifar10.yaml) and the recover/diffusion defaults, not the paper budgets
-# (those are scripts/paper_*.sh).
+# (those are scripts/paper_*.sh). DIFFUSION picks the pixel UNet: pixel (default, 0.7M parameters,
+# CPU-sized) or pixel_cifar (6.5M, 20000 steps: the GPU job), e.g.
+#   DIFFUSION=pixel_cifar scripts/compare_cifar10.sh ../shared/data/cifar10
 set -uo pipefail
 if [[ $# -lt 1 ]]; then
   echo "usage: $0 DATA_ROOT [OUT_DIR] [overrides...]" >&2
@@ -43,5 +45,5 @@ sweep() {  # sweep NAME OVERRIDES...: one multirun into $OUT/NAME, then refresh 
 start=$SECONDS
 sweep random pipeline=random
 sweep recover pipeline=sre2l,deda
-sweep diffusion pipeline=diffusion,minimax,rsm,cgs,rsm_cgs diffusion=pixel
+sweep diffusion pipeline=diffusion,minimax,rsm,cgs,rsm_cgs "diffusion=${DIFFUSION:-pixel}"
 echo "== all sweeps took $((SECONDS - start)) s"
