@@ -148,11 +148,10 @@ def format_table(results: dict) -> str:
         + (f"{'random real':>13}{'gain':>9}{'IOR':>8}" if compared else ""),
     ]
     for s in results["students"]:
-        base = (
-            f"{100 * s['baseline_acc_mean']:>12.2f}%{s['gain_pp']:>+7.2f}pp{s['ior']:>+8.3f}"
-            if "gain_pp" in s
-            else f"{'-':>13}{'-':>9}{'-':>8}" * compared
-        )
+        if "gain_pp" in s:
+            base = f"{100 * s['baseline_acc_mean']:>12.2f}%{s['gain_pp']:>+7.2f}pp{s['ior']:>+8.3f}"
+        else:
+            base = f"{'-':>13}{'-':>9}{'-':>8}" if compared else ""
         lines.append(
             f"  {s['name']:<16}{s['protocol']:<10}{100 * s['acc_mean']:>9.2f}%{100 * s['acc_std']:>7.2f}%"
             f"  {len(s['accs']):>4}{base}"

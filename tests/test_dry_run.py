@@ -114,9 +114,10 @@ def test_every_experiment_file_dry_runs(tmp_path, cell):
         cfg = compose_dry_run(root, f"experiment={experiment}", "evaluate.baseline=none", *shrink)
         cut = prepare(cfg)
         pipeline.validate(cut)  # every value of every file, run or not
-        if _what_runs(cut) not in ran:
+        key = _what_runs(cut)
+        if key not in ran:
             check_composed_dry_run(root, cfg)
-            ran.add(_what_runs(cut))
+            ran.add(key)
 
 
 @pytest.mark.parametrize("name", PIPELINES)
