@@ -24,6 +24,7 @@ from ddist.objectives import (
     diversity_regulariser,
     mean_alignment,
 )
+from ddist.objectives.bn_matching import group_moments
 from ddist.stages import squeeze
 from ddist.stages.recover import real_class_stats
 from ddist.teacher import deda_layers, load_teacher
@@ -44,6 +45,39 @@ def test_batch_moments_are_per_channel_and_biased():
     mean, var = batch_moments(bn_input())
     assert torch.equal(mean, torch.tensor([4.0, 1.0]))
     assert torch.equal(var, torch.tensor([5.0, 1.0]))
+
+
+def test_batch_moments_gradient_by_hand():
+    """d var_c / dx = 2 (x - mean_c) / n and d mean_c / dx = 1 / n (n = N*H*W = 4), per channel."""
+    x = bn_input().requires_grad_(True)
+    mean, var = batch_moments(x)
+    (var[0] + 10 * mean[1]).backward()
+    want = torch.tensor([[[[-1.5, -0.5]], [[2.5, 2.5]]], [[[0.5, 1.5]], [[2.5, 2.5]]]])
+    assert torch.equal(x.grad, want)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_moments_match_autograd_through_var_mean(groups, channels_last):
+    """The hand-written pass and backward equal torch.var_mean's, in either memory layout."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, 3, 5, generator=g, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w_mean, w_var = torch.randn(2, groups, 4, generator=g, dtype=torch.float64)
+    grads = []
+    for moments in (group_moments, reference_group_moments):
+        xi = x.clone().requires_grad_(True)
+        mean, var = moments(xi, groups)
+        ((w_mean * mean).sum() + (w_var * var).sum()).backward()
+        grads.append((mean.detach(), var.detach(), xi.grad))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def reference_group_moments(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mean = torch.var_mean(x.unflatten(0, (groups, -1)), dim=(1, 3, 4), unbiased=False)
+    return mean, var
 
 
 def test_bn_statistic_loss_plain_norms_and_first_layer_weight():
