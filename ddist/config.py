@@ -172,6 +172,7 @@ class TeacherConfig:
     num_workers: int = MISSING
     log_every: int = MISSING
     fold_bn: bool = MISSING  # fold eval-mode BatchNorm into the convolutions wherever the teacher is frozen
+    channels_last: bool = MISSING  # the frozen teacher's weights (so its activations) in channels_last layout
 
 
 # ----------------------------------------------------------------------------- recover
@@ -451,6 +452,7 @@ class Config:
     precision: Literal["fp32", "bf16", "fp16"] = MISSING
     compile: bool = MISSING
     threads: Any = MISSING  # auto or a count (checked in ddist.threads)
+    cpu_allocator: Literal["cache", "system"] = MISSING  # ddist.allocator
     dry_run: bool = MISSING
     objective_metric: str | None = MISSING  # the results value a job returns to an optimising sweeper
     shard: ShardConfig = MISSING

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from ddist import distributed, dry_run
+from ddist.allocator import configure_allocator
 from ddist.artifacts import atomic_write_text, strict_json
 from ddist.checks import check_config
 from ddist.context import RunContext
@@ -55,6 +56,7 @@ def run(cfg: DictConfig) -> dict:
         cfg = dry_run.prepare(cfg)
     validate(cfg)
     configure_threads(cfg.threads)
+    configure_allocator(cfg.cpu_allocator)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)

@@ -74,7 +74,7 @@ def evaluate_set(
     distilled = load_distilled(distilled_path, ctx.spec)
     test = load_split(cfg.dataset, ev.split, Path(cfg.paths.cache_dir))  # "val" when choosing settings
     # online soft labels: the teacher runs under no_grad every student step, so its BN is folded away
-    teacher = frozen_teacher(cfg, load_teacher(cfg, ctx), grad=False) if ev.protocol == "soft" else None
+    teacher = frozen_teacher(cfg, load_teacher(cfg, ctx)) if ev.protocol == "soft" else None
     stored = stored if ev.protocol == "soft" else None
     base_key = student_base_key(cfg, ev, distilled, ctx, stored)
     results = []
@@ -232,7 +232,7 @@ def store_soft_labels(cfg: DictConfig, ctx: RunContext, distilled_path: str | Pa
     Used by the relabel stage (the run's set) and the random-real baseline, so both get exactly
     the same label protocol."""
     distilled = load_distilled(distilled_path, ctx.spec)
-    teacher, device = frozen_teacher(cfg, load_teacher(cfg, ctx), grad=False), ctx.device
+    teacher, device = frozen_teacher(cfg, load_teacher(cfg, ctx)), ctx.device
     epochs = epochs_for(cfg.relabel.epochs, distilled.ipc)
     settings = {
         **plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, len(distilled.labels), epochs),

@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.artifacts import load_checkpoint, load_model_state
@@ -23,7 +24,7 @@ from ddist.models.fold import fold_batchnorm
 # dataset keys that do not change the teacher (they steer other stages)
 _NOT_TEACHER_KEYS = ("protocol", "download")
 # teacher keys that do not change its weights
-_NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every", "fold_bn")
+_NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every", "fold_bn", "channels_last")
 
 
 def teacher_key(cfg: DictConfig) -> dict:
@@ -60,21 +61,23 @@ def teacher_identity(cfg: DictConfig) -> dict:
 
 
 def load_teacher(cfg: DictConfig, ctx: RunContext) -> FeatureModel:
-    """The teacher made by the squeeze stage, in eval mode on ctx.device, with gradients off for its weights."""
+    """The teacher made by the squeeze stage, in eval mode on ctx.device, with gradients off for its weights,
+    in channels_last layout with `teacher.channels_last`."""
     model = build_teacher(cfg, ctx.spec)
     path = ctx.require("teacher")
     load_model_state(model, load_checkpoint(path, "teacher.checkpoint"), path, "teacher.checkpoint")
     model.requires_grad_(False)
-    return model.to(ctx.device).eval()
+    layout = torch.channels_last if cfg.teacher.channels_last else torch.contiguous_format
+    return model.to(ctx.device, memory_format=layout).eval()
 
 
-def frozen_teacher(cfg: DictConfig, teacher: FeatureModel, grad: bool) -> FeatureModel:
+def frozen_teacher(cfg: DictConfig, teacher: FeatureModel) -> FeatureModel:
     """The teacher for passes that never read BatchNorm inputs (DEDA recover, its real class
     statistics, relabel, online soft labels, analysis): with `teacher.fold_bn` a copy with BatchNorm folded into
-    the convs, in channels_last when no gradient flows through it (grad=False); else `teacher`."""
+    the convs (in channels_last with `teacher.channels_last`); else `teacher`."""
     if not cfg.teacher.fold_bn:
         return teacher
-    return fold_batchnorm(teacher, channels_last=not grad)
+    return fold_batchnorm(teacher, channels_last=cfg.teacher.channels_last)
 
 
 def deda_layers(cfg: DictConfig, teacher) -> list[str]:

@@ -2,30 +2,38 @@
 
     python scripts/bench_parallel_groups.py                                   # digits and CIFAR-10, IPC 10
     python scripts/bench_parallel_groups.py --datasets digits --iterations 20 --rounds 5 --threads 1 2 --groups 2 10
+    python scripts/bench_parallel_groups.py --datasets cifar10 --threads 2 --layouts nchw channels_last \
+        --allocators system cache                         # the teacher's layout and cpu_allocator too
 
 For each dataset: the ConvNet-3 teacher of the dataset's config (freshly initialised: timing does not
 depend on its weights, so no data is read and nothing is cached), SRe2L's objective, the ipc_slice
 groups of 10 classes x IPC (IPC groups of one image per class). Per case the same G groups are
 optimised for `iterations` steps each, either one after another (optimise_batch, parallel_groups=1)
-or in stacks of G (optimise_groups, parallel_groups=G; default G = IPC: all at once). The cases of
-all thread counts are interleaved round by round in this one process, so a drift in the machine's
-load hits them alike; the table gives the median group-iterations/s per case, the ratio over one at
-a time, and the load average (uptime) before and after. Numbers are wall-clock on this machine's CPUs.
+or in stacks of G (optimise_groups, parallel_groups=G; default G = IPC: all at once), with the
+teacher in each of `--layouts` (teacher.channels_last). A round runs every case once (after a warm-up
+pass) in a fresh process per `--allocators` setting (cpu_allocator is process-wide, and a heap grown
+under `cache` would slow `system` down in the same process); rounds alternate the allocators, so a
+drift in the machine's load hits all cases alike. The table gives the median group-iterations/s per
+case and its ratio over G=1 with the first allocator and layout given, at the same threads, and the
+load average (uptime) before and after. Numbers are wall-clock on this machine's CPUs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from ddist.allocator import configure_allocator
 from ddist.data import dataset_spec
 from ddist.models import build_model
 from ddist.objectives import SRe2LObjective
@@ -63,6 +71,9 @@ def setup(dataset: str, ipc: int, iterations: int, width: int | None):
     return objective, x0, [labels[idx] for idx in groups], loop, cfg.teacher.model.width
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
 def one_at_a_time(objective, x0, labels, loop) -> None:
     for g, (x, y) in enumerate(zip(x0, labels, strict=True)):
         recover.optimise_batch(objective, x, y, *loop, recover.group_generator(1, g), lambda *a: None)
@@ -77,47 +88,76 @@ def stacked(objective, x0, labels, loop, most: int) -> None:
         recover.optimise_groups(objective, xs, ys, *loop, generators, lambda *a: None)
 
 
+def measure_once(dataset: str, args) -> dict[str, float]:
+    """One warm-up and one timed pass of every (threads, layout, G) case in this process, under the
+    cpu_allocator it was started with: {case: seconds}."""
+    objective, x0, labels, loop, _ = setup(dataset, args.ipc, args.iterations, args.width)
+    cases = [(t, lay, g) for t in args.threads for lay in args.layouts for g in [1, *stacks_of(args, x0)]]
+    seconds = {}
+    for timed in (False, True):
+        for threads, layout, g in cases:
+            torch.set_num_threads(threads)
+            objective.teacher.to(memory_format=LAYOUTS[layout])
+            start = time.perf_counter()
+            one_at_a_time(objective, x0, labels, loop) if g == 1 else stacked(objective, x0, labels, loop, g)
+            if timed:
+                seconds[json.dumps([threads, layout, g])] = time.perf_counter() - start
+    objective.close()
+    return seconds
+
+
+def stacks_of(args, x0) -> list[int]:
+    return args.groups or [len(x0)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--ipc", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=20, help="optimiser steps per group and case")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each after a warm-up pass)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--groups", type=int, nargs="+", default=None, help="parallel_groups G (default: IPC)")
     parser.add_argument("--width", type=int, default=None, help="teacher width (default: the dataset's config)")
+    parser.add_argument("--layouts", nargs="+", default=["channels_last"], choices=list(LAYOUTS))
+    parser.add_argument("--allocators", nargs="+", default=["cache"], choices=["cache", "system"])
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # dataset,allocator: one round in this process
     args = parser.parse_args()
     recover.warn_if_stuck = lambda *a: []  # few random-teacher iterations: the warnings say nothing here
+    if args.child:
+        dataset, allocator = args.child.split(",")
+        configure_allocator(allocator)
+        print(json.dumps(measure_once(dataset, args)))
+        return
 
     print(f"load average before: {load_average()} (cores: {os.cpu_count()})")
     for dataset in args.datasets:
-        objective, x0, labels, loop, width = setup(dataset, args.ipc, args.iterations, args.width)
-        stacks = args.groups or [len(x0)]
-        cases = [(t, "G=1", one_at_a_time) for t in args.threads]
-        cases += [(t, f"G={g}", partial(stacked, most=g)) for t in args.threads for g in stacks]
-        cases.sort(key=lambda case: case[0])  # per round: each thread count's cases one after another
-        seconds: dict[tuple[int, str], list[float]] = {(t, name): [] for t, name, _ in cases}
-        for round_ in range(args.rounds + 1):  # round 0 warms up
-            for threads, name, fn in cases:
-                torch.set_num_threads(threads)
-                start = time.perf_counter()
-                fn(objective, x0, labels, loop)
-                if round_:
-                    seconds[threads, name].append(time.perf_counter() - start)
-        objective.close()
-        work = len(x0) * args.iterations  # group-iterations per case
+        # every round and allocator in a fresh process: glibc's heap, once grown under `cache`, would
+        # penalise `system` in the same process (and a process-wide setting cannot be undone cleanly)
+        seconds: dict[tuple, list[float]] = {}
+        for _ in range(args.rounds):
+            for allocator in args.allocators:
+                child = [sys.executable, __file__, *sys.argv[1:], "--child", f"{dataset},{allocator}"]
+                out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+                for case, secs in json.loads(out.strip().splitlines()[-1]).items():
+                    seconds.setdefault((allocator, *json.loads(case)), []).append(secs)
+        groups = sorted({key[3] for key in seconds})
+        work = args.ipc * args.iterations  # group-iterations per case (ipc_slice: IPC groups)
         print(
-            f"\n{dataset}: ConvNet-3 width {width}, {len(x0)} groups of {len(labels[0])} images (G = {len(x0)}), "
-            f"{args.iterations} iterations each, {args.rounds} rounds; load average now {load_average()}"
+            f"\n{dataset}: ConvNet-3, {args.ipc} groups of one image per class, {args.iterations} iterations each, "
+            f"{args.rounds} rounds; load average now {load_average()}"
         )
-        print("group-iterations/s (median of the rounds; ratio: over G=1 at the same threads)")
+        first = (args.allocators[0], args.layouts[0])
+        print(f"group-iterations/s (median of the rounds; ratio: over G=1, cpu_allocator={first[0]}, {first[1]})")
         for threads in args.threads:
-            one = work / statistics.median(seconds[threads, "G=1"])
-            cells = [f"G=1: {one:.1f} it/s"]
-            for g in stacks:
-                rate = work / statistics.median(seconds[threads, f"G={g}"])
-                cells.append(f"G={g}: {rate:.1f} it/s ({rate / one:.2f}x)")
-            print(f"  threads {threads}: " + " | ".join(cells))
+            base = work / statistics.median(seconds[first[0], threads, first[1], 1])
+            for allocator in args.allocators:
+                for layout in args.layouts:
+                    cells = []
+                    for g in groups:
+                        rate = work / statistics.median(seconds[allocator, threads, layout, g])
+                        cells.append(f"G={g}: {rate:.1f} it/s ({rate / base:.2f}x)")
+                    print(f"  threads {threads}, {allocator}, {layout}: " + " | ".join(cells))
     print(f"\nload average after: {load_average()}")
 
 

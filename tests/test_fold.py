@@ -54,10 +54,11 @@ def test_folded_model_matches_the_unfolded_one(name, kw, channels_last):
 
 
 @pytest.mark.parametrize(("name", "kw"), MODELS[:3])
-def test_folded_model_input_gradient_matches(name, kw):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_model_input_gradient_matches(name, kw, channels_last):
     """DEDA differentiates through the folded teacher (with in-place ReLUs) to the pixels."""
     model = eval_model(name, **kw)
-    folded = fold_batchnorm(model)
+    folded = fold_batchnorm(model, channels_last=channels_last)
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     grads = []
     for net in (model, folded):
@@ -134,11 +135,15 @@ def test_fold_bn_selects_the_teacher_and_leaves_the_cache_keys(tmp_path):
     on = compose_cfg("recover=deda", cache_dir=tmp_path, run_dir=tmp_path)
     off = compose_cfg("recover=deda", "teacher.fold_bn=false", cache_dir=tmp_path, run_dir=tmp_path)
     model = eval_model("convnet", width=8)
-    folded = frozen_teacher(on, model, grad=True)
+    folded = frozen_teacher(on, model)
     assert folded is not model and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    assert frozen_teacher(off, model, grad=True) is model
+    convs = [m.weight for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    nchw = compose_cfg("recover=deda", "teacher.channels_last=false", cache_dir=tmp_path, run_dir=tmp_path)
+    assert all(m.weight.is_contiguous() for m in frozen_teacher(nchw, model).modules() if isinstance(m, nn.Conv2d))
+    assert frozen_teacher(off, model) is model
     # the same statistics either way (to float tolerance), so one cache entry serves both
-    assert teacher_key(on) == teacher_key(off)
+    assert teacher_key(on) == teacher_key(off) == teacher_key(nchw)
     assert class_stats_key(on, ["stage3"]) == class_stats_key(off, ["stage3"])
     # a subset per class is another entry; null keeps the key of statistics cached before the option
     subset = compose_cfg(

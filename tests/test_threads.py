@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from ddist import threads
+from ddist import allocator, threads
 from ddist.errors import ConfigError
 
 
@@ -51,3 +51,38 @@ def test_importing_ddist_asks_openmp_not_to_spin_unless_the_user_chose(preset, e
     code = "import ddist, os; print(os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+# ----------------------------------------------------------------------------- cpu_allocator
+
+
+MMAPPED_GROWTH = """
+import ctypes, sys
+from ddist import allocator
+
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h): ten size_t
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = allocator._glibc()
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+def growth():  # glibc's mmapped bytes while a 64 MiB block is held (above its 32 MiB top threshold)
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(2**26)
+    grown = libc.mallinfo2().hblkhd - before
+    libc.free(ctypes.c_void_p(block))
+    return grown
+default = growth()
+print(default, allocator.configure_allocator("system"), growth(), allocator.configure_allocator("cache"), growth())
+"""
+
+
+@pytest.mark.skipif(allocator._glibc() is None, reason="cpu_allocator acts on glibc only")
+def test_cpu_allocator_cache_serves_large_blocks_from_the_heap():
+    """In a fresh process (cpu_allocator is process-wide and one-way): glibc mmaps a 64 MiB block by
+    default and under `system`, and serves it from the heap under `cache`."""
+    out = subprocess.run([sys.executable, "-c", MMAPPED_GROWTH], capture_output=True, text=True, check=True)
+    default, system_applied, system, cache_applied, cache = out.stdout.split()
+    assert int(default) >= 2**26 and int(system) == int(default) and system_applied == "False"
+    assert cache_applied == "True" and int(cache) == 0

@@ -53,8 +53,8 @@ def fold_batchnorm(model: FeatureModel, channels_last: bool = False) -> FeatureM
     channels; any other BatchNorm stays. In-place ReLU is safe for autograd here: after the
     fold every ReLU reads a conv, pooling, GroupNorm or sum output, none of which their backward needs
     (autograd would raise at backward otherwise).
-    `channels_last` stores the weights in that layout (for passes with no gradient: a gain
-    for oneDNN/cuDNN convolutions). `model` itself is left unchanged.
+    `channels_last` stores the weights in that layout (oneDNN/cuDNN convolutions then skip layout
+    reorders, with or without a gradient to the input). `model` itself is left unchanged.
     """
     folded = copy.deepcopy(model).eval().requires_grad_(False)
     for parent in folded.modules():

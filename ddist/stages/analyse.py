@@ -65,7 +65,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
 
     # -- setup: the set, the teacher, the real subsample
     distilled = load_distilled(ctx.require("distilled"))
-    teacher = frozen_teacher(cfg, load_teacher(cfg, ctx), grad=False)
+    teacher = frozen_teacher(cfg, load_teacher(cfg, ctx))
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
     per_class = real_subsample(train, spec.num_classes, acfg.real_samples_per_class, cfg.seed)
     real_idx = torch.cat(per_class)

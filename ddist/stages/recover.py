@@ -173,7 +173,7 @@ def load_class_stats(cfg: DictConfig, ctx: RunContext, teacher, layers: list[str
         batch_size = cfg.recover.deda.stats_batch_size
         batches = class_sorted_batches(train, ctx.spec, batch_size, cfg.teacher.num_workers, order)
         stats = real_class_stats(
-            frozen_teacher(cfg, teacher, grad=False),
+            frozen_teacher(cfg, teacher),
             batches,
             ctx.spec.num_classes,
             layers,
@@ -208,7 +208,7 @@ def build_deda(cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> Recov
     layers = deda_layers(cfg, teacher)
     real = load_class_stats(cfg, ctx, teacher, layers)
     return DEDAObjective(
-        frozen_teacher(cfg, teacher, grad=True),  # DEDA reads no BatchNorm inputs: fold them away
+        frozen_teacher(cfg, teacher),  # DEDA reads no BatchNorm inputs: fold them away
         real,
         cfg.ipc,
         mean_weight=dcfg.mean_weight,
