@@ -94,6 +94,7 @@ class ProtocolConfig:
     recover_lr: float = MISSING
     r_bn: float = MISSING
     deda_reg_iterations: int = MISSING
+    recover_parallel_groups: int = MISSING
 
 
 @dataclass

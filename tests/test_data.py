@@ -57,6 +57,7 @@ PROTOCOL_KEYS = {
     "recover_lr",
     "r_bn",
     "deda_reg_iterations",
+    "recover_parallel_groups",
 }
 
 
