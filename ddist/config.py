@@ -94,7 +94,6 @@ class ProtocolConfig:
     recover_lr: float = MISSING
     r_bn: float = MISSING
     deda_reg_iterations: int = MISSING
-    recover_parallel_groups: int = MISSING
 
 
 @dataclass

@@ -57,7 +57,6 @@ PROTOCOL_KEYS = {
     "recover_lr",
     "r_bn",
     "deda_reg_iterations",
-    "recover_parallel_groups",
 }
 
 
