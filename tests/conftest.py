@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -106,6 +107,26 @@ def run_logged(*overrides: str, run_dir: Path, cache_dir: Path, caplog, tiny: bo
     with caplog.at_level(logging.INFO, logger="ddist"):
         run_pipeline(*overrides, run_dir=run_dir, cache_dir=cache_dir, tiny=tiny)
     return caplog.text
+
+
+def start_forked_run(*overrides: str, run_dir: Path, cache_dir: Path) -> multiprocessing.Process:
+    """run_pipeline in a forked child of this process, for the tests that SIGKILL a run midway: the
+    child starts with torch and ddist already imported (a `python -m ddist` subprocess spends ~5 s on
+    that), and a SIGKILL still runs none of its clean-up. Its output goes to /dev/null; its torch keeps
+    this worker's one thread (OMP_NUM_THREADS=1 above: no OpenMP pool to break across the fork)."""
+    child = multiprocessing.get_context("fork").Process(
+        target=_forked_run, args=(overrides, run_dir, cache_dir), daemon=True
+    )
+    child.start()
+    return child
+
+
+def _forked_run(overrides: tuple[str, ...], run_dir: Path, cache_dir: Path) -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.environ["DDIST_PROGRESS"] = "0"
+    run_pipeline(*overrides, run_dir=run_dir, cache_dir=cache_dir)
 
 
 def run_ddist(

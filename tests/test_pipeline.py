@@ -13,12 +13,17 @@ import pytest
 from conftest import read_results, run_ddist, run_pipeline, tiny_teacher
 from safetensors.torch import load_file
 
+from ddist import report
 from ddist.errors import DdistError
 
 
 def test_random_pipeline_writes_results_and_distilled_set(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "error.json").write_text('{"message": "an earlier failure", "exit_code": 2}')
     proc = run_ddist("pipeline=random", "ipc=2", run_dir=run_dir, cache_dir=cache_dir)
+    assert not (run_dir / "error.json").exists()  # a rerun that succeeds clears the old error
+    assert proc.stdout.rstrip().endswith(f"run directory: {run_dir}")  # the table ends by saying where it is
     results = read_results(run_dir)
     assert results["method"] == "random" and results["dataset"] == "digits" and results["ipc"] == 2
     assert 0.0 <= results["teacher_acc"] <= 1.0
@@ -68,21 +73,31 @@ def test_hard_protocol_and_several_students_with_repeats(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_multirun_makes_one_wandb_run_per_job_with_the_final_accuracy(tmp_path, cache_dir):
+def test_a_multirun_records_a_failed_job_goes_on_and_makes_one_wandb_run_per_job(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
-    run_ddist(
+    # job 0 asks for IPC 0 (a clean ddist error); jobs 1 and 2 are tiny random-real runs logged to W&B
+    proc = run_ddist(
         "pipeline=random",
         "-m",
-        "ipc=1,2",
+        "ipc=0,1,2",
         "logger=wandb",
         "logger.mode=offline",
         f"hydra.sweep.dir={sweep}",
         run_dir=tmp_path,
         cache_dir=cache_dir,
         env={"WANDB_MODE": "offline"},
+        check=False,
     )
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "results.json").exists())
-    assert len(jobs) == 2
+    failed, *jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_")[0]))
+    error = json.loads((failed / "error.json").read_text())
+    assert "ipc" in error["message"] and error["exit_code"] == 2
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "1 of 3 jobs failed" in proc.stderr and failed.name in proc.stderr
+    report.main([str(sweep)])
+    md = (sweep / "report.md").read_text()
+    assert f"failed job: `{failed.name}`" in md and "ipc" in md
+    # the sweep went on: every other job has its results and one offline W&B run with its final accuracy
+    assert [read_results(job)["ipc"] for job in jobs] == [1, 2]
     for job in jobs:
         results = read_results(job)
         runs = list((job / "wandb").glob("offline-run-*"))

@@ -4,16 +4,12 @@ byte-identical to an uninterrupted run."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, TINY, read_results, run_logged, run_pipeline
+from conftest import read_results, run_logged, run_pipeline, start_forked_run
 from diffusers import UNet2DModel
 
 from ddist.artifacts import load_checkpoint
@@ -77,19 +73,17 @@ def test_fit_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(tmp_pa
 
 @pytest.mark.slow
 def test_a_killed_teacher_training_resumes_to_the_same_weights(tmp_path, caplog):
-    """The run that is killed is a subprocess (SIGKILL); the reference and the rerun run in-process."""
+    """The run that is killed is a forked child (SIGKILL); the reference and the rerun run in-process."""
     args = ["pipeline.stages=[squeeze]", "teacher.epochs=8"]
     run_pipeline(*args, run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache")
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "ddist", *TINY, *args, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'a'}"]
-    env = {**os.environ, "DDIST_PROGRESS": "0"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_forked_run(*args, run_dir=tmp_path / "a", cache_dir=cache)
     deadline = time.time() + 600
-    while not list(cache.glob(f"teacher/*/{CHECKPOINT}")) and proc.poll() is None and time.time() < deadline:
+    while not list(cache.glob(f"teacher/*/{CHECKPOINT}")) and proc.is_alive() and time.time() < deadline:
         time.sleep(0.05)
-    assert proc.poll() is None, "the teacher finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.is_alive(), "the teacher finished before it could be killed"
+    proc.kill()  # SIGKILL
+    proc.join()
     assert not list(cache.glob("teacher/*/teacher.pt"))
     rerun = run_logged(*args, run_dir=tmp_path / "b", cache_dir=cache, caplog=caplog)
     assert "resuming at step" in rerun
@@ -229,15 +223,13 @@ def test_a_killed_diffusion_training_resumes_to_the_same_model(tmp_path, caplog)
         *args, "diffusion.train.checkpoint_every=7", run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache"
     )
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "ddist", *TINY, *args, f"paths.cache_dir={cache}", f"hydra.run.dir={tmp_path / 'a'}"]
-    env = {**os.environ, "DDIST_PROGRESS": "0"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_forked_run(*args, run_dir=tmp_path / "a", cache_dir=cache)
     deadline = time.time() + 600
-    while not list(cache.glob(f"diffusion/*/{CHECKPOINT}")) and proc.poll() is None and time.time() < deadline:
+    while not list(cache.glob(f"diffusion/*/{CHECKPOINT}")) and proc.is_alive() and time.time() < deadline:
         time.sleep(0.02)
-    assert proc.poll() is None, "the training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.is_alive(), "the training finished before it could be killed"
+    proc.kill()  # SIGKILL
+    proc.join()
     assert not list(cache.glob("diffusion/*/denoiser"))
     rerun = run_logged(*args, run_dir=tmp_path / "b", cache_dir=cache, caplog=caplog)
     assert "diffusion train: resuming at step" in rerun

@@ -1,27 +1,24 @@
 """Recover and diffusion sampling resume, reuse and shard (ddist/workdir.py, ddist/merge.py).
 
-A run killed with SIGKILL while its parts are being written resumes with only the unfinished
+A run (a forked child) killed with SIGKILL while its parts are being written resumes with only the unfinished
 parts and ends byte-identical to an uninterrupted run; shards (by hand, or a joblib multirun)
-assemble the same set; an identical configuration reuses a finished set. Only the run that is
-killed and the multiruns are `python -m ddist` subprocesses; the others run in-process.
+assemble the same set; an identical configuration reuses a finished set. Only the
+multiruns are `python -m ddist` subprocesses; the others run in-process.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, REPO, TINY, compose_cfg, run_ddist, run_logged
+from conftest import CONF, compose_cfg, run_ddist, run_logged, start_forked_run
 from hydra import compose, initialize_config_dir
 from test_experiments_diffusion import TINY_PIXEL
 
@@ -46,20 +43,18 @@ def _work_dir(log: str) -> Path:
 
 
 def _kill_after_some_parts(args: list[str], cache: Path, work: Path, run_dir: Path, total: int) -> set[str]:
-    """Start `python -m ddist ARGS`, SIGKILL it once a random number (1 .. total - 2) of its parts
+    """Start a run of ARGS (a forked child), SIGKILL it once a random number (1 .. total - 2) of its parts
     are on disk in its work directory `work`; returns the names of the parts that were there."""
     want = random.randint(1, total - 2)
-    cmd = [sys.executable, "-m", "ddist", *TINY, *args, f"paths.cache_dir={cache}", f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "DDIST_PROGRESS": "0"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_forked_run(*args, run_dir=run_dir, cache_dir=cache)
     deadline = time.time() + 600
     parts: list[Path] = []
-    while len(parts) < want and proc.poll() is None and time.time() < deadline:
+    while len(parts) < want and proc.is_alive() and time.time() < deadline:
         time.sleep(0.02)
         parts = list(work.glob("parts/*.safetensors"))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed (wanted {want} parts)"
+    proc.kill()  # SIGKILL
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL, f"the run ended before it was killed (wanted {want} parts)"
     parts = list(work.glob("parts/*.safetensors"))
     assert 1 <= len(parts) < total
     assert not (work / "distilled").exists()
