@@ -68,7 +68,7 @@ def load_teacher(cfg: DictConfig, ctx: RunContext) -> FeatureModel:
     load_model_state(model, load_checkpoint(path, "teacher.checkpoint"), path, "teacher.checkpoint")
     model.requires_grad_(False)
     layout = torch.channels_last if cfg.teacher.channels_last else torch.contiguous_format
-    return model.to(ctx.device, memory_format=layout).eval()
+    return model.to(ctx.device).to(memory_format=layout).eval()
 
 
 def frozen_teacher(cfg: DictConfig, teacher: FeatureModel) -> FeatureModel:
