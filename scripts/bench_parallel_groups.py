@@ -68,7 +68,7 @@ def setup(dataset: str, ipc: int, iterations: int, width: int | None):
     x0 = [recover.initial_images(spec, len(idx), recover.group_generator(0, g)) for g, idx in enumerate(groups)]
     augment = OmegaConf.to_container(cfg.dataset.augment.recover, resolve=True)
     loop = (cfg.recover, augment, spec.resolution, recover.pixel_bounds(spec, torch.device("cpu")))
-    return objective, x0, [labels[idx] for idx in groups], loop, cfg.teacher.model.width
+    return objective, x0, [labels[idx] for idx in groups], loop
 
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -91,8 +91,9 @@ def stacked(objective, x0, labels, loop, most: int) -> None:
 def measure_once(dataset: str, args) -> dict[str, float]:
     """One warm-up and one timed pass of every (threads, layout, G) case in this process, under the
     cpu_allocator it was started with: {case: seconds}."""
-    objective, x0, labels, loop, _ = setup(dataset, args.ipc, args.iterations, args.width)
-    cases = [(t, lay, g) for t in args.threads for lay in args.layouts for g in [1, *stacks_of(args, x0)]]
+    objective, x0, labels, loop = setup(dataset, args.ipc, args.iterations, args.width)
+    stacks = args.groups or [len(x0)]  # default: every group in one stack
+    cases = [(t, lay, g) for t in args.threads for lay in args.layouts for g in [1, *stacks]]
     seconds = {}
     for timed in (False, True):
         for threads, layout, g in cases:
@@ -104,10 +105,6 @@ def measure_once(dataset: str, args) -> dict[str, float]:
                 seconds[json.dumps([threads, layout, g])] = time.perf_counter() - start
     objective.close()
     return seconds
-
-
-def stacks_of(args, x0) -> list[int]:
-    return args.groups or [len(x0)]
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,16 @@ def start_forked_run(*overrides: str, run_dir: Path, cache_dir: Path) -> multipr
     )
     child.start()
     return child
+
+
+def kill_when(child: multiprocessing.Process, ready: Callable[[], bool], poll: float = 0.02) -> None:
+    """SIGKILL `child` as soon as ready() holds (or it ends, or 10 minutes pass) and wait for it; a test then
+    asserts `child.exitcode == -signal.SIGKILL`: the run was killed, not finished."""
+    deadline = time.time() + 600
+    while not ready() and child.is_alive() and time.time() < deadline:
+        time.sleep(poll)
+    child.kill()
+    child.join()
 
 
 def _forked_run(overrides: tuple[str, ...], run_dir: Path, cache_dir: Path) -> None:

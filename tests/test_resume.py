@@ -4,12 +4,12 @@ byte-identical to an uninterrupted run."""
 from __future__ import annotations
 
 import logging
-import time
+import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import read_results, run_logged, run_pipeline, start_forked_run
+from conftest import kill_when, read_results, run_logged, run_pipeline, start_forked_run
 from diffusers import UNet2DModel
 
 from ddist.artifacts import load_checkpoint
@@ -78,12 +78,8 @@ def test_a_killed_teacher_training_resumes_to_the_same_weights(tmp_path, caplog)
     run_pipeline(*args, run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache")
     cache = tmp_path / "cache"
     proc = start_forked_run(*args, run_dir=tmp_path / "a", cache_dir=cache)
-    deadline = time.time() + 600
-    while not list(cache.glob(f"teacher/*/{CHECKPOINT}")) and proc.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.is_alive(), "the teacher finished before it could be killed"
-    proc.kill()  # SIGKILL
-    proc.join()
+    kill_when(proc, lambda: any(cache.glob(f"teacher/*/{CHECKPOINT}")))
+    assert proc.exitcode == -signal.SIGKILL, "the teacher finished before it could be killed"
     assert not list(cache.glob("teacher/*/teacher.pt"))
     rerun = run_logged(*args, run_dir=tmp_path / "b", cache_dir=cache, caplog=caplog)
     assert "resuming at step" in rerun
@@ -224,12 +220,8 @@ def test_a_killed_diffusion_training_resumes_to_the_same_model(tmp_path, caplog)
     )
     cache = tmp_path / "cache"
     proc = start_forked_run(*args, run_dir=tmp_path / "a", cache_dir=cache)
-    deadline = time.time() + 600
-    while not list(cache.glob(f"diffusion/*/{CHECKPOINT}")) and proc.is_alive() and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.is_alive(), "the training finished before it could be killed"
-    proc.kill()  # SIGKILL
-    proc.join()
+    kill_when(proc, lambda: any(cache.glob(f"diffusion/*/{CHECKPOINT}")))
+    assert proc.exitcode == -signal.SIGKILL, "the training finished before it could be killed"
     assert not list(cache.glob("diffusion/*/denoiser"))
     rerun = run_logged(*args, run_dir=tmp_path / "b", cache_dir=cache, caplog=caplog)
     assert "diffusion train: resuming at step" in rerun

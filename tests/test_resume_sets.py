@@ -13,12 +13,11 @@ import random
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, compose_cfg, run_ddist, run_logged, start_forked_run
+from conftest import CONF, compose_cfg, kill_when, run_ddist, run_logged, start_forked_run
 from hydra import compose, initialize_config_dir
 from test_experiments_diffusion import TINY_PIXEL
 
@@ -47,13 +46,7 @@ def _kill_after_some_parts(args: list[str], cache: Path, work: Path, run_dir: Pa
     are on disk in its work directory `work`; returns the names of the parts that were there."""
     want = random.randint(1, total - 2)
     proc = start_forked_run(*args, run_dir=run_dir, cache_dir=cache)
-    deadline = time.time() + 600
-    parts: list[Path] = []
-    while len(parts) < want and proc.is_alive() and time.time() < deadline:
-        time.sleep(0.02)
-        parts = list(work.glob("parts/*.safetensors"))
-    proc.kill()  # SIGKILL
-    proc.join()
+    kill_when(proc, lambda: len(list(work.glob("parts/*.safetensors"))) >= want)
     assert proc.exitcode == -signal.SIGKILL, f"the run ended before it was killed (wanted {want} parts)"
     parts = list(work.glob("parts/*.safetensors"))
     assert 1 <= len(parts) < total
