@@ -78,6 +78,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "diffusion.sample.steps": AT_LEAST_1,
     "diffusion.sample.batch_size": AT_LEAST_1,
     "diffusion.sample.guidance_scale": NON_NEGATIVE,
+    "diffusion.sample.cgs.start": (lambda v: _number(v) and 0 <= v < 1, "a fraction in [0, 1) of the sampling steps"),
+    "diffusion.sample.cgs.end": (lambda v: _number(v) and 0 < v <= 1, "a fraction in (0, 1] of the sampling steps"),
+    "diffusion.sample.cgs.max_step": (POSITIVE[0], "a number > 0 (the largest ||dz_dpp|| / ||z|| of a step)"),
     "analyse.real_samples_per_class": AT_LEAST_1,
 }
 
@@ -120,6 +123,7 @@ def check_config(cfg: DictConfig) -> None:
     check_cache_dir(Path(cfg.paths.cache_dir))
     check_set_fits_memory(cfg)
     check_evidence_options(cfg)
+    check_cgs_window(cfg)
     if (
         "random" in cfg.pipeline.stages
         or OmegaConf.select(cfg, "recover.init") == "real"
@@ -161,6 +165,17 @@ def check_evidence_options(cfg: DictConfig) -> None:
     metric = cfg.objective_metric
     if metric is not None and (not isinstance(metric, str) or not metric):
         raise ConfigError(f"objective_metric={metric!r} must name a value of results.json, e.g. students.0.acc_mean.")
+
+
+def check_cgs_window(cfg: DictConfig) -> None:
+    """CGS's guidance window [start, end) holds at least part of the trajectory (RULES check each end)."""
+    start = OmegaConf.select(cfg, "diffusion.sample.cgs.start", default=None)
+    end = OmegaConf.select(cfg, "diffusion.sample.cgs.end", default=None)
+    if start is not None and end is not None and not start < end:
+        raise ConfigError(
+            f"diffusion.sample.cgs.start={start} must be below diffusion.sample.cgs.end={end}: guidance acts "
+            "on the steps i with start <= i / steps < end (0 and 1: every step)."
+        )
 
 
 def check_recover(rcfg: DictConfig) -> None:

@@ -38,7 +38,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 # choices that code also lists (ddist.objectives.deda), named once here
-RegNormalisation = Literal["mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel"]
+RegNormalisation = Literal["mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel", "ratio_corr"]
+GammaScope = Literal["cov", "mean_and_cov"]
 ClassReduction = Literal["mean", "sum"]
 RsmReduction = Literal["mean", "sum"]
 
@@ -66,6 +67,7 @@ class PathsConfig:
 class AugmentConfig:
     crop_scale: list[float] | None = MISSING
     flip: bool = MISSING
+    crop_draw: Literal["per_image", "per_batch"] = MISSING  # one crop box and flip per image, or per batch
     roll: int = MISSING
     roll_mode: Literal["sre2l", "symmetric"] = MISSING
 
@@ -195,6 +197,7 @@ class BNMatchingConfig:
 class DedaConfig:
     mean_weight: float = MISSING
     gamma: float = MISSING
+    gamma_scope: GammaScope = MISSING
     lambda_diag: float = MISSING
     lambda_offdiag: float = MISSING
     reg_normalisation: RegNormalisation = MISSING
@@ -316,6 +319,7 @@ class DiffusionTrainConfig:
     label_dropout: float = MISSING
     seed: int = MISSING
     ema: float | None = MISSING  # EMA decay of the weights; null = off
+    ema_schedule: Literal["warmup", "fixed"] = MISSING  # diffusers' EMAModel warm-up | DiT's fixed decay
     checkpoint_every: int = MISSING
 
 
@@ -347,8 +351,10 @@ class CGSConfig:
     mu_dm: float = MISSING
     eps: float = MISSING
     kernel: Literal["zt", "x0_hat", "teacher"] = MISSING
-    start: int = MISSING
-    end: int | None = MISSING
+    step_norm: Literal["none", "noise_std", "cap"] = MISSING  # how the DPP step is sized (ddist.objectives.cgs)
+    max_step: float = MISSING  # step_norm cap: the largest ||dz_dpp|| / ||z|| per latent and step
+    start: float = MISSING  # guidance window [start, end), fractions of the sampling steps
+    end: float = MISSING
 
 
 @dataclass

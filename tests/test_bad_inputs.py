@@ -42,6 +42,10 @@ ERRORS = [
     (["teacher.lr=0"], "teacher.lr"),
     (["recover.iterations=0"], "recover.iterations"),
     (["pipeline=rsm_cgs", "diffusion.sample.steps=0"], "diffusion.sample.steps"),
+    (["pipeline=cgs", "diffusion.sample.cgs.start=-0.1"], "diffusion.sample.cgs.start"),
+    (["pipeline=cgs", "diffusion.sample.cgs.end=1.5"], "diffusion.sample.cgs.end"),
+    (["pipeline=cgs", "diffusion.sample.cgs.start=0.6", "diffusion.sample.cgs.end=0.4"], "cgs.start=0.6 must be below"),
+    (["pipeline=cgs", "diffusion.sample.cgs.max_step=0"], "diffusion.sample.cgs.max_step"),
     (["pipeline.stages=[evaluate]"], "evaluate.distilled"),
     (["pipeline.stages=[random,evaluate]"], "squeeze"),
     (["ipc=100000000"], "Lower ipc"),
@@ -63,6 +67,7 @@ COMPOSE_ERRORS = [
     (["ipc=ten"], "ipc"),
     (["pipeline.stages=[squeeze,nosuchstage]"], "pipeline.stages[1]"),
     (["recover.init=zeros"], "recover.init"),
+    (["pipeline=cgs", "diffusion.sample.cgs.step_norm=unit"], "diffusion.sample.cgs.step_norm"),
 ]
 
 

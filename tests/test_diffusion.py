@@ -15,6 +15,7 @@ from ddist.models.diffusion import PixelCodec, class_id_map, pixel_denoiser
 from ddist.objectives.diffusion import predict_x0
 from ddist.stages.diffusion import teacher_features
 from ddist.stages.diffusion.sampling import (
+    cgs_guidance,
     denoise,
     guided_eps,
     image_generators,
@@ -67,7 +68,17 @@ def sample_cfg(method, guidance_channels=None, **cgs):
         "guidance_channels": guidance_channels,
         "ddim_eta": 0.0,
         "batch_size": 4,
-        "cgs": {"eta_dpp": 0.0, "mu_dm": 0.0, "eps": 1e-3, "kernel": "zt", "start": 0, "end": None, **cgs},
+        "cgs": {
+            "eta_dpp": 0.0,
+            "mu_dm": 0.0,
+            "eps": 1e-3,
+            "kernel": "zt",
+            "step_norm": "none",
+            "max_step": 0.05,
+            "start": 0.0,
+            "end": 1.0,
+            **cgs,
+        },
     }
 
 
@@ -134,6 +145,25 @@ def test_guidance_sees_the_current_steps_exact_clean_estimate(scheduler):
     assert torch.allclose(next_formula, seen[0][1], atol=1e-4) == (scheduler == "ddim")
 
 
+@pytest.mark.parametrize("start,end,guided", [(0.0, 1.0, [0, 1, 2, 3]), (0.25, 0.75, [1, 2]), (0.5, 1.0, [2, 3])])
+def test_cgs_guides_exactly_the_steps_inside_its_window(start, end, guided):
+    denoiser, sched = tiny_denoiser(), make_scheduler(SCHEDULE, "ddpm")
+    sched.set_timesteps(4)
+    z, ids = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(3, dtype=torch.long)
+    cfg = sample_cfg("cgs", eta_dpp=0.1, start=start, end=end)
+    guide = cgs_guidance(cfg["cgs"], sched, [(torch.arange(3), torch.zeros(1, 8, 8))])
+    moved = []
+
+    def watch(i, z_next, x0_hat):
+        out = guide(i, z_next, x0_hat)
+        if not torch.equal(out, z_next):
+            moved.append(i)
+        return out
+
+    denoise(denoiser, sched, z, ids, image_generators(0, [0, 0, 0]), cfg, guide=watch)
+    assert moved == guided  # step i is guided when start <= i / 4 < end
+
+
 def test_guidance_channels_guide_only_the_first_channels():
     class Fake:  # eps_theta(z, t, y) = y + 10 * channel index: conditional and null ids give different eps
         null_id = 9
@@ -183,15 +213,15 @@ def test_each_image_draws_its_own_noise_whatever_the_order():
     assert not torch.equal(draw(image_generators(1, [0])[0]), draw(image_generators(0, [0])[0]))
 
 
-def test_difffit_subset_is_biases_norms_and_embeddings():
+def test_the_unets_difffit_subset_is_biases_norms_and_embeddings():
+    # the DiT's subset is MiniMax's: tests/test_diffusion_finetune.py
     assert is_difffit("down_blocks.0.resnets.0.conv1.bias")
-    assert is_difffit("transformer_blocks.0.norm1.linear.weight")  # DiT's adaLN modulation
+    assert is_difffit("down_blocks.0.resnets.0.norm1.weight")
+    assert is_difffit("time_embedding.linear_1.weight")
     assert is_difffit("class_embedding.weight")
-    assert is_difffit("transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight")
     assert not is_difffit("down_blocks.0.resnets.0.conv1.weight")
-    assert not is_difffit("transformer_blocks.0.ff.net.2.weight")
     net = tiny_denoiser().net
-    chosen = select_parameters(net, "difffit")
+    chosen, _ = select_parameters(net, "difffit")
     assert 0 < sum(p.numel() for p in chosen) < sum(p.numel() for p in net.parameters())
     assert net.class_embedding.weight.requires_grad and not net.conv_in.weight.requires_grad
 
@@ -221,6 +251,7 @@ def test_fine_tuning_runs_each_objective_and_trains_only_the_chosen_parameters(o
         "label_dropout": 0.1,
         "seed": 0,
         "ema": None,
+        "ema_schedule": "warmup",
         "checkpoint_every": 100,
         "rsm": {"lambda": 3e-3, "reduction": "sum"},
         "minimax": {"lambda_pos": 0.002, "lambda_neg": 0.008, "memory": 4},
@@ -318,6 +349,7 @@ def trained_tiny_denoiser(steps: int, ema: float | None):
         "label_dropout": 0.1,
         "seed": 0,
         "ema": ema,
+        "ema_schedule": "warmup",
         "checkpoint_every": 100,
     }
     spec = dataset_spec(DIGITS)
@@ -362,8 +394,20 @@ def test_an_ema_decay_outside_0_1_is_a_config_error_naming_the_option():
 def test_an_unset_ema_leaves_the_cache_keys_of_older_models_unchanged():
     from ddist.stages.diffusion import _training_key
 
-    assert _training_key({"lr": 1e-3, "ema": None}) == {"lr": 1e-3}
-    assert _training_key({"lr": 1e-3, "ema": 0.999}) == {"lr": 1e-3, "ema": 0.999}
+    assert _training_key({"lr": 1e-3, "ema": None, "ema_schedule": "fixed"}, "pixel") == {"lr": 1e-3}
+    assert _training_key({"lr": 1e-3, "ema": 0.999, "ema_schedule": "warmup"}, "pixel") == {"lr": 1e-3, "ema": 0.999}
+
+
+def test_the_fixed_ema_and_the_revised_dit_training_are_in_the_model_keys():
+    from ddist.stages.diffusion import LATENT_TRAINING_REVISION, _training_key
+
+    fixed = {"lr": 1e-3, "ema": 0.9999, "ema_schedule": "fixed"}
+    assert _training_key(fixed, "pixel") == fixed  # a fixed decay makes other weights than the warm-up
+    # per-sample label dropout and MiniMax's DiffFit changed what the DiT loop makes of the same options
+    assert _training_key({"lr": 1e-3, "ema": None, "ema_schedule": "fixed"}, "latent") == {
+        "lr": 1e-3,
+        "revision": LATENT_TRAINING_REVISION,
+    }
 
 
 def test_an_unknown_backbone_is_a_config_error_listing_the_registered_ones():
@@ -372,3 +416,37 @@ def test_an_unknown_backbone_is_a_config_error_listing_the_registered_ones():
     assert set(BACKBONES) == {"pixel", "latent"}
     with pytest.raises(ConfigError, match="diffusion.backbone 'vit'.*pixel, latent"):
         make_codec({"backbone": "vit", "model": {}}, 1, need_encoder=False)
+
+
+def test_cgs_step_options_at_their_no_op_values_keep_the_sample_key_of_older_sets():
+    from ddist.stages.diffusion import _sample_settings_key
+
+    before = sample_cfg("cgs", kernel="x0_hat")
+    before["cgs"] = {k: v for k, v in before["cgs"].items() if k not in ("step_norm", "max_step")}
+    before["cgs"].update(start=0, end=None)  # the window as written before it was a fraction
+    assert _sample_settings_key(sample_cfg("cgs", kernel="x0_hat")) == before
+    capped = _sample_settings_key(sample_cfg("cgs", step_norm="cap", start=0.2))
+    assert (capped["cgs"]["step_norm"], capped["cgs"]["max_step"], capped["cgs"]["start"]) == ("cap", 0.05, 0.2)
+
+
+def test_measure_cgs_step_tabulates_each_variant_on_a_tiny_dit():
+    """scripts/measure_cgs_step.py's core on a 2-layer, 16-wide DiT, 4 steps measured at 0, 2 and the last."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("measure_cgs_step", REPO / "scripts" / "measure_cgs_step.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    dit = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "patch_size": 2}
+    dcfg = {"model": {"dit": {**dit, "num_embeds_ada_norm": 1000}}, "sample": sample_cfg("cgs", guidance_channels=3)}
+    cgs = {**dcfg["sample"]["cgs"], "eta_dpp": 100.0, "mu_dm": 1000.0, "max_step": 0.01}
+    z, mu = torch.randn(3, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.zeros(4, 32, 32)
+    rows = script.step_table(script.dit_eps(dcfg, None, 5, 3), make_scheduler(SCHEDULE, "ddpm"), z, cgs, mu, 4, 2)
+    assert [r["i"] for r in rows] == [0, 2, 3] and [r["t"] for r in rows] == [750, 250, 0]  # the 4-step schedule's
+    for r in rows:
+        for kernel in script.KERNELS:
+            assert r[f"{kernel} cap"] <= min(r[f"{kernel} none"], 1.0) * (1 + 1e-5)  # max_step 1%
+            assert r[f"{kernel} noise_std"] == pytest.approx((1 - r["abar"]) ** 0.5 * r[f"{kernel} none"], rel=1e-5)
+    assert rows[-1]["abar"] == 1.0 and rows[-1]["zt noise_std"] == 0.0  # the last step leaves clean latents
+    assert "| zt none |" in script.markdown(rows) and "| x0_hat cap |" in script.summary(rows)

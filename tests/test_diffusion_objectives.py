@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ddist.objectives.cgs import clean_estimate, cosine_kernel, dm_loss, dpp_loss, guidance_step
+from ddist.objectives.cgs import clean_estimate, cosine_kernel, dm_loss, dpp_loss, guidance_step, size_step
 from ddist.objectives.diffusion import denoising_loss, predict_x0
 from ddist.objectives.minimax import ClassMemory, minimax_loss, minimax_terms
 from ddist.objectives.rsm import l1_sparsity, rsm_loss
@@ -180,3 +180,30 @@ def test_guidance_with_zero_weights_leaves_the_latents_unchanged():
     z = torch.randn(4, 3, 2, 2)
     out = guidance_step(z, eta_dpp=0.0, mu_dm=0.0, mu_real0=torch.ones(3, 2, 2), abar_t=0.9, eps=1e-3)
     assert torch.equal(out, z)
+
+
+def test_size_step_none_noise_std_and_cap_by_hand():
+    z = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # ||z|| = 5 and 1
+    step = torch.tensor([[0.6, 0.8], [0.0, 0.02]])  # ||step|| = 1 and 0.02
+    assert torch.equal(size_step(step, z, "none", 0.36, 0.1), step)
+    torch.testing.assert_close(size_step(step, z, "noise_std", 0.36, 0.1), 0.8 * step)  # sqrt(1 - 0.36)
+    assert torch.equal(size_step(step, z, "noise_std", 1.0, 0.1), torch.zeros(2, 2))  # clean latents stay
+    # cap 0.1: the first step (1 > 0.1 * 5) shortens to length 0.5, direction kept; the second (0.02 <= 0.1) stays
+    torch.testing.assert_close(size_step(step, z, "cap", 0.36, 0.1), torch.tensor([[0.3, 0.4], [0.0, 0.02]]))
+    with pytest.raises(ValueError, match="step norm"):
+        size_step(step, z, "unit", 0.36, 0.1)
+
+
+def test_a_sized_guidance_step_resizes_the_dpp_step_only():
+    gen = torch.Generator().manual_seed(6)
+    n, d, mu_dm, abar = 4, 16, 10.0, 0.36
+    z = torch.randn(1, d, generator=gen) + 0.3 * torch.randn(n, d, generator=gen)
+    mu = torch.randn(d, generator=gen)
+    common = {"mu_real0": mu, "abar_t": abar, "eps": 1e-3}
+    dpp = z - guidance_step(z, eta_dpp=2.0, mu_dm=0.0, **common)
+    dm = z - guidance_step(z, eta_dpp=0.0, mu_dm=mu_dm, **common)
+    for norm, max_step in [("noise_std", 1.0), ("cap", 1e-3)]:
+        moved = guidance_step(z, eta_dpp=2.0, mu_dm=mu_dm, step_norm=norm, max_step=max_step, **common)
+        torch.testing.assert_close(z - moved, size_step(dpp, z, norm, abar, max_step) + dm)
+    capped = z - guidance_step(z, eta_dpp=2.0, mu_dm=0.0, step_norm="cap", max_step=1e-3, **common)
+    torch.testing.assert_close(capped.norm(dim=1), 1e-3 * z.norm(dim=1))  # every raw step here is longer

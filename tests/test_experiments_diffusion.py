@@ -52,6 +52,7 @@ def check_imagenet_common(cfg, dataset: str, ipc: int) -> None:
     assert list(d.model.class_ids) == list(cfg.dataset.imagenet_ids)
     assert (d.sample.steps, d.sample.guidance_scale, d.sample.scheduler) == (50, 4.0, "ddpm")
     assert (d.finetune.params, d.finetune.batch_size, d.finetune.epochs, d.finetune.steps) == ("difffit", 8, 8, None)
+    assert (d.finetune.ema, d.finetune.ema_schedule, d.finetune.label_dropout) == (0.9999, "fixed", 0.1)  # MiniMax's
     assert cfg.evaluate.protocol == "hard"
     # MiniMax's students: ConvNet-6 (instance norm), ResNetAP-10 and ResNet-18, by conf/model preset
     students = [student_config(s) for s in cfg.evaluate.students]

@@ -140,7 +140,7 @@ class _CrashingCodec(PixelCodec):
         return x
 
 
-def _train_denoiser(work, objective, crash_at=None, ema=None):
+def _train_denoiser(work, objective, crash_at=None, ema=None, ema_schedule="warmup"):
     """12 steps of batch 8 over 20 images (an epoch is 3 batches), a checkpoint every 4 steps."""
     torch.manual_seed(0)
     net = UNet2DModel(
@@ -167,6 +167,7 @@ def _train_denoiser(work, objective, crash_at=None, ema=None):
         "seed": 0,
         "checkpoint_every": 4,
         "ema": ema,
+        "ema_schedule": ema_schedule,
         "minimax": {"lambda_pos": 0.1, "lambda_neg": 0.1, "memory": 3},
     }
     losses = train_denoiser(
@@ -186,14 +187,19 @@ def _train_denoiser(work, objective, crash_at=None, ema=None):
     return net, losses
 
 
-@pytest.mark.parametrize(("objective", "ema"), [("plain", None), ("minimax", None), ("plain", 0.9)])
-def test_diffusion_training_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(tmp_path, objective, ema):
+@pytest.mark.parametrize(
+    ("objective", "ema", "schedule"),
+    [("plain", None, "warmup"), ("minimax", None, "warmup"), ("plain", 0.9, "warmup"), ("plain", 0.9, "fixed")],
+)
+def test_diffusion_training_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(
+    tmp_path, objective, ema, schedule
+):
     # with ema, the saved weights are the average: it must come back from the checkpoint too
-    reference, reference_losses = _train_denoiser(None, objective, ema=ema)
-    with pytest.raises(KeyboardInterrupt):
-        _train_denoiser(tmp_path, objective, crash_at=11, ema=ema)  # in the fourth epoch, after step 8's checkpoint
+    reference, reference_losses = _train_denoiser(None, objective, ema=ema, ema_schedule=schedule)
+    with pytest.raises(KeyboardInterrupt):  # in the fourth epoch, after step 8's checkpoint
+        _train_denoiser(tmp_path, objective, crash_at=11, ema=ema, ema_schedule=schedule)
     assert (tmp_path / CHECKPOINT).is_file()
-    resumed, losses = _train_denoiser(tmp_path, objective, ema=ema)
+    resumed, losses = _train_denoiser(tmp_path, objective, ema=ema, ema_schedule=schedule)
     assert losses == reference_losses[8:]  # steps 9-12 ran again, on the same batches and noise
     a, b = reference.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

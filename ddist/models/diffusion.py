@@ -15,23 +15,31 @@ weights come from `from_pretrained` (a hub id or a local
 directory); without them a model is built from the config and trained from
 scratch by the stage. Offline with no local copy the load fails with a
 ConfigError naming the option to set. WeightAverage keeps the optional EMA of the
-weights during training (diffusion.train.ema / diffusion.finetune.ema).
+weights during training (diffusion.train.ema / diffusion.finetune.ema, with its
+ema_schedule); DitDiffFit is MiniMax's DiffFit parameter subset on the DiT.
+
+Label dropout for classifier-free guidance is the training loop's, once per sample,
+for both backbones: latent_denoiser turns off the per-block dropout of diffusers' DiT.
 
 Imported only by the diffusion stage (diffusers is a heavy import): ddist.models does not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel
+from diffusers.models.embeddings import LabelEmbedding
 from diffusers.training_utils import EMAModel
+from torch import nn
 
 from ddist.errors import ConfigError
+from ddist.logging import info
 
 
 @dataclass
@@ -41,8 +49,7 @@ class Denoiser:
     net: torch.nn.Module  # UNet2DModel | DiTTransformer2DModel
     latent_shape: tuple[int, int, int]
     class_ids: torch.Tensor  # [num_classes]: dataset label -> model class id
-    null_id: int  # the model's unconditional class id
-    drops_labels: bool  # DiT drops labels itself (10%) in train mode
+    null_id: int  # the model's unconditional class id (the training loop drops labels to it)
 
     def eps(self, z: torch.Tensor, t: torch.Tensor, model_ids: torch.Tensor) -> torch.Tensor:
         """Predicted noise [B, C, h, w]; a learned-variance head (DiT) is dropped, as in diffusers' DiTPipeline."""
@@ -81,36 +88,170 @@ class VaeCodec:
         return self.decoder.decode(z / self.scale).sample
 
 
-class WeightAverage:
-    """An exponential moving average of a network's weights (diffusers' EMAModel), kept as DiT keeps
-    one: updated after every optimiser step; `copy_to_net` puts the average into the network at the
-    end, so the weights saved and sampled from are the average. decay None: off (no-ops).
+class FixedEMA:
+    """DiT's and MiniMax's EMA (update_ema in their train scripts): the average starts at the
+    weights training starts from and takes p_ema = decay * p_ema + (1 - decay) * p after every step."""
 
-    EMAModel's schedule: the first update copies the weights, the n-th (n >= 2) uses the decay
-    min(decay, n / (n + 9)), so a short run does not keep its random initial weights.
+    def __init__(self, params: Iterable[nn.Parameter], decay: float):
+        self.params, self.decay = list(params), decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.mul_(self.decay).add_(p, alpha=1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_net(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            p.copy_(s)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for s, saved in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(saved)
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights, updated after every optimiser step;
+    `copy_to_net` puts the average into the network at the end, so the weights saved and sampled
+    from are the average. decay None: off (no-ops). Two schedules (diffusion.<phase>.ema_schedule):
+
+    - fixed: FixedEMA, as DiT and MiniMax (decay 0.9999 from the pretrained weights). It averages
+      the trained parameters `params` only: a frozen weight is its own average (MiniMax averages
+      every parameter, which moves the frozen ones by rounding only).
+    - warmup: diffusers' EMAModel over every parameter: the first update copies the weights, the
+      n-th (n >= 2) uses the decay min(decay, n / (n + 9)), so a short run from random weights
+      does not keep them. It cannot reproduce a fixed decay.
     """
 
-    def __init__(self, net: torch.nn.Module, decay: float | None, option: str):
+    def __init__(
+        self, net: torch.nn.Module, params: list[nn.Parameter], decay: float | None, schedule: str, option: str
+    ):
         if decay is not None and not 0 < decay < 1:
-            raise ConfigError(f"{option}={decay} must be a decay in (0, 1) (e.g. 0.9999), or null for no EMA.")
+            raise ConfigError(f"{option}.ema={decay} must be a decay in (0, 1) (e.g. 0.9999), or null for no EMA.")
         self.net = net
-        self.ema = None if decay is None else EMAModel(net.parameters(), decay=decay)
+        self.ema: EMAModel | FixedEMA | None = None
+        if decay is not None:  # the schema admits only the two schedules
+            self.ema = FixedEMA(params, decay) if schedule == "fixed" else EMAModel(net.parameters(), decay=decay)
 
     def step(self) -> None:
-        if self.ema is not None:
+        if isinstance(self.ema, EMAModel):
             self.ema.step(self.net.parameters())
+        elif self.ema is not None:
+            self.ema.step()
 
     def copy_to_net(self) -> None:
-        if self.ema is not None:
+        if isinstance(self.ema, EMAModel):
             self.ema.copy_to(self.net.parameters())
+        elif self.ema is not None:
+            self.ema.copy_to_net()
 
-    # a checkpoint keeps the average and its step, so a resumed run averages as an uninterrupted one
+    # a checkpoint keeps the average (and EMAModel's step), so a resumed run averages as an uninterrupted one
     def state_dict(self) -> dict:
         return {} if self.ema is None else self.ema.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if self.ema is not None:
             self.ema.load_state_dict(state)
+
+
+class DitDiffFit:
+    """MiniMax's DiffFit subset on a diffusers DiT (diffusion.finetune.params=difffit, latent backbone).
+
+    MiniMax (train_dit.py, mark_difffit_trainable) trains the parameters of its DiT (models.py)
+    whose names contain bias, norm, gamma or y_embed: 1,739,552 of DiT-XL/2. On diffusers' names:
+
+    - y_embed: DiT has one class table (y_embedder) and one timestep MLP (t_embedder), whose sum
+      conditions every block and the final layer. diffusers gives every block's norm1 its own
+      CombinedTimestepLabelEmbeddings (the final layer uses block 0's), which the converted
+      checkpoints fill with copies of DiT's one. reading: the blocks' embedders are tied to
+      block 0's while fine-tuning (one module: DiT's structure), so the one class table trained
+      is the one every block uses, as in DiT; training block 0's alone would leave 27 of 28
+      blocks on the pretrained table. A base whose blocks' embedders differ (a DiT trained from
+      scratch here) gets block 0's everywhere, which is logged.
+    - bias: every bias (patch embedding, the timestep MLP, attention, MLP, adaLN modulation, final
+      layer), as in DiT.
+    - norm: normalisation layers' affine parameters: DiT's LayerNorms have none. The adaLN
+      modulation (norm1.linear, proj_out_1) and the embedders (norm1.emb) are modules named norm*
+      in diffusers only (adaLN_modulation, t_embedder in DiT): their weights stay frozen.
+    - gamma: DiffFit's scales, which diffusers' DiT lacks, added as MiniMax's models.py has them
+      on its first 14 of 28 blocks (here the first half), initialised to 1 (the pretrained
+      function): attn1.gamma1 [3D] scales q, k and v; attn1.gamma2 and gamma1 [D] scale the
+      attention output (before the adaLN gate); gamma2 [D] scales the MLP output. Forward hooks
+      on those Linear layers apply them.
+
+    finish() folds the scales into those Linear layers' weights and biases (a per-channel scale of
+    a Linear's output) and unties the embedders into copies of the trained one, so the network is
+    a plain DiTTransformer2DModel again, as save_pretrained writes it.
+    """
+
+    def __init__(self, net: DiTTransformer2DModel):
+        self.net = net
+        blocks = net.transformer_blocks
+        emb = blocks[0].norm1.emb
+        if any(not _same_parameters(emb, b.norm1.emb) for b in blocks[1:]):
+            info("diffusion: DiffFit ties the blocks' differing timestep and class embedders to block 0's")
+        for b in blocks[1:]:
+            b.norm1.emb = emb
+        self.scaled = list(blocks[: len(blocks) // 2])
+        w = blocks[0].attn1.to_q.weight
+        for b in self.scaled:
+            dim = b.attn1.to_out[0].out_features
+            b.attn1.gamma1 = nn.Parameter(torch.ones(3 * dim, device=w.device, dtype=w.dtype))
+            for module, name in ((b.attn1, "gamma2"), (b, "gamma1"), (b, "gamma2")):
+                setattr(module, name, nn.Parameter(torch.ones(dim, device=w.device, dtype=w.dtype)))
+        self.hooks = [
+            layer.register_forward_hook(lambda m, args, out, scale=scale: out * scale())
+            for b in self.scaled
+            for layer, scale in _scales(b)
+        ]
+        self.norm_affine = {
+            f"{name}.{p}"
+            for name, m in net.named_modules()
+            if isinstance(m, nn.LayerNorm | nn.GroupNorm)
+            for p, _ in m.named_parameters(recurse=False)
+        }
+
+    def trainable(self, name: str) -> bool:
+        """MiniMax's rule (bias, norm, gamma, y_embed) on a parameter name of the tied network."""
+        last = name.rsplit(".", 1)[-1]
+        return last == "bias" or last.startswith("gamma") or ".class_embedder." in name or name in self.norm_affine
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        for b in self.scaled:
+            for layer, scale in _scales(b):
+                s = scale()
+                layer.weight.mul_(s[:, None])
+                if layer.bias is not None:
+                    layer.bias.mul_(s)
+            del b.attn1.gamma1, b.attn1.gamma2, b.gamma1, b.gamma2
+        blocks = self.net.transformer_blocks
+        for b in blocks[1:]:
+            b.norm1.emb = copy.deepcopy(blocks[0].norm1.emb)
+
+
+def _scales(block: Any) -> list[tuple[nn.Linear, Callable[[], torch.Tensor]]]:
+    """The Linear layers of a DiT block that DiffFit scales, each with its (current) per-channel scale."""
+    attn = block.attn1
+    dim = attn.to_out[0].out_features
+    ff_out = [m for m in block.ff.net if isinstance(m, nn.Linear)][-1]
+    return [
+        (attn.to_q, lambda: attn.gamma1[:dim]),
+        (attn.to_k, lambda: attn.gamma1[dim : 2 * dim]),
+        (attn.to_v, lambda: attn.gamma1[2 * dim :]),
+        (attn.to_out[0], lambda: attn.gamma2 * block.gamma1),
+        (ff_out, lambda: block.gamma2),
+    ]
+
+
+def _same_parameters(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -218,13 +359,23 @@ def class_id_map(model_cfg: Mapping, num_classes: int, table_size: int) -> torch
 def pixel_denoiser(net: UNet2DModel, model_cfg: Mapping, num_classes: int) -> Denoiser:
     table = net.config.num_class_embeds - 1  # the last embedding is the null class
     c, s = net.config.in_channels, net.config.sample_size
-    return Denoiser(net, (c, s, s), class_id_map(model_cfg, num_classes, table), table, drops_labels=False)
+    return Denoiser(net, (c, s, s), class_id_map(model_cfg, num_classes, table), table)
 
 
 def latent_denoiser(net: DiTTransformer2DModel, model_cfg: Mapping, num_classes: int) -> Denoiser:
+    """The DiT as a Denoiser, without its own label dropout.
+
+    In train mode each of diffusers' DiT blocks drops the label on its own draw (every block's
+    LabelEmbedding, class_dropout_prob 0.1 fixed by CombinedTimestepLabelEmbeddings; block 0's
+    twice, for the final layer too): nearly every sample got a partly dropped label. DiT and
+    MiniMax drop it once per sample, which the training loop does (with the null id below).
+    """
+    for m in net.modules():
+        if isinstance(m, LabelEmbedding):
+            m.dropout_prob = 0.0  # its table keeps the null row (sized at construction)
     table = net.config.num_embeds_ada_norm  # DiT's null class is the id after its last class
     c, s = net.config.in_channels, net.config.sample_size
-    return Denoiser(net, (c, s, s), class_id_map(model_cfg, num_classes, table), table, drops_labels=True)
+    return Denoiser(net, (c, s, s), class_id_map(model_cfg, num_classes, table), table)
 
 
 Codec = PixelCodec | VaeCodec

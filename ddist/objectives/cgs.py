@@ -16,10 +16,18 @@ kernel), so descending it spreads them apart. The sampler chooses phi: the
 noisy latents themselves, their clean estimates x0_hat (`clean_estimate`), or
 a frozen classifier's features of the decoded x0_hat. L_dm matches the class mean of the noisy latents with the
 mean the forward process gives to real data, E[z_t] = sqrt(abar_t) * E[z_0].
+
+The DPP step dz_dpp = eta_dpp * grad_Z L_dpp can be resized before it is taken (`size_step`,
+diffusion.sample.cgs.step_norm): none (as above), noise_std (times sqrt(1 - abar_t)) or cap
+(||dz_dpp^(i)|| <= max_step * ||z^(i)|| per latent). reading: the seed gives one raw step; its size
+depends on the kernel and on t by orders of magnitude (scripts/measure_cgs_step.py), so the
+sampler may rescale it. Only the DPP step is resized: the DM step already shrinks the class-mean
+gap by the fixed factor 1 - 2 mu_dm / (N D) whatever t is, and does not depend on the kernel.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -69,6 +77,55 @@ def clean_estimate(z: torch.Tensor, x0_hat: torch.Tensor, abar_t: float) -> torc
     return x0_hat.detach() + (z - z.detach()) / abar_t**0.5
 
 
+def size_step(step: torch.Tensor, z: torch.Tensor, norm: str, abar_t: float, max_step: float) -> torch.Tensor:
+    """The DPP step `step` [N, ...] of the latents z [N, ...] at noise level abar_t, resized by `norm`.
+
+    none:      the step itself (the seed's raw step).
+    noise_std: the step times sqrt(1 - abar_t), the std of the noise the latents z still carry.
+               reading: the marginal noise std rather than the scheduler step's own sigma_t, which is
+               0 for DDIM at eta 0 (guidance would vanish) and differs between schedulers; it is 0
+               after the last step (abar = 1), so clean latents are not moved by this norm.
+    cap:       each latent's step shortened, direction kept, to at most max_step * ||z^(i)||.
+    """
+    if norm == "none":
+        return step
+    if norm == "noise_std":
+        return (1.0 - abar_t) ** 0.5 * step
+    if norm == "cap":
+        limit = max_step * z.flatten(1).norm(dim=1)
+        length = step.flatten(1).norm(dim=1)
+        scale = torch.where(length > limit, limit / length.clamp(min=torch.finfo(step.dtype).tiny), 1.0)
+        return step * scale.view(-1, *([1] * (step.ndim - 1)))
+    raise ValueError(f"unknown step norm {norm!r}: none, noise_std or cap")
+
+
+def raw_steps(
+    z: torch.Tensor,
+    *,
+    eta_dpp: float,
+    mu_dm: float,
+    mu_real0: torch.Tensor,
+    abar_t: float,
+    eps: float,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two raw guidance steps (eta_dpp * grad_Z L_dpp, mu_dm * grad_Z L_dm) of a whole class.
+
+    z: the class's latents [N, ...] just produced by the scheduler step, at
+       noise level abar_t (abar_t = 1 after the last step).
+    embed: the differentiable map from z to the vectors the DPP kernel compares
+       (e.g. clean_estimate, or a classifier's features of it); None: z itself.
+       The gradient flows through it to z.
+    """
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        dpp_grad = torch.zeros_like(z)
+        if eta_dpp:  # (no kernel pass, e.g. no decode for the teacher kernel, when the DPP term is off)
+            (dpp_grad,) = torch.autograd.grad(eta_dpp * dpp_loss(z if embed is None else embed(z), eps), z)
+        (dm_grad,) = torch.autograd.grad(mu_dm * dm_loss(z, mu_real0, abar_t), z)
+    return dpp_grad.detach(), dm_grad.detach()
+
+
 def guidance_step(
     z: torch.Tensor,
     *,
@@ -78,19 +135,13 @@ def guidance_step(
     abar_t: float,
     eps: float,
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    step_norm: str = "none",
+    max_step: float = math.inf,
 ) -> torch.Tensor:
-    """One CGS correction Z - (eta_dpp * grad_Z L_dpp + mu_dm * grad_Z L_dm) of a whole class.
+    """One CGS correction Z - (size_step(eta_dpp * grad_Z L_dpp) + mu_dm * grad_Z L_dm) of a whole class.
 
-    z: the class's latents [N, ...] just produced by the scheduler step, at
-       noise level abar_t (abar_t = 1 after the last step).
-    embed: the differentiable map from z to the vectors the DPP kernel compares
-       (e.g. clean_estimate, or a classifier's features of it); None: z itself.
-       The gradient flows through it to z.
+    z, abar_t, embed: as raw_steps; step_norm, max_step: how the DPP step is sized (size_step).
     Returns the corrected latents (detached).
     """
-    with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        kernel_input = z if embed is None else embed(z)
-        loss = eta_dpp * dpp_loss(kernel_input, eps) + mu_dm * dm_loss(z, mu_real0, abar_t)
-        (grad,) = torch.autograd.grad(loss, z)
-    return (z - grad).detach()
+    dpp, dm = raw_steps(z, eta_dpp=eta_dpp, mu_dm=mu_dm, mu_real0=mu_real0, abar_t=abar_t, eps=eps, embed=embed)
+    return (z.detach() - size_step(dpp, z, step_norm, abar_t, max_step) - dm).detach()

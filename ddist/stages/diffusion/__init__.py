@@ -60,6 +60,11 @@ __all__ = ["run"]
 _NOT_DATA_KEYS = ("protocol", "download", "augment")
 # training keys that do not change the trained weights
 _NOT_WEIGHT_KEYS = ("checkpoint_every",)
+# The latent (DiT) training loop's revision, in the keys of the models it trains (and so of their
+# samples): 2 = the label dropped once per sample by the loop (each DiT block drew its own before)
+# and DiffFit as MiniMax's (DitDiffFit: embedders tied, DiffFit scales, adaLN weights frozen);
+# absent = before. The pixel models' keys do not have it: their training did not change.
+LATENT_TRAINING_REVISION = 2
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
@@ -94,12 +99,24 @@ def sample_key(cfg: DictConfig, dcfg: dict) -> dict:
     settings, ipc, seed, the pipeline (meta.json's method) and, for CGS's teacher kernel, the teacher."""
     model: dict[str, Any] = {"base": _base_key(cfg, dcfg)}
     if dcfg["finetune"]["objective"] != "none":
-        model["finetune"] = dcfg["finetune"]
-    key = {"model": model, "sample": dcfg["sample"], "ipc": int(cfg.ipc), "seed": int(cfg.seed)}
+        model["finetune"] = {**_with_set_schedule(dcfg["finetune"]), **_revision(dcfg["backbone"])}
+    key = {"model": model, "sample": _sample_settings_key(dcfg["sample"]), "ipc": int(cfg.ipc), "seed": int(cfg.seed)}
     key["pipeline"] = cfg.pipeline.name
     if dcfg["sample"]["method"] == "cgs" and dcfg["sample"]["cgs"]["kernel"] == "teacher":
         key["teacher"] = teacher_identity(cfg)
     return key
+
+
+def _sample_settings_key(scfg: dict) -> dict:
+    """diffusion.sample as a cache key: CGS's step size and window written as before those options
+    (no step_norm or max_step, window start 0 and end null) when they change nothing, so the keys
+    of sets sampled before them stay valid."""
+    cgs = dict(scfg["cgs"])
+    if cgs["step_norm"] == "none":
+        del cgs["step_norm"], cgs["max_step"]
+    if (cgs["start"], cgs["end"]) == (0, 1):
+        cgs["start"], cgs["end"] = 0, None
+    return {**scfg, "cgs": cgs}
 
 
 def sample_parts(
@@ -168,7 +185,7 @@ def load_denoiser(cfg: DictConfig, dcfg: dict, ctx: RunContext, train_set):
             cfg,
             dcfg,
             "diffusion_finetune",
-            {"base": base_key, "finetune": _training_key(dcfg["finetune"])},
+            {"base": base_key, "finetune": _training_key(dcfg["finetune"], dcfg["backbone"])},
             spec,
             make=base,
             fit=lambda d, work: train(
@@ -200,14 +217,27 @@ def _base_key(cfg: DictConfig, dcfg: dict) -> dict:
     model = {k: v for k, v in dcfg["model"].items() if k != "random_weights" or v}
     key = {"backbone": dcfg["backbone"], "model": model, "schedule": dcfg["schedule"], "data": data_key(cfg)}
     if dcfg["model"]["pretrained"] is None:
-        key["train"] = _training_key(dcfg["train"])
+        key["train"] = _training_key(dcfg["train"], dcfg["backbone"])
     return key
 
 
-def _training_key(tcfg: dict) -> dict:
-    """A train/finetune node as a cache key: without the keys that do not change the weights, and
-    with ema only when set, so the keys of models cached before these options stay valid."""
-    return {k: v for k, v in tcfg.items() if k not in _NOT_WEIGHT_KEYS and (k != "ema" or v is not None)}
+def _training_key(tcfg: dict, backbone: str) -> dict:
+    """A train/finetune node as a cache key: without the keys that do not change the weights, with
+    ema only when set and ema_schedule only when it is fixed (_with_set_schedule), so the keys of
+    models cached before these options stay valid; with the latent loop's revision."""
+    node = _with_set_schedule(tcfg)
+    key = {k: v for k, v in node.items() if k not in _NOT_WEIGHT_KEYS and (k != "ema" or v is not None)}
+    return {**key, **_revision(backbone)}
+
+
+def _with_set_schedule(tcfg: dict) -> dict:
+    """tcfg without ema_schedule where it changes nothing (no EMA) or is the schedule of before the
+    option (warmup, diffusers' EMAModel)."""
+    return {k: v for k, v in tcfg.items() if k != "ema_schedule" or (tcfg["ema"] is not None and v != "warmup")}
+
+
+def _revision(backbone: str) -> dict:
+    return {"revision": LATENT_TRAINING_REVISION} if backbone == "latent" else {}
 
 
 def _cached_model(cfg, dcfg, kind, key, spec, make, fit):

@@ -13,8 +13,10 @@ the group it was in and shards split the groups (ddist/workdir.py).
         eps = eps_u + s (eps_c - eps_u)             classifier-free guidance, scale s
                                                     (on the first guidance_channels channels only)
         z, x0_hat = scheduler.step(eps, t, z)       DDPM or DDIM (diffusers); x0_hat = pred_original_sample
-        z   = guide(i, z, x0_hat)                   a Guidance callable; cgs only, inside its window:
-        Z_c = Z_c - (eta_dpp grad L_dpp + mu_dm grad L_dm)   per class c (ddist.objectives.cgs)
+        z   = guide(i, z, x0_hat)                   a Guidance callable; cgs only, inside its window
+                                                    (start <= i / steps < end):
+        Z_c = Z_c - (size(eta_dpp grad L_dpp) + mu_dm grad L_dm)   per class c (ddist.objectives.cgs;
+                                                    size: cgs.step_norm, none | noise_std | cap)
 
 CGS packs whole classes into the model's batches, so it costs independent
 sampling's forward passes plus the guidance.
@@ -101,9 +103,12 @@ def abar_after(scheduler, i: int) -> float:
 
 
 def in_window(i: int, cgs: Mapping, num_steps: int) -> bool:
-    """Guidance acts after steps start <= i < end (end null: the last step)."""
-    end = num_steps if cgs["end"] is None else cgs["end"]
-    return cgs["start"] <= i < end
+    """Guidance acts after step i (0-based, of num_steps) when start <= i / num_steps < end.
+
+    i / num_steps is the fraction of the trajectory run before step i: 0 at the first step,
+    (num_steps - 1) / num_steps at the last, so [0, 1) is every step and [0.5, 1) the second half.
+    """
+    return cgs["start"] <= i / num_steps < cgs["end"]
 
 
 @torch.no_grad()
@@ -140,7 +145,7 @@ def kernel_embedding(kernel: str, x0_hat: torch.Tensor, abar_t: float, features:
 def cgs_guidance(
     cgs: Mapping, scheduler, classes: list[tuple[torch.Tensor, torch.Tensor]], features: Features | None = None
 ) -> Guidance:
-    """CGS as a Guidance: inside the window, each class's latents take one guidance_step.
+    """CGS as a Guidance: inside the window (in_window), each class's latents take one guidance_step.
 
     classes: (rows of the group, real mean latent) of each whole class in the group.
     features: the teacher kernel's feature map (kernel teacher only).
@@ -161,6 +166,8 @@ def cgs_guidance(
                 abar_t=abar,
                 eps=cgs["eps"],
                 embed=kernel_embedding(cgs["kernel"], x0_hat[rows], abar, features),
+                step_norm=cgs["step_norm"],
+                max_step=cgs["max_step"],
             )
         return z
 

@@ -2,12 +2,13 @@
 
     z0   = encode(real batch)                      (pixels in [-1, 1], or VAE latents)
     t    ~ U{0, T-1},  eps ~ N(0, I),  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
-    y    = model class ids, replaced by the null id with probability label_dropout
+    y    = model class ids, each replaced by the null id with probability label_dropout (one draw per sample)
     loss = objective(eps_theta(z_t, t, y), eps, x0_hat, z0, y)
 
 The same loop trains a pixel model from scratch (`plain`) and fine-tunes any
 model with `plain`, `minimax` or `rsm`, optionally on DiffFit's parameter
-subset only.
+subset only (MiniMax's on the DiT: DitDiffFit), optionally keeping an EMA of the
+weights that is saved and sampled instead (WeightAverage).
 
 Resume: given a work directory, every `checkpoint_every` steps the loop saves the
 model, optimiser, data order (with the generator the noise is drawn from), MiniMax's
@@ -22,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 from ddist.data.augment import resize
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
-from ddist.models.diffusion import Denoiser, WeightAverage, to_signed
+from ddist.models.diffusion import Denoiser, DitDiffFit, WeightAverage, to_signed
 from ddist.objectives.diffusion import denoising_loss, predict_x0
 from ddist.objectives.minimax import ClassMemory, minimax_loss
 from ddist.objectives.rsm import rsm_loss
@@ -38,24 +39,45 @@ Objective = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def is_difffit(name: str) -> bool:
-    """DiffFit's subset (Xie et al. 2023): biases, normalisation and embedding parameters.
+    """DiffFit's subset (Xie et al. 2023) on the pixel UNet: biases, normalisation and embedding parameters.
 
-    DiT's LayerNorms have no affine weights; its adaLN-Zero modulation layers
-    (`norm1.linear`, ...) are the normalisation parameters, and `emb` covers
-    the patch, timestep and class embeddings.
+    MiniMax's rule (DitDiffFit) is written for DiT; on the UNet this keeps its earlier meaning:
+    biases, the GroupNorm scales (MiniMax's `norm`), the class table (its `y_embed`) and also
+    the time-embedding MLP's weights (modules named *emb*).
     """
     parts = name.split(".")
     return parts[-1] == "bias" or any("norm" in p or "emb" in p for p in parts[:-1])
 
 
-def select_parameters(net: torch.nn.Module, subset: str) -> list[torch.nn.Parameter]:
-    """Turn gradients on for `all` parameters or the `difffit` subset (off for the rest); return them."""
+def select_parameters(net: torch.nn.Module, subset: str) -> tuple[list[torch.nn.Parameter], Callable[[], None]]:
+    """Turn gradients on for `all` parameters or the `difffit` subset (off for the rest). Returns
+    them and what to call when training ends (the DiT's DiffFit folds its scales into the network)."""
+    if subset == "difffit" and isinstance(net, DiTTransformer2DModel):
+        difffit = DitDiffFit(net)
+        rule, finish = difffit.trainable, difffit.finish
+    else:
+        rule, finish = (is_difffit if subset == "difffit" else _every), _nothing
     chosen = []
     for name, p in net.named_parameters():
-        p.requires_grad_(subset == "all" or is_difffit(name))
+        p.requires_grad_(rule(name))
         if p.requires_grad:
             chosen.append(p)
-    return chosen
+    return chosen, finish
+
+
+def _every(name: str) -> bool:
+    return True
+
+
+def _nothing() -> None:
+    pass
+
+
+def drop_labels(ids: torch.Tensor, p: float, null_id: int, generator: torch.Generator) -> torch.Tensor:
+    """Classifier-free guidance's label dropout: each sample's class id becomes the null id with
+    probability p, one draw per sample (DiT, MiniMax), from the loop's generator (so a resumed run draws the same)."""
+    drop = (torch.rand(len(ids), generator=generator) < p).to(ids.device)
+    return torch.where(drop, null_id, ids)
 
 
 def plain_objective(fcfg: Mapping, num_classes: int) -> Objective:
@@ -164,14 +186,14 @@ def train_denoiser(
     """Run the loop for total_steps(tcfg) steps; returns the loss of every step run by this call.
 
     tcfg: steps | epochs, batch_size, lr, weight_decay, params, label_dropout,
-    seed, ema, the objective's settings (rsm.lambda, rsm.reduction, minimax.*) and, with
+    seed, ema, ema_schedule, the objective's settings (rsm.lambda, rsm.reduction, minimax.*) and, with
     a `work_dir` to checkpoint into and resume from, checkpoint_every.
     """
-    seed_everything(int(tcfg["seed"]))  # DiT draws its label dropout from the global generator
+    seed_everything(int(tcfg["seed"]))  # the VAE draws its posterior samples from the global generator
     net = denoiser.net.to(device).train()
-    params = select_parameters(net, tcfg["params"] if phase == "finetune" else "all")  # from scratch: every weight
+    params, finish = select_parameters(net, tcfg["params"] if phase == "finetune" else "all")  # from scratch: all
     optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
-    ema = WeightAverage(net, tcfg["ema"], f"diffusion.{phase}.ema")
+    ema = WeightAverage(net, params, tcfg["ema"], tcfg["ema_schedule"], f"diffusion.{phase}")
     loss_fn = make_objective(objective, tcfg, len(denoiser.class_ids))
     gen = torch.Generator().manual_seed(int(tcfg["seed"]))
     abar = scheduler.alphas_cumprod.to(device)
@@ -195,10 +217,7 @@ def train_denoiser(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(y),), generator=gen).to(device)
         eps = torch.randn(z0.shape, generator=gen).to(device)
         z_t = scheduler.add_noise(z0, eps, t)
-        ids = denoiser.model_ids(y).to(device)
-        if not denoiser.drops_labels:  # classifier-free guidance needs the null class in training
-            drop = (torch.rand(len(y), generator=gen) < tcfg["label_dropout"]).to(device)
-            ids = torch.where(drop, denoiser.null_id, ids)
+        ids = drop_labels(denoiser.model_ids(y).to(device), tcfg["label_dropout"], denoiser.null_id, gen)
         eps_pred = denoiser.eps(z_t, t, ids)
         x0_hat = predict_x0(z_t, eps_pred, abar[t])
         loss, parts = loss_fn(eps_pred, eps, x0_hat, z0, y.to(device))
@@ -220,5 +239,6 @@ def train_denoiser(
     if work_dir is not None:
         (work_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the caller keeps the model
     ema.copy_to_net()  # the average is what gets saved and sampled from
+    finish()
     net.requires_grad_(False).eval()
     return losses
