@@ -37,7 +37,7 @@ from ddist.artifacts import (
 )
 from ddist.context import RunContext
 from ddist.data import load_split
-from ddist.data.augment import augment_key, mix_targets, split_mix
+from ddist.data.augment import augment_key, dataset_augment_key, mix_targets, split_mix
 from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings, stored_batches
 from ddist.data.spec import without_unset_val
 from ddist.logging import info, progress
@@ -116,6 +116,7 @@ def student_base_key(
         cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
     )
     dataset.pop("protocol", None)
+    dataset["augment"] = dataset_augment_key(dataset["augment"])
     labels = {"stored": "fp16", "top_k": json.loads((stored / "meta.json").read_text())["top_k"]} if stored else None
     return {
         **({"labels": labels} if labels else {}),

@@ -19,7 +19,16 @@ from ddist.artifacts import (
     save_distilled,
 )
 from ddist.data import dataset_spec
-from ddist.data.augment import apply, apply_mix, augment_key, batch_plan, mix_targets, sample_mix, sample_params
+from ddist.data.augment import (
+    apply,
+    apply_mix,
+    augment_key,
+    batch_plan,
+    dataset_augment_key,
+    mix_targets,
+    sample_mix,
+    sample_params,
+)
 from ddist.errors import CheckpointError, ConfigError
 from ddist.objectives.distill import hard_label_loss, soft_label_loss
 from ddist.train import epochs_for
@@ -83,7 +92,7 @@ def test_corrupt_distilled_set_and_checkpoint_raise_clear_errors(tmp_path):
 
 def test_augmentation_replays_exactly_and_identity_params_change_nothing():
     x = torch.rand(4, 3, 8, 8)
-    aug = {"crop_scale": [0.3, 1.0], "flip": True, "roll": 2, "roll_mode": "sre2l"}
+    aug = {"crop_scale": [0.3, 1.0], "flip": True, "crop_draw": "per_image", "roll": 2, "roll_mode": "sre2l"}
     params = sample_params(4, aug, 8, torch.Generator().manual_seed(0))
     assert torch.equal(apply(x, params), apply(x, params))
     identity = {"crop": torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 4), "flip": torch.zeros(4, dtype=torch.bool)}
@@ -97,7 +106,7 @@ def test_roll_offsets_follow_the_reference_or_are_symmetric():
     gen = torch.Generator().manual_seed(0)
 
     def draws(mode):
-        aug = {"crop_scale": None, "flip": False, "roll": 3, "roll_mode": mode}
+        aug = {"crop_scale": None, "flip": False, "crop_draw": "per_image", "roll": 3, "roll_mode": mode}
         return torch.stack([sample_params(2, aug, 8, gen)["roll"] for _ in range(400)])
 
     sre2l = draws("sre2l")
@@ -106,8 +115,58 @@ def test_roll_offsets_follow_the_reference_or_are_symmetric():
 
 
 def test_roll_mode_without_a_roll_stays_out_of_cache_keys():
-    assert augment_key({"roll": 0, "roll_mode": "sre2l", "flip": True}) == {"roll": 0, "flip": True}
-    assert augment_key({"roll": 2, "roll_mode": "symmetric"}) == {"roll": 2, "roll_mode": "symmetric"}
+    idle = {"crop_scale": None, "flip": True, "crop_draw": "per_image"}
+    assert augment_key({**idle, "roll": 0, "roll_mode": "sre2l"}) == {"crop_scale": None, "flip": True, "roll": 0}
+    assert augment_key({**idle, "roll": 2, "roll_mode": "symmetric"}) == {
+        "crop_scale": None,
+        "flip": True,
+        "roll": 2,
+        "roll_mode": "symmetric",
+    }
+
+
+@pytest.mark.parametrize("crop_draw", ["per_batch", "per_image"])
+def test_crop_draw_per_batch_gives_every_image_of_the_batch_one_crop_and_flip(crop_draw):
+    # SRe2L's recover calls torchvision's RandomResizedCrop and RandomHorizontalFlip on the batch tensor:
+    # one box and one flip for the whole batch. Identical images stay identical under per_batch only.
+    aug = {"crop_scale": [0.08, 1.0], "flip": True, "crop_draw": crop_draw, "roll": 0, "roll_mode": "sre2l"}
+    x = torch.rand(1, 3, 16, 16).expand(8, 3, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        params = sample_params(8, aug, 16, gen)
+        assert params["crop"].shape == (8, 4) and params["flip"].shape == (8,)  # one per image, as stored plans
+        out = apply(x, params)
+        same = [torch.equal(out[0], out[i]) for i in range(1, 8)]
+        assert all(same) if crop_draw == "per_batch" else not any(same)
+        assert not torch.allclose(out[0], x[0])  # a box of the image, not the image itself
+    flips = torch.stack([sample_params(8, aug, 16, gen)["flip"] for _ in range(200)])
+    assert flips.any() and not flips.all()  # still flipped half of the time
+
+
+def test_crop_draw_per_image_draws_as_before_the_option():
+    # per_image keeps the draws of sample_params before crop_draw existed (these values), so a set
+    # recovered then is the one its key (crop_draw per_image is left out of it) still names
+    aug = {"crop_scale": [0.3, 1.0], "flip": True, "crop_draw": "per_image", "roll": 2, "roll_mode": "sre2l"}
+    params = sample_params(4, aug, 8, torch.Generator().manual_seed(3))
+    before = [
+        [0.0857, -0.3117, 0.5460, 0.5550],
+        [0.3578, -0.0603, 0.5388, 0.6940],
+        [-0.0230, -0.3085, 0.7647, 0.6540],
+        [0.2362, -0.0384, 0.6057, 0.5265],
+    ]
+    torch.testing.assert_close(params["crop"], torch.tensor(before), atol=1e-4, rtol=0)
+    assert params["flip"].tolist() == [True, False, False, False] and params["roll"].tolist() == [0, 2]
+
+
+def test_crop_draw_stays_out_of_cache_keys_where_it_draws_nothing_new():
+    crop = {"crop_scale": [0.08, 1.0], "flip": True, "roll": 0, "roll_mode": "sre2l"}
+    none = {"crop_scale": None, "flip": False, "roll": 4, "roll_mode": "sre2l"}
+    assert augment_key({**crop, "crop_draw": "per_image"}) == {"crop_scale": [0.08, 1.0], "flip": True, "roll": 0}
+    assert augment_key({**crop, "crop_draw": "per_batch"})["crop_draw"] == "per_batch"
+    assert augment_key({**none, "crop_draw": "per_batch"}) == none  # nothing to crop or flip
+    augment = {"student": {**crop, "crop_draw": "per_image"}, "recover": {**none, "crop_draw": "per_batch"}}
+    assert dataset_augment_key(augment) == {"student": crop, "recover": none}  # roll_mode stays there
+    assert dataset_augment_key({"recover": {**crop, "crop_draw": "per_batch"}})["recover"]["crop_draw"] == "per_batch"
 
 
 def test_cutmix_pastes_a_box_and_lambda_is_the_kept_area():
@@ -129,7 +188,7 @@ def test_batch_plan_is_determined_by_the_seed():
         "num_images": 10,
         "batch_size": 4,
         "epochs": 2,
-        "aug": {"crop_scale": None, "flip": True, "roll": 0, "roll_mode": "sre2l"},
+        "aug": {"crop_scale": None, "flip": True, "crop_draw": "per_image", "roll": 0, "roll_mode": "sre2l"},
         "mix": "cutmix",
         "mix_alpha": 1.0,
         "resolution": 8,

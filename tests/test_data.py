@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ddist.data import DatasetSpec, class_indices, dataset_spec, load_split, loaders
+from ddist.data.augment import sample_params
 from ddist.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
@@ -44,7 +45,15 @@ SCHEMA_KEYS = {
     "augment",
     "protocol",
 }
-AUGMENT_KEYS = {"crop_scale", "flip", "roll", "roll_mode"}
+AUGMENT_KEYS = {"crop_scale", "flip", "crop_draw", "roll", "roll_mode"}
+# SRe2L's recover per dataset (VILA-Lab/SRe2L): (crop_scale, flip, crop_draw, jitter, its offsets), from
+# recover_cifar.py (CIFAR-100; CIFAR-10 assumed alike), recover_tiny.py and recover/data_synthesis.py
+SRE2L_RECOVER = {
+    "cifar10": (None, False, "per_batch", 4, "sre2l"),  # randint(0, 4), no crop or flip
+    "cifar100": (None, False, "per_batch", 4, "sre2l"),
+    "tiny_imagenet": ([0.08, 1.0], True, "per_batch", 4, "symmetric"),  # randint(-4, 4) after crop + flip
+    "imagenet1k": ([0.08, 1.0], True, "per_batch", 32, "sre2l"),  # randint(0, 32) after crop + flip
+}
 # hard_epochs: conf/evaluate/hard.yaml interpolates it ({max_ipc: epochs, ..., max: epochs}).
 PROTOCOL_KEYS = {
     "teacher_epochs",
@@ -103,6 +112,23 @@ def test_dataset_yaml_has_schema(name):
         assert len(set(cfg.classes)) == cfg.num_classes
     if cfg.wnids is not None:
         assert len(cfg.wnids) == cfg.num_classes
+
+
+@pytest.mark.parametrize("name", sorted(SRE2L_RECOVER))
+def test_recover_augmentation_is_sre2ls(name):
+    aug = OmegaConf.load(CONF / f"{name}.yaml").augment
+    rec = aug.recover
+    crop = None if rec.crop_scale is None else list(rec.crop_scale)
+    assert (crop, rec.flip, rec.crop_draw, rec.roll, rec.roll_mode) == SRE2L_RECOVER[name]
+    assert aug.student.crop_draw == "per_image"
+
+
+def test_tiny_imagenet_jitter_is_two_sided():
+    # recover_tiny.py: off = random.randint(-jitter, jitter), jitter 4, both ends included
+    aug = OmegaConf.to_container(OmegaConf.load(CONF / "tiny_imagenet.yaml").augment.recover)
+    gen = torch.Generator().manual_seed(0)
+    offsets = torch.stack([sample_params(2, aug, 64, gen)["roll"] for _ in range(300)])
+    assert set(offsets.flatten().tolist()) == set(range(-4, 5))
 
 
 def test_every_dataset_has_a_config():

@@ -5,11 +5,14 @@ Every augmentation is split into `sample_*` (draw parameters from a torch.Genera
 therefore reproduces a batch exactly, which the stored relabel mode relies on, and the
 same code serves recover (differentiable, on the synthetic pixels) and student training.
 
-- crop + flip: RandomResizedCrop(scale, ratio 3/4..4/3) and horizontal flip per image,
-  done as one affine `grid_sample` so it is vectorised and differentiable.
+- crop + flip: RandomResizedCrop(scale, ratio 3/4..4/3) and horizontal flip, done as one affine
+  `grid_sample` so it is vectorised and differentiable; one box and one flip per image
+  (`crop_draw: per_image`) or one of each for the whole batch (`crop_draw: per_batch`, what SRe2L's
+  recover gets by calling torchvision's RandomResizedCrop and RandomHorizontalFlip on the batch tensor).
 - roll: one random circular shift of the whole batch (SRe2L's jitter), each offset drawn from
-  [0, roll] (`roll_mode: sre2l`, the reference's `random.randint(0, lim)`, which includes lim)
-  or [-roll, roll] (`roll_mode: symmetric`, DeepInversion's `randint(-lim, lim)`).
+  [0, roll] (`roll_mode: sre2l`, `random.randint(0, lim)` as SRe2L's CIFAR and ImageNet recover;
+  Python's randint includes lim) or [-roll, roll] (`roll_mode: symmetric`, `randint(-lim, lim)` as
+  SRe2L's Tiny-ImageNet recover and DeepInversion).
 - CutMix (Yun et al. 2019) and Mixup (Zhang et al. 2018): one lambda and one partner
   permutation per batch.
 
@@ -38,37 +41,58 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+def _crop_draw_counts(aug: Mapping) -> bool:
+    """Whether crop_draw changes any draw: only per_batch, and only with a crop or a flip to draw
+    (per_image draws exactly what sample_params drew before the option)."""
+    return aug["crop_draw"] == "per_batch" and bool(aug["crop_scale"] or aug["flip"])
+
+
+def _without_idle_crop_draw(aug: dict) -> dict:
+    return {k: v for k, v in aug.items() if k != "crop_draw" or _crop_draw_counts(aug)}
+
+
 def augment_key(aug: dict) -> dict:
-    """`aug` as a cache key: roll_mode, which does nothing without a roll, is left out then, so the
-    keys of teachers and students cached before the option stay valid."""
-    return {k: v for k, v in aug.items() if k != "roll_mode" or aug["roll"]}
+    """`aug` as a cache key: roll_mode without a roll, and crop_draw where it changes no draw, are left
+    out, so the keys of teachers and students cached before these options stay valid."""
+    return {k: v for k, v in _without_idle_crop_draw(aug).items() if k != "roll_mode" or aug["roll"]}
+
+
+def dataset_augment_key(augment: dict) -> dict:
+    """dataset.augment ({student, recover}) inside a key that holds the whole dataset config (recover's
+    work directories, students): crop_draw left out where it changes no draw, so those keys, made before
+    the option, stay valid (roll_mode stays: they always held it)."""
+    return {part: _without_idle_crop_draw(aug) for part, aug in augment.items()}
 
 
 def sample_params(n: int, aug: Mapping, resolution: int, generator: torch.Generator) -> Params:
-    """Parameters of one batch: per-image crop boxes and flips, one roll for the batch.
-    `aug` holds crop_scale, flip, roll and roll_mode (dataset.augment.*)."""
+    """Parameters of one batch of n images: crop boxes [n, 4] and flips [n], drawn per image or once for
+    the batch (crop_draw), and one roll for the batch. `aug` holds crop_scale, flip, crop_draw, roll and
+    roll_mode (dataset.augment.*)."""
     params: Params = {}
+    draws = 1 if aug["crop_draw"] == "per_batch" else n
     if aug["crop_scale"]:
         lo, hi = aug["crop_scale"]
-        area = torch.empty(n).uniform_(lo, hi, generator=generator)
-        log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+        area = torch.empty(draws).uniform_(lo, hi, generator=generator)
+        log_ratio = torch.empty(draws).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
         ratio = log_ratio.exp()
         width = (area * ratio).sqrt().clamp(max=1.0)  # fractions of the image side
         height = (area / ratio).sqrt().clamp(max=1.0)
         # box centre anywhere that keeps the box inside the image, in [-1, 1] coordinates
-        cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - width)
-        cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - height)
+        cx = (torch.rand(draws, generator=generator) * 2 - 1) * (1 - width)
+        cy = (torch.rand(draws, generator=generator) * 2 - 1) * (1 - height)
         params["crop"] = torch.stack([cx, cy, width, height], dim=1)
     if aug["flip"]:
-        params["flip"] = torch.rand(n, generator=generator) < 0.5
+        params["flip"] = torch.rand(draws, generator=generator) < 0.5
+    if draws != n:  # per batch: the one box and flip repeated for every image, [n, 4] and [n] as per image
+        params.update({k: params[k].expand(n, *params[k].shape[1:]).clone() for k in ("crop", "flip") if k in params})
     if aug["roll"]:
         params["roll"] = sample_roll(int(aug["roll"]), aug["roll_mode"], generator)
     return params
 
 
 def sample_roll(lim: int, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """The (dy, dx) offsets of one roll: each in [0, lim] (sre2l, as SRe2L's code) or [-lim, lim]
-    (symmetric, DeepInversion's two-sided jitter)."""
+    """The (dy, dx) offsets of one roll: each in [0, lim] (sre2l, as SRe2L's CIFAR and ImageNet recover)
+    or [-lim, lim] (symmetric, as SRe2L's Tiny-ImageNet recover and DeepInversion)."""
     low = 0 if mode == "sre2l" else -lim
     return torch.randint(low, lim + 1, (2,), generator=generator)
 
@@ -98,8 +122,9 @@ def apply(x: torch.Tensor, params: Params) -> torch.Tensor:
 
 
 def apply_groups(x: torch.Tensor, params: list[Params]) -> torch.Tensor:
-    """apply() to G equal groups stacked in x [G * B, C, H, W], group g with params[g]: the per-image
-    crops and flips as one resample of the whole stack, each group's roll (one per batch) on its slice."""
+    """apply() to G equal groups stacked in x [G * B, C, H, W], group g with params[g]: the crops and flips
+    (per image, or with crop_draw per_batch one of each per group) as one resample of the whole stack,
+    each group's roll (one per batch) on its slice."""
     per_image: Params = {k: torch.cat([p[k] for p in params]) for k in ("crop", "flip") if k in params[0]}
     x = apply(x, per_image)
     if "roll" not in params[0]:
