@@ -60,6 +60,7 @@ def deda_objective(cfg, teacher, layers, ipc: int, generator: torch.Generator) -
         ipc,
         mean_weight=d.mean_weight,
         gamma=d.gamma,
+        gamma_scope=d.gamma_scope,
         lambda_diag=d.lambda_diag,
         lambda_offdiag=d.lambda_offdiag,
         reg_iterations=d.reg_iterations,

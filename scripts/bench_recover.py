@@ -87,6 +87,7 @@ def make_objective(cfg, teacher, spec, ipc: int):
         ipc,
         mean_weight=d.mean_weight,
         gamma=d.gamma,
+        gamma_scope=d.gamma_scope,
         lambda_diag=d.lambda_diag,
         lambda_offdiag=d.lambda_offdiag,
         reg_iterations=d.reg_iterations,

@@ -24,8 +24,10 @@ alone is applied three ways:
 Table 1 gives the mean over classes of mean(diag Cov_c) and ||Cov_c - Diag Cov_c||_F before
 and after, and in how many classes the diagonal went up *and* the off-diagonal norm down.
 With --recover, table 2 runs the dataset's whole DEDA recover (its config, IPC --ipc) once
-with lambda1 = lambda2 = 0 and once per normalisation, from the same seed, and gives the
-covariance figures of the result at L (ddist.metrics.covariance, means over classes) next to
+with lambda1 = lambda2 = 0 and once per reading (--readings) and weight pair, from the same
+seed, and gives the covariance figures of the result at L (ddist.metrics.covariance: mean
+variance, off-diagonal norm absolute and relative to the diagonal, Theorem 1's sigma2_min,
+eps and the share of classes with a positive Gershgorin bound, means over classes) next to
 random real images at the same IPC.
 """
 
@@ -80,8 +82,8 @@ def per_class_norm(t: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     return (onehot * t.flatten(1).pow(2).sum(1, keepdim=True)).sum(0).sqrt()
 
 
-def regulariser_loss(feats, labels, classes, weights, normalisation) -> torch.Tensor:
-    return diversity_regulariser(class_moments(feats, labels, classes)[1], *weights, normalisation).sum()
+def regulariser_loss(feats, labels, classes, weights, normalisation, ref_var) -> torch.Tensor:
+    return diversity_regulariser(class_moments(feats, labels, classes)[1], *weights, normalisation, ref_var).sum()
 
 
 def scaled_step(var: torch.Tensor, loss: torch.Tensor, onehot: torch.Tensor, step: float) -> torch.Tensor:
@@ -102,19 +104,22 @@ def regulariser_effect(mode, teacher, layer, images, labels, classes, weights, n
     """Class covariances of `layer` before and after the regulariser alone, applied as `mode`."""
     onehot = (labels[:, None] == classes[None, :]).float()
     before = class_cov(teacher, layer, images, labels, classes)
+    ref_var = before.diagonal(dim1=-2, dim2=-1)  # real images: their own variances are ratio_corr's unit
     if mode == "feature":
         with torch.no_grad():
             feats = teacher.forward_features(images)[1][layer]
         feats = feats.clone().requires_grad_(True)
-        moved = scaled_step(feats, regulariser_loss(feats, labels, classes, weights, normalisation), onehot, args.step)
+        moved = scaled_step(
+            feats, regulariser_loss(feats, labels, classes, weights, normalisation, ref_var), onehot, args.step
+        )
         return before, class_moments(moved, labels, classes)[1]
     x = images.clone().requires_grad_(True)
     if mode == "pixel":
-        loss = regulariser_loss(teacher.forward_features(x)[1][layer], labels, classes, weights, normalisation)
+        loss = regulariser_loss(teacher.forward_features(x)[1][layer], labels, classes, weights, normalisation, ref_var)
         return before, class_cov(teacher, layer, scaled_step(x, loss, onehot, args.step), labels, classes)
     optimizer = torch.optim.Adam([x], lr=args.lr, betas=(0.5, 0.9))
     for _ in range(args.adam_steps):
-        loss = regulariser_loss(teacher.forward_features(x)[1][layer], labels, classes, weights, normalisation)
+        loss = regulariser_loss(teacher.forward_features(x)[1][layer], labels, classes, weights, normalisation, ref_var)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -176,12 +181,16 @@ def regulariser_table(args, cfg, ctx, teacher) -> None:
 
 
 def recover_table(args) -> None:
-    """Whole DEDA recovers, lambda = 0 and each normalisation, and their covariance figures at L."""
-    variants = {"lambda1 = lambda2 = 0": ["recover.deda.lambda_diag=0", "recover.deda.lambda_offdiag=0"]}
-    variants.update({n: [f"recover.deda.reg_normalisation={n}"] for n in REG_NORMALISATIONS})
+    """Whole DEDA recovers: for each weight pair of the configs, lambda1 = lambda2 = 0 once and each
+    reading in --readings, and the covariance figures of each result at L next to real images."""
+    variants = [("lambda1 = lambda2 = 0", "-", ["recover.deda.lambda_diag=0", "recover.deda.lambda_offdiag=0"])]
+    for _, l1, l2 in config_weights():
+        for n in args.readings:
+            overrides = [f"recover.deda.lambda_diag={l1}", f"recover.deda.lambda_offdiag={l2}"]
+            variants.append((n, f"{l1:g}/{l2:g}", [*overrides, f"recover.deda.reg_normalisation={n}"]))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, overrides) in enumerate(variants.items()):
+        for i, (name, weights, overrides) in enumerate(variants):
             cfg = compose_cfg(args, *overrides, f"paths.output_dir={tmp}/{i}")
             spec = dataset_spec(cfg.dataset)
             ctx = squeeze.run(cfg, RunContext(run_dir=Path(tmp) / str(i), device=torch.device("cpu"), spec=spec))
@@ -189,35 +198,40 @@ def recover_table(args) -> None:
             teacher = load_teacher(cfg, ctx)
             layer = deda_layers(cfg, teacher)[-1]
             distilled = load_distilled(ctx.distilled)
-            rows.append(
-                (
-                    name,
-                    class_covariance_figures(
-                        recover_features(teacher, layer, distilled.images), distilled.labels, spec.num_classes
-                    ),
-                )
-            )
+            feats = recover_features(teacher, layer, distilled.images)
+            rows.append((name, weights, class_covariance_figures(feats, distilled.labels, spec.num_classes)))
         # real at the same IPC: the first IPC images of analyse's real subsample
         train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
         idx = torch.cat([p[: args.ipc] for p in real_subsample(train, spec.num_classes, args.ipc, args.seed)])
         real = torch.stack([train[int(i)][0] for i in idx])
-        rows.append(
-            (
-                "real, same IPC",
-                class_covariance_figures(recover_features(teacher, layer, real), train.targets[idx], spec.num_classes),
-            )
-        )
+        figs = class_covariance_figures(recover_features(teacher, layer, real), train.targets[idx], spec.num_classes)
+        rows.append(("real, same IPC", "-", figs))
     print(
-        f"\nDEDA recover on {cfg.dataset.name}, IPC {args.ipc}, {cfg.recover.iterations} iterations "
-        f"(regulariser in the last {cfg.recover.deda.reg_iterations}), seed {args.seed}, L = {layer}; "
-        "means over classes"
+        f"\nDEDA recover on {cfg.dataset.name}, teacher {cfg.teacher.model.name} ({ctx.teacher_acc:.4f}), "
+        f"IPC {args.ipc}, {cfg.recover.iterations} iterations (regulariser in the last "
+        f"{cfg.recover.deda.reg_iterations}), seed {args.seed}, L = {layer} (d = {feats.shape[1]}); means over "
+        "classes; 'both': the mean variance up and the off-diagonal norm down against lambda = 0 (abs / rel)"
     )
-    print("| run | mean diag | off-diag norm | min eigenvalue | condition number |\n|---|---|---|---|---|")
-    for name, figs in rows:
-        cond = figs["condition_number"]
+    print(
+        "| reading | l1/l2 | mean var | off-diag norm | off-diag rel | sigma2_min | eps | Gershgorin > 0 | "
+        "log det | both (abs / rel) |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    zero = rows[0][2]
+    for name, weights, f in rows:
+        up = f["mean_diagonal"] > zero["mean_diagonal"]
+        both = (
+            "-"
+            if weights == "-"
+            else f"{'yes' if up and f['offdiag_norm'] < zero['offdiag_norm'] else 'no'} / "
+            f"{'yes' if up and f['offdiag_relative'] < zero['offdiag_relative'] else 'no'}"
+        )
+        logdet = f["spanned_log_det"]
         print(
-            f"| {name} | {figs['mean_diagonal']:.4f} | {figs['offdiag_norm']:.4f} | {figs['min_eigenvalue']:.4g} | "
-            f"{'null' if cond is None else f'{cond:.2f}'} ({figs['condition_number_classes']} classes) |"
+            f"| {name} | {weights} | {f['mean_diagonal']:.4g} | {f['offdiag_norm']:.4g} | "
+            f"{f['offdiag_relative']:.4g} | "
+            f"{f['sigma2_min']:.3g} | {f['eps']:.3g} | {f['gershgorin_bound_positive_share']:.2f} | "
+            f"{'null' if logdet is None else f'{logdet:.1f}'} | {both} |",
+            flush=True,
         )
 
 
@@ -238,6 +252,8 @@ def main() -> None:
     parser.add_argument("--layers", nargs="*", help="teacher feature keys to measure (default: DEDA's L)")
     parser.add_argument("--train-teacher", action="store_true", help="train a missing non-digits teacher")
     parser.add_argument("--recover", action="store_true", help="also run whole DEDA recovers (table 2)")
+    parser.add_argument("--recover-only", action="store_true", help="skip table 1")
+    parser.add_argument("--readings", nargs="*", default=list(REG_NORMALISATIONS), help="table 2's readings")
     args = parser.parse_args()
 
     cfg = compose_cfg(args)
@@ -253,8 +269,9 @@ def main() -> None:
         )
     seed_everything(args.seed)
     ctx = squeeze.run(cfg, RunContext(run_dir=Path(args.cache_dir), device=torch.device("cpu"), spec=spec))
-    regulariser_table(args, cfg, ctx, load_teacher(cfg, ctx))
-    if args.recover:
+    if not args.recover_only:
+        regulariser_table(args, cfg, ctx, load_teacher(cfg, ctx))
+    if args.recover or args.recover_only:
         recover_table(args)
 
 

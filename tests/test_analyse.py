@@ -64,9 +64,9 @@ def test_covariance_figures_of_the_final_layer_per_class(run_dir):
     for side in ("synthetic", "real_same_ipc"):
         figs = cov[side]
         assert len(figs["mean_diagonal_per_class"]) == 10 and figs["mean_diagonal"] > 0
-        assert figs["offdiag_norm"] >= 0 and figs["min_eigenvalue"] > 0
+        assert figs["offdiag_norm"] >= 0 and figs["spanned_min_eigenvalue"] > 0
         # IPC 2: two images per class span one direction, so lambda_max = lambda_min
-        assert figs["condition_number_per_class"] == pytest.approx([1.0] * 10)
+        assert figs["spanned_condition_number_per_class"] == pytest.approx([1.0] * 10)
 
 
 def test_robust_scores_follow_the_definitions(run_dir):

@@ -158,9 +158,39 @@ def test_diversity_regulariser_normalisations_by_hand(normalisation, expected):
     assert diversity_regulariser(cov, 0.5, 3.0, normalisation).item() == pytest.approx(expected)
 
 
-def test_relative_regulariser_of_a_collapsed_class_is_zero_not_nan():
+def test_correlation_regulariser_by_hand():
+    cov = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 2.0, -1.0], [0.0, -1.0, 3.0]]])
+    # D: variances over the real ones (2, 2, 6) -> mean(0.5, 1, 0.5) = 2/3
+    # O: Corr_01 = 1 / sqrt(2), Corr_12 = -1 / sqrt(6), Corr_02 = 0 -> 2 (1/2 + 1/6) / 6 = 2/9
+    value = diversity_regulariser(cov, 0.5, 3.0, "ratio_corr", torch.tensor([[2.0, 2.0, 6.0]]))
+    assert value.item() == pytest.approx(-0.5 * 2 / 3 + 3 * 2 / 9)
+    # a unit the real class never varies is left out of D: mean(0.5, 0.5) over the other two
+    value = diversity_regulariser(cov, 0.5, 0.0, "ratio_corr", torch.tensor([[2.0, 0.0, 6.0]]))
+    assert value.item() == pytest.approx(-0.5 * 0.5)
+    with pytest.raises(ValueError, match="ref_var"):
+        diversity_regulariser(cov, 0.5, 3.0, "ratio_corr")
+
+
+def test_correlation_term_ignores_per_feature_scale():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(12, 1, generator=g) + torch.randn(12, 5, generator=g)
+    cov = class_moments(f, torch.zeros(12, dtype=torch.long), torch.tensor([0]))[1]
+    scale = torch.tensor([1.0, 10.0, 0.1, 3.0, 1.0])
+    scaled = cov * scale[:, None] * scale[None, :]
+    ones = torch.ones(1, 5)
+    assert diversity_regulariser(scaled, 0.0, 1.0, "ratio_corr", ones).item() == pytest.approx(
+        diversity_regulariser(cov, 0.0, 1.0, "ratio_corr", ones).item()
+    )
+    # rel is invariant to one global scale only
+    assert diversity_regulariser(scaled, 0.0, 1.0, "sum_rel").item() != pytest.approx(
+        diversity_regulariser(cov, 0.0, 1.0, "sum_rel").item()
+    )
+
+
+@pytest.mark.parametrize("normalisation", ["sum_rel", "ratio_corr"])
+def test_relative_regulariser_of_a_collapsed_class_is_zero_not_nan(normalisation):
     cov = torch.zeros(1, 3, 3, requires_grad=True)
-    value = diversity_regulariser(cov, 0.2, 4.0, "sum_rel")
+    value = diversity_regulariser(cov, 0.2, 4.0, normalisation, torch.ones(1, 3))
     value.sum().backward()
     assert value.item() == 0.0 and torch.isfinite(cov.grad).all()
 
@@ -184,6 +214,7 @@ def deda(layers, ipc=2, **kw):
     opts = {
         "mean_weight": 1.0,
         "gamma": 1.0,
+        "gamma_scope": "cov",
         "lambda_diag": 0.5,
         "lambda_offdiag": 2.0,
         "reg_iterations": 5,
@@ -204,6 +235,10 @@ def test_deda_objective_by_hand():
     assert objective(images, labels, 5, 10)[0].item() == pytest.approx(LOG2 + 8.75)
     summed = deda(["stage1"], class_reduction="sum")
     assert summed(images, labels, 5, 10)[0].item() == pytest.approx(LOG2 + 17.5)
+    # gamma_scope=mean_and_cov: gamma weighs both alignment terms, (2 (5 + 1), 2 (4 + 5)) -> mean 15
+    scoped = deda(["stage1"], gamma=2.0, gamma_scope="mean_and_cov")
+    assert scoped(images, labels, 4, 10)[0].item() == pytest.approx(LOG2 + 15.0)
+    assert deda(["stage1"], gamma=2.0)(images, labels, 4, 10)[0].item() == pytest.approx(LOG2 + 10.5)
 
 
 def test_deda_regulariser_acts_on_the_last_layer():
@@ -228,7 +263,9 @@ def regulariser_step(
     classes = labels.unique()
     feats = feats.clone().requires_grad_(True)
     cov = class_moments(feats, labels, classes)[1]
-    diversity_regulariser(cov, lambda_diag, lambda_offdiag, normalisation).sum().backward()
+    # the features' own variances stand in for the real class's (ratio_corr's unit)
+    ref_var = cov.detach().diagonal(dim1=-2, dim2=-1)
+    diversity_regulariser(cov, lambda_diag, lambda_offdiag, normalisation, ref_var).sum().backward()
     with torch.no_grad():
         onehot = (labels[:, None] == classes[None, :]).to(feats.dtype)
         centred = feats - onehot @ (onehot.T @ feats / onehot.sum(0)[:, None])

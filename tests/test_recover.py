@@ -8,6 +8,7 @@ from conftest import TRAINED_TEACHER, compose_cfg, read_results, run_pipeline
 from conftest import stage_ctx as pipeline_ctx
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from ddist.artifacts import load_distilled, save_checkpoint
 from ddist.checks import check_config, check_recover
@@ -167,9 +168,9 @@ def test_deda_regulariser_spreads_and_conditions_the_class_covariance(trained_di
     )
     assert with_reg["layer"] == without["layer"] == "stage3"  # L: the pooled last block
     syn, syn0 = with_reg["synthetic"], without["synthetic"]
-    assert syn["condition_number_classes"] == syn0["condition_number_classes"] == 10
+    assert syn["spanned_condition_number_classes"] == syn0["spanned_condition_number_classes"] == 10
     assert syn["mean_diagonal"] > syn0["mean_diagonal"]
-    assert syn["condition_number"] < syn0["condition_number"]
+    assert syn["spanned_condition_number"] < syn0["spanned_condition_number"]
     assert with_reg["real_same_ipc"] == without["real_same_ipc"]  # the same real reference
 
 
@@ -204,3 +205,27 @@ def test_the_stats_pass_reads_that_many_real_images_per_class(tmp_path, monkeypa
     counts = torch.bincount(torch.cat(seen), minlength=10)
     all_counts = torch.bincount(load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)).targets, minlength=10)
     assert counts.tolist() == (all_counts if per_class is None else torch.full((10,), per_class)).tolist()
+
+
+def test_crop_draw_keys_the_recovered_set_only_where_it_draws_something_new(tmp_path):
+    """The work directory's key (recover_key) holds crop_draw only at per_batch with a crop or flip: per_image
+    draws as before the option, so the sets recovered then keep their key."""
+
+    def key_and_dataset(*overrides):
+        cfg = compose_cfg("pipeline=sre2l", *overrides, cache_dir=tmp_path, run_dir=tmp_path)
+        return recover.recover_key(cfg), OmegaConf.to_container(cfg.dataset, resolve=True)
+
+    def before_the_option(dataset):
+        for part in dataset["augment"].values():
+            del part["crop_draw"]
+        return dataset
+
+    # digits: nothing to crop or flip in recover, students per_image: the key made before the option
+    key, dataset = key_and_dataset()
+    assert dataset["augment"]["recover"]["crop_draw"] == "per_batch"
+    assert key["dataset"] == before_the_option(dataset)
+    crop = "dataset.augment.recover.crop_scale=[0.5,1.0]"
+    key, dataset = key_and_dataset(crop, "dataset.augment.recover.crop_draw=per_image")
+    assert key["dataset"] == before_the_option(dataset)
+    key, _ = key_and_dataset(crop)  # per_batch with a crop draws other boxes: its own set
+    assert key["dataset"]["augment"]["recover"]["crop_draw"] == "per_batch"

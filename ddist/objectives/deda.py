@@ -8,6 +8,7 @@ average-pooled features of the teacher, `FeatureModel.forward_features`):
     align_c   = sum_l  mean_weight * ||mu_S,c^l - mu_R,c^l||_2^2
                      + gamma * ||Cov_S,c^l - Cov_R,c^l||_F^2 / d_l       (main paper: mean and
                                                                           covariance alignment)
+                (gamma_scope = mean_and_cov: gamma * (both terms) instead)
     reg_c     = - lambda_diag * D(diag(Cov_S,c^L))                       (supplement, Eq. 11)
                 + lambda_offdiag * O(Cov_S,c^L - Diag(Cov_S,c^L))        (supplement, Eq. 12)
     loss      = ce_weight * CE(teacher(x), y) + reduce_c (align_c + [reg_c])
@@ -18,6 +19,9 @@ diversity_regulariser). Where the public text is silent, each choice is an optio
 - reading: the biased estimator (1/n) sum (f - mu)(f - mu)^T for the synthetic (S) and the
   real (R) class alike, so both sides are the same function of their samples;
 - reading: `mean_weight` = 1, as no weight of the mean term is given;
+- reading: `gamma_scope` = cov: the seed lists gamma (50 / 50 / 1.0) without defining it; it is
+  read as the covariance term's weight (the mean term has its own, mean_weight), and
+  `mean_and_cov` makes it weigh the whole alignment instead;
 - reading: the covariance term divided by d_l, so layers of different widths weigh alike;
 - reading: `layers` = every pooled stage of the teacher by default, none privileged;
 - reading: the regulariser only in the last `reg_iterations` iterations (half, in the
@@ -48,13 +52,14 @@ from typing import get_args
 import torch
 import torch.nn.functional as F
 
-from ddist.config import ClassReduction, RegNormalisation
+from ddist.config import ClassReduction, GammaScope, RegNormalisation
 from ddist.logging import warn
 from ddist.models.base import FeatureModel
 
 # the choices of recover.deda.class_reduction and .reg_normalisation, as the schema lists them
 CLASS_REDUCTIONS: tuple[str, ...] = get_args(ClassReduction)
 REG_NORMALISATIONS: tuple[str, ...] = get_args(RegNormalisation)
+GAMMA_SCOPES: tuple[str, ...] = get_args(GammaScope)
 
 
 # ----------------------------------------------------------------------------- class statistics
@@ -128,49 +133,71 @@ def covariance_alignment(cov_s: torch.Tensor, cov_r: torch.Tensor) -> torch.Tens
 
 
 def diversity_regulariser(
-    cov: torch.Tensor, lambda_diag: float, lambda_offdiag: float, normalisation: str
+    cov: torch.Tensor,
+    lambda_diag: float,
+    lambda_offdiag: float,
+    normalisation: str,
+    ref_var: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-lambda_diag * D(diag Cov_c) + lambda_offdiag * O(Cov_c - Diag(Cov_c)) per class:
     [K, d, d] -> [K]. The supplement maximises the diagonal of Cov_S,c^L (its Eq. 11) and
-    minimises ||Cov_S,c^L - Diag(Cov_S,c^L)||_F^2 (its Eq. 12) without saying how either is
-    reduced over its entries, and that choice sets their balance: the diagonal has d entries,
-    the off-diagonal d(d-1). `normalisation` = "<D>_<O>" (REG_NORMALISATIONS):
+    minimises ||Cov_S,c^L - Diag(Cov_S,c^L)||_F^2 (its Eq. 12) "to decouple feature
+    correlations", without saying how either is reduced over its entries, and that choice sets
+    their balance: the diagonal has d entries, the off-diagonal d(d-1). `normalisation` =
+    "<D>_<O>" (REG_NORMALISATIONS):
 
-        D  mean: mean of the d diagonal entries     sum: their sum (the trace)
-        O  sum:  sum of the d(d-1) squared others (||.||_F^2)
-           mean: mean of the squared others
-           rel:  mean of the squared others over the squared mean variance,
-                 mean_{i != j} (Cov_ij / mean(diag Cov))^2
+        D  mean:  mean of the d diagonal entries     sum: their sum (the trace)
+           ratio: mean_i Var_S,i / Var_R,i, each variance in units of the real class's
+                  (ref_var [K, d], the diagonal of Cov_R,c^L): dimensionless
+        O  sum:   sum of the d(d-1) squared others (||.||_F^2, Eq. 12 as written)
+           mean:  mean of the squared others
+           rel:   mean of the squared others over the squared mean variance,
+                  mean_{i != j} (Cov_ij / mean(diag Cov))^2
+           corr:  mean of the squared off-diagonal correlations, mean_{i != j} Corr_ij^2,
+                  Corr = D^-1/2 Cov D^-1/2 (D = Diag(Cov))
 
-    mean_sum is what the regulariser was before; mean_mean and sum_sum are the other two
-    count normalisations. Under any of them the two terms scale differently with the features
+    mean_sum is what the regulariser was first; mean_mean and sum_sum are the other two
+    count normalisations. Under them the two terms scale differently with the features
     (O quartic, D quadratic), so at fixed weights their balance depends on the teacher's
     feature scale, and on realistic (correlated, post-ReLU) features the gradients of D and O
-    are nearly parallel (cosine 0.86-0.92 on digits teachers): both mostly rescale the
-    features, so the sum either shrinks every variance with the correlations (mean_sum,
-    sum_sum: the off-diagonal term swamps the diagonal one) or inflates the correlations with
-    the variances (mean_mean). At the paper's weights none of them both raises the mean
-    variance and lowers the off-diagonal norm (scripts/measure_deda_regulariser.py).
+    are nearly parallel: both mostly rescale the features, so the sum either shrinks every
+    variance with the correlations (mean_sum, sum_sum) or inflates the correlations with the
+    variances (mean_mean).
 
-    reading: "rel" measures the off-diagonal in units of the variance that Eq. 11 raises,
-    the mean over the off-diagonal entries of (Cov_ij / mean(diag Cov))^2. It is unchanged by
-    a global rescaling of the features, so its gradient (on the features) is orthogonal to
-    the rescaling the diagonal term asks for: it only decorrelates, and the diagonal term
-    alone sets the variance. It departs from Eq. 12's literal ||.||_F^2 by that data-dependent
-    unit; it is the default (sum_rel, conf/recover/deda.yaml, where the measured figures
-    are) because only it gives both effects at the paper's weights.
+    reading (rel): the off-diagonal in units of the mean variance. It is unchanged by one
+    global rescaling of the features, but not by per-feature rescalings: at d = 512 (the
+    ResNet-18 teacher) its gradient is still mostly a rescaling, and the off-diagonal norm grows
+    with the variance.
+
+    reading (ratio_corr): "decouple feature correlations" read as the correlations themselves.
+    Corr is unchanged by any per-feature rescaling, so O's gradient only decorrelates; D is the
+    diagonal in the same (dimensionless) units, each feature's variance relative to the real
+    class's at L, so lambda1 and lambda2 weigh numbers of order 1 on any teacher. Both depart from
+    Eq. 11/12's literal entries by a data-dependent unit. conf/recover/deda.yaml names the
+    default and the measurement (scripts/measure_deda_regulariser.py) that chose it.
     """
-    diag = cov.diagonal(dim1=-2, dim2=-1)
-    off_sq = (cov - torch.diag_embed(diag)).pow(2).sum(dim=(-2, -1))
-    d = cov.shape[-1]
     if normalisation not in REG_NORMALISATIONS:
         raise ValueError(f"normalisation must be one of {REG_NORMALISATIONS}")
     diag_norm, off_norm = normalisation.split("_")
-    diag_term = diag.mean(dim=-1) if diag_norm == "mean" else diag.sum(dim=-1)
-    if off_norm == "sum":
-        off_term = off_sq
+    diag = cov.diagonal(dim1=-2, dim2=-1)
+    d = cov.shape[-1]
+    pairs = max(d * (d - 1), 1)
+    if diag_norm == "ratio":
+        if ref_var is None:
+            raise ValueError(f"normalisation {normalisation} needs the real class variances (ref_var)")
+        # a real feature that never varies (a dead unit) has no unit: it is left out of the mean
+        alive = ref_var > 0
+        diag_term = torch.where(alive, diag / ref_var.clamp_min(1e-30), 0).sum(-1) / alive.sum(-1).clamp_min(1)
     else:
-        off_term = off_sq / max(d * (d - 1), 1)
+        diag_term = diag.mean(dim=-1) if diag_norm == "mean" else diag.sum(dim=-1)
+    if off_norm == "corr":
+        # the floor keeps a feature that does not vary at 0 correlation with finite gradients
+        inv_std = diag.clamp_min(1e-12).rsqrt()
+        corr = cov * inv_std[..., :, None] * inv_std[..., None, :]
+        off_term = (corr - torch.diag_embed(corr.diagonal(dim1=-2, dim2=-1))).pow(2).sum(dim=(-2, -1)) / pairs
+    else:
+        off_sq = (cov - torch.diag_embed(diag)).pow(2).sum(dim=(-2, -1))
+        off_term = off_sq if off_norm == "sum" else off_sq / pairs
         if off_norm == "rel":
             # a class with all features equal has 0 / 0 here: the floor makes it 0 with finite
             # gradients (its square, in the gradient, must not underflow float32)
@@ -196,6 +223,7 @@ class DEDAObjective:
         ipc: int,
         mean_weight: float,
         gamma: float,
+        gamma_scope: str,
         lambda_diag: float,
         lambda_offdiag: float,
         reg_iterations: int,
@@ -207,10 +235,12 @@ class DEDAObjective:
             raise ValueError(f"class_reduction must be one of {CLASS_REDUCTIONS}")
         if reg_normalisation not in REG_NORMALISATIONS:
             raise ValueError(f"reg_normalisation must be one of {REG_NORMALISATIONS}")
+        if gamma_scope not in GAMMA_SCOPES:
+            raise ValueError(f"gamma_scope must be one of {GAMMA_SCOPES}")
         self.teacher = teacher
         self.real_stats = dict(real_stats)
         self.layers = list(self.real_stats)
-        self.mean_weight, self.gamma = mean_weight, gamma
+        self.mean_weight, self.gamma, self.gamma_scope = mean_weight, gamma, gamma_scope
         self.lambda_diag, self.lambda_offdiag = lambda_diag, lambda_offdiag
         self.reg_iterations, self.reg_normalisation = reg_iterations, reg_normalisation
         self.class_reduction = class_reduction
@@ -243,10 +273,15 @@ class DEDAObjective:
             if self.use_covariance:
                 cov_term = cov_term + covariance_alignment(cov_s, cov_r)
         if self.regularising(iteration, iterations):
-            # cov_s is now the covariance of the last layer, L (by default the pooled last block)
-            reg_term = diversity_regulariser(cov_s, self.lambda_diag, self.lambda_offdiag, self.reg_normalisation)
+            # cov_s, cov_r are now the covariances of the last layer, L (by default the pooled last block)
+            reg_term = diversity_regulariser(
+                cov_s, self.lambda_diag, self.lambda_offdiag, self.reg_normalisation, cov_r.diagonal(dim1=-2, dim2=-1)
+            )
         reduce = torch.mean if self.class_reduction == "mean" else torch.sum
-        per_class = self.mean_weight * mean_term + self.gamma * cov_term + reg_term
+        if self.gamma_scope == "cov":
+            per_class = self.mean_weight * mean_term + self.gamma * cov_term + reg_term
+        else:
+            per_class = self.gamma * (self.mean_weight * mean_term + cov_term) + reg_term
         loss = self.ce_weight * ce + reduce(per_class)
         parts = {"ce": ce, "mean": reduce(mean_term), "cov": reduce(cov_term), "reg": reduce(reg_term)}
         return loss, {k: v.detach() for k, v in parts.items()}

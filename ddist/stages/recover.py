@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Subset
 from ddist.artifacts import atomic_save_tensors, cache_entry, load_tensors, to_plain
 from ddist.context import RunContext
 from ddist.data import ImageDataset, load_split, torch_dataset
-from ddist.data.augment import apply, apply_groups, sample_params
+from ddist.data.augment import apply, apply_groups, dataset_augment_key, sample_params
 from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
 from ddist.logging import info, progress, warn
@@ -213,6 +213,7 @@ def build_deda(cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> Recov
         cfg.ipc,
         mean_weight=dcfg.mean_weight,
         gamma=dcfg.gamma,
+        gamma_scope=dcfg.gamma_scope,
         lambda_diag=dcfg.lambda_diag,
         lambda_offdiag=dcfg.lambda_offdiag,
         reg_iterations=dcfg.reg_iterations,
@@ -364,12 +365,15 @@ def warn_if_stuck(losses: list[float], x: torch.Tensor, bounds: tuple[torch.Tens
 def recover_key(cfg: DictConfig) -> dict:
     """Exactly what determines the recovered set: the data, the teacher, the recover settings, ipc and seed.
     batch.parallel_groups is left out at 1, so work directories made before the option stay valid; stacked
-    groups differ from sequential ones by float rounding, so any other value keys its own set."""
+    groups differ from sequential ones by float rounding, so any other value keys its own set. Likewise
+    dataset.augment.*.crop_draw is left out where it changes no draw (per_image, or nothing to crop or flip)."""
     recover_settings = to_plain(cfg.recover)
     if recover_settings["batch"].get("parallel_groups") == 1:
         del recover_settings["batch"]["parallel_groups"]
+    dataset = to_plain(cfg.dataset)
+    dataset["augment"] = dataset_augment_key(dataset["augment"])
     return {
-        "dataset": to_plain(cfg.dataset),
+        "dataset": dataset,
         "teacher": teacher_identity(cfg),
         "recover": recover_settings,
         "ipc": int(cfg.ipc),
