@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 # Idle OpenMP threads sleep instead of spinning at barriers. Spinning threads made the
 # same recover stage 2.6-3.7x slower whenever another process shared the cores; this must
 # be set before torch is imported (ddist imports torch after this line). A user's own
-# setting wins. See ddist/threads.py.
+# setting wins. See ddist/runtime/threads.py.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
@@ -32,4 +32,4 @@ if not OmegaConf.has_resolver("ddist.now"):
     OmegaConf.register_new_resolver("ddist.rank0_only", lambda value: value if _rank == 0 else None)
     OmegaConf.register_new_resolver("ddist.rank_suffix", lambda: f"_rank{_rank}" if _rank else "")
 # The schemas of that tree go into Hydra's ConfigStore before anything composes it.
-from ddist import config as _config  # noqa: E402, F401
+from ddist.config import schema as _schema  # noqa: E402, F401

@@ -2,10 +2,10 @@
 
 A single run that fails on a user-fixable problem prints one paragraph and exits 2; so does a
 config that does not compose (an unknown key, a wrong type, a value outside its choices: the
-schemas of ddist/config.py), naming the key, instead of Hydra's multi-line report. In a
+schemas of ddist/config/schema.py), naming the key, instead of Hydra's multi-line report. In a
 multirun a failing job must not end the sweep: its message goes to `error.json` in its job
 directory, the other jobs run, and the sweep exits non-zero at the end with a summary of
-the failed jobs (ddist.sweep.FailureSummary, a Hydra callback in conf/hydra/default.yaml).
+the failed jobs (ddist.runtime.multirun.FailureSummary, a Hydra callback in conf/hydra/default.yaml).
 
 Under torchrun (WORLD_SIZE > 1) the ranks join one process group before Hydra starts and take
 rank 0's start time, so all of them name the same run directory (`ddist.now` in
@@ -35,10 +35,11 @@ from ddist.errors import DdistError
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     # imported after Hydra has parsed the command line: `--help` stays fast
-    from ddist import pipeline, sweep
+    from ddist import pipeline
+    from ddist.runtime import multirun
 
     job_dir = Path(cfg.paths.output_dir)
-    sweep.clear_error(job_dir)  # a rerun of a job in a reused sweep directory starts clean
+    multirun.clear_error(job_dir)  # a rerun of a job in a reused sweep directory starts clean
     try:
         # what a sweeper that optimises (hydra/sweeper=optuna_tpe) reads: the value objective_metric names
         return pipeline.objective(cfg, pipeline.run(cfg))
@@ -50,15 +51,15 @@ def _main(cfg: DictConfig) -> float | None:
             else (f"ddist: config error: {err}\nCheck the overrides and the config files under conf/.")
         )
         print(message, file=sys.stderr)
-        if not sweep.in_multirun():
+        if not multirun.in_multirun():
             sys.exit(2)
-        sweep.record_error(job_dir, message, exit_code=2)
+        multirun.record_error(job_dir, message, exit_code=2)
     except Exception as err:
-        if not sweep.in_multirun():
+        if not multirun.in_multirun():
             raise
         # a bug: keep the traceback in the job's log, and let the sweep go on
         logging.getLogger("ddist").exception("job failed")
-        sweep.record_error(job_dir, f"{type(err).__name__}: {err}", exit_code=1)
+        multirun.record_error(job_dir, f"{type(err).__name__}: {err}", exit_code=1)
     return None  # a failed job: an optimising sweeper marks the trial failed and goes on
 
 
@@ -88,7 +89,7 @@ def _report_composition_errors(run_and_report):
                     raise  # Hydra's report: the full trace, or the list of available options
                 print(
                     f"ddist: config error: {composition_error(err)}\n"
-                    "Check the overrides and the config files under conf/ (their keys: ddist/config.py).",
+                    "Check the overrides and the config files under conf/ (their keys: ddist/config/schema.py).",
                     file=sys.stderr,
                 )
                 sys.exit(2)
@@ -105,7 +106,7 @@ def main() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         _main()
         return
-    from ddist import distributed  # torch: imported only when torchrun started several ranks
+    from ddist.runtime import distributed  # torch: imported only when torchrun started several ranks
 
     ddist.started = distributed.start()  # every rank names its run directory by rank 0's start time
     try:

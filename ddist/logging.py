@@ -141,7 +141,7 @@ class RunLogger:
 def _sweep_group(run_dir: Path) -> str | None:
     """The jobs of one multirun share its sweep directory (whatever hydra.sweep.dir is): its
     last two path parts name their group. A single run has no group."""
-    from ddist.sweep import in_multirun
+    from ddist.runtime.multirun import in_multirun
 
     if not in_multirun():
         return None

@@ -1,10 +1,10 @@
-"""Run cfg.pipeline.stages in order, passing the artifacts made so far in a RunContext (ddist/context.py).
+"""Run cfg.pipeline.stages in order, passing the artifacts made so far in a RunContext (ddist/runtime/context.py).
 
 At the end: results.json in the run directory, the same table on the console and in W&B.
 A stage that sets ctx.stop (a shard that made its share of a set other shards finish,
-ddist/workdir.py) ends the run there: shard.json says what it did, no later stage runs.
-`dry_run=true` first cuts the configuration down to one step of everything (ddist/dry_run.py).
-Under torchrun every rank runs this; ddist/distributed.py says who does what.
+ddist/runtime/workdir.py) ends the run there: shard.json says what it did, no later stage runs.
+`dry_run=true` first cuts the configuration down to one step of everything (ddist/config/dry_run.py).
+Under torchrun every rank runs this; ddist/runtime/distributed.py says who does what.
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ from typing import Any, Self
 import torch
 from omegaconf import DictConfig
 
-from ddist import distributed, dry_run
-from ddist.allocator import configure_allocator
-from ddist.artifacts import atomic_write_text, strict_json
-from ddist.checks import check_config
-from ddist.context import RunContext
+from ddist.config import dry_run
+from ddist.config.checks import check_config
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger, hydra_overrides, info
 from ddist.models import student_config
-from ddist.threads import configure_threads
-from ddist.train import resolve_device, seed_everything
+from ddist.runtime import distributed
+from ddist.runtime.allocator import configure_allocator
+from ddist.runtime.artifacts import atomic_write_text, strict_json
+from ddist.runtime.context import RunContext
+from ddist.runtime.threads import configure_threads
+from ddist.training.loop import resolve_device, seed_everything
 
 # stage name -> module with run(cfg, ctx) -> ctx (imported lazily: diffusion pulls in diffusers)
 STAGES = {
@@ -44,7 +45,7 @@ _OWN = ("logger", "device")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Fail before any work on options that cannot run (ddist.checks); the schemas have already
+    """Fail before any work on options that cannot run (ddist.config.checks); the schemas have already
     checked each value (a stage name in pipeline.stages, say) when the config was composed."""
     check_config(cfg)
     for entry in cfg.evaluate.students:  # a bad name fails now, not after hours of distillation
@@ -130,7 +131,7 @@ def collect_results(cfg: DictConfig, ctx: RunContext) -> dict:
 
 def format_table(results: dict) -> str:
     """The console table: per student the accuracy, the random-real baseline under the same
-    protocol, the gain in points and DD-Ranking's IOR (ddist.baseline); "-" without a baseline."""
+    protocol, the gain in points and DD-Ranking's IOR (ddist.training.baseline); "-" without a baseline."""
     split = results.get("evaluate_split", "test")
     head = (
         f"{'dry run: ' if results.get('dry_run') else ''}{results['method']} on {results['dataset']}, "

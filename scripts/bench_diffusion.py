@@ -29,10 +29,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ddist.data import dataset_spec, load_split
+from ddist.diffusion.sampling import make_scheduler, sample_latents
 from ddist.logging import RunLogger
 from ddist.models.diffusion import PixelCodec, fresh_denoiser
-from ddist.stages.diffusion.sampling import make_scheduler, sample_latents
-from ddist.stages.diffusion.train import train_denoiser
+from ddist.training.denoiser import train_denoiser
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("plain", "rsm", "minimax")

@@ -34,7 +34,8 @@ from ddist.data import dataset_spec
 from ddist.models import build_model
 from ddist.models.fold import fold_batchnorm
 from ddist.objectives import DEDAObjective
-from ddist.stages.recover import optimise_batch, pixel_bounds, real_class_stats
+from ddist.training.class_stats import real_class_stats
+from ddist.training.recover import optimise_batch, pixel_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = ["dataset=cifar10", "dataset.format=folder", f"dataset.root={REPO.parent / 'shared/data/cifar10'}"]

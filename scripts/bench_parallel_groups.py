@@ -33,11 +33,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ddist.allocator import configure_allocator
 from ddist.data import dataset_spec
 from ddist.models import build_model
 from ddist.objectives import SRe2LObjective
-from ddist.stages import recover
+from ddist.runtime.allocator import configure_allocator
+from ddist.training import recover
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {

@@ -41,7 +41,7 @@ from ddist.data import dataset_spec
 from ddist.data.augment import apply, sample_params
 from ddist.models import build_model
 from ddist.objectives import DEDAObjective, SRe2LObjective
-from ddist.stages.recover import batch_groups, optimise_batch, pixel_bounds
+from ddist.training.recover import batch_groups, optimise_batch, pixel_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {

@@ -17,7 +17,7 @@ The denoiser:
             a random DiT's x0_hat is (z - sqrt(1 - abar) eps) / sqrt(abar) for an eps unrelated to z,
             i.e. ~1/sqrt(abar) times too long early, which hides the x0_hat kernel's amplification.
             No classifier-free guidance (the conditional eps is exact).
-One trajectory of the plain sampler (ddist.stages.diffusion.sampling: guided_eps, scheduler.step),
+One trajectory of the plain sampler (ddist.diffusion.sampling: guided_eps, scheduler.step),
 without guidance; after each measured step every (kernel, step_norm) variant computes the step it
 would take from those latents (ddist.objectives.cgs: raw_steps, size_step), so the whole table costs
 one trajectory. The class-mean (DM) step, which no step_norm resizes, is shown beside them with the
@@ -104,9 +104,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from ddist.diffusion.sampling import abar_after, guided_eps, kernel_embedding, make_scheduler
 from ddist.models.diffusion import build_dit, latent_denoiser
 from ddist.objectives.cgs import cosine_kernel, raw_steps, size_step
-from ddist.stages.diffusion.sampling import abar_after, guided_eps, kernel_embedding, make_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = ("zt", "x0_hat")

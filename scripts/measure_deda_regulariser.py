@@ -41,17 +41,17 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ddist.artifacts import cache_entry, load_distilled
-from ddist.context import RunContext
 from ddist.data import dataset_spec, load_split
-from ddist.data.subsets import pick_random_real
+from ddist.data.subsets import pick_random_real, real_subsample
 from ddist.errors import ConfigError
 from ddist.metrics.covariance import class_covariance_figures
 from ddist.objectives import REG_NORMALISATIONS, class_moments, diversity_regulariser
+from ddist.runtime.artifacts import cache_entry, load_distilled
+from ddist.runtime.context import RunContext
 from ddist.stages import recover, squeeze
-from ddist.stages.analyse import real_subsample
-from ddist.teacher import deda_layers, load_teacher, teacher_key
-from ddist.train import seed_everything
+from ddist.training.loop import seed_everything
+from ddist.training.recover import pixel_bounds
+from ddist.training.teacher import deda_layers, load_teacher, teacher_key
 
 REPO = Path(__file__).resolve().parents[1]
 # (label, config file, key) of every weight pair the configs use
@@ -151,7 +151,7 @@ def regulariser_table(args, cfg, ctx, teacher) -> None:
     idx = pick_random_real(train, spec.num_classes, args.ipc, args.seed)
     images, labels = torch.stack([train[int(i)][0] for i in idx]), train.targets[idx]
     classes = labels.unique()
-    bounds = recover.pixel_bounds(spec, torch.device("cpu"))
+    bounds = pixel_bounds(spec, torch.device("cpu"))
     layers = args.layers or [deda_layers(cfg, teacher)[-1]]
     print(
         f"\n{cfg.dataset.name}: teacher {cfg.teacher.model.name} (width {cfg.teacher.model.get('width')}, "

@@ -4,7 +4,7 @@
     python scripts/measure_recover_memory.py --ipcs 10 50 --iterations 5 --mode whole_class
 
 Recover streams: each finished batch group goes to disk as soon as it is done and the
-DistilledSet is assembled from the parts a chunk at a time (ddist/workdir.py), so the
+DistilledSet is assembled from the parts a chunk at a time (ddist/runtime/workdir.py), so the
 memory it needs beyond the process's fixed cost (torch, the teacher, the data split) is
 one group's pixels and optimiser state plus one assembly chunk, whatever the IPC. Each
 case runs the real stage (recover.run, a randomly initialised digits teacher: memory does
@@ -38,10 +38,10 @@ def one_case(ipc: int, iterations: int, mode: str, size: int | None) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from ddist.artifacts import save_checkpoint
-    from ddist.context import RunContext
     from ddist.data import dataset_spec
     from ddist.models import build_model
+    from ddist.runtime.artifacts import save_checkpoint
+    from ddist.runtime.context import RunContext
     from ddist.stages import recover
 
     torch.set_num_threads(1)

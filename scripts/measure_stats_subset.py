@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from ddist.artifacts import load_checkpoint, load_model_state
 from ddist.data import dataset_spec, load_split
 from ddist.models.fold import fold_batchnorm
 from ddist.objectives import ClassMomentSums
-from ddist.stages.recover import class_sorted_batches, stats_indices
-from ddist.teacher import build_teacher, deda_layers
+from ddist.runtime.artifacts import load_checkpoint, load_model_state
+from ddist.training.class_stats import class_sorted_batches, stats_indices
+from ddist.training.teacher import build_teacher, deda_layers
 
 REPO = Path(__file__).resolve().parents[1]
 

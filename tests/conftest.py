@@ -22,8 +22,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from ddist.context import RunContext
 from ddist.data import dataset_spec
+from ddist.runtime.context import RunContext
 
 # One torch thread per test process (and per subprocess, which inherits it): the suite
 # shares a 2-core machine with other jobs, where spinning OpenMP threads slow it 3x.
@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one worker per core this process may use (its affinity mask, as ddist's threads=auto),
     not the machine's core count that xdist would read when psutil is installed."""
-    from ddist.threads import available_cores
+    from ddist.runtime.threads import available_cores
 
     return available_cores()
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 from conftest import run_pipeline
 
-from ddist.data.subsets import pick_random_real
+from ddist.data.subsets import pick_random_real, real_subsample, same_ipc_rows
 from ddist.metrics import robust
-from ddist.stages.analyse import real_subsample, same_ipc_rows
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,7 @@ def test_bad_input_is_refused_naming_the_option(overrides, option, tmp_path):
         validate(cfg)
 
 
-# refused when the config is composed, by the schemas of ddist/config.py (more in test_schemas)
+# refused when the config is composed, by the schemas of ddist/config/schema.py (more in test_schemas)
 COMPOSE_ERRORS = [
     (["seed=abc"], "seed"),
     (["ipc=ten"], "ipc"),
@@ -95,6 +95,7 @@ def test_a_cache_dir_that_is_a_file_or_read_only(tmp_path):
     [
         (["recover.deda.gamma=1e30"], "recover.deda.gamma"),
         (["dataset.num_classes=1", "dataset.classes=[a]"], "num_classes is 1"),
+        (["pipeline=deda", "ipc=1"], "DEDA with IPC = 1"),
     ],
 )
 def test_legal_but_unlikely_settings_warn(overrides, needle, tmp_path, caplog):
@@ -121,7 +122,7 @@ def test_a_run_directory_under_a_file_is_a_clear_error(tmp_path, cache_dir):
 def test_a_recover_that_does_not_optimise_warns(caplog):
     import torch
 
-    from ddist.stages.recover import warn_if_stuck
+    from ddist.training.recover import warn_if_stuck
 
     bounds = (torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
     fine = torch.full((4, 1, 8, 8), 0.5)

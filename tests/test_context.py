@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import compose_cfg
 
-from ddist.context import RunContext
 from ddist.data import ImageDataset, dataset_spec, load_split
 from ddist.errors import ConfigError
-from ddist.teacher import load_teacher
+from ddist.runtime.context import RunContext
+from ddist.training.teacher import load_teacher
 
 
 def bare_ctx(cfg, tmp_path: Path, stage: str) -> RunContext:

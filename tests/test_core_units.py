@@ -9,15 +9,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ddist.artifacts import (
-    atomic_path,
-    atomic_write_text,
-    config_hash,
-    load_checkpoint,
-    load_distilled,
-    save_checkpoint,
-    save_distilled,
-)
 from ddist.data import dataset_spec
 from ddist.data.augment import (
     apply,
@@ -31,7 +22,16 @@ from ddist.data.augment import (
 )
 from ddist.errors import CheckpointError, ConfigError
 from ddist.objectives.distill import hard_label_loss, soft_label_loss
-from ddist.train import epochs_for
+from ddist.runtime.artifacts import (
+    atomic_path,
+    atomic_write_text,
+    config_hash,
+    load_checkpoint,
+    load_distilled,
+    save_checkpoint,
+    save_distilled,
+)
+from ddist.training.loop import epochs_for
 
 DIGITS = OmegaConf.load("conf/dataset/digits.yaml")
 
@@ -232,7 +232,7 @@ def test_epochs_by_ipc_table():
 
 
 def test_cosine_schedule_reaches_zero():
-    from ddist.train import make_schedule
+    from ddist.training.loop import make_schedule
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = make_schedule(opt, {"schedule": "cosine"}, 10)

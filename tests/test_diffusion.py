@@ -6,23 +6,23 @@ import torch
 from conftest import run_pipeline
 from diffusers import UNet2DModel
 
-from ddist.artifacts import load_distilled
 from ddist.data import dataset_spec, load_split
-from ddist.errors import ConfigError
-from ddist.logging import RunLogger
-from ddist.models import build_model
-from ddist.models.diffusion import PixelCodec, class_id_map, pixel_denoiser
-from ddist.objectives.diffusion import predict_x0
-from ddist.stages.diffusion import teacher_features
-from ddist.stages.diffusion.sampling import (
+from ddist.diffusion.sampling import (
     cgs_guidance,
     denoise,
     guided_eps,
     image_generators,
     make_scheduler,
     sample_latents,
+    teacher_features,
 )
-from ddist.stages.diffusion.train import (
+from ddist.errors import ConfigError
+from ddist.logging import RunLogger
+from ddist.models import build_model
+from ddist.models.diffusion import PixelCodec, class_id_map, pixel_denoiser
+from ddist.objectives.diffusion import predict_x0
+from ddist.runtime.artifacts import load_distilled
+from ddist.training.denoiser import (
     is_difffit,
     select_parameters,
     train_denoiser,
@@ -392,19 +392,19 @@ def test_an_ema_decay_outside_0_1_is_a_config_error_naming_the_option():
 
 
 def test_an_unset_ema_leaves_the_cache_keys_of_older_models_unchanged():
-    from ddist.stages.diffusion import _training_key
+    from ddist.diffusion.keys import training_key
 
-    assert _training_key({"lr": 1e-3, "ema": None, "ema_schedule": "fixed"}, "pixel") == {"lr": 1e-3}
-    assert _training_key({"lr": 1e-3, "ema": 0.999, "ema_schedule": "warmup"}, "pixel") == {"lr": 1e-3, "ema": 0.999}
+    assert training_key({"lr": 1e-3, "ema": None, "ema_schedule": "fixed"}, "pixel") == {"lr": 1e-3}
+    assert training_key({"lr": 1e-3, "ema": 0.999, "ema_schedule": "warmup"}, "pixel") == {"lr": 1e-3, "ema": 0.999}
 
 
 def test_the_fixed_ema_and_the_revised_dit_training_are_in_the_model_keys():
-    from ddist.stages.diffusion import LATENT_TRAINING_REVISION, _training_key
+    from ddist.diffusion.keys import LATENT_TRAINING_REVISION, training_key
 
     fixed = {"lr": 1e-3, "ema": 0.9999, "ema_schedule": "fixed"}
-    assert _training_key(fixed, "pixel") == fixed  # a fixed decay makes other weights than the warm-up
+    assert training_key(fixed, "pixel") == fixed  # a fixed decay makes other weights than the warm-up
     # per-sample label dropout and MiniMax's DiffFit changed what the DiT loop makes of the same options
-    assert _training_key({"lr": 1e-3, "ema": None, "ema_schedule": "fixed"}, "latent") == {
+    assert training_key({"lr": 1e-3, "ema": None, "ema_schedule": "fixed"}, "latent") == {
         "lr": 1e-3,
         "revision": LATENT_TRAINING_REVISION,
     }
@@ -419,13 +419,13 @@ def test_an_unknown_backbone_is_a_config_error_listing_the_registered_ones():
 
 
 def test_cgs_step_options_at_their_no_op_values_keep_the_sample_key_of_older_sets():
-    from ddist.stages.diffusion import _sample_settings_key
+    from ddist.diffusion.keys import sample_settings_key
 
     before = sample_cfg("cgs", kernel="x0_hat")
     before["cgs"] = {k: v for k, v in before["cgs"].items() if k not in ("step_norm", "max_step")}
     before["cgs"].update(start=0, end=None)  # the window as written before it was a fraction
-    assert _sample_settings_key(sample_cfg("cgs", kernel="x0_hat")) == before
-    capped = _sample_settings_key(sample_cfg("cgs", step_norm="cap", start=0.2))
+    assert sample_settings_key(sample_cfg("cgs", kernel="x0_hat")) == before
+    capped = sample_settings_key(sample_cfg("cgs", step_norm="cap", start=0.2))
     assert (capped["cgs"]["step_norm"], capped["cgs"]["max_step"], capped["cgs"]["start"]) == ("cap", 0.05, 0.2)
 
 

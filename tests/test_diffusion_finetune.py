@@ -8,10 +8,10 @@ import torch
 from diffusers import DiTTransformer2DModel
 from torch import nn
 
+from ddist.diffusion.sampling import make_scheduler
 from ddist.logging import RunLogger
 from ddist.models.diffusion import PixelCodec, WeightAverage, latent_denoiser
-from ddist.stages.diffusion.sampling import make_scheduler
-from ddist.stages.diffusion.train import select_parameters, train_denoiser
+from ddist.training.denoiser import select_parameters, train_denoiser
 
 SCHEDULE = {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
 HEADS, HEAD_DIM, PATCH = 2, 8, 2

@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
-from ddist.artifacts import load_distilled, save_distilled
 from ddist.data import dataset_spec
 from ddist.errors import CheckpointError
+from ddist.runtime.artifacts import load_distilled, save_distilled
 
 SPEC = dataset_spec(OmegaConf.load("conf/dataset/digits.yaml"))
 
@@ -94,7 +94,7 @@ def test_a_missing_tensor_file_says_to_recreate_the_set_not_to_delete_a_cache(tm
 
 
 def test_results_are_strict_json_with_a_note_for_each_undefined_number():
-    from ddist.artifacts import strict_json
+    from ddist.runtime.artifacts import strict_json
 
     text = strict_json({"acc": 0.5, "analysis": {"ssim": float("nan"), "per_class": [1.0, float("inf")]}})
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))

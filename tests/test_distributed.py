@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import REPO, TINY, TRAINED_TEACHER, run_pipeline
 
-from ddist import distributed
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger
-from ddist.train import CHECKPOINT, fit
+from ddist.runtime import distributed
+from ddist.training.loop import CHECKPOINT, fit
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -137,7 +137,7 @@ def test_torchrun_trains_teacher_and_students_with_ddp_and_rank_0_alone_writes(t
 
 
 def test_a_fixed_gpu_under_torchrun_is_refused_naming_the_option(monkeypatch):
-    from ddist.train import resolve_device
+    from ddist.training.loop import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(distributed, "active", lambda: True)

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from ddist import pipeline
-from ddist.dry_run import prepare
+from ddist.config.dry_run import prepare
 from ddist.errors import ConfigError
 from ddist.models import student_config
 

@@ -15,11 +15,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ddist import pipeline, report
-from ddist.artifacts import load_distilled
 from ddist.data import load_split
 from ddist.data.loaders import VAL_SPLIT_SEED, val_indices
 from ddist.errors import ConfigError
-from ddist.teacher import teacher_key
+from ddist.runtime.artifacts import load_distilled
+from ddist.training.teacher import teacher_key
 
 # a DEDA recover that takes a second on digits
 QUICK_RECOVER = ["recover.iterations=4", "recover.deda.reg_iterations=2"]
@@ -78,7 +78,7 @@ def test_val_split_bad_sizes_name_the_option():
 
 
 def test_cache_keys_include_val_per_class_only_when_set(tmp_path):
-    from ddist.stages.recover import class_stats_key
+    from ddist.training.class_stats import class_stats_key
 
     plain = compose_cfg(cache_dir=tmp_path, run_dir=tmp_path)
     carved = compose_cfg("dataset.val_per_class=5", cache_dir=tmp_path, run_dir=tmp_path)
@@ -88,11 +88,12 @@ def test_cache_keys_include_val_per_class_only_when_set(tmp_path):
 
 
 def test_teacher_and_class_statistics_never_see_the_val_split(tmp_path, monkeypatch):
-    from ddist.stages import recover, squeeze
-    from ddist.teacher import build_teacher
+    from ddist.stages import squeeze
+    from ddist.training import class_stats
+    from ddist.training.teacher import build_teacher
 
     seen: dict[str, torch.Tensor] = {}
-    real_batches, sorted_batches = squeeze.real_batches, recover.class_sorted_batches
+    real_batches, sorted_batches = squeeze.real_batches, class_stats.class_sorted_batches
 
     def record_teacher(ds, *args, **kwargs):
         seen["teacher"] = ds.images
@@ -103,12 +104,12 @@ def test_teacher_and_class_statistics_never_see_the_val_split(tmp_path, monkeypa
         return sorted_batches(ds, *args, **kwargs)
 
     monkeypatch.setattr(squeeze, "real_batches", record_teacher)
-    monkeypatch.setattr(recover, "class_sorted_batches", record_stats)
+    monkeypatch.setattr(class_stats, "class_sorted_batches", record_stats)
     cfg = compose_cfg(
         "dataset.val_per_class=9", "teacher.epochs=1", "teacher.model.width=8", cache_dir=tmp_path, run_dir=tmp_path
     )
     ctx = squeeze.run(cfg, stage_ctx(cfg, tmp_path))
-    recover.load_class_stats(cfg, ctx, build_teacher(cfg, ctx.spec).eval(), ["stage3"])
+    class_stats.load_class_stats(cfg, ctx, build_teacher(cfg, ctx.spec).eval(), ["stage3"])
     train = load_split(cfg.dataset, "train")
     for images in seen.values():
         assert torch.equal(images, train.images)  # 1437 - 90 images: the val rows are gone
@@ -135,7 +136,7 @@ def _uint8(spec, x: torch.Tensor):
 
 
 def test_students_are_scored_on_the_val_split_and_cached_apart(tmp_path, monkeypatch):
-    import ddist.students as students
+    import ddist.training.students as students
     from ddist.data.subsets import save_random_real
     from ddist.stages import squeeze
 

@@ -7,7 +7,7 @@ from torch import nn
 from ddist.models import build_model
 from ddist.models.fold import fold_batchnorm
 from ddist.objectives import ClassMomentSums
-from ddist.stages.recover import real_class_stats, stats_indices
+from ddist.training.class_stats import real_class_stats, stats_indices
 
 
 def eval_model(name: str, channels: int = 3, resolution: int = 16, **kw) -> nn.Module:
@@ -129,8 +129,8 @@ def test_stats_subset_statistics_equal_those_of_the_subset():
 def test_fold_bn_selects_the_teacher_and_leaves_the_cache_keys(tmp_path):
     from conftest import compose_cfg
 
-    from ddist.stages.recover import class_stats_key
-    from ddist.teacher import frozen_teacher, teacher_key
+    from ddist.training.class_stats import class_stats_key
+    from ddist.training.teacher import frozen_teacher, teacher_key
 
     on = compose_cfg("recover=deda", cache_dir=tmp_path, run_dir=tmp_path)
     off = compose_cfg("recover=deda", "teacher.fold_bn=false", cache_dir=tmp_path, run_dir=tmp_path)

@@ -10,15 +10,16 @@ from conftest import stage_ctx as pipeline_ctx
 from omegaconf import OmegaConf
 from torch import nn
 
-from ddist.artifacts import load_distilled, save_checkpoint
-from ddist.checks import check_config
+from ddist.config.checks import check_config
 from ddist.data import dataset_spec
 from ddist.data.augment import apply, apply_groups, sample_params
 from ddist.errors import ConfigError
 from ddist.models import build_model
 from ddist.objectives import SRe2LObjective
 from ddist.objectives.bn_matching import batch_moments, group_moments
+from ddist.runtime.artifacts import load_distilled, save_checkpoint
 from ddist.stages import recover
+from ddist.training import recover as recovery
 
 # 10 classes, ipc 3, 4 classes a batch: per IPC index batches of 4, 4 and 2 images (9 groups, two sizes)
 SMALL = ["pipeline=sre2l", "ipc=3", "recover.batch.size=4", "recover.iterations=12", "teacher.model.width=16"]
@@ -79,9 +80,9 @@ def test_stacked_shards_make_their_own_groups_and_the_last_assembles_the_set(tmp
 
 def test_stacks_hold_groups_of_one_size_and_one_at_a_time_keeps_the_order():
     sizes = [4, 4, 2, 4, 4, 2, 4, 4, 2]
-    assert recover.stacks(list(range(9)), sizes, 1) == [[g] for g in range(9)]
-    assert recover.stacks(list(range(9)), sizes, 2) == [[0, 1], [3, 4], [2, 5], [6, 7], [8]]
-    assert recover.stacks([1, 2, 5, 8], sizes, 9) == [[1], [2, 5, 8]]
+    assert recovery.stacks(list(range(9)), sizes, 1) == [[g] for g in range(9)]
+    assert recovery.stacks(list(range(9)), sizes, 2) == [[0, 1], [3, 4], [2, 5], [6, 7], [8]]
+    assert recovery.stacks([1, 2, 5, 8], sizes, 9) == [[1], [2, 5, 8]]
 
 
 def small_bn_net() -> nn.Module:
@@ -173,9 +174,9 @@ def test_per_batch_draws_one_crop_and_flip_per_stacked_group(crop_draw, tmp_path
     image = torch.rand(1, 1, 8, 8)
     x0 = [image.expand(size, 1, 8, 8).clone() for _ in range(groups)]  # every image of every group the same
     labels = [torch.arange(size) for _ in range(groups)]
-    generators = [recover.group_generator(0, g) for g in range(groups)]
+    generators = [recovery.group_generator(0, g) for g in range(groups)]
     bounds = (torch.full((1, 1, 1, 1), -10.0), torch.full((1, 1, 1, 1), 10.0))
-    recover.optimise_groups(Recorder(), x0, labels, cfg.recover, augment, 8, bounds, generators, lambda *a: None)
+    recovery.optimise_groups(Recorder(), x0, labels, cfg.recover, augment, 8, bounds, generators, lambda *a: None)
     assert len(seen) == 3
     for x_aug in seen[:1]:  # the first step: the images are still identical there
         per_group = x_aug.chunk(groups)

@@ -10,13 +10,15 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from ddist.artifacts import load_distilled, save_checkpoint
-from ddist.checks import check_config, check_recover
-from ddist.context import RunContext
+from ddist.config.checks import check_config, check_recover
 from ddist.data import dataset_spec, load_split
 from ddist.errors import ConfigError, DivergenceError
 from ddist.models import build_model
+from ddist.runtime.artifacts import load_distilled, save_checkpoint
+from ddist.runtime.context import RunContext
 from ddist.stages import analyse, recover, squeeze
+from ddist.training import class_stats
+from ddist.training import recover as recovery
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,7 +44,7 @@ def test_pixel_bounds_are_the_normalised_unit_interval():
             "std": [0.5, 0.25],
         }
     )
-    low, high = recover.pixel_bounds(spec, torch.device("cpu"))
+    low, high = recovery.pixel_bounds(spec, torch.device("cpu"))
     assert low.flatten().tolist() == [-1.0, -1.0]
     assert high.flatten().tolist() == [1.0, 3.0]
 
@@ -188,7 +190,7 @@ def test_a_stats_subset_that_is_not_a_number_fails_at_compose(tmp_path):
 
 @pytest.mark.parametrize("per_class", [7, None])
 def test_the_stats_pass_reads_that_many_real_images_per_class(tmp_path, monkeypatch, per_class):
-    from ddist.teacher import load_teacher
+    from ddist.training.teacher import load_teacher
 
     cfg = digits_cfg(tmp_path, f"recover.deda.stats_images_per_class={'null' if per_class is None else per_class}")
     ctx = stage_ctx(cfg, tmp_path)
@@ -199,9 +201,9 @@ def test_the_stats_pass_reads_that_many_real_images_per_class(tmp_path, monkeypa
             seen.append(y)
             yield x, y
 
-    real_pass = recover.real_class_stats
-    monkeypatch.setattr(recover, "real_class_stats", lambda t, b, *a, **k: real_pass(t, counted(b), *a, **k))
-    recover.load_class_stats(cfg, ctx, load_teacher(cfg, ctx), ["stage1"])
+    real_pass = class_stats.real_class_stats
+    monkeypatch.setattr(class_stats, "real_class_stats", lambda t, b, *a, **k: real_pass(t, counted(b), *a, **k))
+    class_stats.load_class_stats(cfg, ctx, load_teacher(cfg, ctx), ["stage1"])
     counts = torch.bincount(torch.cat(seen), minlength=10)
     all_counts = torch.bincount(load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)).targets, minlength=10)
     assert counts.tolist() == (all_counts if per_class is None else torch.full((10,), per_class)).tolist()

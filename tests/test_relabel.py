@@ -9,12 +9,12 @@ import torch
 from conftest import CONF, read_results, run_pipeline, tiny_teacher
 from hydra import compose, initialize_config_dir
 
-from ddist.artifacts import load_distilled
-from ddist.context import RunContext
 from ddist.data import dataset_spec
 from ddist.data.plan import augmented_batch, plan, plan_settings, stored_batches
 from ddist.errors import CheckpointError
-from ddist.teacher import load_teacher
+from ddist.runtime.artifacts import load_distilled
+from ddist.runtime.context import RunContext
+from ddist.training.teacher import load_teacher
 
 
 def compose_cfg(overrides):

@@ -12,12 +12,12 @@ import torch
 from conftest import kill_when, read_results, run_logged, run_pipeline, start_forked_run
 from diffusers import UNet2DModel
 
-from ddist.artifacts import load_checkpoint
+from ddist.diffusion.sampling import make_scheduler
 from ddist.logging import RunLogger
 from ddist.models.diffusion import PixelCodec, pixel_denoiser
-from ddist.stages.diffusion.sampling import make_scheduler
-from ddist.stages.diffusion.train import train_denoiser
-from ddist.train import CHECKPOINT, fit
+from ddist.runtime.artifacts import load_checkpoint
+from ddist.training.denoiser import train_denoiser
+from ddist.training.loop import CHECKPOINT, fit
 
 
 def _train(work, crash_at=None, precision="fp32", dtypes=None):

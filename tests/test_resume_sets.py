@@ -1,4 +1,4 @@
-"""Recover and diffusion sampling resume, reuse and shard (ddist/workdir.py, ddist/merge.py).
+"""Recover and diffusion sampling resume, reuse and shard (ddist/runtime/workdir.py, ddist/runtime/merge.py).
 
 A run (a forked child) killed with SIGKILL while its parts are being written resumes with only the unfinished
 parts and ends byte-identical to an uninterrupted run; shards (by hand, or a joblib multirun)
@@ -21,10 +21,10 @@ from conftest import CONF, compose_cfg, kill_when, run_ddist, run_logged, start_
 from hydra import compose, initialize_config_dir
 from test_experiments_diffusion import TINY_PIXEL
 
-from ddist import merge
-from ddist.artifacts import load_distilled, save_distilled, to_plain
 from ddist.data import dataset_spec
-from ddist.workdir import WorkDir
+from ddist.runtime import merge
+from ddist.runtime.artifacts import load_distilled, save_distilled, to_plain
+from ddist.runtime.workdir import WorkDir
 
 # 10 recover groups (ipc_slice, 2 classes a batch, 2 images a class) of 60 iterations each
 RECOVER = ["pipeline=sre2l", "pipeline.stages=[squeeze,recover]", "ipc=2", "recover.batch.size=2"]

@@ -1,4 +1,4 @@
-"""The schemas of ddist/config.py: a choice outside its Literal, a value of the wrong type and an
+"""The schemas of ddist/config/schema.py: a choice outside its Literal, a value of the wrong type and an
 unknown key fail when the config is composed (in an override or in a config file), and the error
 names the key; the CLI says so in one line."""
 
@@ -135,9 +135,22 @@ def test_the_cli_reports_a_composition_error_in_one_line(tmp_path, cache_dir):
 
 
 def test_the_schemas_name_every_stage_and_model_builder():
-    from ddist import config, pipeline
+    from ddist import pipeline
+    from ddist.config import schema as config
     from ddist.models import MODEL_NAMES
 
     (stage,) = get_args(get_type_hints(config.PipelineConfig)["stages"])
     assert set(get_args(stage)) == set(pipeline.STAGES)
     assert set(get_args(get_type_hints(config.ModelConfig)["name"])) == set(MODEL_NAMES)
+
+
+def test_the_schemas_and_the_objectives_list_the_same_choices():
+    """Objectives take choices as plain strings (they import no config): their tuples and the
+    schema's Literals must agree."""
+    from ddist.config import schema
+    from ddist.objectives import deda, rsm
+
+    assert get_args(schema.RegNormalisation) == deda.REG_NORMALISATIONS
+    assert get_args(schema.GammaScope) == deda.GAMMA_SCOPES
+    assert get_args(schema.ClassReduction) == deda.CLASS_REDUCTIONS
+    assert get_args(schema.RsmReduction) == rsm.REDUCTIONS

@@ -1,10 +1,10 @@
-"""Shares of work items among shards and torchrun ranks (ddist/shard.py)."""
+"""Shares of work items among shards and torchrun ranks (ddist/runtime/shard.py)."""
 
 import pytest
 from omegaconf import OmegaConf
 
 from ddist.errors import ConfigError
-from ddist.shard import share
+from ddist.runtime.shard import share
 
 
 def _cfg(index, count):

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from ddist import allocator, threads
 from ddist.errors import ConfigError
+from ddist.runtime import allocator, threads
 
 
 def test_explicit_count_is_applied():
@@ -58,7 +58,7 @@ def test_importing_ddist_asks_openmp_not_to_spin_unless_the_user_chose(preset, e
 
 MMAPPED_GROWTH = """
 import ctypes
-from ddist import allocator
+from ddist.runtime import allocator
 
 class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (malloc.h): ten size_t
     _fields_ = [(name, ctypes.c_size_t) for name in

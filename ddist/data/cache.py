@@ -17,10 +17,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ddist.artifacts import atomic_save_tensors
 from ddist.data.decode import Resize
 from ddist.data.layouts import SplitFiles
 from ddist.errors import ConfigError
+from ddist.runtime.artifacts import atomic_save_tensors
 
 # Bump when decoding changes in a way that alters pixels, to invalidate old entries.
 DECODER_VERSION = 1

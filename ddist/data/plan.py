@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddist.artifacts import file_sha256, load_tensors
 from ddist.data.augment import apply, apply_mix, batch_plan, split_mix
 from ddist.errors import CheckpointError
+from ddist.runtime.artifacts import file_sha256, load_tensors
 
 
 def plan_settings(ev: DictConfig, resolution: int, seed: int, num_images: int, epochs: int) -> dict:

@@ -1,4 +1,5 @@
-"""Seeded class-balanced subsets of a real split (the random-real baseline, real initialisation)."""
+"""Seeded class-balanced subsets of a real split (the random-real baseline, real initialisation,
+analyse's real reference)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from pathlib import Path
 
 import torch
 
-from ddist.artifacts import save_distilled
 from ddist.data.loaders import class_indices
 from ddist.errors import ConfigError
+from ddist.runtime.artifacts import save_distilled
+
+# Offsets the real subsample's random stream from `seed` (see real_subsample).
+SUBSAMPLE_SEED_OFFSET = 1_000_003
 
 
 def pick_random_real(ds, num_classes: int, ipc: int, seed: int) -> torch.Tensor:
@@ -43,3 +47,26 @@ def save_random_real(path: Path, train, spec, ipc: int, seed: int) -> Path:
     images = torch.stack([train[int(i)][0] for i in idx])
     meta = {"dataset": spec.name, "method": "random", "ipc": ipc, "seed": seed, "config": {"indices": idx.tolist()}}
     return save_distilled(path, images, train.targets[idx], spec, meta)
+
+
+def real_subsample(train, num_classes: int, per_class: int, seed: int) -> list[torch.Tensor]:
+    """Up to `per_class` random train indices of each class (all of a smaller class), seeded.
+
+    The stream is offset from `seed` so the reference is an independent draw, not the very
+    images the random pipeline (seeded by `seed` alone) picked as its DistilledSet.
+    """
+    generator = torch.Generator().manual_seed(SUBSAMPLE_SEED_OFFSET + seed)
+    picked = []
+    for c in range(num_classes):
+        pool = class_indices(train, c)
+        picked.append(pool[torch.randperm(len(pool), generator=generator)[:per_class]])
+    return picked
+
+
+def same_ipc_rows(class_sizes: list[int], ipc: int) -> torch.Tensor:
+    """Rows of the class-by-class subsample holding the first `ipc` images of each class."""
+    rows, start = [], 0
+    for size in class_sizes:
+        rows.append(torch.arange(start, start + min(size, ipc)))
+        start += size
+    return torch.cat(rows)

@@ -124,7 +124,7 @@ def student_config(entry) -> tuple[str, dict]:
 
     An entry is a preset name of conf/model ("convnet6") or a mapping {name: <preset>, ...}
     whose other keys override the preset's fields ({name: convnet, width: 16}). The result is
-    checked against the preset's schema (ddist/config.py), as composing the preset would.
+    checked against the preset's schema (ddist/config/schema.py), as composing the preset would.
     """
     fields = _as_dict(entry)
     name = fields.pop("name", None)

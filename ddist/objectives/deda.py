@@ -47,19 +47,17 @@ A class with one synthetic image has no covariance: with IPC = 1 the covariance 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-from ddist.config import ClassReduction, GammaScope, RegNormalisation
-from ddist.logging import warn
 from ddist.models.base import FeatureModel
 
-# the choices of recover.deda.class_reduction and .reg_normalisation, as the schema lists them
-CLASS_REDUCTIONS: tuple[str, ...] = get_args(ClassReduction)
-REG_NORMALISATIONS: tuple[str, ...] = get_args(RegNormalisation)
-GAMMA_SCOPES: tuple[str, ...] = get_args(GammaScope)
+# the choices of recover.deda.class_reduction, .reg_normalisation and .gamma_scope, as plain strings; the
+# schema's Literals (ddist/config/schema.py) list the same (tests/test_schemas.py checks they agree)
+CLASS_REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+REG_NORMALISATIONS: tuple[str, ...] = ("mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel", "ratio_corr")
+GAMMA_SCOPES: tuple[str, ...] = ("cov", "mean_and_cov")
 
 
 # ----------------------------------------------------------------------------- class statistics
@@ -245,12 +243,7 @@ class DEDAObjective:
         self.reg_iterations, self.reg_normalisation = reg_iterations, reg_normalisation
         self.class_reduction = class_reduction
         self.ce_weight = ce_weight
-        self.use_covariance = ipc > 1
-        if not self.use_covariance:
-            warn(
-                "DEDA with IPC = 1: a single image per class has no covariance, so the covariance "
-                "alignment and the diversity regulariser are skipped (mean alignment and CE remain)."
-            )
+        self.use_covariance = ipc > 1  # with IPC = 1 ddist.config.checks warns that these terms are skipped
 
     def regularising(self, iteration: int, iterations: int) -> bool:
         """The regulariser is on in the last `reg_iterations` of `iterations` (0-based index)."""

@@ -1,5 +1,5 @@
-"""Evaluate: train the configured students on the DistilledSet and test them (ddist.students),
-then the same students on the random-real baseline (ddist.baseline, `evaluate.baseline`).
+"""Evaluate: train the configured students on the DistilledSet and test them (ddist.training.students),
+then the same students on the random-real baseline (ddist.training.baseline, `evaluate.baseline`).
 
 `evaluate.distilled=PATH` evaluates an existing set instead of the one the run made;
 `evaluate.split=val` scores on the validation split (choosing settings), else on test.
@@ -11,10 +11,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ddist.baseline import random_baseline, with_gains
-from ddist.context import RunContext
 from ddist.logging import info
-from ddist.students import evaluate_set
+from ddist.runtime.context import RunContext
+from ddist.training.baseline import random_baseline, with_gains
+from ddist.training.students import evaluate_set
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:

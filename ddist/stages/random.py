@@ -9,9 +9,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ddist.context import RunContext
 from ddist.data import load_split
 from ddist.data.subsets import save_random_real
+from ddist.runtime.context import RunContext
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from ddist.context import RunContext
-from ddist.students import store_soft_labels
+from ddist.runtime.context import RunContext
+from ddist.training.students import store_soft_labels
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:

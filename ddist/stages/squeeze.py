@@ -16,21 +16,20 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from ddist import distributed
-from ddist.artifacts import (
+from ddist.data import load_split
+from ddist.data.augment import apply, sample_params
+from ddist.errors import CheckpointError
+from ddist.logging import info, warn
+from ddist.runtime import distributed
+from ddist.runtime.artifacts import (
     atomic_write_text,
     cache_entry,
     load_checkpoint,
     load_model_state,
     save_checkpoint,
 )
-from ddist.context import RunContext
-from ddist.data import load_split
-from ddist.data.augment import apply, sample_params
-from ddist.errors import CheckpointError
-from ddist.logging import info, warn
-from ddist.teacher import build_teacher, load_teacher, teacher_key
-from ddist.train import (
+from ddist.runtime.context import RunContext
+from ddist.training.loop import (
     accuracy,
     fit,
     make_optimizer,
@@ -38,6 +37,7 @@ from ddist.train import (
     real_batches,
     seed_everything,
 )
+from ddist.training.teacher import build_teacher, load_teacher, teacher_key
 from ddist.utils import ceil_div
 
 

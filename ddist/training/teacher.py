@@ -13,13 +13,13 @@ from typing import Any, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddist.artifacts import load_checkpoint, load_model_state
-from ddist.context import RunContext
 from ddist.data.augment import augment_key
 from ddist.data.spec import without_unset_val
 from ddist.errors import ConfigError
 from ddist.models import FeatureModel, build_model
 from ddist.models.fold import fold_batchnorm
+from ddist.runtime.artifacts import load_checkpoint, load_model_state
+from ddist.runtime.context import RunContext
 
 # dataset keys that do not change the teacher (they steer other stages)
 _NOT_TEACHER_KEYS = ("protocol", "download")

@@ -130,11 +130,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def atomic_save_tensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None
 ) -> None:

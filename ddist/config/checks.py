@@ -1,5 +1,5 @@
 """Up-front checks of a composed config: ranges, devices, paths, stage inputs, memory, and the
-rules between options. The schemas (ddist/config.py) have already checked each value's type and
+rules between options. The schemas (ddist/config/schema.py) have already checked each value's type and
 choices when the config was composed; what they cannot say is checked here.
 
 Every check runs before any work, so a mistake costs seconds, not an hour of recover, and
@@ -20,10 +20,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ddist.context import PROVIDERS
 from ddist.errors import ConfigError
 from ddist.logging import warn
-from ddist.threads import thread_count
+from ddist.runtime.context import PROVIDERS
+from ddist.runtime.threads import thread_count
 
 
 def _int(v: Any) -> bool:
@@ -139,6 +139,11 @@ def check_config(cfg: DictConfig) -> None:
             )
     if cfg.dataset.num_classes == 1:
         warn("dataset.num_classes is 1: cross-entropy and soft labels carry no information with one class.")
+    if "recover" in cfg.pipeline.stages and cfg.recover.objective == "deda" and cfg.ipc == 1:
+        warn(
+            "DEDA with IPC = 1: a single image per class has no covariance, so the covariance "
+            "alignment and the diversity regulariser are skipped (mean alignment and CE remain)."
+        )
 
 
 def check_stage_inputs(cfg: DictConfig) -> None:

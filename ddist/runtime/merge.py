@@ -1,4 +1,4 @@
-"""`python -m ddist.merge DIR`: assemble the DistilledSet of sharded recover or sampling jobs.
+"""`python -m ddist.runtime.merge DIR`: assemble the DistilledSet of sharded recover or sampling jobs.
 
 DIR is the work directory the jobs shared (<cache_dir>/recover/<hash>, <cache_dir>/diffusion_sample/<hash>:
 the one a job's log names) or the run directory of one of the jobs (its shard.json names the work
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ddist.errors import DdistError
-from ddist.workdir import assemble
+from ddist.runtime.workdir import assemble
 
 
 def work_dir(path: Path) -> Path:
@@ -25,12 +25,12 @@ def work_dir(path: Path) -> Path:
         return Path(json.loads((path / "shard.json").read_text())["work_dir"])
     raise DdistError(
         f"{path} is neither a work directory (no plan.json) nor a shard job's run directory (no shard.json). "
-        "Pass the directory a sharded job's log names after 'python -m ddist.merge'."
+        "Pass the directory a sharded job's log names after 'python -m ddist.runtime.merge'."
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddist.merge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ddist.runtime.merge", description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="a work directory, or a sharded job's run directory")
     args = parser.parse_args(argv)
     try:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"assembled: {assemble(root)}")
     except DdistError as err:
-        print(f"ddist.merge: error: {err}", file=sys.stderr)
+        print(f"ddist.runtime.merge: error: {err}", file=sys.stderr)
         return 2
     return 0
 

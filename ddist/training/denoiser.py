@@ -12,7 +12,7 @@ weights that is saved and sampled instead (WeightAverage).
 
 Resume: given a work directory, every `checkpoint_every` steps the loop saves the
 model, optimiser, data order (with the generator the noise is drawn from), MiniMax's
-memories, the global RNG states and the step (ddist.train's partial checkpoint); a
+memories, the global RNG states and the step (ddist.training.loop's partial checkpoint); a
 rerun loads it and goes on, ending byte-identical to an uninterrupted run on CPU.
 """
 
@@ -32,7 +32,7 @@ from ddist.models.diffusion import Denoiser, DitDiffFit, WeightAverage, to_signe
 from ddist.objectives.diffusion import denoising_loss, predict_x0
 from ddist.objectives.minimax import ClassMemory, minimax_loss
 from ddist.objectives.rsm import rsm_loss
-from ddist.train import CHECKPOINT, check_finite, real_batches, resume, save_partial, seed_everything
+from ddist.training.loop import CHECKPOINT, check_finite, real_batches, resume, save_partial, seed_everything
 from ddist.utils import ceil_div
 
 Objective = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]

@@ -9,7 +9,7 @@ comments) stay in the YAML files: a schema field is MISSING unless the YAML may 
 Adding an option: one field here, one line (value and comment) in the YAML file.
 
 OmegaConf 2.3 validates Enums but not Literals, so at import every schema below is rebuilt for
-OmegaConf with each Literal turned into a StrEnum of its values (`_for_omegaconf`). A StrEnum
+OmegaConf with each Literal turned into a StrEnum of its values (`for_omegaconf`, ddist/config/compat.py). A StrEnum
 member is a str (it compares, hashes, formats and JSON-encodes as its value), so code reads
 `cfg.recover.objective == "deda"` as before. A field named after a Python keyword (rsm's
 `lambda`) is declared with a trailing underscore. Importing ddist registers the schemas.
@@ -26,18 +26,16 @@ latent; logger: none, wandb).
 
 from __future__ import annotations
 
-import dataclasses
-import keyword
-import types
-import typing
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Literal
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-# choices that code also lists (ddist.objectives.deda), named once here
+from ddist.config.compat import for_omegaconf
+
+# choices that the objectives also list as plain strings (ddist.objectives.deda, .rsm; tests/test_schemas.py
+# checks that they agree)
 RegNormalisation = Literal["mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel", "ratio_corr"]
 GammaScope = Literal["cov", "mean_and_cov"]
 ClassReduction = Literal["mean", "sum"]
@@ -454,11 +452,11 @@ class Config:
     logger: LoggerConfig = MISSING
     ipc: int = MISSING
     seed: int = MISSING
-    device: str = MISSING  # auto | cpu | mps | cuda | cuda:N (checked in ddist.checks)
+    device: str = MISSING  # auto | cpu | mps | cuda | cuda:N (checked in ddist.config.checks)
     precision: Literal["fp32", "bf16", "fp16"] = MISSING
     compile: bool = MISSING
-    threads: Any = MISSING  # auto or a count (checked in ddist.threads)
-    cpu_allocator: Literal["cache", "system"] = MISSING  # ddist.allocator
+    threads: Any = MISSING  # auto or a count (checked in ddist.runtime.threads)
+    cpu_allocator: Literal["cache", "system"] = MISSING  # ddist.runtime.allocator
     dry_run: bool = MISSING
     objective_metric: str | None = MISSING  # the results value a job returns to an optimising sweeper
     shard: ShardConfig = MISSING
@@ -486,60 +484,11 @@ SCHEMAS: list[tuple[str | None, str, type]] = [
 ]
 
 
-# ----------------------------------------------------------------------------- Literal -> StrEnum for OmegaConf
-
-
-def _for_omegaconf(schema: type) -> type:
-    """The dataclass `schema` as OmegaConf 2.3 takes it: Literals become StrEnums (nested dataclasses
-    too). Rebuilt classes and enums are module attributes of their own names, so configs pickle
-    (joblib and submitit ship them to other processes) and error messages name the schema."""
-    if hasattr(_rebuilt, schema.__name__):
-        return getattr(_rebuilt, schema.__name__)
-    hints = typing.get_type_hints(schema)
-    annotations, defaults = {}, {}
-    for f in dataclasses.fields(schema):
-        key = f.name[:-1] if f.name.endswith("_") and keyword.iskeyword(f.name[:-1]) else f.name
-        annotations[key] = _convert(hints[f.name], f"{schema.__name__}_{key}")
-        defaults[key] = f.default
-    bases = tuple(_for_omegaconf(b) for b in schema.__bases__ if dataclasses.is_dataclass(b))
-    qualname = f"{_REBUILT_NAMESPACE}.{schema.__name__}"
-    namespace = {"__annotations__": annotations, "__module__": __name__, "__qualname__": qualname, **defaults}
-    # never instantiated: no __init__ (it could not take `lambda`), __repr__ or __eq__
-    rebuilt: type = dataclass(init=False, repr=False, eq=False)(type(schema.__name__, bases, namespace))
-    setattr(_rebuilt, schema.__name__, rebuilt)
-    return rebuilt
-
-
-def _convert(hint: Any, enum_name: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        qualname = f"{_REBUILT_NAMESPACE}.{enum_name}"
-        enum = StrEnum(enum_name, [(v, v) for v in args], module=__name__, qualname=qualname)  # type: ignore[misc]
-        setattr(_rebuilt, enum_name, enum)
-        return enum
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        assert len(inner) == 1, f"{enum_name}: OmegaConf takes X | None, not {hint}"
-        return _convert(inner[0], enum_name) | None
-    if origin is list:
-        return list[_convert(args[0], enum_name)]  # type: ignore[misc]
-    if origin is dict:
-        return dict[args[0], _convert(args[1], enum_name)]  # type: ignore[misc,valid-type]
-    if dataclasses.is_dataclass(hint):
-        return _for_omegaconf(hint)  # type: ignore[arg-type]
-    return hint
-
-
-# the rebuilt classes and enums, reachable for pickle as ddist.config._rebuilt.<name>
-_REBUILT_NAMESPACE = "_rebuilt"
-_rebuilt = types.SimpleNamespace()
-
-
 def register() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent; importing ddist does it)."""
     store = ConfigStore.instance()
     for group, name, schema in SCHEMAS:
-        store.store(group=group, name=name, node=_for_omegaconf(schema))
+        store.store(group=group, name=name, node=for_omegaconf(schema))
 
 
 register()

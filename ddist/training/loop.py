@@ -10,7 +10,7 @@ fit:
         every epoch: checkpoint (model, optimiser, schedule, step) into the work directory
 
 Under torchrun the model is DistributedDataParallel: every rank replays the same stream and
-its loss_fn trains on its part of each batch (ddist.distributed.my_part), so the batch size,
+its loss_fn trains on its part of each batch (ddist.runtime.distributed.my_part), so the batch size,
 the steps and the schedule are those of one process; rank 0 alone writes checkpoints.
 
 Resume: a rerun with the same work directory loads the last checkpoint and replays the
@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ddist import distributed
-from ddist.artifacts import atomic_path
 from ddist.data import ImageDataset, torch_dataset
 from ddist.errors import ConfigError, DivergenceError
 from ddist.logging import RunLogger, info, progress
+from ddist.runtime import distributed
+from ddist.runtime.artifacts import atomic_path
 
 CHECKPOINT = "partial.pt"
 

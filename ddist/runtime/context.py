@@ -4,7 +4,7 @@ Each stage is `run(cfg, ctx) -> ctx`. The fields below are the whole contract be
 stages: the run's setting (made by the pipeline), the artifacts stages make and read
 (paths, not tensors), and the numbers that go to results.json. A stage reads an
 artifact another stage makes with `ctx.require(name)`, which says which stage to add
-when none made it (ddist.checks catches most of these before any work).
+when none made it (ddist.config.checks catches most of these before any work).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ are grouped into batches therefore never changes what they are (up to float
 rounding in batched kernels), and CGS with eta_dpp = mu_dm = 0 reproduces
 independent sampling. The groups (sample_groups) are the stage's independent
 parts: each depends on nothing but its rows, so a killed sampling resumes at
-the group it was in and shards split the groups (ddist/workdir.py).
+the group it was in and shards split the groups (ddist/runtime/workdir.py).
 
     z_T ~ N(0, I)                                   per image
     for each step t:
@@ -24,14 +24,16 @@ sampling's forward passes plus the guidance.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from ddist.data.augment import resize
 from ddist.errors import ConfigError
+from ddist.models import FeatureModel
 from ddist.models.diffusion import Denoiser
 from ddist.objectives.cgs import clean_estimate, guidance_step
 
@@ -273,3 +275,41 @@ def sample_latents(
         if on_group is not None:
             on_group(g + 1, len(groups))
     return out
+
+
+# ----------------------------------------------------------------------------- the teacher kernel and decoding
+
+
+def teacher_features(teacher: FeatureModel, codec, spec):
+    """The teacher kernel's feature map: model-space clean estimates -> the teacher's penultimate
+    (globally pooled) features of the images they decode to, differentiable.
+
+    The decode is the stage's own (`decode` below: codec, resize, [-1, 1] -> dataset-normalised)
+    without its clip. reading: unclipped, so pixels an early, overshooting x0_hat puts outside
+    [0, 1] still get a gradient.
+    """
+
+    def features(x0_hat: torch.Tensor) -> torch.Tensor:
+        x = resize(codec.decode(x0_hat).float(), spec.resolution)
+        return teacher.forward_features(spec.normalize((x + 1) / 2))[1]["penultimate"]
+
+    return features
+
+
+@torch.no_grad()
+def samples_accuracy(
+    teacher: torch.nn.Module, batches: Iterable[torch.Tensor], labels: torch.Tensor, device: torch.device
+) -> float:
+    """Top-1 accuracy (a fraction) of the teacher on batches of dataset-normalised images with their intended labels."""
+    preds = torch.cat([teacher(images.to(device)).argmax(1).cpu() for images in batches])
+    return float((preds == labels).float().mean())
+
+
+@torch.no_grad()
+def decode(codec, z: torch.Tensor, spec, batch_size: int) -> torch.Tensor:
+    """Latents -> images in the dataset's normalised space, at its resolution, clipped to [0, 1] pixels."""
+    out = []
+    for s in range(0, len(z), batch_size):
+        x = resize(codec.decode(z[s : s + batch_size]).float(), spec.resolution)
+        out.append(spec.normalize(((x + 1) / 2).clamp(0, 1)).cpu())
+    return torch.cat(out)

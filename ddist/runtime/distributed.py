@@ -3,8 +3,8 @@
 `torchrun --nproc_per_node=N -m ddist ...` starts N ranks of the same job. The entry point
 starts the process group (NCCL on CUDA, gloo on CPU) and stops it at exit. Then:
 - every rank runs the stages that share their work: squeeze and evaluate train their models
-  with DistributedDataParallel (`ddist.train.fit`: each rank a contiguous part of every batch),
-  recover and diffusion split their groups and classes (ddist/shard.py);
+  with DistributedDataParallel (`ddist.training.loop.fit`: each rank a contiguous part of every batch),
+  recover and diffusion split their groups and classes (ddist/runtime/shard.py);
 - the other stages run on rank 0 alone; the other ranks take over what it made;
 - only rank 0 writes: cache entries, checkpoints, results.json, the W&B run. The other ranks
   wait for it at a barrier, then read.
@@ -23,17 +23,12 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from ddist.artifacts import building
 from ddist.errors import ConfigError
+from ddist.runtime.artifacts import building
 
 T = TypeVar("T")
 
 _solo = False  # rank 0 alone runs a stage the other ranks skip: no collectives meanwhile
-
-
-def requested() -> bool:
-    """Whether torchrun started several ranks of this job."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def start() -> datetime:

@@ -13,13 +13,13 @@ the set (so a new run directory of the same command finds it):
 Each part is written atomically the moment it is finished, so a killed run loses at most
 the part it was in; the rerun logs e.g. "recover: 37/50 groups done, resuming at 38" and
 does only the rest. Once every part is there, the set is assembled part by part (only one
-chunk of images in memory, ddist.artifacts.write_distilled) and the parts are deleted; a
+chunk of images in memory, ddist.runtime.artifacts.write_distilled) and the parts are deleted; a
 later run of the same configuration (an evaluate.* sweep) reuses the finished set.
 
-Sharding (ddist/shard.py): each job makes only its share of the parts; whichever job then
+Sharding (ddist/runtime/shard.py): each job makes only its share of the parts; whichever job then
 finds every part present assembles the set (under the entry's file lock, so once), and the
 others stop after their share (the pipeline writes shard.json instead of results.json and
-runs no later stage). `python -m ddist.merge DIR` assembles explicitly.
+runs no later stage). `python -m ddist.runtime.merge DIR` assembles explicitly.
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from ddist import distributed
-from ddist.artifacts import (
+from ddist.data import dataset_spec
+from ddist.errors import CheckpointError
+from ddist.logging import info
+from ddist.runtime import distributed
+from ddist.runtime.artifacts import (
     TensorRows,
     atomic_dir,
     atomic_save_tensors,
@@ -47,11 +50,8 @@ from ddist.artifacts import (
     to_plain,
     write_distilled,
 )
-from ddist.context import RunContext
-from ddist.data import dataset_spec
-from ddist.errors import CheckpointError
-from ddist.logging import info
-from ddist.shard import Share, share
+from ddist.runtime.context import RunContext
+from ddist.runtime.shard import Share, share
 
 ASSEMBLE_CHUNK = 256  # images in memory at once while assembling
 
@@ -136,7 +136,7 @@ def _assemble_or_stop(work: WorkDir) -> dict[str, Any] | None:
     info(
         f"{work.kind}: share {work.share.index} of {work.share.count} done; "
         f"{len(missing)}/{work.num_parts} {work.noun} are other shards'. The last shard "
-        f"to finish assembles the set (or: python -m ddist.merge {work.root}); stopping here."
+        f"to finish assembles the set (or: python -m ddist.runtime.merge {work.root}); stopping here."
     )
     return {
         "stage": work.kind,

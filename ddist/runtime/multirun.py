@@ -30,7 +30,7 @@ def in_multirun() -> bool:
 
 
 def record_error(job_dir: Path, message: str, exit_code: int) -> None:
-    from ddist.artifacts import atomic_write_text  # torch-heavy: keep `ddist.report` light
+    from ddist.runtime.artifacts import atomic_write_text  # torch-heavy: keep `ddist.report` light
 
     atomic_write_text(job_dir / ERROR_FILE, json.dumps({"message": message, "exit_code": exit_code}, indent=2))
 

@@ -1,7 +1,7 @@
 """Students: train fresh models on a DistilledSet and test them on the real test split
 (or, with `evaluate.split=val`, on the validation split carved from train).
 
-Used by the evaluate stage (the run's students and, via ddist.baseline, the random-real
+Used by the evaluate stage (the run's students and, via ddist.training.baseline, the random-real
 baseline's) and the analyse stage (DD-Ranking's baselines); `store_soft_labels` is the
 relabel stage's storage, shared with the baseline. Protocols (conf/evaluate/):
 - soft (SRe2L / RDED): KL(softmax(teacher/T) || softmax(student/T)), batch mean, on the same
@@ -25,8 +25,15 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from ddist import distributed
-from ddist.artifacts import (
+from ddist.data import load_split
+from ddist.data.augment import augment_key, dataset_augment_key, mix_targets, split_mix
+from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings, stored_batches
+from ddist.data.spec import without_unset_val
+from ddist.logging import info, progress
+from ddist.models import build_model, student_config
+from ddist.objectives.distill import hard_label_loss, soft_label_loss
+from ddist.runtime import distributed
+from ddist.runtime.artifacts import (
     DistilledSet,
     atomic_dir,
     atomic_write_text,
@@ -35,16 +42,8 @@ from ddist.artifacts import (
     load_distilled,
     tensor_checksum,
 )
-from ddist.context import RunContext
-from ddist.data import load_split
-from ddist.data.augment import augment_key, dataset_augment_key, mix_targets, split_mix
-from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings, stored_batches
-from ddist.data.spec import without_unset_val
-from ddist.logging import info, progress
-from ddist.models import build_model, student_config
-from ddist.objectives.distill import hard_label_loss, soft_label_loss
-from ddist.teacher import frozen_teacher, load_teacher
-from ddist.train import (
+from ddist.runtime.context import RunContext
+from ddist.training.loop import (
     accuracy,
     epochs_for,
     fit,
@@ -52,6 +51,7 @@ from ddist.train import (
     make_schedule,
     seed_everything,
 )
+from ddist.training.teacher import frozen_teacher, load_teacher
 from ddist.utils import ceil_div
 
 

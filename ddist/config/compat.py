@@ -1,0 +1,62 @@
+"""OmegaConf 2.3 validates Enums but not Literals: `for_omegaconf` rebuilds a dataclass schema
+(ddist/config/schema.py) for OmegaConf with each Literal turned into a StrEnum of its values. A StrEnum
+member is a str (it compares, hashes, formats and JSON-encodes as its value), so code reads
+`cfg.recover.objective == "deda"` as before. A field named after a Python keyword (rsm's `lambda`) is
+declared with a trailing underscore and rebuilt without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import keyword
+import types
+import typing
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+
+def for_omegaconf(schema: type) -> type:
+    """The dataclass `schema` as OmegaConf 2.3 takes it: Literals become StrEnums (nested dataclasses
+    too). Rebuilt classes and enums are module attributes of their own names, so configs pickle
+    (joblib and submitit ship them to other processes) and error messages name the schema."""
+    if hasattr(_rebuilt, schema.__name__):
+        return getattr(_rebuilt, schema.__name__)
+    hints = typing.get_type_hints(schema)
+    annotations, defaults = {}, {}
+    for f in dataclasses.fields(schema):
+        key = f.name[:-1] if f.name.endswith("_") and keyword.iskeyword(f.name[:-1]) else f.name
+        annotations[key] = _convert(hints[f.name], f"{schema.__name__}_{key}")
+        defaults[key] = f.default
+    bases = tuple(for_omegaconf(b) for b in schema.__bases__ if dataclasses.is_dataclass(b))
+    qualname = f"{_REBUILT_NAMESPACE}.{schema.__name__}"
+    namespace = {"__annotations__": annotations, "__module__": __name__, "__qualname__": qualname, **defaults}
+    # never instantiated: no __init__ (it could not take `lambda`), __repr__ or __eq__
+    rebuilt: type = dataclass(init=False, repr=False, eq=False)(type(schema.__name__, bases, namespace))
+    setattr(_rebuilt, schema.__name__, rebuilt)
+    return rebuilt
+
+
+def _convert(hint: Any, enum_name: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        qualname = f"{_REBUILT_NAMESPACE}.{enum_name}"
+        enum = StrEnum(enum_name, [(v, v) for v in args], module=__name__, qualname=qualname)  # type: ignore[misc]
+        setattr(_rebuilt, enum_name, enum)
+        return enum
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        assert len(inner) == 1, f"{enum_name}: OmegaConf takes X | None, not {hint}"
+        return _convert(inner[0], enum_name) | None
+    if origin is list:
+        return list[_convert(args[0], enum_name)]  # type: ignore[misc]
+    if origin is dict:
+        return dict[args[0], _convert(args[1], enum_name)]  # type: ignore[misc,valid-type]
+    if dataclasses.is_dataclass(hint):
+        return for_omegaconf(hint)  # type: ignore[arg-type]
+    return hint
+
+
+# the rebuilt classes and enums, reachable for pickle as ddist.config.compat._rebuilt.<name>
+_REBUILT_NAMESPACE = "_rebuilt"
+_rebuilt = types.SimpleNamespace()

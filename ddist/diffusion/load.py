@@ -1,0 +1,132 @@
+"""The denoiser to sample from (pretrained, or trained here from scratch; fine-tuned when asked)
+and the real class means CGS matches, each cached under ${paths.cache_dir}/<kind>/<hash> keyed by
+exactly the config that made it (ddist/diffusion/keys.py), so sweeps over `seed`, `ipc` or the
+sampling options train nothing twice."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from omegaconf import DictConfig
+
+from ddist.data.augment import resize
+from ddist.diffusion.keys import base_key, data_key, training_key
+from ddist.diffusion.sampling import make_scheduler
+from ddist.logging import info
+from ddist.models.diffusion import (
+    fresh_denoiser,
+    make_codec,
+    model_image_size,
+    pretrained_denoiser,
+    saved_denoiser,
+    to_signed,
+)
+from ddist.runtime.artifacts import atomic_dir, atomic_save_tensors, building, cache_entry, load_tensors
+from ddist.runtime.context import RunContext
+from ddist.training.denoiser import train_denoiser
+from ddist.training.loop import real_batches
+
+
+def load_denoiser(cfg: DictConfig, dcfg: dict, ctx: RunContext, train_set):
+    """The denoiser to sample from (base model, fine-tuned when asked; each cached), its codec and image size.
+    train_set() gives the real train split (loaded only when a model is trained here)."""
+    spec, device, logger = ctx.spec, ctx.device, ctx.logger
+    image_size = model_image_size(dcfg, spec.resolution)
+    cgs = dcfg["sample"]["method"] == "cgs"
+    codec = make_codec(dcfg, spec.channels, need_encoder=trains(dcfg) or cgs)
+    train_scheduler = make_scheduler(dcfg["schedule"], "ddpm")
+    train = functools.partial(
+        train_denoiser,
+        codec=codec,
+        spec=spec,
+        scheduler=train_scheduler,
+        image_size=image_size,
+        device=device,
+        logger=logger,
+    )
+
+    # base model (loaded or trained only when a model derived from it is not cached)
+    base_model_key = base_key(cfg, dcfg)
+    if dcfg["model"]["pretrained"] is not None:
+
+        def base():
+            return pretrained_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec)
+    else:
+
+        def base():
+            return cached_model(
+                cfg,
+                dcfg,
+                "diffusion",
+                base_model_key,
+                spec,
+                make=lambda: fresh_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec),
+                fit=lambda d, work: train(
+                    d, ds=train_set(), tcfg=dcfg["train"], objective="plain", phase="train", work_dir=work
+                ),
+            )
+
+    # fine-tune
+    objective = dcfg["finetune"]["objective"]
+    if objective == "none":
+        denoiser = base()
+    else:
+        denoiser = cached_model(
+            cfg,
+            dcfg,
+            "diffusion_finetune",
+            {"base": base_model_key, "finetune": training_key(dcfg["finetune"], dcfg["backbone"])},
+            spec,
+            make=base,
+            fit=lambda d, work: train(
+                d, ds=train_set(), tcfg=dcfg["finetune"], objective=objective, phase="finetune", work_dir=work
+            ),
+        )
+    denoiser.net.to(device).eval().requires_grad_(False)
+    return denoiser, codec, image_size
+
+
+def trains(dcfg: dict) -> bool:
+    """Whether real images must be encoded for training (from scratch or fine-tuning)."""
+    return dcfg["model"]["pretrained"] is None or dcfg["finetune"]["objective"] != "none"
+
+
+def cached_model(cfg, dcfg, kind, key, spec, make, fit):
+    """The denoiser cached under <kind>/<hash(key)>; else make() one, fit(it, work_dir) (which
+    checkpoints into and resumes from the entry), save it and return it."""
+    with building(cache_entry(cfg, kind, key)) as work:
+        entry = work / "denoiser"
+        if (entry / "config.json").is_file():
+            info(f"diffusion: using the cached model {entry}")
+            return saved_denoiser(dcfg, str(entry), spec.num_classes, f"paths.cache_dir ({entry})")
+        denoiser = make()
+        fit(denoiser, work)
+        with atomic_dir(entry) as tmp:
+            denoiser.net.save_pretrained(tmp)
+        return denoiser
+
+
+@torch.no_grad()
+def class_means(cfg, dcfg, codec, train_set, spec, image_size, device) -> torch.Tensor:
+    """mu_real,0^c: the mean clean latent of each class over the real train split [K, C, h, w], cached."""
+    key = {
+        "data": data_key(cfg),
+        "backbone": dcfg["backbone"],
+        "codec": None
+        if dcfg["backbone"] == "pixel"
+        else {k: dcfg["model"][k] for k in ("vae", "vae_subfolder", "vae_config", "image_size")},
+    }
+    path = cache_entry(cfg, "diffusion_means", key) / "means.safetensors"
+    if path.is_file():
+        return load_tensors(path, "class mean latents")["means"]
+    sums, counts = None, torch.zeros(spec.num_classes)
+    for x, y in real_batches(train_set(), spec, dcfg["sample"]["batch_size"], shuffle=False):
+        z = codec.encode(resize(to_signed(x, spec), image_size).to(device)).cpu()
+        sums = torch.zeros(spec.num_classes, *z.shape[1:]) if sums is None else sums
+        sums.index_add_(0, y, z)
+        counts += torch.bincount(y, minlength=spec.num_classes)
+    assert sums is not None, "the training split has no images"
+    means = sums / counts.clamp(min=1).view(-1, 1, 1, 1)
+    atomic_save_tensors(path, {"means": means})
+    return means
