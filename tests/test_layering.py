@@ -1,4 +1,8 @@
-"""The import graph flows one way: entry point -> stages -> the layers below; no cycles."""
+"""The import graph flows one way, wing by wing: entry -> stages -> services -> leaves -> base.
+
+No stage imports another stage; nothing below the stages imports a stage or the entry point;
+objectives and metrics import no config, logging or runtime; no cycles. LAYER names each wing's
+layer and MAY_IMPORT what a layer may import, so a wrong import fails naming both ends."""
 
 from __future__ import annotations
 
@@ -32,23 +36,118 @@ def imports(path: Path, top_level_only: bool) -> set[str]:
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py") if "conf" not in p.parts}
 
 
+# Each module's layer: the longest prefix of its dotted name in this table. A module under no
+# entry fails test_every_module_has_a_layer: a new wing is placed here on purpose.
+LAYER = {
+    # entry: the command line and the pipeline that runs the stages
+    "ddist.__main__": "entry",
+    "ddist.pipeline": "entry",
+    # stages: thin recipes (setup, loop, save), one per stage
+    "ddist.stages": "stages",
+    # services the stages share
+    "ddist.training": "services",  # the training loop, teacher, students, baseline, denoiser, recover's loop
+    "ddist.diffusion": "services",  # the diffusion stage's library: keys, loading, the sampler
+    "ddist.report": "services",  # the report over runs and the analyse stage's figures
+    "ddist.runtime": "services",  # context, threads, allocator, ranks, shards, work directories, merge
+    "ddist.config.checks": "services",  # every check of a composed config, before any work
+    "ddist.config.dry_run": "services",  # the dry-run cuts
+    # leaves: what the services build on; they know nothing of runs or stages
+    "ddist.objectives": "leaves",
+    "ddist.models": "leaves",
+    "ddist.data": "leaves",
+    "ddist.metrics": "leaves",
+    # base: imported by every layer, importing nothing above it
+    "ddist": "base",  # the package: CONF_DIR, the resolvers, the schemas' registration
+    "ddist.errors": "base",
+    "ddist.utils": "base",
+    "ddist.logging": "base",
+    "ddist.config": "base",
+    "ddist.config.schema": "base",
+    "ddist.config.compat": "base",
+    # runtime by role, base by dependency: atomic files and the cache layout, which data/ writes
+    # through (the decoded-image cache, the batch plan, the subsets), and multirun's bookkeeping,
+    # which logging asks whether this job is part of a sweep
+    "ddist.runtime.artifacts": "base",
+    "ddist.runtime.multirun": "base",
+}
+# layer -> the layers its modules may import (a stage never another stage: see below)
+MAY_IMPORT = {
+    "entry": {"entry", "stages", "services", "leaves", "base"},
+    "stages": {"stages", "services", "leaves", "base"},
+    "services": {"services", "leaves", "base"},
+    "leaves": {"leaves", "base"},
+    "base": {"base"},
+}
+# objectives and metrics take tensors (and, where they must, a model): never datasets, configs,
+# logging or runs. These are the only packages they may import.
+TENSOR_LAYERS = ("ddist.objectives", "ddist.metrics")
+TENSOR_LAYER_MAY_IMPORT = ("ddist.objectives", "ddist.metrics", "ddist.models", "ddist.errors", "ddist.utils")
+# the top level of ddist/ holds at most this many modules besides its folders
+TOP_LEVEL_MODULES = 8
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in LAYER:
+            return LAYER[prefix]
+    return None
+
+
 def stage_of(module: str) -> str | None:
     """ddist.stages.<name>[...] -> <name>; None outside the stages."""
     parts = module.split(".")
     return parts[2] if len(parts) > 2 and parts[1] == "stages" else None
 
 
-def test_no_stage_imports_another_stage_and_nothing_below_imports_a_stage():
-    wrong = []
-    for name, path in MODULES.items():
-        for imported in imports(path, top_level_only=False) & MODULES.keys():
-            target = stage_of(imported)
-            if target is None:
-                continue
-            own = stage_of(name)
-            if own != target and name not in ("ddist.pipeline", "ddist.__main__"):
-                wrong.append(f"{name} imports {imported}")
-    assert not wrong, wrong
+def edges() -> list[tuple[str, str]]:
+    """(module, the ddist module it imports), anywhere in the file (function-level imports too)."""
+    return [
+        (name, imported)
+        for name, path in MODULES.items()
+        for imported in sorted(imports(path, top_level_only=False) & MODULES.keys())
+        if imported != name
+    ]
+
+
+def test_every_module_has_a_layer():
+    missing = [name for name in MODULES if layer_of(name) is None]
+    assert not missing, f"modules in no wing of LAYER (tests/test_layering.py): {missing}"
+
+
+def test_imports_flow_one_way_entry_stages_services_leaves_base():
+    wrong = [
+        f"{name} ({layer_of(name)}) imports {imported} ({layer_of(imported)}); "
+        f"{layer_of(name)} may import only {sorted(MAY_IMPORT[layer_of(name) or ''])}"
+        for name, imported in edges()
+        if layer_of(imported) not in MAY_IMPORT[layer_of(name) or ""]
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_stage_imports_another_stage():
+    wrong = [
+        f"{name} imports {imported}: stages hand each other artifacts through RunContext, never code"
+        for name, imported in edges()
+        if stage_of(name) and stage_of(imported) and stage_of(name) != stage_of(imported)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_objectives_and_metrics_import_no_config_logging_or_runtime():
+    wrong = [
+        f"{name} imports {imported}: objectives and metrics import only {TENSOR_LAYER_MAY_IMPORT} "
+        "(pass choices as plain strings, warn in ddist.config.checks)"
+        for name, imported in edges()
+        if name.startswith(TENSOR_LAYERS) and not any(imported.startswith(p) for p in TENSOR_LAYER_MAY_IMPORT)
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_top_level_holds_few_modules():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= TOP_LEVEL_MODULES, f"ddist/ holds {len(top)} modules ({top}): put new ones in a wing"
 
 
 def test_no_import_cycles():
@@ -72,47 +171,6 @@ def test_no_import_cycles():
         if name not in state:
             visit(name, [name])
     assert not cycles, cycles
-
-
-def top_package(module: str) -> str:
-    """ddist.objectives.deda -> ddist.objectives; ddist.utils -> ddist.utils."""
-    return ".".join(module.split(".")[:2])
-
-
-# objectives and metrics take tensors (and, where they must, a model): never datasets, configs or runs
-TENSOR_LAYERS = ("ddist.objectives", "ddist.metrics")
-# ddist.config: the schemas' choice types (Literals), which a loss names once with its option
-TENSOR_LAYER_MAY_IMPORT = {
-    *TENSOR_LAYERS,
-    "ddist.models",
-    "ddist.errors",
-    "ddist.logging",
-    "ddist.utils",
-    "ddist.config",
-}
-# what the pipeline and the stages build on: none of it knows about runs, stages or the entry point
-BELOW_STAGES = ("ddist.models", "ddist.objectives", "ddist.metrics", "ddist.data")
-ABOVE = {"ddist.stages", "ddist.pipeline", "ddist.__main__", "ddist.context", "ddist.teacher", "ddist.students"}
-
-
-def package_imports(packages: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(module, the ddist package it imports) for every module under `packages`."""
-    return [
-        (name, top_package(imported))
-        for name, path in MODULES.items()
-        if top_package(name) in packages
-        for imported in imports(path, top_level_only=False) & MODULES.keys()
-    ]
-
-
-def test_objectives_and_metrics_import_only_models_and_helpers():
-    wrong = [pair for pair in package_imports(TENSOR_LAYERS) if pair[1] not in TENSOR_LAYER_MAY_IMPORT]
-    assert not wrong, wrong
-
-
-def test_models_data_objectives_and_metrics_never_import_the_run_layers():
-    wrong = [pair for pair in package_imports(BELOW_STAGES) if pair[1] in ABOVE]
-    assert not wrong, wrong
 
 
 def test_importing_the_models_package_does_not_import_diffusers():
