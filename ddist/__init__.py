@@ -31,5 +31,8 @@ if not OmegaConf.has_resolver("ddist.now"):
     OmegaConf.register_new_resolver("ddist.now", lambda pattern: started.strftime(pattern), use_cache=True)
     OmegaConf.register_new_resolver("ddist.rank0_only", lambda value: value if _rank == 0 else None)
     OmegaConf.register_new_resolver("ddist.rank_suffix", lambda: f"_rank{_rank}" if _rank else "")
-# The schemas of that tree go into Hydra's ConfigStore before anything composes it.
+# The schemas of that tree go into Hydra's ConfigStore before anything composes it: the config's,
+# and each method's own settings (ddist.methods imports every method module, each registering itself;
+# they import torch and their objectives only when they build).
+from ddist import methods as _methods  # noqa: E402, F401
 from ddist.config import schema as _schema  # noqa: E402, F401

@@ -112,7 +112,7 @@ def run_stage(name: str, cfg: DictConfig, ctx: RunContext) -> RunContext:
 
 def collect_results(cfg: DictConfig, ctx: RunContext) -> dict:
     return {
-        "method": cfg.pipeline.name,
+        "method": ctx.method or cfg.pipeline.name,  # named once: as the set's meta.json
         "dry_run": bool(cfg.dry_run),
         "dataset": cfg.dataset.name,
         "ipc": cfg.ipc,

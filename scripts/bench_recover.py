@@ -39,8 +39,8 @@ from omegaconf import OmegaConf
 
 from ddist.data import dataset_spec
 from ddist.data.augment import apply, sample_params
+from ddist.methods import recover_method
 from ddist.models import build_model
-from ddist.objectives import DEDAObjective, SRe2LObjective
 from ddist.training.recover import batch_groups, optimise_batch, pixel_bounds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,24 +77,15 @@ def random_real_stats(teacher, spec, generator: torch.Generator) -> dict:
 
 
 def make_objective(cfg, teacher, spec, ipc: int):
-    if cfg.recover.objective == "sre2l":
-        return SRe2LObjective(teacher, ce_weight=cfg.recover.ce_weight, **cfg.recover.bn_matching)
-    d = cfg.recover.deda
-    real = random_real_stats(teacher, spec, torch.Generator().manual_seed(0))
-    return DEDAObjective(
-        teacher,
-        real,
-        ipc,
-        mean_weight=d.mean_weight,
-        gamma=d.gamma,
-        gamma_scope=d.gamma_scope,
-        lambda_diag=d.lambda_diag,
-        lambda_offdiag=d.lambda_offdiag,
-        reg_iterations=d.reg_iterations,
-        reg_normalisation=d.reg_normalisation,
-        class_reduction=d.class_reduction,
-        ce_weight=cfg.recover.ce_weight,
-    )
+    """The recover method's objective from its own builder (ddist/methods/), given random real class
+    statistics of the right shapes where it needs them."""
+    method = recover_method(cfg.recover.objective)
+    inputs: dict = {"teacher": teacher}
+    if "class_stats" in method.needs:
+        inputs["class_stats"] = random_real_stats(teacher, spec, torch.Generator().manual_seed(0))
+    if "whole_class_batches" in method.needs:
+        inputs["ipc"] = ipc
+    return method.build(cfg.recover, **inputs)
 
 
 def rss_mb() -> float:

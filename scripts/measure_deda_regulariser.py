@@ -49,9 +49,10 @@ from ddist.objectives import REG_NORMALISATIONS, class_moments, diversity_regula
 from ddist.runtime.artifacts import cache_entry, load_distilled
 from ddist.runtime.context import RunContext
 from ddist.stages import recover, squeeze
+from ddist.training.class_stats import class_stats_layers
 from ddist.training.loop import seed_everything
 from ddist.training.recover import pixel_bounds
-from ddist.training.teacher import deda_layers, load_teacher, teacher_key
+from ddist.training.teacher import load_teacher, teacher_key
 
 REPO = Path(__file__).resolve().parents[1]
 # (label, config file, key) of every weight pair the configs use
@@ -152,7 +153,7 @@ def regulariser_table(args, cfg, ctx, teacher) -> None:
     images, labels = torch.stack([train[int(i)][0] for i in idx]), train.targets[idx]
     classes = labels.unique()
     bounds = pixel_bounds(spec, torch.device("cpu"))
-    layers = args.layers or [deda_layers(cfg, teacher)[-1]]
+    layers = args.layers or [class_stats_layers(cfg, teacher.feature_names)[-1]]
     print(
         f"\n{cfg.dataset.name}: teacher {cfg.teacher.model.name} (width {cfg.teacher.model.get('width')}, "
         f"{cfg.teacher.epochs} epochs, test acc {ctx.teacher_acc:.4f}), IPC {args.ipc}, {len(classes)} classes; "
@@ -196,7 +197,7 @@ def recover_table(args) -> None:
             ctx = squeeze.run(cfg, RunContext(run_dir=Path(tmp) / str(i), device=torch.device("cpu"), spec=spec))
             ctx = recover.run(cfg, ctx)
             teacher = load_teacher(cfg, ctx)
-            layer = deda_layers(cfg, teacher)[-1]
+            layer = class_stats_layers(cfg, teacher.feature_names)[-1]
             distilled = load_distilled(ctx.distilled)
             feats = recover_features(teacher, layer, distilled.images)
             rows.append((name, weights, class_covariance_figures(feats, distilled.labels, spec.num_classes)))

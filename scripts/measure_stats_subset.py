@@ -6,7 +6,7 @@
 On CIFAR-10 (../shared/data/cifar10 as format=folder, 5000 train images per class) with a
 ConvNet-3 width 32 teacher (a trained checkpoint, or a random-init one when none is given),
 the teacher's features of every train image are computed once (the folded teacher, as
-recover runs it); then for each `recover.deda.stats_images_per_class` in --sizes, the class
+recover runs it); then for each `recover.class_stats.images_per_class` in --sizes, the class
 statistics of the seeded subset `stats_indices` picks are compared with those of all images,
 per DEDA layer (every pooled stage):
   mean error = ||M_n - M_all||_F / ||M_all||_F over the [classes, d] means;
@@ -29,8 +29,8 @@ from ddist.data import dataset_spec, load_split
 from ddist.models.fold import fold_batchnorm
 from ddist.objectives import ClassMomentSums
 from ddist.runtime.artifacts import load_checkpoint, load_model_state
-from ddist.training.class_stats import class_sorted_batches, stats_indices
-from ddist.training.teacher import build_teacher, deda_layers
+from ddist.training.class_stats import class_sorted_batches, class_stats_layers, stats_indices
+from ddist.training.teacher import build_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def main() -> None:
     if args.checkpoint:
         load_model_state(teacher, load_checkpoint(args.checkpoint, "--checkpoint"), args.checkpoint, "--checkpoint")
     teacher = fold_batchnorm(teacher.eval(), channels_last=True)
-    layers = deda_layers(cfg, teacher)
+    layers = class_stats_layers(cfg, teacher.feature_names)
 
     start = time.perf_counter()
     train = load_split(cfg.dataset, "train", cache_dir)

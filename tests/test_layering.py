@@ -48,6 +48,7 @@ LAYER = {
     "ddist.training": "services",  # the training loop, teacher, students, baseline, denoiser, recover's loop
     "ddist.diffusion": "services",  # the diffusion stage's library: keys, loading, the sampler
     "ddist.report": "services",  # the report over runs and the analyse stage's figures
+    "ddist.methods": "services",  # one plug-in per method: its settings schema, builder, checks, dry-run cut, needs
     "ddist.runtime": "services",  # context, threads, allocator, ranks, shards, work directories, merge
     "ddist.config.checks": "services",  # every check of a composed config, before any work
     "ddist.config.dry_run": "services",  # the dry-run cuts
@@ -80,6 +81,11 @@ MAY_IMPORT = {
 }
 # objectives and metrics take tensors (and, where they must, a model): never datasets, configs,
 # logging or runs. These are the only packages they may import.
+# The one import against the flow: importing the package registers every method's settings schema with
+# Hydra before any config is composed (ddist.methods discovers the method modules). It stays light because
+# a method module imports torch and its objectives only inside its builder and checks
+# (test_importing_ddist_does_not_import_torch).
+REGISTRATION = {("ddist", "ddist.methods")}
 TENSOR_LAYERS = ("ddist.objectives", "ddist.metrics")
 TENSOR_LAYER_MAY_IMPORT = ("ddist.objectives", "ddist.metrics", "ddist.models", "ddist.errors", "ddist.utils")
 # the top level of ddist/ holds at most this many modules besides its folders
@@ -121,7 +127,7 @@ def test_imports_flow_one_way_entry_stages_services_leaves_base():
         f"{name} ({layer_of(name)}) imports {imported} ({layer_of(imported)}); "
         f"{layer_of(name)} may import only {sorted(MAY_IMPORT[layer_of(name) or ''])}"
         for name, imported in edges()
-        if layer_of(imported) not in MAY_IMPORT[layer_of(name) or ""]
+        if layer_of(imported) not in MAY_IMPORT[layer_of(name) or ""] and (name, imported) not in REGISTRATION
     ]
     assert not wrong, "\n".join(wrong)
 
@@ -175,6 +181,15 @@ def test_no_import_cycles():
 
 def test_importing_the_models_package_does_not_import_diffusers():
     """ddist.models.diffusion pulls in diffusers (seconds): only code that asks for it pays."""
+
+
+def test_importing_ddist_does_not_import_torch():
+    """`import ddist` registers the schemas (the methods' too) in well under a second: torch loads only
+    where a model, a tensor or the logging is used (python -m ddist.report reads JSON only)."""
+    code = "import sys, ddist; print('torch' in sys.modules, 'ddist.methods.deda' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
     code = "import sys, ddist.models, ddist.objectives; print('diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -26,8 +26,8 @@ from ddist.objectives import (
 )
 from ddist.objectives.bn_matching import group_moments
 from ddist.stages import squeeze
-from ddist.training.class_stats import real_class_stats
-from ddist.training.teacher import deda_layers, load_teacher
+from ddist.training.class_stats import class_stats_layers, real_class_stats
+from ddist.training.teacher import load_teacher
 
 LOG2 = math.log(2.0)
 
@@ -319,7 +319,11 @@ def teacher_features(trained_digits_teacher, cache_dir, tmp_path_factory):
     idx = pick_random_real(train, 10, 10, seed=0)
     with torch.no_grad():
         feats = teacher.forward_features(torch.stack([train[int(i)][0] for i in idx]))[1]
-    return feats[deda_layers(cfg, teacher)[-1]], train.targets[idx], cfg.recover.deda.reg_normalisation
+    return (
+        feats[class_stats_layers(cfg, teacher.feature_names)[-1]],
+        train.targets[idx],
+        cfg.recover.deda.reg_normalisation,
+    )
 
 
 @pytest.mark.parametrize(("lambda_diag", "lambda_offdiag"), config_weights())

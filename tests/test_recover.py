@@ -1,5 +1,6 @@
 """The recover stage: batch plans, pixel bounds, divergence, and end to end on digits."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 from ddist.config.checks import check_config, check_recover
 from ddist.data import dataset_spec, load_split
 from ddist.errors import ConfigError, DivergenceError
+from ddist.methods import REGISTRY
 from ddist.models import build_model
 from ddist.runtime.artifacts import load_distilled, save_checkpoint
 from ddist.runtime.context import RunContext
@@ -95,7 +97,8 @@ class NaNAt:
 
 def test_nan_loss_stops_the_stage_naming_the_iteration(tmp_path, monkeypatch):
     cfg = digits_cfg(tmp_path, "recover=sre2l", "ipc=1", "recover.iterations=10")
-    monkeypatch.setattr(recover, "build_objective", lambda cfg, ctx, teacher: NaNAt(3))
+    sre2l = REGISTRY["recover"]["sre2l"]
+    monkeypatch.setitem(REGISTRY["recover"], "sre2l", dataclasses.replace(sre2l, build=lambda rcfg, **_: NaNAt(3)))
     with pytest.raises(DivergenceError, match=r"recover.*iteration 3.*recover\.lr"):
         recover.run(cfg, stage_ctx(cfg, tmp_path))
     assert not (tmp_path / "run" / "distilled").exists()
@@ -111,7 +114,7 @@ def test_nan_loss_stops_the_stage_naming_the_iteration(tmp_path, monkeypatch):
 )
 def test_recover_options_that_do_not_go_together_are_refused_up_front(overrides, fix, tmp_path):
     with pytest.raises(ConfigError, match=fix):
-        check_recover(digits_cfg(tmp_path, *overrides).recover)
+        check_recover(digits_cfg(tmp_path, *overrides))
 
 
 @pytest.mark.parametrize("method", ["deda", "sre2l"])
@@ -178,21 +181,21 @@ def test_deda_regulariser_spreads_and_conditions_the_class_covariance(trained_di
 
 @pytest.mark.parametrize("value", [0, -5])
 def test_a_bad_stats_subset_names_the_option(tmp_path, value):
-    cfg = digits_cfg(tmp_path, f"recover.deda.stats_images_per_class={value}")
-    with pytest.raises(ConfigError, match=r"recover\.deda\.stats_images_per_class"):
+    cfg = digits_cfg(tmp_path, f"recover.class_stats.images_per_class={value}")
+    with pytest.raises(ConfigError, match=r"recover\.class_stats\.images_per_class"):
         check_config(cfg)
 
 
 def test_a_stats_subset_that_is_not_a_number_fails_at_compose(tmp_path):
-    with pytest.raises(ConfigCompositionException, match=r"stats_images_per_class"):
-        digits_cfg(tmp_path, "recover.deda.stats_images_per_class=all")
+    with pytest.raises(ConfigCompositionException, match=r"recover\.class_stats\.images_per_class"):
+        digits_cfg(tmp_path, "recover.class_stats.images_per_class=all")
 
 
 @pytest.mark.parametrize("per_class", [7, None])
 def test_the_stats_pass_reads_that_many_real_images_per_class(tmp_path, monkeypatch, per_class):
     from ddist.training.teacher import load_teacher
 
-    cfg = digits_cfg(tmp_path, f"recover.deda.stats_images_per_class={'null' if per_class is None else per_class}")
+    cfg = digits_cfg(tmp_path, f"recover.class_stats.images_per_class={'null' if per_class is None else per_class}")
     ctx = stage_ctx(cfg, tmp_path)
     seen = []
 

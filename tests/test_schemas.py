@@ -148,9 +148,10 @@ def test_the_schemas_and_the_objectives_list_the_same_choices():
     """Objectives take choices as plain strings (they import no config): their tuples and the
     schema's Literals must agree."""
     from ddist.config import schema
+    from ddist.methods import deda as method
     from ddist.objectives import deda, rsm
 
-    assert get_args(schema.RegNormalisation) == deda.REG_NORMALISATIONS
-    assert get_args(schema.GammaScope) == deda.GAMMA_SCOPES
-    assert get_args(schema.ClassReduction) == deda.CLASS_REDUCTIONS
+    assert get_args(method.RegNormalisation) == deda.REG_NORMALISATIONS
+    assert get_args(method.GammaScope) == deda.GAMMA_SCOPES
+    assert get_args(method.ClassReduction) == deda.CLASS_REDUCTIONS
     assert get_args(schema.RsmReduction) == rsm.REDUCTIONS

@@ -9,6 +9,7 @@ warned about loudly instead.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -20,8 +21,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ddist.config.schema import RecoverConfig
 from ddist.errors import ConfigError
 from ddist.logging import warn
+from ddist.methods import choices, recover_method
+from ddist.methods.base import warn_large_weights
 from ddist.runtime.context import PROVIDERS
 from ddist.runtime.threads import thread_count
 
@@ -60,7 +64,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "recover.lr": POSITIVE,
     "recover.batch.size": (AT_LEAST_1[0], "an integer >= 1 (images per batch), or null for one batch"),
     "recover.batch.parallel_groups": AT_LEAST_1,
-    "recover.deda.stats_images_per_class": (AT_LEAST_1[0], "an integer >= 1 (real images per class), or null for all"),
+    "recover.class_stats.images_per_class": (AT_LEAST_1[0], "an integer >= 1 (real images per class), or null for all"),
+    "recover.class_stats.batch_size": AT_LEAST_1,
     "dataset.val_per_class": (AT_LEAST_0[0], "an integer >= 0 (images per class carved from train), or null"),
     "shard.count": AT_LEAST_1,
     "shard.index": AT_LEAST_0,
@@ -85,15 +90,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-# Loss weights above this cannot be meant: they drown every other term (and float32).
-WEIGHT_LIMIT = 1e6
+# Loss weights of the shared loops (a method warns about its own: ddist/methods/) that cannot be meant
+# above WEIGHT_LIMIT.
 WEIGHTS = (
     "recover.ce_weight",
-    "recover.deda.mean_weight",
-    "recover.deda.gamma",
-    "recover.deda.lambda_diag",
-    "recover.deda.lambda_offdiag",
-    "recover.bn_matching.r_bn",
     "diffusion.finetune.rsm.lambda",
     "diffusion.sample.cgs.eta_dpp",
     "diffusion.sample.cgs.mu_dm",
@@ -118,32 +118,23 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"device={cfg.device!r} is not a device. Set device=auto, cpu, cuda or cuda:N.")
     thread_count(cfg.threads)
     check_stage_inputs(cfg)
+    recover_method(cfg.recover.objective)  # a name no method has fails whatever runs (as a schema choice would)
     if "recover" in cfg.pipeline.stages:
-        check_recover(cfg.recover)
+        check_recover(cfg)
     check_cache_dir(Path(cfg.paths.cache_dir))
     check_set_fits_memory(cfg)
     check_evidence_options(cfg)
     check_cgs_window(cfg)
+    check_diffusion(cfg)
     if (
         "random" in cfg.pipeline.stages
         or OmegaConf.select(cfg, "recover.init") == "real"
         or ("evaluate" in cfg.pipeline.stages and OmegaConf.select(cfg, "evaluate.baseline") == "random")
     ):
         check_real_images_per_class(cfg)
-    for key in WEIGHTS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if _number(value) and abs(value) > WEIGHT_LIMIT:
-            warn(
-                f"{key}={value:g} is larger than {WEIGHT_LIMIT:g}: that term will drown every other one "
-                "(and float32). Is that meant?"
-            )
+    warn_large_weights(cfg, WEIGHTS)
     if cfg.dataset.num_classes == 1:
         warn("dataset.num_classes is 1: cross-entropy and soft labels carry no information with one class.")
-    if "recover" in cfg.pipeline.stages and cfg.recover.objective == "deda" and cfg.ipc == 1:
-        warn(
-            "DEDA with IPC = 1: a single image per class has no covariance, so the covariance "
-            "alignment and the diversity regulariser are skipped (mean alignment and CE remain)."
-        )
 
 
 def check_stage_inputs(cfg: DictConfig) -> None:
@@ -183,24 +174,47 @@ def check_cgs_window(cfg: DictConfig) -> None:
         )
 
 
-def check_recover(rcfg: DictConfig) -> None:
-    """What one recover option asks of another (the schema checks each one alone)."""
-    if rcfg.objective == "deda" and "deda" not in rcfg:
-        raise ConfigError("recover.objective=deda needs the recover.deda settings: set recover=deda instead.")
-    if rcfg.objective == "deda" and rcfg.batch.mode != "whole_class":
+def check_diffusion(cfg: DictConfig) -> None:
+    """The diffusion options that cannot run: the fine-tuning method."""
+    objective = cfg.diffusion.finetune.objective
+    if objective != "none" and objective not in choices("finetune"):
         raise ConfigError(
-            "DEDA's statistics are per class, so every class needs all its images in one batch: "
-            "set recover.batch.mode=whole_class."
+            f"diffusion.finetune.objective={objective} is not a fine-tuning method; choose none or one of "
+            f"{', '.join(choices('finetune'))} (each a module of ddist/methods/)."
         )
-    if rcfg.batch.parallel_groups > 1 and rcfg.objective != "sre2l":
+
+
+def check_recover(cfg: DictConfig) -> None:
+    """What the recover method (recover.objective, ddist/methods/) asks of the other options: its own
+    settings present, what its needs imply, then its own checks."""
+    rcfg = cfg.recover
+    method = recover_method(rcfg.objective)
+    if method.settings is not None:
+        shared = {f.name for f in dataclasses.fields(RecoverConfig)}
+        own = {f.name for f in dataclasses.fields(method.settings)} - shared
+        if not own <= set(rcfg):
+            raise ConfigError(
+                f"recover.objective={method.name} needs the recover.{'/'.join(sorted(own))} settings: "
+                f"set recover={method.name} instead."
+            )
+    if "whole_class_batches" in method.needs and rcfg.batch.mode != "whole_class":
+        raise ConfigError(
+            f"recover.objective={method.name} takes statistics per class, so every class needs all its images "
+            "in one batch: set recover.batch.mode=whole_class."
+        )
+    if rcfg.batch.parallel_groups > 1 and not method.stacks:
+        stacking = ", ".join(n for n in choices("recover") if recover_method(n).stacks)
         raise ConfigError(
             f"recover.batch.parallel_groups={rcfg.batch.parallel_groups} stacks independent batches, which only "
-            f"recover.objective=sre2l supports (not {rcfg.objective}): set recover.batch.parallel_groups=1."
+            f"recover.objective={stacking} supports (not {method.name}): set recover.batch.parallel_groups=1."
         )
-    if rcfg.objective == "sre2l" and rcfg.bn_matching is None:
-        raise ConfigError(
-            "recover.objective=sre2l needs recover.bn_matching (null in recover=deda): set recover=sre2l."
-        )
+    if "class_stats" in method.needs:
+        from ddist.data import dataset_spec  # heavy: the teacher's architecture (on the meta device)
+        from ddist.training.class_stats import class_stats_layers
+        from ddist.training.teacher import teacher_feature_names
+
+        class_stats_layers(cfg, teacher_feature_names(cfg, dataset_spec(cfg.dataset)))
+    method.check(cfg)
 
 
 def check_real_images_per_class(cfg: DictConfig) -> None:

@@ -5,7 +5,8 @@
 - data: the first CLASSES classes with PER_CLASS images each (dataset.subset), at the dataset's
   own resolution (one more per class when dataset.val_per_class carves a validation split);
   random images (dataset.format=synthetic) when the data is not on this machine;
-- ipc <= PER_CLASS, and every loop one step: teacher epochs (0 stays 0), recover iterations,
+- ipc <= PER_CLASS, and every loop one step: teacher epochs (0 stays 0), recover iterations (and
+  the recover method's own, by its descriptor's dry-run cut: ddist/methods/),
   student epochs and repeats, relabel epochs, diffusion train / fine-tune / sampling steps;
 - weights: pretrained diffusion models and VAEs that are neither local directories nor in the
   Hugging Face cache are built from their architecture (diffusion.model.dit / vae_config / unet)
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError
 from ddist.logging import info
+from ddist.methods import recover_method
 
 CLASSES = 2  # classes kept (fewer when the dataset has fewer)
 PER_CLASS = 2  # real (or synthetic) images per class in each split; also the largest ipc
@@ -83,8 +85,7 @@ def _data_present(ds: DictConfig) -> bool:
 def _one_step(cfg: DictConfig) -> None:
     cfg.teacher.epochs = min(cfg.teacher.epochs, 1)
     cfg.recover.iterations = 1
-    if "deda" in cfg.recover:
-        cfg.recover.deda.reg_iterations = 1
+    recover_method(cfg.recover.objective).dry_run(cfg)  # the method's own loops (DEDA's reg_iterations)
     cfg.evaluate.epochs = 1
     cfg.evaluate.repeats = 1
     if "epochs" in cfg.relabel:

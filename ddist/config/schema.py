@@ -20,8 +20,10 @@ enum_to_str=True) gives plain strings.
 
 ConfigStore names: `config_schema` (the whole config), `<group>/schema` for a group with one
 schema, `<group>/<kind>_schema` for a group whose options differ in keys (model: convnet, resnet,
-resnet_ap; dataset: imagenet_subset; recover: deda; relabel: online, stored; diffusion: pixel,
-latent; logger: none, wandb).
+resnet_ap; dataset: imagenet_subset; relabel: online, stored; diffusion: pixel, latent; logger:
+none, wandb). A method's own settings (recover.deda) are a schema beside its code, which its
+descriptor registers as `<group>/<name>_schema` (ddist/methods/), and the choice of a method
+(recover.objective) is checked against the registry of methods by validation.
 """
 
 from __future__ import annotations
@@ -34,11 +36,8 @@ from omegaconf import MISSING
 
 from ddist.config.compat import for_omegaconf
 
-# choices that the objectives also list as plain strings (ddist.objectives.deda, .rsm; tests/test_schemas.py
+# choices that the objectives also list as plain strings (ddist.objectives.rsm; tests/test_schemas.py
 # checks that they agree)
-RegNormalisation = Literal["mean_sum", "mean_mean", "sum_sum", "mean_rel", "sum_rel", "ratio_corr"]
-GammaScope = Literal["cov", "mean_and_cov"]
-ClassReduction = Literal["mean", "sum"]
 RsmReduction = Literal["mean", "sum"]
 
 # ----------------------------------------------------------------------------- top level
@@ -192,23 +191,15 @@ class BNMatchingConfig:
 
 
 @dataclass
-class DedaConfig:
-    mean_weight: float = MISSING
-    gamma: float = MISSING
-    gamma_scope: GammaScope = MISSING
-    lambda_diag: float = MISSING
-    lambda_offdiag: float = MISSING
-    reg_normalisation: RegNormalisation = MISSING
-    reg_iterations: int = MISSING
-    layers: list[str] | None = MISSING
-    class_reduction: ClassReduction = MISSING
-    stats_batch_size: int = MISSING
-    stats_images_per_class: int | None = MISSING  # null: all real images
+class ClassStatsConfig:
+    layers: list[str] | None = MISSING  # teacher feature keys; null: every pooled stage
+    batch_size: int = MISSING
+    images_per_class: int | None = MISSING  # null: all real images
 
 
 @dataclass
 class RecoverConfig:
-    objective: Literal["sre2l", "deda"] = MISSING
+    objective: str = MISSING  # a recover method of ddist/methods/ (checked by validation)
     iterations: int = MISSING
     lr: float = MISSING
     betas: list[float] = MISSING
@@ -218,11 +209,7 @@ class RecoverConfig:
     batch: RecoverBatch = MISSING
     log_every: int = MISSING
     bn_matching: BNMatchingConfig | None = MISSING
-
-
-@dataclass
-class DedaRecoverConfig(RecoverConfig):
-    deda: DedaConfig = MISSING
+    class_stats: ClassStatsConfig = MISSING  # the real class statistics, for methods that need them
 
 
 # ----------------------------------------------------------------------------- relabel
@@ -336,7 +323,7 @@ class MinimaxConfig:
 
 @dataclass
 class FinetuneConfig(DiffusionTrainConfig):
-    objective: Literal["none", "plain", "minimax", "rsm"] = MISSING
+    objective: str = MISSING  # none | a fine-tuning method of ddist/methods/ (checked by validation)
     params: Literal["all", "difffit"] = MISSING
     epochs: int = MISSING
     rsm: RSMConfig = MISSING
@@ -472,7 +459,6 @@ SCHEMAS: list[tuple[str | None, str, type]] = [
     ("model", "resnet_schema", ResNetConfig),
     ("model", "resnet_ap_schema", ResNetAPConfig),
     ("recover", "schema", RecoverConfig),
-    ("recover", "deda_schema", DedaRecoverConfig),
     ("relabel", "online_schema", OnlineRelabelConfig),
     ("relabel", "stored_schema", StoredRelabelConfig),
     ("evaluate", "schema", EvaluateConfig),

@@ -9,6 +9,7 @@ from typing import Any, cast
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.data.spec import without_unset_val
+from ddist.methods import diffusion_method
 from ddist.training.teacher import teacher_identity
 
 # dataset keys that do not change what a diffusion model learns
@@ -24,12 +25,13 @@ LATENT_TRAINING_REVISION = 2
 
 def sample_key(cfg: DictConfig, dcfg: dict) -> dict:
     """Exactly what determines the sampled set: the model (base and fine-tuning), the sampling
-    settings, ipc, seed, the pipeline (meta.json's method) and, for CGS's teacher kernel, the teacher."""
+    settings, ipc, seed, the method's name (meta.json's, under the key "pipeline" it had when the
+    pipeline's name was the method's) and, for CGS's teacher kernel, the teacher."""
     model: dict[str, Any] = {"base": base_key(cfg, dcfg)}
     if dcfg["finetune"]["objective"] != "none":
         model["finetune"] = {**with_set_schedule(dcfg["finetune"]), **revision(dcfg["backbone"])}
     key = {"model": model, "sample": sample_settings_key(dcfg["sample"]), "ipc": int(cfg.ipc), "seed": int(cfg.seed)}
-    key["pipeline"] = cfg.pipeline.name
+    key["pipeline"] = diffusion_method(dcfg["finetune"]["objective"], dcfg["sample"]["method"])  # meta.json's
     if dcfg["sample"]["method"] == "cgs" and dcfg["sample"]["cgs"]["kernel"] == "teacher":
         key["teacher"] = teacher_identity(cfg)
     return key

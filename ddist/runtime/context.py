@@ -42,6 +42,9 @@ class RunContext:
     teacher: Path | None = None  # squeeze: the teacher's checkpoint
     teacher_acc: float | None = None  # squeeze: its test accuracy
     distilled: Path | None = None  # random | recover | diffusion (or evaluate.distilled): the DistilledSet
+    # random | recover | diffusion: the name of the method that made the set, as its meta.json says (from the
+    # method's descriptor, ddist/methods/); results.json's "method" (the pipeline's name when no stage made a set)
+    method: str | None = None
     relabel: Path | None = None  # relabel (stored protocol): the stored soft labels; None = online
     # recover | diffusion under sharding: this job did its share and another assembles the set
     # (what it did, for shard.json); the pipeline stops after that stage

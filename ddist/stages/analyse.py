@@ -10,8 +10,9 @@ the teacher's penultimate features; compute
 - the feature spectrum (normalised singular values, effective rank, decay slope);
 - per class, the covariance figures of DEDA's final-layer features L (ddist.metrics.covariance:
   mean diagonal, off-diagonal Frobenius norm, smallest eigenvalue, condition number), which
-  show what DEDA's diversity regulariser did; L is the last of `recover.deda.layers` in a
-  DEDA run and DEDA's default L, the pooled last block, in any other run;
+  show what DEDA's diversity regulariser did; L is the last of `recover.class_stats.layers`
+  where a recover method aligned to the real class statistics (DEDA) and DEDA's default L,
+  the pooled last block, in any other run;
 - fd_teacher, the Frechet distance in teacher-feature space, and the standard FID when
   `analyse.fid.weights` points at InceptionV3 weights;
 - with `analyse.robust_scores=true`, DD-Ranking's IOR/HLR/LRS/ARS (ddist.metrics.robust),
@@ -37,13 +38,15 @@ from omegaconf import DictConfig
 from ddist.data import load_split
 from ddist.data.subsets import real_subsample, same_ipc_rows
 from ddist.logging import info
+from ddist.methods import recover_method
 from ddist.metrics import fid
 from ddist.metrics.analysis import covariance_metrics, features, headline, set_metrics, without_arrays
 from ddist.report.figures import draw_figures, log_analysis
 from ddist.runtime.artifacts import atomic_write_text, load_distilled, strict_json
 from ddist.runtime.context import RunContext
 from ddist.training.baseline import robust_baselines
-from ddist.training.teacher import deda_layers, frozen_teacher, load_teacher
+from ddist.training.class_stats import class_stats_layers
+from ddist.training.teacher import frozen_teacher, load_teacher
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
@@ -98,8 +101,9 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
 
 
 def covariance_layer(cfg: DictConfig, teacher) -> str:
-    """The feature key L of DEDA's diversity regulariser: the last aligned layer of a DEDA
-    recover, else DEDA's default L (the pooled last block), so every run reports the same figure."""
-    if cfg.recover.objective == "deda":
-        return deda_layers(cfg, teacher)[-1]
+    """The feature key L of DEDA's diversity regulariser: the last layer of the real class statistics
+    (recover.class_stats.layers) when the recover method aligns to them, else DEDA's
+    default L (the pooled last block), so every run reports the same figure."""
+    if "class_stats" in recover_method(cfg.recover.objective).needs:
+        return class_stats_layers(cfg, teacher.feature_names)[-1]
     return [n for n in teacher.feature_names if n.startswith("stage")][-1]

@@ -47,6 +47,7 @@ from ddist.diffusion.sampling import (
     teacher_features,
 )
 from ddist.logging import info
+from ddist.methods import diffusion_method
 from ddist.runtime.artifacts import to_plain
 from ddist.runtime.context import RunContext
 from ddist.runtime.workdir import WorkDir, iter_images, make_set
@@ -60,9 +61,10 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     spec = ctx.spec
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
     groups = sample_groups(labels, dcfg["sample"])
+    ctx.method = diffusion_method(dcfg["finetune"]["objective"], dcfg["sample"]["method"])  # results.json's too
     meta = {
         "dataset": spec.name,
-        "method": cfg.pipeline.name,
+        "method": ctx.method,
         "ipc": int(cfg.ipc),
         "seed": int(cfg.seed),
         "config": {"diffusion": dcfg},

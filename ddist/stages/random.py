@@ -17,4 +17,5 @@ from ddist.runtime.context import RunContext
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
     ctx.distilled = save_random_real(ctx.run_dir / "distilled", train, ctx.spec, cfg.ipc, cfg.seed)
+    ctx.method = "random"  # as its meta.json
     return ctx

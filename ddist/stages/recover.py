@@ -1,6 +1,7 @@
-"""Recover: optimise synthetic pixels against the frozen teacher (SRe2L, DEDA).
+"""Recover: optimise synthetic pixels against the frozen teacher (SRe2L, DEDA, ...).
 
-The loop is written once; `recover.objective` picks the loss (ddist/objectives):
+The loop is written once; `recover.objective` names the method (ddist/methods/), whose builder
+makes the loss (ddist/objectives) from what it declares it needs:
 - sre2l: CE + BatchNorm statistic matching (Yin et al., NeurIPS 2023)
 - deda:  CE + per-class Gaussian alignment of pooled teacher features + covariance
          regulariser (Li et al., ICCV 2025); needs the real class statistics, computed
@@ -31,16 +32,16 @@ from ddist.data.augment import dataset_augment_key
 from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
-from ddist.objectives import SRe2LObjective
+from ddist.methods import recover_method
 from ddist.runtime.artifacts import to_plain
 from ddist.runtime.context import RunContext
 from ddist.runtime.workdir import WorkDir, make_set
 from ddist.training.loop import seed_everything
 from ddist.training.recover import (
     batch_groups,
-    build_objective,
     group_generator,
     initial_images,
+    objective_inputs,
     optimise_batch,
     optimise_groups,
     pixel_bounds,
@@ -80,9 +81,10 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     seed_everything(cfg.seed)
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
     groups = batch_groups(spec.num_classes, cfg.ipc, rcfg.batch.mode, rcfg.batch.size)
+    ctx.method = recover_method(rcfg.objective).name  # results.json's too
     meta = {
         "dataset": spec.name,
-        "method": rcfg.objective,
+        "method": ctx.method,
         "ipc": cfg.ipc,
         "seed": cfg.seed,
         "config": {"recover": to_plain(rcfg), "teacher": to_plain(cfg.teacher)},
@@ -97,8 +99,8 @@ def recover_groups(
 ) -> None:
     """Optimise the groups `todo`, saving each to the work directory as soon as it is done."""
     spec, device, logger, rcfg = ctx.spec, ctx.device, ctx.logger, cfg.recover
-    teacher = load_teacher(cfg, ctx)
-    objective = build_objective(cfg, ctx, teacher)
+    method = recover_method(rcfg.objective)
+    objective = method.build(rcfg, **objective_inputs(method.needs, cfg, ctx, load_teacher(cfg, ctx)))
     real = real_init(cfg, spec) if rcfg.init == "real" else None
     bounds = pixel_bounds(spec, device)
     augment = OmegaConf.to_container(cfg.dataset.augment.recover, resolve=True, enum_to_str=True)
@@ -130,10 +132,10 @@ def recover_groups(
                 x0, y, generator = starts[0]
                 images = [optimise_batch(objective, x0, y, rcfg, augment, spec.resolution, bounds, generator, on_step)]
             else:
-                if not isinstance(objective, SRe2LObjective):
+                if not method.stacks:
                     raise ConfigError(
-                        f"recover.batch.parallel_groups={rcfg.batch.parallel_groups} needs recover.objective=sre2l "
-                        "(its BN statistics are taken per stacked group); set recover.batch.parallel_groups=1."
+                        f"recover.batch.parallel_groups={rcfg.batch.parallel_groups} needs a recover.objective whose "
+                        f"batches stack (not {method.name}); set recover.batch.parallel_groups=1."
                     )
                 x0s, ys, generators = (list(part) for part in zip(*starts, strict=True))
                 images = optimise_groups(

@@ -1,6 +1,9 @@
 """Real class statistics: the teacher's per-class feature mean and covariance over the real train
 split (all of it, or a seeded subset per class), which DEDA aligns to; computed once per teacher
 and cached under <cache_dir>/class_stats/<hash of class_stats_key>.
+
+A shared service: any recover method that declares the need `class_stats` (ddist/methods/) gets
+them, at the layers, batch size and subset of `recover.class_stats`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
 from ddist.data import ImageDataset, load_split, torch_dataset
+from ddist.errors import ConfigError
 from ddist.logging import info, progress
 from ddist.objectives import ClassMomentSums
 from ddist.runtime.artifacts import atomic_save_tensors, cache_entry, load_tensors
@@ -20,12 +24,28 @@ from ddist.training.teacher import frozen_teacher, teacher_identity
 from ddist.utils import ceil_div
 
 
+def class_stats_layers(cfg: DictConfig, feature_names: list[str]) -> list[str]:
+    """The teacher features the statistics cover (recover.class_stats.layers), in teacher order; default:
+    every "stageK" (pooled maps). `feature_names`: the teacher's (FeatureModel.feature_names)."""
+    names = list(feature_names)
+    wanted = cfg.recover.class_stats.layers
+    if wanted is None:
+        return [n for n in names if n.startswith("stage")]
+    unknown = [n for n in wanted if n not in names]
+    if unknown or not wanted:
+        raise ConfigError(
+            f"recover.class_stats.layers={list(wanted)} names no or unknown teacher features {unknown}; "
+            f"set it to a non-empty subset of {names} (or null for every stage)."
+        )
+    return [n for n in names if n in wanted]
+
+
 def class_stats_key(cfg: DictConfig, layers: list[str]) -> dict:
     """What determines the real class statistics: the teacher, the real data it saw (all of it, or a
     seeded subset per class), and the layers."""
     key = {**teacher_identity(cfg), "layers": layers}
-    if cfg.recover.deda.stats_images_per_class is not None:  # null keeps the keys of statistics cached before
-        key["images_per_class"] = cfg.recover.deda.stats_images_per_class
+    if cfg.recover.class_stats.images_per_class is not None:  # null keeps the keys of statistics cached before
+        key["images_per_class"] = cfg.recover.class_stats.images_per_class
     return key
 
 
@@ -89,8 +109,8 @@ def load_class_stats(cfg: DictConfig, ctx: RunContext, teacher, layers: list[str
     path = entry / "class_stats.safetensors"
     if not path.exists():
         train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
-        order = stats_indices(train.targets, cfg.recover.deda.stats_images_per_class)
-        batch_size = cfg.recover.deda.stats_batch_size
+        order = stats_indices(train.targets, cfg.recover.class_stats.images_per_class)
+        batch_size = cfg.recover.class_stats.batch_size
         batches = class_sorted_batches(train, ctx.spec, batch_size, cfg.teacher.num_workers, order)
         stats = real_class_stats(
             frozen_teacher(cfg, teacher),

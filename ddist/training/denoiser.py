@@ -1,4 +1,4 @@
-"""Training and fine-tuning a class-conditional denoiser: one loop, three objectives.
+"""Training and fine-tuning a class-conditional denoiser: one loop, any fine-tuning objective.
 
     z0   = encode(real batch)                      (pixels in [-1, 1], or VAE latents)
     t    ~ U{0, T-1},  eps ~ N(0, I),  z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps
@@ -6,7 +6,7 @@
     loss = objective(eps_theta(z_t, t, y), eps, x0_hat, z0, y)
 
 The same loop trains a pixel model from scratch (`plain`) and fine-tunes any
-model with `plain`, `minimax` or `rsm`, optionally on DiffFit's parameter
+model with a fine-tuning method (ddist/methods/: `plain`, `minimax`, `rsm`, ...), optionally on DiffFit's parameter
 subset only (MiniMax's on the DiT: DitDiffFit), optionally keeping an EMA of the
 weights that is saved and sampled instead (WeightAverage).
 
@@ -28,14 +28,11 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 from ddist.data.augment import resize
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
+from ddist.methods import finetune_method
 from ddist.models.diffusion import Denoiser, DitDiffFit, WeightAverage, to_signed
-from ddist.objectives.diffusion import denoising_loss, predict_x0
-from ddist.objectives.minimax import ClassMemory, minimax_loss
-from ddist.objectives.rsm import rsm_loss
+from ddist.objectives.diffusion import predict_x0
 from ddist.training.loop import CHECKPOINT, check_finite, real_batches, resume, save_partial, seed_everything
 from ddist.utils import ceil_div
-
-Objective = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def is_difffit(name: str) -> bool:
@@ -78,49 +75,6 @@ def drop_labels(ids: torch.Tensor, p: float, null_id: int, generator: torch.Gene
     probability p, one draw per sample (DiT, MiniMax), from the loop's generator (so a resumed run draws the same)."""
     drop = (torch.rand(len(ids), generator=generator) < p).to(ids.device)
     return torch.where(drop, null_id, ids)
-
-
-def plain_objective(fcfg: Mapping, num_classes: int) -> Objective:
-    return lambda eps_pred, eps, x0_hat, z0, y: (denoising_loss(eps_pred, eps), {})
-
-
-def rsm_objective(fcfg: Mapping, num_classes: int) -> Objective:
-    lam, reduction = fcfg["rsm"]["lambda"], fcfg["rsm"]["reduction"]  # the schema admits only REDUCTIONS
-    return lambda eps_pred, eps, x0_hat, z0, y: rsm_loss(eps_pred, eps, x0_hat, lam, reduction)
-
-
-# diffusion.finetune.objective -> the builder of its loss (`none` skips fine-tuning before this)
-OBJECTIVES: dict[str, Callable[[Mapping, int], Objective]] = {
-    "plain": plain_objective,
-    "minimax": lambda fcfg, num_classes: MinimaxObjective(fcfg["minimax"], num_classes),
-    "rsm": rsm_objective,
-}
-
-
-def make_objective(name: str, fcfg: Mapping, num_classes: int) -> Objective:
-    """objective(eps_pred, eps, x0_hat, z0, y) -> (loss, parts to log); MiniMax keeps its memories inside.
-    `name` is one of OBJECTIVES (diffusion.finetune.objective, whose schema admits no other)."""
-    return OBJECTIVES[name](fcfg, num_classes)
-
-
-class MinimaxObjective:
-    """MiniMax's loss and its class memories of real latents and generated estimates (checkpointed)."""
-
-    def __init__(self, mcfg: Mapping, num_classes: int):
-        self.lambda_pos, self.lambda_neg = mcfg["lambda_pos"], mcfg["lambda_neg"]
-        self.real, self.gen = ClassMemory(num_classes, mcfg["memory"]), ClassMemory(num_classes, mcfg["memory"])
-
-    def __call__(self, eps_pred, eps, x0_hat, z0, y):
-        out = minimax_loss(eps_pred, eps, x0_hat, y, self.real, self.gen, self.lambda_pos, self.lambda_neg)
-        self.real.push(z0, y)
-        self.gen.push(x0_hat, y)
-        return out
-
-    def state_dict(self) -> dict[str, list]:
-        return {"real": self.real.items, "gen": self.gen.items}
-
-    def load_state_dict(self, state: Mapping[str, list]) -> None:
-        self.real.items, self.gen.items = list(state["real"]), list(state["gen"])
 
 
 def total_steps(tcfg: Mapping, num_images: int) -> int:
@@ -194,14 +148,15 @@ def train_denoiser(
     params, finish = select_parameters(net, tcfg["params"] if phase == "finetune" else "all")  # from scratch: all
     optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
     ema = WeightAverage(net, params, tcfg["ema"], tcfg["ema_schedule"], f"diffusion.{phase}")
-    loss_fn = make_objective(objective, tcfg, len(denoiser.class_ids))
+    # objective(eps_pred, eps, x0_hat, z0, y) -> (loss, parts to log), from its method (ddist/methods/)
+    loss_fn = finetune_method(objective).build(tcfg, num_classes=len(denoiser.class_ids))
     gen = torch.Generator().manual_seed(int(tcfg["seed"]))
     abar = scheduler.alphas_cumprod.to(device)
     steps = total_steps(tcfg, len(ds))
     batches = EndlessBatches(ds, spec, tcfg["batch_size"], gen)
     info(f"diffusion: {phase} ({objective}) for {steps} steps, {sum(p.numel() for p in params)} trainable parameters")
     state = {"model": net, "optimizer": optimizer, "batches": batches, "ema": ema}
-    if isinstance(loss_fn, MinimaxObjective):
+    if hasattr(loss_fn, "state_dict"):  # an objective with state (MiniMax's memories) is checkpointed too
         state["objective"] = loss_fn
     every = tcfg["checkpoint_every"] if work_dir is not None else None
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):

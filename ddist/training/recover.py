@@ -1,5 +1,6 @@
 """Recover's pixel optimisation (the stage's recipe: ddist/stages/recover.py): the batch layout,
-the objective builders, the loop of one batch and of stacked groups, and its sanity warnings.
+what a method's objective builder is given (ddist/methods/), the loop of one batch and of stacked
+groups, and its sanity warnings.
 
 Batches (`recover.batch`): ipc_slice holds one image per class (per IPC index), as SRe2L's
 reference; whole_class holds all IPC images of its classes, which DEDA's per-class statistics
@@ -16,21 +17,18 @@ steps it would get alone (up to float rounding).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from ddist.data.augment import apply, apply_groups, sample_params
-from ddist.errors import ConfigError
 from ddist.logging import warn
 from ddist.models import FeatureModel
-from ddist.objectives import DEDAObjective, RecoverObjective, SRe2LObjective
+from ddist.objectives import RecoverObjective, SRe2LObjective
 from ddist.runtime.context import RunContext
-from ddist.training.class_stats import load_class_stats
+from ddist.training.class_stats import class_stats_layers, load_class_stats
 from ddist.training.loop import check_finite, make_schedule
-from ddist.training.teacher import deda_layers, frozen_teacher
+from ddist.training.teacher import frozen_teacher
 
 # ----------------------------------------------------------------------------- batches and pixels
 
@@ -70,47 +68,18 @@ def initial_images(spec, n: int, generator: torch.Generator) -> torch.Tensor:
 # ----------------------------------------------------------------------------- setup
 
 
-def build_sre2l(cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> RecoverObjective:
-    rcfg = cfg.recover
-    objective = SRe2LObjective(teacher, ce_weight=rcfg.ce_weight, **rcfg.bn_matching)
-    if objective.num_bn_layers == 0:
-        objective.close()
-        raise ConfigError(
-            "recover.objective=sre2l matches BatchNorm statistics, but the teacher has no "
-            "BatchNorm2d layer; use a teacher with teacher.model.norm=batch (or recover=deda)."
-        )
-    return objective
-
-
-def build_deda(cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> RecoverObjective:
-    rcfg, dcfg = cfg.recover, cfg.recover.deda
-    layers = deda_layers(cfg, teacher)
-    real = load_class_stats(cfg, ctx, teacher, layers)
-    return DEDAObjective(
-        frozen_teacher(cfg, teacher),  # DEDA reads no BatchNorm inputs: fold them away
-        real,
-        cfg.ipc,
-        mean_weight=dcfg.mean_weight,
-        gamma=dcfg.gamma,
-        gamma_scope=dcfg.gamma_scope,
-        lambda_diag=dcfg.lambda_diag,
-        lambda_offdiag=dcfg.lambda_offdiag,
-        reg_iterations=dcfg.reg_iterations,
-        reg_normalisation=dcfg.reg_normalisation,
-        class_reduction=dcfg.class_reduction,
-        ce_weight=rcfg.ce_weight,
-    )
-
-
-# recover.objective -> the builder of its objective
-OBJECTIVE_BUILDERS: dict[str, Callable[[DictConfig, RunContext, FeatureModel], RecoverObjective]] = {
-    "sre2l": build_sre2l,
-    "deda": build_deda,
-}
-
-
-def build_objective(cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> RecoverObjective:
-    return OBJECTIVE_BUILDERS[cfg.recover.objective](cfg, ctx, teacher)
+def objective_inputs(needs: frozenset[str], cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> dict:
+    """What a recover method's builder asks for by its needs (ddist/methods/base.py), as its keywords:
+    teacher= (BatchNorm folded with teacher.fold_bn, unless it needs bn_hooks), class_stats= (the real
+    class statistics at recover.class_stats.layers, cached), ipc= (with whole_class_batches)."""
+    inputs: dict = {}
+    if "class_stats" in needs:
+        inputs["class_stats"] = load_class_stats(cfg, ctx, teacher, class_stats_layers(cfg, teacher.feature_names))
+    if "teacher" in needs:
+        inputs["teacher"] = teacher if "bn_hooks" in needs else frozen_teacher(cfg, teacher)
+    if "whole_class_batches" in needs:
+        inputs["ipc"] = int(cfg.ipc)
+    return inputs
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddist.data.augment import augment_key
 from ddist.data.spec import without_unset_val
-from ddist.errors import ConfigError
 from ddist.models import FeatureModel, build_model
 from ddist.models.fold import fold_batchnorm
 from ddist.runtime.artifacts import load_checkpoint, load_model_state
@@ -80,16 +79,11 @@ def frozen_teacher(cfg: DictConfig, teacher: FeatureModel) -> FeatureModel:
     return fold_batchnorm(teacher, channels_last=cfg.teacher.channels_last)
 
 
-def deda_layers(cfg: DictConfig, teacher) -> list[str]:
-    """The feature stages DEDA aligns, in teacher order; default: every "stageK" (pooled maps)."""
-    names = list(teacher.feature_names)
-    wanted = cfg.recover.deda.layers
-    if wanted is None:
-        return [n for n in names if n.startswith("stage")]
-    unknown = [n for n in wanted if n not in names]
-    if unknown or not wanted:
-        raise ConfigError(
-            f"recover.deda.layers={list(wanted)} names no or unknown teacher features {unknown}; "
-            f"set it to a non-empty subset of {names} (or null for every stage)."
-        )
-    return [n for n in names if n in wanted]
+def teacher_feature_names(cfg: DictConfig, spec) -> list[str]:
+    """The teacher's feature keys (FeatureModel.feature_names) from its architecture alone: built on the
+    meta device without weights, so validation can check options that name them before any work."""
+    model = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher.model, resolve=True, enum_to_str=True))
+    if model.get("pretrained"):
+        model["pretrained"] = False  # the architecture is the same; no download
+    with torch.device("meta"):
+        return list(build_model(model, spec.num_classes, spec.channels, spec.resolution).feature_names)

@@ -1,0 +1,42 @@
+"""MiniMax's fine-tuning objective (Gu et al., CVPR 2024): the denoising loss, each clean estimate pulled
+towards the real latents of its class and pushed from earlier estimates of it, both kept in per-class
+memories (ddist/objectives/minimax.py). Settings: diffusion.finetune.minimax (lambda_pos, lambda_neg,
+memory)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ddist.methods.base import Method, register
+
+
+class MinimaxObjective:
+    """MiniMax's loss and its class memories of real latents and generated estimates (checkpointed:
+    the training loop saves what state_dict returns)."""
+
+    def __init__(self, mcfg: Mapping, num_classes: int):
+        from ddist.objectives.minimax import ClassMemory
+
+        self.lambda_pos, self.lambda_neg = mcfg["lambda_pos"], mcfg["lambda_neg"]
+        self.real, self.gen = ClassMemory(num_classes, mcfg["memory"]), ClassMemory(num_classes, mcfg["memory"])
+
+    def __call__(self, eps_pred, eps, x0_hat, z0, y):
+        from ddist.objectives.minimax import minimax_loss
+
+        out = minimax_loss(eps_pred, eps, x0_hat, y, self.real, self.gen, self.lambda_pos, self.lambda_neg)
+        self.real.push(z0, y)
+        self.gen.push(x0_hat, y)
+        return out
+
+    def state_dict(self) -> dict[str, list]:
+        return {"real": self.real.items, "gen": self.gen.items}
+
+    def load_state_dict(self, state: Mapping[str, list]) -> None:
+        self.real.items, self.gen.items = list(state["real"]), list(state["gen"])
+
+
+def build(fcfg: Mapping, *, num_classes: int) -> MinimaxObjective:
+    return MinimaxObjective(fcfg["minimax"], num_classes)
+
+
+METHOD = register(Method(name="minimax", kind="finetune", build=build))

@@ -1,0 +1,18 @@
+"""RSM's fine-tuning objective: the denoising loss + lambda * ||x0_hat||_1 (semantic sparsity of the
+clean estimates, ddist/objectives/rsm.py). Settings: diffusion.finetune.rsm (lambda, reduction)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ddist.methods.base import Method, register
+
+
+def build(fcfg: Mapping, *, num_classes: int):
+    from ddist.objectives.rsm import rsm_loss
+
+    lam, reduction = fcfg["rsm"]["lambda"], fcfg["rsm"]["reduction"]  # the schema admits only REDUCTIONS
+    return lambda eps_pred, eps, x0_hat, z0, y: rsm_loss(eps_pred, eps, x0_hat, lam, reduction)
+
+
+METHOD = register(Method(name="rsm", kind="finetune", build=build))
