@@ -1,6 +1,7 @@
 """Methods as plug-ins (ddist/methods/): a recover objective is its module with its descriptor, its option
 file and its test. The toy objective below is all three in this file: it registers itself, writes its
-option file into a search path of its own, and runs end to end with no other file touched."""
+option file into a search path of its own, and runs end to end with no other file touched. Then: every
+option a method or the diffusion stage would refuse late is refused by validation, before squeeze."""
 
 from __future__ import annotations
 
@@ -167,3 +168,41 @@ def test_each_diffusion_pipeline_is_named_as_the_method_that_makes_its_set(pipel
         assert diffusion_method(cfg.diffusion.finetune.objective, cfg.diffusion.sample.method) == pipeline
     if "recover" in cfg.pipeline.stages:
         assert recover_method(cfg.recover.objective).name == pipeline
+
+
+# ----------------------------------------------------------------------------- late checks, now up front
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # the pixel UNet on digits has 1 channel (this failed after the teacher and the denoiser trained)
+        (["pipeline=diffusion", "diffusion.sample.guidance_channels=5"], r"guidance_channels .*\[1, 1\].*got 5"),
+        (["pipeline=diffusion", "diffusion.sample.guidance_channels=0"], r"diffusion\.sample\.guidance_channels"),
+        # no stage before diffusion makes the teacher its kernel reads
+        (
+            ["pipeline=cgs", "pipeline.stages=[diffusion,squeeze,evaluate]", "diffusion.sample.cgs.kernel=teacher"],
+            r"diffusion\.sample\.cgs\.kernel=teacher needs the teacher",
+        ),
+        (["pipeline=rsm", "diffusion.finetune.ema=1.0"], r"diffusion\.finetune\.ema must be a decay in \(0, 1\)"),
+        (["pipeline=diffusion", "diffusion.train.ema=-0.5"], r"diffusion\.train\.ema must be a decay in \(0, 1\)"),
+        # a layer the teacher (ConvNet-3: stage1-3, penultimate) lacks
+        (["pipeline=deda", "recover.class_stats.layers=[stage4]"], r"recover\.class_stats\.layers=\['stage4'\]"),
+        (["pipeline=deda", "recover.class_stats.layers=[]"], r"recover\.class_stats\.layers"),
+    ],
+)
+def test_options_that_failed_late_fail_before_squeeze(overrides, message, tmp_path, cache_dir, monkeypatch):
+    never_squeeze(monkeypatch)
+    with pytest.raises(ConfigError, match=message):
+        run_pipeline(*overrides, run_dir=tmp_path / "run", cache_dir=cache_dir)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_layer_of_a_resnet_teacher_is_checked_without_its_weights(tmp_path, cache_dir):
+    """The layers are checked against the architecture (built on the meta device), never a download."""
+    from ddist.pipeline import validate
+
+    base = ["pipeline=deda", "model@teacher.model=resnet18", "teacher.model.pretrained=true"]
+    validate(compose_cfg(*base, "recover.class_stats.layers=[stage4]", cache_dir=cache_dir, run_dir=tmp_path))
+    with pytest.raises(ConfigError, match=r"stage5"):
+        validate(compose_cfg(*base, "recover.class_stats.layers=[stage5]", cache_dir=cache_dir, run_dir=tmp_path))

@@ -10,6 +10,7 @@ warned about loudly instead.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -49,6 +50,7 @@ AT_LEAST_1 = (lambda v: _int(v) and v >= 1, "an integer >= 1")
 AT_LEAST_0 = (lambda v: _int(v) and v >= 0, "an integer >= 0")
 POSITIVE = (lambda v: _number(v) and v > 0, "a number > 0")
 NON_NEGATIVE = (lambda v: _number(v) and v >= 0, "a number >= 0")
+EMA_DECAY = (lambda v: _number(v) and 0 < v < 1, "a decay in (0, 1) (e.g. 0.9999), or null for no EMA")
 
 # option -> (test, what it must be). Options absent from a config are skipped.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -86,6 +88,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "diffusion.sample.cgs.start": (lambda v: _number(v) and 0 <= v < 1, "a fraction in [0, 1) of the sampling steps"),
     "diffusion.sample.cgs.end": (lambda v: _number(v) and 0 < v <= 1, "a fraction in (0, 1] of the sampling steps"),
     "diffusion.sample.cgs.max_step": (POSITIVE[0], "a number > 0 (the largest ||dz_dpp|| / ||z|| of a step)"),
+    "diffusion.sample.guidance_channels": (AT_LEAST_1[0], "null (all channels) or an integer >= 1"),
+    "diffusion.train.ema": EMA_DECAY,
+    "diffusion.finetune.ema": EMA_DECAY,
     "analyse.real_samples_per_class": AT_LEAST_1,
 }
 
@@ -175,13 +180,63 @@ def check_cgs_window(cfg: DictConfig) -> None:
 
 
 def check_diffusion(cfg: DictConfig) -> None:
-    """The diffusion options that cannot run: the fine-tuning method."""
-    objective = cfg.diffusion.finetune.objective
+    """The diffusion options that would otherwise fail only once the teacher and the denoiser have trained:
+    the fine-tuning method, the channels classifier-free guidance acts on, CGS's teacher kernel."""
+    dcfg = cfg.diffusion
+    objective = dcfg.finetune.objective
     if objective != "none" and objective not in choices("finetune"):
         raise ConfigError(
             f"diffusion.finetune.objective={objective} is not a fine-tuning method; choose none or one of "
             f"{', '.join(choices('finetune'))} (each a module of ddist/methods/)."
         )
+    stages = list(cfg.pipeline.stages)
+    if "diffusion" not in stages:
+        return
+    sample = dcfg.sample
+    channels = denoiser_channels(cfg)
+    if sample.guidance_channels is not None and channels is not None and sample.guidance_channels > channels:
+        raise ConfigError(
+            f"diffusion.sample.guidance_channels must be null (all) or an integer in [1, {channels}] (the model's "
+            f"channels); got {sample.guidance_channels!r}."
+        )
+    teacher_first = any("teacher" in MAKES.get(s, ()) for s in stages[: stages.index("diffusion")])
+    if sample.method == "cgs" and sample.cgs.kernel == "teacher" and not teacher_first:
+        raise ConfigError(
+            "diffusion.sample.cgs.kernel=teacher needs the teacher: put squeeze before diffusion in "
+            "pipeline.stages, or set diffusion.sample.cgs.kernel to zt or x0_hat."
+        )
+
+
+def denoiser_channels(cfg: DictConfig) -> int | None:
+    """The channels of the denoiser's input (the image's, or the VAE latent's) from the config, or from the
+    config.json of saved weights on this machine; None where only a download would say."""
+    model = cfg.diffusion.model
+    if model.pretrained is not None and not model.random_weights:
+        saved = _saved_config(model.pretrained, model.subfolder)
+        return None if saved is None else saved.get("in_channels")
+    if cfg.diffusion.backbone == "pixel":
+        return int(cfg.dataset.channels)
+    if model.vae_decode is None or model.random_weights:
+        return int(model.vae_config.get("latent_channels", 4))  # AutoencoderKL's default
+    saved = _saved_config(model.vae_decode, model.vae_subfolder)
+    return None if saved is None else saved.get("latent_channels", 4)
+
+
+def _saved_config(path: str, subfolder: str | None) -> dict | None:
+    """The config.json that diffusers' from_pretrained(path, subfolder=...) reads, when it is on this machine."""
+    name = f"{subfolder}/config.json" if subfolder else "config.json"
+    local = Path(path).expanduser()
+    if local.is_dir():
+        file: str | Path | None = local / name if (local / name).is_file() else None
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(path, name)
+        except ValueError:  # not a hub id
+            found = None
+        file = found if isinstance(found, str) else None
+    return None if file is None else json.loads(Path(file).read_text())
 
 
 def check_recover(cfg: DictConfig) -> None:
