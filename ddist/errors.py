@@ -15,3 +15,13 @@ class CheckpointError(DdistError):
 
 class DivergenceError(DdistError):
     """A loss became NaN or infinite; the message names the stage and the iteration."""
+
+
+class CacheError(CheckpointError):
+    """A cache entry that is damaged, or that must be built where the cache cannot be written."""
+
+    what = ""  # a damaged entry: what is wrong with it, without the advice (the rebuild's warning)
+
+
+class WriteError(DdistError):
+    """A file could not be written (a full disk, a quota); nothing partial was left."""

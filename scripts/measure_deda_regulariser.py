@@ -46,7 +46,8 @@ from ddist.data.subsets import pick_random_real, real_subsample
 from ddist.errors import ConfigError
 from ddist.metrics.covariance import class_covariance_figures
 from ddist.objectives import REG_NORMALISATIONS, class_moments, diversity_regulariser
-from ddist.runtime.artifacts import cache_entry, load_distilled
+from ddist.runtime import store
+from ddist.runtime.artifacts import load_distilled
 from ddist.runtime.context import RunContext
 from ddist.stages import recover, squeeze
 from ddist.training.class_stats import class_stats_layers
@@ -262,7 +263,7 @@ def main() -> None:
     if (
         cfg.dataset.name != "digits"
         and not args.train_teacher
-        and not (cache_entry(cfg, "teacher", teacher_key(cfg)) / "meta.json").exists()
+        and not store.entry(cfg, "teacher", teacher_key(cfg)).done
     ):
         raise ConfigError(
             f"no cached {cfg.dataset.name} teacher under --cache-dir {args.cache_dir}; "

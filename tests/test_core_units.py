@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,24 +17,23 @@ from ddist.data import dataset_spec
 from ddist.data.augment import (
     apply,
     apply_mix,
-    augment_key,
     batch_plan,
-    dataset_augment_key,
     mix_targets,
     sample_mix,
     sample_params,
 )
-from ddist.errors import CheckpointError, ConfigError
+from ddist.errors import CacheError, CheckpointError, ConfigError, WriteError
 from ddist.objectives.distill import hard_label_loss, soft_label_loss
+from ddist.runtime import store
 from ddist.runtime.artifacts import (
     atomic_path,
     atomic_write_text,
-    config_hash,
     load_checkpoint,
     load_distilled,
     save_checkpoint,
     save_distilled,
 )
+from ddist.runtime.store import config_hash
 from ddist.training.loop import epochs_for
 
 DIGITS = OmegaConf.load("conf/dataset/digits.yaml")
@@ -87,6 +90,154 @@ def test_corrupt_distilled_set_and_checkpoint_raise_clear_errors(tmp_path):
     assert load_checkpoint(good, "x")["extra"]["test_acc"] == 0.5
 
 
+# ----------------------------------------------------------------------------- the artifact store
+
+
+def _json_entry(root, value, calls):
+    """store.cached of a tiny JSON entry: build writes value.json (counting builds), read checks it."""
+
+    def build(e):
+        calls.append(1)
+        atomic_write_text(e / "value.json", json.dumps(value))
+
+    e = store.entry(root, "thing", {"a": 1})
+    return store.cached(e, build, lambda e: e.read_json("value.json", store.fields(acc=store.FRACTION))["acc"]), e
+
+
+def test_a_store_entry_records_its_key_and_is_read_only_once_complete(tmp_path):
+    calls = []
+    assert _json_entry(tmp_path, {"acc": 0.5}, calls)[0] == 0.5
+    value, e = _json_entry(tmp_path, {"acc": 0.5}, calls)
+    assert value == 0.5 and calls == [1]  # the second look-up reads the entry
+    assert json.loads((e / "key.json").read_text()) == {"a": 1}
+    assert json.loads((e / "done.json").read_text())["files"] == {"value.json": (e / "value.json").stat().st_size}
+    for name in ("value.json", "key.json", "done.json"):
+        assert not (e / name).stat().st_mode & 0o222, name  # a-w: an ordinary user cannot change it in place
+
+
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        ('{"acc": 2.5}', "has a value.json that has acc=2.5, not a fraction in [0, 1]"),
+        ('{"acc": 0.', "has an unreadable value.json"),  # truncated, same size as recorded below
+        ("[]", "has a value.json that is not a JSON object"),
+    ],
+)
+def test_a_damaged_entry_is_rebuilt_with_a_warning_or_refused_in_a_read_only_cache(
+    tmp_path, monkeypatch, caplog, written, problem
+):
+    calls = []
+    _, e = _json_entry(tmp_path, {"acc": 0.5}, calls)
+    path = e / "value.json"
+    path.chmod(0o644)
+    path.write_text(written)
+    done = json.loads((e / "done.json").read_text())
+    done["files"]["value.json"] = path.stat().st_size  # the size check passes: the content check must catch it
+    (e / "done.json").chmod(0o644)
+    (e / "done.json").write_text(json.dumps(done))
+    # a cache this user cannot write (root writes anyway: the store's decision is what is tested)
+    monkeypatch.setattr(store, "_may_write", lambda path: False)
+    with pytest.raises(CacheError) as err:
+        _json_entry(tmp_path, {"acc": 0.5}, calls)
+    assert f"The cached thing at {e.path} {problem}" in str(err.value) and "is read-only" in str(err.value)
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="ddist"):
+        assert _json_entry(tmp_path, {"acc": 0.5}, calls)[0] == 0.5
+    assert f"The cached thing at {e.path} {problem}" in caplog.text and "building it again" in caplog.text
+    assert calls == [1, 1]
+
+
+def test_a_truncated_file_of_an_entry_is_found_by_its_recorded_size(tmp_path, caplog):
+    calls = []
+    _, e = _json_entry(tmp_path, {"acc": 0.5}, calls)
+    (e / "value.json").chmod(0o644)
+    (e / "value.json").write_text('{"acc"')
+    with caplog.at_level(logging.WARNING, logger="ddist"):
+        assert _json_entry(tmp_path, {"acc": 0.5}, calls)[0] == 0.5
+    assert "has value.json of 6 bytes, not the 12 it was written with" in caplog.text and calls == [1, 1]
+
+
+def test_a_read_only_cache_serves_its_entries_and_names_the_one_it_cannot_build(tmp_path, monkeypatch):
+    from conftest import compose_cfg
+
+    from ddist.config.checks import check_cache_dir
+
+    calls = []
+    _json_entry(tmp_path / "cache", {"acc": 0.5}, calls)
+    monkeypatch.setattr(store, "_may_write", lambda path: False)
+    with monkeypatch.context() as patch:  # read-only for this user (root writes anyway: the decision is tested)
+        patch.setattr(os, "access", lambda path, mode: not mode & os.W_OK)
+        check_cache_dir(tmp_path / "cache")  # an existing read-only cache passes the up-front check ...
+        with pytest.raises(ConfigError, match="paths.cache_dir.*not writable"):
+            check_cache_dir(tmp_path / "absent")  # ... one that cannot even be made does not
+    assert _json_entry(tmp_path / "cache", {"acc": 0.5}, calls)[0] == 0.5 and calls == [1]  # served, nothing written
+    cfg = compose_cfg(cache_dir=tmp_path / "cache", run_dir=tmp_path)
+    e = store.entry(cfg, "thing", {"a": 2})
+    with pytest.raises(CacheError, match=rf"thing cache entry {e.path} must be built, but paths.cache_dir="):
+        store.cached(e, lambda e: None, lambda e: None)
+    assert not e.path.exists()
+
+
+def test_class_statistics_two_runs_need_at_once_are_computed_once(tmp_path, monkeypatch):
+    """Class statistics took no lock before the store: two runs needing them at once computed them twice."""
+    import threading
+    import time
+
+    from conftest import compose_cfg, stage_ctx
+
+    from ddist.training import class_stats
+
+    cfg = compose_cfg("pipeline=deda", cache_dir=tmp_path / "cache", run_dir=tmp_path)
+    computed = []
+
+    def slow_stats(teacher, batches, num_classes, layers, device, total=None):
+        computed.append(threading.get_ident())
+        time.sleep(0.5)  # the other run asks meanwhile
+        return {k: (torch.ones(num_classes, 4), torch.eye(4).repeat(num_classes, 1, 1)) for k in layers}
+
+    monkeypatch.setattr(class_stats, "real_class_stats", slow_stats)
+    monkeypatch.setattr(class_stats, "frozen_teacher", lambda cfg, teacher: teacher)
+    ctx = stage_ctx(cfg, tmp_path)
+    got = []
+    runs = [
+        threading.Thread(target=lambda: got.append(class_stats.load_class_stats(cfg, ctx, None, ["x"]))) for _ in "ab"
+    ]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert len(computed) == 1 and len(got) == 2  # one computed them, the other waited and read them
+    assert torch.equal(got[0]["x"][1], got[1]["x"][1])
+    (entry,) = (tmp_path / "cache" / "class_stats").iterdir()
+    assert (entry / "done.json").is_file() and not (entry / "class_stats.safetensors").stat().st_mode & 0o222
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "checkpoint"])
+def test_a_full_disk_names_the_file_and_leaves_nothing_partial(tmp_path, monkeypatch, writer):
+    import errno
+
+    from ddist.runtime import artifacts
+
+    target = tmp_path / ("t.safetensors" if writer == "safetensors" else "c.pt")
+
+    def full(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half")  # what a writer leaves when the disk fills
+        if writer == "safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    if writer == "safetensors":
+        monkeypatch.setattr(artifacts, "save_file", lambda tensors, path, metadata=None: full(tensors, path))
+        with pytest.raises(WriteError) as err:
+            artifacts.atomic_save_tensors(target, {"x": torch.zeros(3)})
+    else:
+        monkeypatch.setattr(torch, "save", full)
+        with pytest.raises(WriteError) as err:
+            save_checkpoint(target, torch.nn.Linear(2, 2))
+    assert f"Could not write {target}" in str(err.value) and "nothing partial was left" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- augmentation
 
 
@@ -114,17 +265,6 @@ def test_roll_offsets_follow_the_reference_or_are_symmetric():
     assert set(draws("symmetric").flatten().tolist()) == set(range(-3, 4))
 
 
-def test_roll_mode_without_a_roll_stays_out_of_cache_keys():
-    idle = {"crop_scale": None, "flip": True, "crop_draw": "per_image"}
-    assert augment_key({**idle, "roll": 0, "roll_mode": "sre2l"}) == {"crop_scale": None, "flip": True, "roll": 0}
-    assert augment_key({**idle, "roll": 2, "roll_mode": "symmetric"}) == {
-        "crop_scale": None,
-        "flip": True,
-        "roll": 2,
-        "roll_mode": "symmetric",
-    }
-
-
 @pytest.mark.parametrize("crop_draw", ["per_batch", "per_image"])
 def test_crop_draw_per_batch_gives_every_image_of_the_batch_one_crop_and_flip(crop_draw):
     # SRe2L's recover calls torchvision's RandomResizedCrop and RandomHorizontalFlip on the batch tensor:
@@ -144,8 +284,7 @@ def test_crop_draw_per_batch_gives_every_image_of_the_batch_one_crop_and_flip(cr
 
 
 def test_crop_draw_per_image_draws_as_before_the_option():
-    # per_image keeps the draws of sample_params before crop_draw existed (these values), so a set
-    # recovered then is the one its key (crop_draw per_image is left out of it) still names
+    # per_image keeps the draws of sample_params before crop_draw existed (these values)
     aug = {"crop_scale": [0.3, 1.0], "flip": True, "crop_draw": "per_image", "roll": 2, "roll_mode": "sre2l"}
     params = sample_params(4, aug, 8, torch.Generator().manual_seed(3))
     before = [
@@ -156,17 +295,6 @@ def test_crop_draw_per_image_draws_as_before_the_option():
     ]
     torch.testing.assert_close(params["crop"], torch.tensor(before), atol=1e-4, rtol=0)
     assert params["flip"].tolist() == [True, False, False, False] and params["roll"].tolist() == [0, 2]
-
-
-def test_crop_draw_stays_out_of_cache_keys_where_it_draws_nothing_new():
-    crop = {"crop_scale": [0.08, 1.0], "flip": True, "roll": 0, "roll_mode": "sre2l"}
-    none = {"crop_scale": None, "flip": False, "roll": 4, "roll_mode": "sre2l"}
-    assert augment_key({**crop, "crop_draw": "per_image"}) == {"crop_scale": [0.08, 1.0], "flip": True, "roll": 0}
-    assert augment_key({**crop, "crop_draw": "per_batch"})["crop_draw"] == "per_batch"
-    assert augment_key({**none, "crop_draw": "per_batch"}) == none  # nothing to crop or flip
-    augment = {"student": {**crop, "crop_draw": "per_image"}, "recover": {**none, "crop_draw": "per_batch"}}
-    assert dataset_augment_key(augment) == {"student": crop, "recover": none}  # roll_mode stays there
-    assert dataset_augment_key({"recover": {**crop, "crop_draw": "per_batch"}})["recover"]["crop_draw"] == "per_batch"
 
 
 def test_cutmix_pastes_a_box_and_lambda_is_the_kept_area():

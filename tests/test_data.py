@@ -4,6 +4,7 @@ Fixture images are solid colours whose red channel encodes the expected label
 (`_colour`), so a wrong label order shows up as label != decoded colour.
 """
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -473,8 +474,9 @@ def test_decoded_split_is_cached_and_invalidated(cifar_folder, tmp_path, monkeyp
     cfg = _cfg("cifar10", format="folder", root=str(cifar_folder))
     cache = tmp_path / "cache"
     first = load_split(cfg, "train", cache)
-    files = list((cache / "datasets").glob("*.safetensors"))
-    assert len(files) == 1
+    files = list((cache / "datasets").glob("*/images.safetensors"))  # a store entry (ddist/runtime/store.py)
+    assert len(files) == 1 and (files[0].parent / "key.json").is_file() and (files[0].parent / "done.json").is_file()
+    assert not files[0].stat().st_mode & 0o222  # read-only once complete
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although the cache holds this split")
@@ -488,16 +490,20 @@ def test_decoded_split_is_cached_and_invalidated(cifar_folder, tmp_path, monkeyp
     load_split(_cfg("cifar10", format="folder", root=str(cifar_folder), resolution=16), "train", cache)
     _write(cifar_folder / "train" / "cat" / "0002.jpg", 3, size=(32, 32))
     assert len(load_split(cfg, "train", cache)) == 21
-    assert len(list((cache / "datasets").glob("*.safetensors"))) == 3
-    assert not list((cache / "datasets").glob(".*tmp"))
+    assert len(list((cache / "datasets").glob("*/images.safetensors"))) == 3
+    assert not list((cache / "datasets").glob("*/.*tmp"))
 
 
-def test_corrupt_cache_entry_is_rebuilt(cifar_folder, tmp_path):
+@pytest.mark.parametrize("damage", [b"not a safetensors file", None])  # None: the same size, other bytes
+def test_corrupt_cache_entry_is_rebuilt_with_a_warning_naming_it(cifar_folder, tmp_path, caplog, damage):
     cfg = _cfg("cifar10", format="folder", root=str(cifar_folder))
-    first = load_split(cfg, "test", tmp_path)
-    (entry,) = (tmp_path / "datasets").glob("*.safetensors")
-    entry.write_bytes(b"not a safetensors file")
-    assert torch.equal(load_split(cfg, "test", tmp_path).images, first.images)
+    first = load_split(cfg, "test", tmp_path).images.clone()  # a cache hit maps the file: copy before damaging it
+    (entry,) = (tmp_path / "datasets").glob("*/images.safetensors")
+    entry.chmod(0o644)  # read-only once written; root writes anyway
+    entry.write_bytes(damage if damage is not None else b"x" * entry.stat().st_size)
+    with caplog.at_level(logging.WARNING, logger="ddist"):
+        assert torch.equal(load_split(cfg, "test", tmp_path).images, first)
+    assert f"The cached datasets at {entry.parent}" in caplog.text and "building it again" in caplog.text
 
 
 # ---------------------------------------------------------------------- errors

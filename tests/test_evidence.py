@@ -77,12 +77,12 @@ def test_val_split_bad_sizes_name_the_option():
         load_split(_digits(val_per_class=-1), "train")
 
 
-def test_cache_keys_include_val_per_class_only_when_set(tmp_path):
+def test_cache_keys_hold_val_per_class(tmp_path):
     from ddist.training.class_stats import class_stats_key
 
     plain = compose_cfg(cache_dir=tmp_path, run_dir=tmp_path)
     carved = compose_cfg("dataset.val_per_class=5", cache_dir=tmp_path, run_dir=tmp_path)
-    assert "val_per_class" not in teacher_key(plain)["dataset"]  # keys cached before the option stay valid
+    assert teacher_key(plain)["dataset"]["val_per_class"] is None  # every declared field, unset too
     assert teacher_key(carved)["dataset"]["val_per_class"] == 5
     assert class_stats_key(plain, ["stage3"]) != class_stats_key(carved, ["stage3"])
 

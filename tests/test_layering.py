@@ -65,10 +65,12 @@ LAYER = {
     "ddist.config": "base",
     "ddist.config.schema": "base",
     "ddist.config.compat": "base",
-    # runtime by role, base by dependency: atomic files and the cache layout, which data/ writes
-    # through (the decoded-image cache, the batch plan, the subsets), and multirun's bookkeeping,
-    # which logging asks whether this job is part of a sweep
+    # runtime by role, base by dependency: atomic files and the artifact store, which data/ writes
+    # through (the decoded-image cache, the batch plan, the subsets), the ranks the store follows,
+    # and multirun's bookkeeping, which logging asks whether this job is part of a sweep
     "ddist.runtime.artifacts": "base",
+    "ddist.runtime.store": "base",
+    "ddist.runtime.ranks": "base",
     "ddist.runtime.multirun": "base",
 }
 # layer -> the layers its modules may import (a stage never another stage: see below)
@@ -79,13 +81,13 @@ MAY_IMPORT = {
     "leaves": {"leaves", "base"},
     "base": {"base"},
 }
-# objectives and metrics take tensors (and, where they must, a model): never datasets, configs,
-# logging or runs. These are the only packages they may import.
 # The one import against the flow: importing the package registers every method's settings schema with
 # Hydra before any config is composed (ddist.methods discovers the method modules). It stays light because
 # a method module imports torch and its objectives only inside its builder and checks
 # (test_importing_ddist_does_not_import_torch).
 REGISTRATION = {("ddist", "ddist.methods")}
+# objectives and metrics take tensors (and, where they must, a model): never datasets, configs,
+# logging or runs. These are the only packages they may import.
 TENSOR_LAYERS = ("ddist.objectives", "ddist.metrics")
 TENSOR_LAYER_MAY_IMPORT = ("ddist.objectives", "ddist.metrics", "ddist.models", "ddist.errors", "ddist.utils")
 # the top level of ddist/ holds at most this many modules besides its folders
@@ -179,10 +181,6 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
-def test_importing_the_models_package_does_not_import_diffusers():
-    """ddist.models.diffusion pulls in diffusers (seconds): only code that asks for it pays."""
-
-
 def test_importing_ddist_does_not_import_torch():
     """`import ddist` registers the schemas (the methods' too) in well under a second: torch loads only
     where a model, a tensor or the logging is used (python -m ddist.report reads JSON only)."""
@@ -190,6 +188,9 @@ def test_importing_ddist_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
 
+
+def test_importing_the_models_package_does_not_import_diffusers():
+    """ddist.models.diffusion pulls in diffusers (seconds): only code that asks for it pays."""
     code = "import sys, ddist.models, ddist.objectives; print('diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -212,25 +212,18 @@ def test_the_stats_pass_reads_that_many_real_images_per_class(tmp_path, monkeypa
     assert counts.tolist() == (all_counts if per_class is None else torch.full((10,), per_class)).tolist()
 
 
-def test_crop_draw_keys_the_recovered_set_only_where_it_draws_something_new(tmp_path):
-    """The work directory's key (recover_key) holds crop_draw only at per_batch with a crop or flip: per_image
-    draws as before the option, so the sets recovered then keep their key."""
+def test_cache_keys_hold_every_declared_field_always(tmp_path):
+    """The store's rule (ddist/runtime/store.py): a key holds every field of the nodes it names, at its
+    default and null too; only fields declared not to change the artifact are left out, by name."""
+    from ddist.training.class_stats import class_stats_key
+    from ddist.training.teacher import teacher_key
 
-    def key_and_dataset(*overrides):
-        cfg = compose_cfg("pipeline=sre2l", *overrides, cache_dir=tmp_path, run_dir=tmp_path)
-        return recover.recover_key(cfg), OmegaConf.to_container(cfg.dataset, resolve=True)
-
-    def before_the_option(dataset):
-        for part in dataset["augment"].values():
-            del part["crop_draw"]
-        return dataset
-
-    # digits: nothing to crop or flip in recover, students per_image: the key made before the option
-    key, dataset = key_and_dataset()
-    assert dataset["augment"]["recover"]["crop_draw"] == "per_batch"
-    assert key["dataset"] == before_the_option(dataset)
-    crop = "dataset.augment.recover.crop_scale=[0.5,1.0]"
-    key, dataset = key_and_dataset(crop, "dataset.augment.recover.crop_draw=per_image")
-    assert key["dataset"] == before_the_option(dataset)
-    key, _ = key_and_dataset(crop)  # per_batch with a crop draws other boxes: its own set
-    assert key["dataset"]["augment"]["recover"]["crop_draw"] == "per_batch"
+    cfg = compose_cfg("pipeline=sre2l", cache_dir=tmp_path, run_dir=tmp_path)
+    key = recover.recover_key(cfg)
+    assert key["dataset"] == OmegaConf.to_container(cfg.dataset, resolve=True)  # crop_draw, subset: all there
+    assert key["recover"]["batch"]["parallel_groups"] == 1
+    teacher = teacher_key(cfg)
+    assert {"subset", "val_per_class"} <= set(teacher["dataset"]) and teacher["precision"] == "fp32"
+    assert {"roll_mode", "crop_draw"} <= set(teacher["dataset"]["augment"]) and "clip_grad_norm" in teacher["teacher"]
+    assert not {"checkpoint", "num_workers", "log_every"} & set(teacher["teacher"])  # declared: no effect on weights
+    assert class_stats_key(cfg, ["stage3"])["images_per_class"] is None

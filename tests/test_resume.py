@@ -100,6 +100,16 @@ def test_finished_students_are_not_trained_again(tmp_path, caplog):
     assert "finished earlier" not in logs[0]
     assert "finished earlier" in logs[1]
     assert read_results(tmp_path / "a")["students"] == read_results(tmp_path / "b")["students"]
+    # a truncated result.json is the entry's damage: named, and the student trained again
+    (result,) = (cache_dir / "student").glob("*/result.json")  # the run's set and the baseline share it
+    result.chmod(0o644)  # read-only once cached; root writes anyway
+    result.write_text('{"acc": 0.')
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ddist"):
+        run_pipeline("pipeline=random", "ipc=2", run_dir=tmp_path / "c", cache_dir=cache_dir)
+    assert f"The cached student at {result.parent} has result.json of 10 bytes" in caplog.text
+    assert "building it again" in caplog.text
+    assert read_results(tmp_path / "c")["students"] == read_results(tmp_path / "a")["students"]
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])

@@ -9,6 +9,7 @@ multiruns are `python -m ddist` subprocesses; the others run in-process.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -22,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from test_experiments_diffusion import TINY_PIXEL
 
 from ddist.data import dataset_spec
+from ddist.errors import CheckpointError
 from ddist.runtime import merge
 from ddist.runtime.artifacts import load_distilled, save_distilled, to_plain
 from ddist.runtime.workdir import WorkDir
@@ -95,7 +97,19 @@ def test_an_identical_configuration_reuses_the_finished_set(cache_dir, tmp_path,
     assert _work_dir(first) == _work_dir(second)
     a, b = (tmp_path / r / "distilled" / "data.safetensors" for r in "ab")
     assert a.read_bytes() == b.read_bytes()
-    assert a.stat().st_ino == b.stat().st_ino  # run directories hold hard links, not copies
+    assert a.stat().st_ino == b.stat().st_ino  # run directories hold hard links, not copies ...
+    assert not a.stat().st_mode & 0o222  # ... to read-only files: an ordinary user cannot change them in place
+    # root can: the changed bytes are the cache entry's, whose checksum the next run checks
+    expected = a.read_bytes()
+    with open(b, "r+b") as f:
+        f.seek(len(expected) - 4)
+        f.write(b"\x00\x00\x80\x7f")
+    with pytest.raises(CheckpointError, match=rf"a copy of the cache entry {_work_dir(first)}"):
+        load_distilled(tmp_path / "a" / "distilled")  # the copy's own error names the entry too
+    third = run_logged(*args, run_dir=tmp_path / "d", cache_dir=cache_dir, caplog=caplog)
+    assert f"The cached recover at {_work_dir(first)} has a distilled/data.safetensors whose checksum" in third
+    assert "building it again" in third and "recover batch" in third
+    assert (tmp_path / "d" / "distilled" / "data.safetensors").read_bytes() == expected
     other = run_logged(*args, "seed=1", run_dir=tmp_path / "c", cache_dir=cache_dir, caplog=caplog)
     assert "recover batch" in other and _work_dir(other) != _work_dir(first)
 
@@ -171,6 +185,27 @@ def test_merge_assembles_parts_into_the_set_save_distilled_writes(tmp_path):
     assert sorted(p.name for p in (work.distilled / "images").rglob("*.png")) == sorted(
         p.name for p in (tmp_path / "direct" / "images").rglob("*.png")
     )
+
+
+def test_a_truncated_plan_is_named_by_merge_and_written_again_by_a_rerun(tmp_path, capsys, caplog):
+    cfg = compose_cfg("ipc=3", cache_dir=tmp_path / "cache", run_dir=tmp_path / "run")
+    labels = torch.arange(10).repeat_interleave(3)
+    groups = [torch.arange(c, 30, 3) for c in range(3)]
+    plan = {"labels": labels.tolist(), "dataset": to_plain(cfg.dataset), "meta": {"ipc": 3}}
+    work = WorkDir(cfg, "recover", {"test": 2}, "groups", len(groups), plan)
+    for g in range(3):
+        work.save(g, torch.randn(10, 1, 16, 16), groups[g])
+    assert json.loads((work.root / "key.json").read_text()) == {"test": 2}  # the store records the key
+    (work.root / "plan.json").write_text('{"kind": "recover", "num_pa')  # a killed editor, a full disk
+    assert merge.main([str(work.root)]) == 2
+    err = capsys.readouterr().err
+    assert f"The cached recover at {work.root} has an unreadable plan.json" in err and "Rerun one of the jobs" in err
+    with caplog.at_level(logging.WARNING, logger="ddist"):
+        work.start()  # what a rerun of the job does first
+    assert "writing it again" in caplog.text
+    assert merge.main([str(work.root)]) == 0 and work.finished()
+    assert not (work.distilled / "data.safetensors").stat().st_mode & 0o222  # read-only once complete
+    assert json.loads((work.distilled / "meta.json").read_text())["cache_entry"] == str(work.root)
 
 
 def test_merge_of_a_directory_that_is_no_work_names_what_to_pass(tmp_path, capsys):

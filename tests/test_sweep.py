@@ -27,8 +27,10 @@ def test_a_corrupt_cached_teacher_is_rebuilt(tmp_path, caplog):
     cache = tmp_path / "cache"
     run_pipeline("pipeline.stages=[squeeze]", run_dir=tmp_path / "a", cache_dir=cache)
     (checkpoint,) = (cache / "teacher").glob("*/teacher.pt")
+    checkpoint.chmod(0o644)  # read-only once cached (root writes anyway)
     checkpoint.write_bytes(b"truncated")
     with caplog.at_level(logging.WARNING, logger="ddist"):
         run_pipeline("pipeline.stages=[squeeze]", run_dir=tmp_path / "b", cache_dir=cache)
-    assert "training it again" in caplog.text
+    assert f"The cached teacher at {checkpoint.parent} has teacher.pt of 9 bytes" in caplog.text
+    assert "building it again" in caplog.text
     assert checkpoint.read_bytes() != b"truncated"

@@ -284,6 +284,13 @@ def check_real_images_per_class(cfg: DictConfig) -> None:
 
 
 def check_cache_dir(path: Path) -> None:
+    """paths.cache_dir is a directory this user can write, or can create; or an existing one it can only
+    read (a lab's shared teachers): that serves the entries it holds, and an entry that must be built
+    there fails naming it and paths.cache_dir (ddist/runtime/store.py)."""
+    if path.is_dir():
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError(f"paths.cache_dir={path} cannot be read by this user. Set paths.cache_dir to another.")
+        return
     check_writable_dir(path, "paths.cache_dir")
 
 

@@ -41,29 +41,6 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def _crop_draw_counts(aug: Mapping) -> bool:
-    """Whether crop_draw changes any draw: only per_batch, and only with a crop or a flip to draw
-    (per_image draws exactly what sample_params drew before the option)."""
-    return aug["crop_draw"] == "per_batch" and bool(aug["crop_scale"] or aug["flip"])
-
-
-def _without_idle_crop_draw(aug: dict) -> dict:
-    return {k: v for k, v in aug.items() if k != "crop_draw" or _crop_draw_counts(aug)}
-
-
-def augment_key(aug: dict) -> dict:
-    """`aug` as a cache key: roll_mode without a roll, and crop_draw where it changes no draw, are left
-    out, so the keys of teachers and students cached before these options stay valid."""
-    return {k: v for k, v in _without_idle_crop_draw(aug).items() if k != "roll_mode" or aug["roll"]}
-
-
-def dataset_augment_key(augment: dict) -> dict:
-    """dataset.augment ({student, recover}) inside a key that holds the whole dataset config (recover's
-    work directories, students): crop_draw left out where it changes no draw, so those keys, made before
-    the option, stay valid (roll_mode stays: they always held it)."""
-    return {part: _without_idle_crop_draw(aug) for part, aug in augment.items()}
-
-
 def sample_params(n: int, aug: Mapping, resolution: int, generator: torch.Generator) -> Params:
     """Parameters of one batch of n images: crop boxes [n, 4] and flips [n], drawn per image or once for
     the batch (crop_draw), and one roll for the batch. `aug` holds crop_scale, flip, crop_draw, roll and

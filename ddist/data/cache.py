@@ -1,29 +1,24 @@
-"""Decoded-split cache: `<cache_dir>/datasets/<key>.safetensors`.
+"""Decoded-split cache: a store entry (ddist/runtime/store.py) `<cache_dir>/datasets/<hash>/images.safetensors`.
 
-The key hashes what the decoded tensor depends on: format, absolute root,
-split, resolution, channels, the crop rule, the label order, and every file's
-path, label, size and mtime, so an edited or added file invalidates the entry.
+The key holds what the decoded tensor depends on: format, absolute root, split, resolution,
+channels, the crop rule, the label order, and a digest of every file's path, label, size and
+mtime, so an edited or added file makes another entry. Its version is the store's CACHE_VERSION.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ddist.data.decode import Resize
 from ddist.data.layouts import SplitFiles
 from ddist.errors import ConfigError
-from ddist.runtime.artifacts import atomic_save_tensors
-
-# Bump when decoding changes in a way that alters pixels, to invalidate old entries.
-DECODER_VERSION = 1
+from ddist.runtime.artifacts import atomic_save_tensors, load_tensors
+from ddist.runtime.store import Entry, cached, entry
 
 
 def _files_digest(files: SplitFiles) -> str:
@@ -41,10 +36,9 @@ def _files_digest(files: SplitFiles) -> str:
     return digest.hexdigest()
 
 
-def cache_key(fmt: str, split: str, channels: int, resize: Resize, labels: tuple, files: SplitFiles) -> str:
-    """16 hex characters identifying one decoded split."""
-    key = {
-        "version": DECODER_VERSION,
+def cache_key(fmt: str, split: str, channels: int, resize: Resize, labels: tuple, files: SplitFiles) -> dict:
+    """The store key of one decoded split."""
+    return {
         "format": fmt,
         "root": str(files.root),
         "split": split,
@@ -53,23 +47,23 @@ def cache_key(fmt: str, split: str, channels: int, resize: Resize, labels: tuple
         "labels": list(labels),
         "files": _files_digest(files),
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cached_images(
-    cache_dir: Path | None, key: str, decode: Callable[[], torch.Tensor], targets: torch.Tensor
+    cache_dir: Path | None, key: dict, decode: Callable[[], torch.Tensor], targets: torch.Tensor
 ) -> torch.Tensor:
-    """The decoded uint8 images: read from the cache, or decoded and then stored."""
+    """The decoded uint8 images: read from the cache, or decoded and then stored (one process
+    decodes, any other waits and reads; a damaged entry is decoded again, with a warning)."""
     if cache_dir is None:
         return decode()
-    path = Path(cache_dir) / "datasets" / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            stored = load_file(path)
-            if torch.equal(stored["targets"], targets):
-                return stored["images"]
-        except (SafetensorError, OSError, KeyError):
-            pass  # unreadable entry: decode again and overwrite it
-    images = decode()
-    atomic_save_tensors(path, {"images": images, "targets": targets})
-    return images
+
+    def build(e: Entry) -> None:
+        atomic_save_tensors(e / "images.safetensors", {"images": decode(), "targets": targets})
+
+    def read(e: Entry) -> torch.Tensor:
+        stored = load_tensors(e / "images.safetensors", what="decoded images")
+        if "images" not in stored or not torch.equal(stored.get("targets", torch.empty(0)), targets):
+            raise e.damaged("holds other images or labels than the split's files")
+        return stored["images"]
+
+    return cached(entry(cache_dir, "datasets", key), build, read)

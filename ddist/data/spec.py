@@ -92,11 +92,3 @@ def subset_size(cfg: dict) -> tuple[int | None, int | None]:
     if any(v is not None and (not isinstance(v, int) or v < 1) for v in sizes):
         raise ConfigError(f"dataset.subset={subset} needs integers >= 1 (or null) for classes and per_class; fix it.")
     return sizes
-
-
-def without_unset_val(dataset: dict) -> dict:
-    """A dataset key without `val_per_class` when no validation split is carved: cache keys made
-    before the option stay valid, and a split changes the key of everything trained on train."""
-    if not dataset.get("val_per_class"):
-        dataset.pop("val_per_class", None)
-    return dataset

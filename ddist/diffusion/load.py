@@ -1,5 +1,5 @@
 """The denoiser to sample from (pretrained, or trained here from scratch; fine-tuned when asked)
-and the real class means CGS matches, each cached under ${paths.cache_dir}/<kind>/<hash> keyed by
+and the real class means CGS matches, each a store entry (ddist/runtime/store.py) keyed by
 exactly the config that made it (ddist/diffusion/keys.py), so sweeps over `seed`, `ipc` or the
 sampling options train nothing twice."""
 
@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from ddist.data.augment import resize
 from ddist.diffusion.keys import base_key, data_key, training_key
 from ddist.diffusion.sampling import make_scheduler
+from ddist.errors import ConfigError
 from ddist.logging import info
 from ddist.models.diffusion import (
     fresh_denoiser,
@@ -22,7 +23,8 @@ from ddist.models.diffusion import (
     saved_denoiser,
     to_signed,
 )
-from ddist.runtime.artifacts import atomic_dir, atomic_save_tensors, building, cache_entry, load_tensors
+from ddist.runtime import store
+from ddist.runtime.artifacts import atomic_dir, atomic_save_tensors, load_tensors
 from ddist.runtime.context import RunContext
 from ddist.training.denoiser import train_denoiser
 from ddist.training.loop import real_batches
@@ -76,7 +78,7 @@ def load_denoiser(cfg: DictConfig, dcfg: dict, ctx: RunContext, train_set):
             cfg,
             dcfg,
             "diffusion_finetune",
-            {"base": base_model_key, "finetune": training_key(dcfg["finetune"], dcfg["backbone"])},
+            {"base": base_model_key, "finetune": training_key(dcfg["finetune"])},
             spec,
             make=base,
             fit=lambda d, work: train(
@@ -93,18 +95,27 @@ def trains(dcfg: dict) -> bool:
 
 
 def cached_model(cfg, dcfg, kind, key, spec, make, fit):
-    """The denoiser cached under <kind>/<hash(key)>; else make() one, fit(it, work_dir) (which
-    checkpoints into and resumes from the entry), save it and return it."""
-    with building(cache_entry(cfg, kind, key)) as work:
-        entry = work / "denoiser"
-        if (entry / "config.json").is_file():
-            info(f"diffusion: using the cached model {entry}")
-            return saved_denoiser(dcfg, str(entry), spec.num_classes, f"paths.cache_dir ({entry})")
+    """The denoiser cached under <kind>/<hash(key)> (a store entry, ddist/runtime/store.py); else make()
+    one, fit(it, work_dir) (which checkpoints into and resumes from the entry), save it and return it."""
+    trained = []
+
+    def build(e: store.Entry) -> None:
         denoiser = make()
-        fit(denoiser, work)
-        with atomic_dir(entry) as tmp:
+        fit(denoiser, e.path)
+        with atomic_dir(e / "denoiser") as tmp:
             denoiser.net.save_pretrained(tmp)
-        return denoiser
+        trained.append(denoiser)
+
+    def read(e: store.Entry):
+        if trained:
+            return trained[0]
+        info(f"diffusion: using the cached model {e / 'denoiser'}")
+        try:
+            return saved_denoiser(dcfg, str(e / "denoiser"), spec.num_classes, f"paths.cache_dir ({e.path})")
+        except ConfigError as err:
+            raise e.damaged(f"holds an unreadable denoiser ({str(err)[:200]})") from None
+
+    return store.cached(store.entry(cfg, kind, key), build, read)
 
 
 @torch.no_grad()
@@ -117,16 +128,21 @@ def class_means(cfg, dcfg, codec, train_set, spec, image_size, device) -> torch.
         if dcfg["backbone"] == "pixel"
         else {k: dcfg["model"][k] for k in ("vae", "vae_subfolder", "vae_config", "image_size")},
     }
-    path = cache_entry(cfg, "diffusion_means", key) / "means.safetensors"
-    if path.is_file():
-        return load_tensors(path, "class mean latents")["means"]
-    sums, counts = None, torch.zeros(spec.num_classes)
-    for x, y in real_batches(train_set(), spec, dcfg["sample"]["batch_size"], shuffle=False):
-        z = codec.encode(resize(to_signed(x, spec), image_size).to(device)).cpu()
-        sums = torch.zeros(spec.num_classes, *z.shape[1:]) if sums is None else sums
-        sums.index_add_(0, y, z)
-        counts += torch.bincount(y, minlength=spec.num_classes)
-    assert sums is not None, "the training split has no images"
-    means = sums / counts.clamp(min=1).view(-1, 1, 1, 1)
-    atomic_save_tensors(path, {"means": means})
-    return means
+
+    def build(e: store.Entry) -> None:
+        sums, counts = None, torch.zeros(spec.num_classes)
+        for x, y in real_batches(train_set(), spec, dcfg["sample"]["batch_size"], shuffle=False):
+            z = codec.encode(resize(to_signed(x, spec), image_size).to(device)).cpu()
+            sums = torch.zeros(spec.num_classes, *z.shape[1:]) if sums is None else sums
+            sums.index_add_(0, y, z)
+            counts += torch.bincount(y, minlength=spec.num_classes)
+        assert sums is not None, "the training split has no images"
+        atomic_save_tensors(e / "means.safetensors", {"means": sums / counts.clamp(min=1).view(-1, 1, 1, 1)})
+
+    def read(e: store.Entry) -> torch.Tensor:
+        means = load_tensors(e / "means.safetensors", "class mean latents").get("means")
+        if means is None or means.ndim != 4 or len(means) != spec.num_classes:
+            raise e.damaged(f"holds no [{spec.num_classes}, C, h, w] class means")
+        return means
+
+    return store.cached(store.entry(cfg, "diffusion_means", key), build, read)

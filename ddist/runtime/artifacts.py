@@ -1,12 +1,15 @@
-"""Artifacts on disk: content-keyed caches, atomic writes, checkpoints and the DistilledSet.
+"""Artifacts on disk: atomic writes, checkpoints and the DistilledSet (the cache that keeps
+them is ddist/runtime/store.py).
 
 Every file is written to a temporary name in the same directory and renamed
-into place, so a killed run leaves either the old file or the new one.
+into place, so a killed run leaves either the old file or the new one; a write that fails
+(a full disk) is a WriteError naming the file, and leaves nothing partial behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -21,19 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ddist.errors import CheckpointError
+from ddist.errors import CheckpointError, WriteError
 from ddist.utils import safe_name
 
-CACHE_VERSION = 1  # bump when a cached artifact's format or meaning changes
-
-
-# ----------------------------------------------------------------------------- keys and caches
+# ----------------------------------------------------------------------------- plain values
 
 
 def to_plain(obj: Any) -> Any:
@@ -41,48 +40,6 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, (DictConfig, ListConfig)):
         return OmegaConf.to_container(obj, resolve=True, enum_to_str=True)
     return obj
-
-
-def key_plain(obj: Any) -> Any:
-    """to_plain with every mapping key a string, as JSON writes it: sorting the keys of a table
-    like hard_epochs {10: 1000, max: 300} would otherwise compare an int with a str."""
-    obj = to_plain(obj)
-    if isinstance(obj, dict):
-        return {str(k): key_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [key_plain(v) for v in obj]
-    return obj
-
-
-def config_hash(obj: Any) -> str:
-    """16 hex characters of the SHA-256 of the canonical JSON of `obj`."""
-    blob = json.dumps({"v": CACHE_VERSION, "obj": key_plain(obj)}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def cache_entry(cfg: DictConfig, kind: str, key_obj: Any) -> Path:
-    """The cache directory for an artifact of `kind` made by exactly `key_obj`.
-
-    The key is written beside the artifact (key.json) so a cache entry says what made it.
-    """
-    path = Path(cfg.paths.cache_dir) / kind / config_hash(key_obj)
-    path.mkdir(parents=True, exist_ok=True)
-    key_file = path / "key.json"
-    if not key_file.exists():
-        atomic_write_text(key_file, json.dumps(key_plain(key_obj), indent=2, sort_keys=True, default=str))
-    return path
-
-
-@contextlib.contextmanager
-def building(entry: Path) -> Iterator[Path]:
-    """Hold the cache entry's lock while checking for and building its artifact.
-
-    Two runs that need the same entry at once (a joblib sweep, two terminals) build it
-    once: the second waits here, then finds the finished artifact. The lock is a file
-    lock (`filelock`), so it also holds across processes on a shared file system.
-    """
-    with FileLock(str(entry / ".lock")):
-        yield entry
 
 
 def strict_json(obj: Any) -> str:
@@ -118,11 +75,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; caches and results are shared like any output
     try:
-        yield Path(tmp)
+        with _write_errors(path):
+            yield Path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# errno of a write that failed for want of room or a working disk (not of a bad argument)
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A write into the temporary file that fails for want of room (OSError ENOSPC & co., or torch's
+    and safetensors' wrappers of it) becomes a WriteError naming `path`; the caller removes the
+    temporary file, so nothing partial is left."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        raise _write_error(path, err) from None
+    except (RuntimeError, SafetensorError) as err:
+        text = str(err)
+        if not any(s in text for s in ("write", "No space", "IoError", "StorageFull", "Quota")):
+            raise
+        raise _write_error(path, err) from None
+
+
+def _write_error(path: Path, err: BaseException) -> WriteError:
+    return WriteError(
+        f"Could not write {path} ({type(err).__name__}: {str(err)[:200]}); nothing partial was left "
+        f"(the temporary file was removed). Free space on the disk of {path.parent}, or write elsewhere "
+        "(paths.cache_dir, hydra.run.dir), and rerun."
+    )
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -160,7 +148,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        yield tmp
+        with _write_errors(path):
+            yield tmp
         _share(tmp)
         old = None
         if path.exists():
@@ -175,13 +164,15 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _share(root: Path) -> None:
-    """chmod a+rX over a tree: directories 0755, files 0644."""
+    """chmod a+rX over a tree: directories 0755, files readable by all (a file's write bits stay as they
+    are: a hard link to a read-only cache file stays read-only, for every name of it)."""
     os.chmod(root, 0o755)
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames:
             os.chmod(os.path.join(dirpath, name), 0o755)
         for name in filenames:
-            os.chmod(os.path.join(dirpath, name), 0o644)
+            path = os.path.join(dirpath, name)
+            os.chmod(path, (os.stat(path).st_mode & 0o777) | 0o444)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -384,6 +375,13 @@ def load_distilled(path: str | os.PathLike, spec=None, option: str = "evaluate.d
         f"Recreate the set (rerun the pipeline that made it) or set {option} to an intact DistilledSet "
         "directory (images/, data.safetensors, meta.json)."
     )
+    made_in = _cache_entry_of(path)
+    if made_in:  # a run directory's copy: hard links to the cache entry's (read-only) files
+        redo = (
+            f"This set is a copy of the cache entry {made_in} (hard links to its files). Rerun the command "
+            f"that made it (the damaged entry is found and rebuilt, with a warning), or delete {made_in}; "
+            f"or set {option} to an intact DistilledSet directory."
+        )
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path} is not a DistilledSet (no meta.json). {redo}")
     tensors = load_tensors(path / "data.safetensors", what="DistilledSet tensors", fix=redo)
@@ -398,6 +396,31 @@ def load_distilled(path: str | os.PathLike, spec=None, option: str = "evaluate.d
     if problem:
         raise CheckpointError(f"The DistilledSet at {path} {problem}. {redo}")
     return DistilledSet(images, labels, meta)
+
+
+def _cache_entry_of(path: Path) -> str | None:
+    """The cache entry a set was assembled in (meta.json's cache_entry), if meta.json says."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    made_in = meta.get("cache_entry") if isinstance(meta, dict) else None
+    return str(made_in) if made_in and Path(made_in).resolve() != path.resolve() else None
+
+
+def distilled_checksum(path: str | os.PathLike, chunk: int = 1024) -> str:
+    """tensor_checksum(images, labels) of a DistilledSet's data.safetensors, read chunk by chunk
+    (only `chunk` images in memory at once)."""
+    path = Path(path) / "data.safetensors"
+    try:
+        images, labels = TensorRows(path, "images"), TensorRows(path, "labels")
+        digest = hashlib.sha256()
+        for start in range(0, len(images), chunk):
+            digest.update(images.read(start, min(start + chunk, len(images))).numpy().tobytes())
+        digest.update(labels.read(0, len(labels)).numpy().tobytes())
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as err:
+        raise CheckpointError(f"Cannot read {path}: {type(err).__name__}: {str(err)[:200]}") from None
+    return digest.hexdigest()
 
 
 def _distilled_problem(images: torch.Tensor, labels: torch.Tensor, meta: dict, spec) -> str | None:

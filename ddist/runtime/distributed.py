@@ -6,29 +6,23 @@ starts the process group (NCCL on CUDA, gloo on CPU) and stops it at exit. Then:
   with DistributedDataParallel (`ddist.training.loop.fit`: each rank a contiguous part of every batch),
   recover and diffusion split their groups and classes (ddist/runtime/shard.py);
 - the other stages run on rank 0 alone; the other ranks take over what it made;
-- only rank 0 writes: cache entries, checkpoints, results.json, the W&B run. The other ranks
-  wait for it at a barrier, then read.
+- only rank 0 writes: checkpoints, results.json, the W&B run. The other ranks wait for it at a
+  barrier, then read. Cache entries follow the store's lock policy (ddist/runtime/store.py).
 With one process (no torchrun) every function here is the trivial one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ddist.errors import ConfigError
-from ddist.runtime.artifacts import building
+from ddist.runtime.ranks import active, alone, barrier, from_main, is_main, rank, world
 
-T = TypeVar("T")
-
-_solo = False  # rank 0 alone runs a stage the other ranks skip: no collectives meanwhile
+__all__ = ["active", "alone", "barrier", "from_main", "is_main", "my_part", "rank", "start", "stop", "world", "wrap"]
 
 
 def start() -> datetime:
@@ -47,63 +41,6 @@ def start() -> datetime:
 def stop() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def active() -> bool:
-    """Whether this process trains and waits together with other ranks right now."""
-    return dist.is_available() and dist.is_initialized() and not _solo
-
-
-def rank() -> int:
-    return dist.get_rank() if active() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if active() else 1
-
-
-def is_main() -> bool:
-    """Rank 0 (or the only process): the one that writes."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
-def from_main(make: Callable[[], T]) -> T:
-    """make() on rank 0 alone (it may write); every rank gets its result."""
-    if not active():
-        return make()
-    box = [make() if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]  # type: ignore[return-value]
-
-
-@contextlib.contextmanager
-def alone() -> Iterator[None]:
-    """Run a block on rank 0 as if there were no other ranks (they skip it)."""
-    global _solo
-    _solo = True
-    try:
-        yield
-    finally:
-        _solo = False
-
-
-@contextlib.contextmanager
-def building_together(entry: Path) -> Iterator[Path]:
-    """artifacts.building for ranks that build a cache entry together (DDP): rank 0 holds the
-    entry's lock for all of them, and all leave once it has written the entry."""
-    if not active():
-        with building(entry):
-            yield entry
-        return
-    with building(entry) if is_main() else contextlib.nullcontext(entry):
-        dist.barrier()  # nobody looks into the entry before rank 0 holds it
-        yield entry
-        dist.barrier()  # nobody reads the entry before rank 0 has written it
 
 
 def wrap(model: torch.nn.Module) -> torch.nn.Module:

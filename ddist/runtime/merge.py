@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ddist.errors import DdistError
+from ddist.runtime.store import entry_at
 from ddist.runtime.workdir import assemble
 
 
@@ -22,7 +23,13 @@ def work_dir(path: Path) -> Path:
     if (path / "plan.json").is_file():
         return path
     if (path / "shard.json").is_file():
-        return Path(json.loads((path / "shard.json").read_text())["work_dir"])
+        try:
+            return Path(json.loads((path / "shard.json").read_text())["work_dir"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DdistError(
+                f"{path / 'shard.json'} is unreadable ({type(err).__name__}: {err}). Pass the work directory "
+                "its job's log names (<cache_dir>/recover/<hash> or <cache_dir>/diffusion_sample/<hash>) instead."
+            ) from None
     raise DdistError(
         f"{path} is neither a work directory (no plan.json) nor a shard job's run directory (no shard.json). "
         "Pass the directory a sharded job's log names after 'python -m ddist.runtime.merge'."
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         root = work_dir(args.dir)
-        if (root / "distilled" / "meta.json").is_file():
+        if entry_at(root).done:
             print(f"already assembled: {root / 'distilled'}")
             return 0
         print(f"assembled: {assemble(root)}")

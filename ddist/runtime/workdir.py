@@ -9,12 +9,16 @@ the set (so a new run directory of the same command finds it):
                               plan.json              parts, labels, dataset and meta of the set
                               parts/000012.safetensors   a finished part: its images and their rows
                               distilled/             the assembled DistilledSet
+                              done.json              written once the set is assembled (ddist/runtime/store.py)
 
 Each part is written atomically the moment it is finished, so a killed run loses at most
 the part it was in; the rerun logs e.g. "recover: 37/50 groups done, resuming at 38" and
 does only the rest. Once every part is there, the set is assembled part by part (only one
-chunk of images in memory, ddist.runtime.artifacts.write_distilled) and the parts are deleted; a
-later run of the same configuration (an evaluate.* sweep) reuses the finished set.
+chunk of images in memory, ddist.runtime.artifacts.write_distilled), the parts are deleted and
+the entry is marked complete (its files read-only); a later run of the same configuration (an
+evaluate.* sweep) checks the finished set's checksum and reuses it (a damaged one is made again,
+with a warning naming the entry). The run directory's distilled/ is hard links to the entry's
+read-only files (copies where links cannot be made).
 
 Sharding (ddist/runtime/shard.py): each job makes only its share of the parts; whichever job then
 finds every part present assembles the set (under the entry's file lock, so once), and the
@@ -25,7 +29,6 @@ runs no later stage). `python -m ddist.runtime.merge DIR` assembles explicitly.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -37,16 +40,16 @@ from omegaconf import DictConfig
 
 from ddist.data import dataset_spec
 from ddist.errors import CheckpointError
-from ddist.logging import info
-from ddist.runtime import distributed
+from ddist.logging import info, warn
+from ddist.runtime import distributed, store
 from ddist.runtime.artifacts import (
     TensorRows,
     atomic_dir,
     atomic_save_tensors,
     atomic_write_text,
-    building,
-    cache_entry,
+    distilled_checksum,
     load_tensors,
+    strict_json,
     to_plain,
     write_distilled,
 )
@@ -56,24 +59,73 @@ from ddist.runtime.shard import Share, share
 ASSEMBLE_CHUNK = 256  # images in memory at once while assembling
 
 
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+
+# what plan.json must hold to be trusted
+PLAN = store.fields(
+    kind=(_is_str, "a string"),
+    num_parts=(lambda v: store.is_count(v) and v >= 1, "an integer >= 1"),
+    labels=(_is_int_list, "a list of labels"),
+    dataset=(lambda v: isinstance(v, dict), "a mapping"),
+    meta=(lambda v: isinstance(v, dict), "a mapping"),
+)
+PLAN_FIX = "Rerun one of the jobs' command (it writes plan.json again, keeping the parts), then merge again."
+
+
 class WorkDir:
     """The work directory of one configuration's set: `num_parts` parts that together hold the
-    rows 0..len(labels)-1 of the set, each row exactly once."""
+    rows 0..len(labels)-1 of the set, each row exactly once. A store entry (ddist/runtime/store.py)
+    filled over one or several runs: complete once the set is assembled."""
 
     def __init__(self, cfg: DictConfig, kind: str, key: Any, noun: str, num_parts: int, plan: dict):
-        self.root = cache_entry(cfg, kind, key)
+        self.entry = store.entry(cfg, kind, key)
+        self.root = self.entry.path
         self.kind, self.noun, self.num_parts = kind, noun, num_parts
+        self.plan = {"kind": kind, "num_parts": num_parts, **to_plain(plan)}
         self.share: Share = share(cfg)
+
+    def start(self) -> None:
+        """Create the entry (key.json) and write plan.json, or write it again where it is damaged."""
+        store.create(self.entry)
         plan_file = self.root / "plan.json"
-        if not plan_file.is_file():
-            atomic_write_text(plan_file, json.dumps({"kind": kind, "num_parts": num_parts, **to_plain(plan)}))
+        if plan_file.is_file():
+            try:
+                self.entry.read_json("plan.json", PLAN)
+                return
+            except CheckpointError as err:
+                warn(f"{getattr(err, 'what', err)}: writing it again")
+        atomic_write_text(plan_file, strict_json(self.plan))
 
     @property
     def distilled(self) -> Path:
         return self.root / "distilled"
 
     def finished(self) -> bool:
-        return (self.distilled / "meta.json").is_file()
+        return self.entry.done
+
+    def reusable(self, locked: bool) -> bool:
+        """Whether the finished set can be reused: complete and intact. A damaged one (a file
+        changed in place, through a run directory's hard link or in the cache) is cleared, with a
+        warning naming the entry, to be made again (`locked`: this job holds the entry's lock)."""
+        if not self.finished():
+            return False
+        try:
+            self.entry.verify()
+            meta = self.entry.read_json("distilled/meta.json", store.fields(sha256=(_is_str, "a checksum")))
+            if distilled_checksum(self.distilled) != meta["sha256"]:
+                raise self.entry.damaged("has a distilled/data.safetensors whose checksum differs from meta.json's")
+            return True
+        except CheckpointError as err:
+            with contextlib.nullcontext() if locked else store.locked(self.entry):
+                if self.finished():
+                    store.rebuild_damaged(self.entry, err)
+            return False
 
     def part(self, i: int) -> Path:
         return self.root / "parts" / f"{i:06d}.safetensors"
@@ -96,6 +148,8 @@ class WorkDir:
         return todo
 
     def save(self, i: int, images: torch.Tensor, rows: torch.Tensor) -> None:
+        if not (self.root / "plan.json").is_file():
+            self.start()
         atomic_save_tensors(self.part(i), {"images": images.float(), "rows": rows.long()})
 
 
@@ -107,26 +161,29 @@ def make_set(cfg: DictConfig, ctx: RunContext, work: WorkDir, make_parts) -> Run
     when other shards' parts are still missing, ctx.stop (what this job did) for the pipeline.
     Under torchrun each rank makes its parts; rank 0 decides, assembles and copies for all.
     """
-    with (
-        building(work.root) if not work.share.sharded else contextlib.nullcontext(work.root)
-    ):  # one unsharded build at a time
-        if distributed.from_main(work.finished):
-            info(f"{work.kind}: reusing the finished set {work.distilled}")
-        else:
-            todo = work.todo()
-            if todo:
-                make_parts(todo)
-            distributed.barrier()  # every rank's parts are on disk
-            ctx.stop = distributed.from_main(lambda: _assemble_or_stop(work))
-            if ctx.stop:
-                return ctx
+    unsharded = not work.share.sharded
+    reused = distributed.from_main(lambda: work.reusable(locked=False))  # a read-only cache: no lock needed
+    if not reused:
+        with store.locked(work.entry) if unsharded else contextlib.nullcontext():  # one unsharded build at a time
+            reused = distributed.from_main(lambda: work.reusable(locked=unsharded))  # made meanwhile?
+            if not reused:
+                distributed.from_main(work.start)
+                todo = work.todo()
+                if todo:
+                    make_parts(todo)
+                distributed.barrier()  # every rank's parts are on disk
+                ctx.stop = distributed.from_main(lambda: _assemble_or_stop(work))
+                if ctx.stop:
+                    return ctx
+    if reused:
+        info(f"{work.kind}: reusing the finished set {work.distilled}")
     ctx.distilled = distributed.from_main(lambda: link_copy(work.distilled, ctx.run_dir / "distilled"))
     return ctx
 
 
 def _assemble_or_stop(work: WorkDir) -> dict[str, Any] | None:
     """Assemble the set when every part is there (one job at a time); else what this job did."""
-    with building(work.root) if work.share.sharded else contextlib.nullcontext(work.root):
+    with store.locked(work.entry) if work.share.sharded else contextlib.nullcontext():
         if work.finished():
             return None
         missing = work.missing()
@@ -150,7 +207,8 @@ def _assemble_or_stop(work: WorkDir) -> dict[str, Any] | None:
 def assemble(root: str | os.PathLike) -> Path:
     """Write the DistilledSet of a work directory whose parts are all there, then delete the parts."""
     root = Path(root)
-    plan = json.loads((root / "plan.json").read_text())
+    entry = store.entry_at(root)
+    plan = entry.read_json("plan.json", PLAN, PLAN_FIX)
     parts = [root / "parts" / f"{i:06d}.safetensors" for i in range(plan["num_parts"])]
     absent = [p.name for p in parts if not p.is_file()]
     if absent:
@@ -168,8 +226,10 @@ def assemble(root: str | os.PathLike) -> Path:
     readers = [TensorRows(path, "images") for path in parts]
     shape = readers[0].shape[1:]
     spec = dataset_spec(plan["dataset"])
-    write_distilled(root / "distilled", _chunks(readers, where), labels, shape, spec, plan["meta"])
+    meta = {**plan["meta"], "cache_entry": str(root)}  # a run directory's copy names where it came from
+    write_distilled(root / "distilled", _chunks(readers, where), labels, shape, spec, meta)
     shutil.rmtree(root / "parts", ignore_errors=True)
+    entry.finish()
     info(f"{plan['kind']}: assembled {len(labels)} images from {len(parts)} parts into {root / 'distilled'}")
     return root / "distilled"
 
@@ -191,7 +251,10 @@ def _chunks(readers: list[TensorRows], where: torch.Tensor) -> Iterator[torch.Te
 
 
 def link_copy(src: Path, dst: Path) -> Path:
-    """A copy of the directory `src` at `dst` made of hard links (plain copies across file systems)."""
+    """A copy of the directory `src` at `dst` made of hard links to its files (read-only once the
+    entry is complete, so an ordinary user cannot change them in place; root can, and the cache
+    entry's checksum catches it) or plain copies where links cannot be made (across file systems,
+    another user's files)."""
     with atomic_dir(dst) as tmp:
         for path in sorted(src.rglob("*")):
             target = tmp / path.relative_to(src)

@@ -28,7 +28,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.data import load_split
-from ddist.data.augment import dataset_augment_key
 from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
@@ -51,19 +50,13 @@ from ddist.training.teacher import load_teacher, teacher_identity
 
 
 def recover_key(cfg: DictConfig) -> dict:
-    """Exactly what determines the recovered set: the data, the teacher, the recover settings, ipc and seed.
-    batch.parallel_groups is left out at 1, so work directories made before the option stay valid; stacked
-    groups differ from sequential ones by float rounding, so any other value keys its own set. Likewise
-    dataset.augment.*.crop_draw is left out where it changes no draw (per_image, or nothing to crop or flip)."""
-    recover_settings = to_plain(cfg.recover)
-    if recover_settings["batch"].get("parallel_groups") == 1:
-        del recover_settings["batch"]["parallel_groups"]
-    dataset = to_plain(cfg.dataset)
-    dataset["augment"] = dataset_augment_key(dataset["augment"])
+    """Exactly what determines the recovered set: the data, the teacher, the recover settings, ipc and seed
+    (every field of each: batch.parallel_groups too, since stacked groups differ from sequential ones by
+    float rounding)."""
     return {
-        "dataset": dataset,
+        "dataset": to_plain(cfg.dataset),
         "teacher": teacher_identity(cfg),
-        "recover": recover_settings,
+        "recover": to_plain(cfg.recover),
         "ipc": int(cfg.ipc),
         "seed": int(cfg.seed),
     }

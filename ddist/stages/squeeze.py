@@ -1,6 +1,6 @@
 """Squeeze: train (or load) the teacher on the real train split and report its test accuracy.
 
-The checkpoint is cached under ${paths.cache_dir}/teacher/<hash>, keyed by exactly the
+The checkpoint is cached under ${paths.cache_dir}/teacher/<hash> (ddist/runtime/store.py), keyed by exactly the
 config that made it (dataset data fields + the teacher node), so a sweep over later
 stages or over `seed` trains the teacher once. `teacher.checkpoint=PATH` uses an
 existing state dict instead; `teacher.epochs=0` keeps the model's initial (e.g.
@@ -18,16 +18,9 @@ from omegaconf import DictConfig
 
 from ddist.data import load_split
 from ddist.data.augment import apply, sample_params
-from ddist.errors import CheckpointError
-from ddist.logging import info, warn
-from ddist.runtime import distributed
-from ddist.runtime.artifacts import (
-    atomic_write_text,
-    cache_entry,
-    load_checkpoint,
-    load_model_state,
-    save_checkpoint,
-)
+from ddist.logging import info
+from ddist.runtime import distributed, store
+from ddist.runtime.artifacts import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from ddist.runtime.context import RunContext
 from ddist.training.loop import (
     accuracy,
@@ -53,25 +46,33 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
         _report(ctx, cached=False)
         return ctx
 
-    # -- the cache: a hit skips training; the lock makes a concurrent run wait for this one
-    entry = cache_entry(cfg, "teacher", teacher_key(cfg))
-    with distributed.building_together(entry):  # torchrun's ranks train it together
-        ctx.teacher, ctx.teacher_acc, cached = cached_or_trained(cfg, ctx, entry)
-    _report(ctx, cached=cached)
+    # -- the cache (ddist/runtime/store.py): a hit skips training; a concurrent run waits for this one
+    entry = store.entry(cfg, "teacher", teacher_key(cfg))
+    trained: list[bool] = []
+
+    def build(e: store.Entry) -> None:
+        train_teacher(cfg, ctx, e.path)
+        trained.append(True)
+
+    def read(e: store.Entry) -> float:  # a damaged entry is rebuilt, rather than blamed on teacher.checkpoint
+        load_model_state(build_teacher(cfg, spec), load_checkpoint(e / "teacher.pt", "teacher"), e / "teacher.pt", "")
+        return float(e.read_json("meta.json", TEACHER_META)["test_acc"])
+
+    ctx.teacher_acc = store.cached(entry, build, read, together=True)  # torchrun's ranks train it together
+    ctx.teacher = entry / "teacher.pt"
+    _report(ctx, cached=not trained)
     return ctx
 
 
-def cached_or_trained(cfg: DictConfig, ctx: RunContext, entry: Path) -> tuple[Path, float, bool]:
-    """(checkpoint, test accuracy, cached?) of the teacher in cache `entry`, training it on a miss."""
+# what the teacher entry's meta.json must hold to be trusted
+TEACHER_META = store.fields(test_acc=store.FRACTION, epochs=store.COUNT)
+
+
+def train_teacher(cfg: DictConfig, ctx: RunContext, entry: Path) -> None:
+    """Train the teacher into cache `entry` (teacher.pt, then meta.json with its test accuracy)."""
     spec, device = ctx.spec, ctx.device
     cache_dir = Path(cfg.paths.cache_dir)
     path, meta_path = entry / "teacher.pt", entry / "meta.json"
-    if path.exists() and meta_path.exists():
-        try:  # a damaged entry is rebuilt, like every cache entry, rather than blamed on teacher.checkpoint
-            load_model_state(build_teacher(cfg, spec), load_checkpoint(path, "teacher"), path, "teacher")
-            return path, json.loads(meta_path.read_text())["test_acc"], True
-        except (CheckpointError, ValueError, KeyError) as err:
-            warn(f"the cached teacher {path} is unreadable ({str(err)[:120]}); training it again")
 
     # -- train on the real train split (resumable: fit checkpoints each epoch into the entry)
     seed_everything(cfg.teacher.seed)
@@ -120,7 +121,7 @@ def cached_or_trained(cfg: DictConfig, ctx: RunContext, entry: Path) -> tuple[Pa
         atomic_write_text(meta_path, json.dumps({"test_acc": acc, "epochs": tcfg.epochs}))
         return acc
 
-    return path, distributed.from_main(measure_and_cache), False
+    distributed.from_main(measure_and_cache)
 
 
 def _report(ctx: RunContext, cached: bool) -> None:

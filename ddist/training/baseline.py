@@ -29,12 +29,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.data import class_indices, load_split
-from ddist.data.spec import without_unset_val
 from ddist.data.subsets import save_random_real
 from ddist.metrics import robust
 from ddist.metrics.robust import improvement_over_random
-from ddist.runtime import distributed
-from ddist.runtime.artifacts import atomic_write_text, cache_entry, save_distilled
+from ddist.runtime import distributed, store
+from ddist.runtime.artifacts import atomic_write_text, save_distilled
 from ddist.runtime.context import RunContext
 from ddist.training.students import evaluate_set, store_soft_labels
 
@@ -145,27 +144,26 @@ def real_hard_accuracy(cfg: DictConfig, ctx: RunContext, train, hard: dict) -> f
         return float(cfg.analyse.real_hard_acc)
     ev_hard = OmegaConf.merge(cfg.evaluate, hard)
     key = {
-        "dataset": without_unset_val(
-            cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
-        ),
+        "dataset": OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True),
         "evaluate": OmegaConf.to_container(ev_hard, resolve=True, enum_to_str=True),
         "seed": cfg.seed,
     }
-    entry = cache_entry(cfg, "real_hard_acc", key)
-    result = entry / "acc.json"
-    if result.is_file():
-        return float(json.loads(result.read_text())["acc"])
     spec = ctx.spec
-    # The whole split as one DistilledSet; its "ipc" (largest class) picks the epochs entry.
-    largest = max(len(class_indices(train, c)) for c in range(spec.num_classes))
-    images = torch.stack([train[i][0] for i in range(len(train))])
-    full = save_distilled(
-        entry / "full_train",
-        images,
-        train.targets,
-        spec,
-        {"dataset": spec.name, "method": "full_real", "ipc": largest, "seed": cfg.seed},
-    )
-    value = evaluate_set(cfg, ctx, full, hard)[0]["acc_mean"]
-    atomic_write_text(result, json.dumps({"acc": value}))
-    return value
+
+    def build(e: store.Entry) -> None:
+        # The whole split as one DistilledSet; its "ipc" (largest class) picks the epochs entry.
+        largest = max(len(class_indices(train, c)) for c in range(spec.num_classes))
+        images = torch.stack([train[i][0] for i in range(len(train))])
+        full = save_distilled(
+            e / "full_train",
+            images,
+            train.targets,
+            spec,
+            {"dataset": spec.name, "method": "full_real", "ipc": largest, "seed": cfg.seed},
+        )
+        value = evaluate_set(cfg, ctx, full, hard)[0]["acc_mean"]
+        atomic_write_text(e / "acc.json", json.dumps({"acc": value}))
+
+    # analyse runs on rank 0 alone: one process builds, any other waits (ddist/runtime/store.py)
+    entry = store.entry(cfg, "real_hard_acc", key)
+    return float(store.cached(entry, build, lambda e: e.read_json("acc.json", store.fields(acc=store.FRACTION))["acc"]))

@@ -18,7 +18,8 @@ from ddist.data import ImageDataset, load_split, torch_dataset
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
 from ddist.objectives import ClassMomentSums
-from ddist.runtime.artifacts import atomic_save_tensors, cache_entry, load_tensors
+from ddist.runtime import store
+from ddist.runtime.artifacts import atomic_save_tensors, load_tensors
 from ddist.runtime.context import RunContext
 from ddist.training.teacher import frozen_teacher, teacher_identity
 from ddist.utils import ceil_div
@@ -43,10 +44,7 @@ def class_stats_layers(cfg: DictConfig, feature_names: list[str]) -> list[str]:
 def class_stats_key(cfg: DictConfig, layers: list[str]) -> dict:
     """What determines the real class statistics: the teacher, the real data it saw (all of it, or a
     seeded subset per class), and the layers."""
-    key = {**teacher_identity(cfg), "layers": layers}
-    if cfg.recover.class_stats.images_per_class is not None:  # null keeps the keys of statistics cached before
-        key["images_per_class"] = cfg.recover.class_stats.images_per_class
-    return key
+    return {**teacher_identity(cfg), "layers": layers, "images_per_class": cfg.recover.class_stats.images_per_class}
 
 
 # The subset of real images per class is drawn with this seed, not the run's, so every seed of a
@@ -104,10 +102,11 @@ def real_class_stats(
 
 
 def load_class_stats(cfg: DictConfig, ctx: RunContext, teacher, layers: list[str]) -> dict:
-    """The cached real class statistics for this teacher and these layers (computed on a miss)."""
-    entry = cache_entry(cfg, "class_stats", class_stats_key(cfg, layers))
-    path = entry / "class_stats.safetensors"
-    if not path.exists():
+    """The cached real class statistics for this teacher and these layers (computed on a miss; a
+    store entry, ddist/runtime/store.py: one process computes them, the others wait and read)."""
+
+    def build(e: store.Entry) -> None:
+        path = e / "class_stats.safetensors"
         train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
         order = stats_indices(train.targets, cfg.recover.class_stats.images_per_class)
         batch_size = cfg.recover.class_stats.batch_size
@@ -124,5 +123,15 @@ def load_class_stats(cfg: DictConfig, ctx: RunContext, teacher, layers: list[str
             path, {f"{k}.{part}": t for k, pair in stats.items() for part, t in zip(("mean", "cov"), pair, strict=True)}
         )
         info(f"real class statistics for {layers} cached at {path}")
-    tensors = load_tensors(path, what="real class statistics")
-    return {k: (tensors[f"{k}.mean"].to(ctx.device), tensors[f"{k}.cov"].to(ctx.device)) for k in layers}
+
+    def read(e: store.Entry) -> dict:
+        tensors = load_tensors(e / "class_stats.safetensors", what="real class statistics")
+        stats = {}
+        for k in layers:
+            mean, cov = tensors.get(f"{k}.mean"), tensors.get(f"{k}.cov")
+            if mean is None or cov is None or mean.ndim != 2 or cov.shape != (*mean.shape, mean.shape[1]):
+                raise e.damaged(f"has no [classes, d] mean and [classes, d, d] covariance of layer {k}")
+            stats[k] = (mean.to(ctx.device), cov.to(ctx.device))
+        return stats
+
+    return store.cached(store.entry(cfg, "class_stats", class_stats_key(cfg, layers)), build, read)

@@ -26,18 +26,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.data import load_split
-from ddist.data.augment import augment_key, dataset_augment_key, mix_targets, split_mix
+from ddist.data.augment import mix_targets, split_mix
 from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings, stored_batches
-from ddist.data.spec import without_unset_val
 from ddist.logging import info, progress
 from ddist.models import build_model, student_config
 from ddist.objectives.distill import hard_label_loss, soft_label_loss
-from ddist.runtime import distributed
+from ddist.runtime import distributed, store
 from ddist.runtime.artifacts import (
     DistilledSet,
     atomic_dir,
     atomic_write_text,
-    cache_entry,
     file_sha256,
     load_distilled,
     tensor_checksum,
@@ -82,11 +80,10 @@ def evaluate_set(
         name, model_cfg = student_config(entry)
         accs = []
         for repeat in range(ev.repeats):
-            work = cache_entry(cfg, "student", {**base_key, "student": model_cfg, "repeat": repeat})
-            with distributed.building_together(work):  # torchrun's ranks train it together
-                accs.append(
-                    finished_or_trained(cfg, ctx, ev, distilled, name, model_cfg, repeat, teacher, stored, test, work)
-                )
+            work = store.entry(cfg, "student", {**base_key, "student": model_cfg, "repeat": repeat})
+            accs.append(
+                finished_or_trained(cfg, ctx, ev, distilled, name, model_cfg, repeat, teacher, stored, test, work)
+            )
         results.append(
             {
                 "name": name,
@@ -100,6 +97,10 @@ def evaluate_set(
     return results
 
 
+# evaluate keys that do not change a student's accuracy (or are in its key otherwise: student, repeat)
+_NOT_STUDENT_KEYS = ("distilled", "students", "repeats", "test_batch_size", "baseline", "log_every")
+
+
 def student_base_key(
     cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, ctx: RunContext, stored: Path | None = None
 ) -> dict:
@@ -107,16 +108,10 @@ def student_base_key(
     the evaluate settings, the seed, the scored split, (soft protocol) the teacher's weights and,
     with stored soft labels, how they were compressed (fp16, top-k)."""
     settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True, enum_to_str=True))
-    for key in ("distilled", "students", "repeats", "test_batch_size", "baseline"):
+    for key in _NOT_STUDENT_KEYS:
         settings.pop(key, None)
-    if settings["split"] == "test":  # keys of students cached before the option stay valid
-        settings.pop("split")
-    settings["augment"] = augment_key(settings["augment"])
-    dataset = without_unset_val(
-        cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
-    )
+    dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
     dataset.pop("protocol", None)
-    dataset["augment"] = dataset_augment_key(dataset["augment"])
     labels = {"stored": "fp16", "top_k": json.loads((stored / "meta.json").read_text())["top_k"]} if stored else None
     return {
         **({"labels": labels} if labels else {}),
@@ -140,17 +135,26 @@ def finished_or_trained(
     teacher: torch.nn.Module | None,
     stored: Path | None,
     test,
-    work: Path,
+    work: store.Entry,
 ) -> float:
-    """The accuracy kept in `work` by an earlier run, or a student trained (resumably) now."""
-    result = work / "result.json"
-    if result.is_file():
-        info(f"student {name} repeat {repeat}: finished earlier ({result})")
-        return float(json.loads(result.read_text())["acc"])
-    acc = train_student(cfg, ctx, ev, distilled, name, model_cfg, repeat, teacher, stored, test, work)
-    if distributed.is_main():
-        atomic_write_text(result, json.dumps({"acc": acc}))
+    """The accuracy kept in the store entry `work` by an earlier run, or a student trained (resumably,
+    checkpointing into the entry) now; torchrun's ranks train it together."""
+    trained: list[bool] = []
+
+    def build(e: store.Entry) -> None:
+        acc = train_student(cfg, ctx, ev, distilled, name, model_cfg, repeat, teacher, stored, test, e.path)
+        if distributed.is_main():
+            atomic_write_text(e / "result.json", json.dumps({"acc": acc}))
+        trained.append(True)
+
+    acc = float(store.cached(work, build, lambda e: e.read_json("result.json", RESULT)["acc"], together=True))
+    if not trained:
+        info(f"student {name} repeat {repeat}: finished earlier ({work / 'result.json'})")
     return acc
+
+
+# what a student entry's result.json must hold to be trusted
+RESULT = store.fields(acc=store.FRACTION)
 
 
 def train_student(

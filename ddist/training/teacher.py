@@ -13,8 +13,6 @@ from typing import Any, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddist.data.augment import augment_key
-from ddist.data.spec import without_unset_val
 from ddist.models import FeatureModel, build_model
 from ddist.models.fold import fold_batchnorm
 from ddist.runtime.artifacts import load_checkpoint, load_model_state
@@ -27,23 +25,17 @@ _NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every", "fold_bn", "channe
 
 
 def teacher_key(cfg: DictConfig) -> dict:
-    """Exactly the config that determines the teacher's weights."""
+    """Exactly the config that determines the teacher's weights: every field of dataset (but
+    _NOT_TEACHER_KEYS, and of its augmentation the student's, which the teacher trains with), of
+    teacher (but _NOT_WEIGHT_KEYS), and precision (the store's rule: ddist/runtime/store.py)."""
     dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
     for name in _NOT_TEACHER_KEYS:
         dataset.pop(name, None)
-    if dataset.get("subset") is None:  # keeps the keys of teachers cached before the option valid
-        dataset.pop("subset", None)
-    without_unset_val(dataset)  # a validation split changes the training data, hence the key
-    dataset["augment"] = augment_key(dataset["augment"]["student"])
+    dataset["augment"] = dataset["augment"]["student"]
     teacher = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher, resolve=True, enum_to_str=True))
     for name in _NOT_WEIGHT_KEYS:
         teacher.pop(name, None)
-    if teacher.get("clip_grad_norm") is None:  # keeps the keys of teachers cached before the option valid
-        teacher.pop("clip_grad_norm", None)
-    key: dict[str, Any] = {"dataset": dataset, "teacher": teacher}
-    if cfg.precision != "fp32":  # fp32 keys stay those of teachers cached before the option
-        key["precision"] = cfg.precision
-    return key
+    return {"dataset": dataset, "teacher": teacher, "precision": cfg.precision}
 
 
 def build_teacher(cfg: DictConfig, spec) -> FeatureModel:
