@@ -10,7 +10,6 @@ Under torchrun every rank runs this; ddist/runtime/distributed.py says who does 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import resource
 import threading
 import time
@@ -30,23 +29,17 @@ from ddist.runtime import distributed
 from ddist.runtime.allocator import configure_allocator
 from ddist.runtime.artifacts import atomic_write_text, strict_json
 from ddist.runtime.context import RunContext
+from ddist.runtime.stages import module_of, stage
 from ddist.runtime.threads import configure_threads
 from ddist.training.loop import resolve_device, seed_everything
 
-# stage name -> module with run(cfg, ctx) -> ctx (imported lazily: diffusion pulls in diffusers)
-STAGES = {
-    name: f"ddist.stages.{name}"
-    for name in ("squeeze", "random", "recover", "relabel", "evaluate", "analyse", "diffusion")
-}
-# stages whose work torchrun's ranks share (DDP training, sharded groups and classes); rank 0 runs the rest
-SHARED_STAGES = ("squeeze", "recover", "evaluate", "diffusion")
 # what a stage that rank 0 ran alone leaves the other ranks: ctx without this process's own objects
 _OWN = ("logger", "device")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Fail before any work on options that cannot run (ddist.config.checks); the schemas have already
-    checked each value (a stage name in pipeline.stages, say) when the config was composed."""
+    """Fail before any work on options that cannot run (ddist.config.checks: a stage name in pipeline.stages
+    among them); the schemas have already checked each value's type when the config was composed."""
     check_config(cfg)
     for entry in cfg.evaluate.students:  # a bad name fails now, not after hours of distillation
         student_config(entry)
@@ -96,15 +89,16 @@ def run(cfg: DictConfig) -> dict:
 
 
 def run_stage(name: str, cfg: DictConfig, ctx: RunContext) -> RunContext:
-    """One stage: on every rank when its work is shared, else on rank 0 alone, whose ctx the others take."""
-    stage = importlib.import_module(STAGES[name])
-    if name in SHARED_STAGES or not distributed.active():
-        return stage.run(cfg, ctx)
+    """One stage: on every rank when its work is shared (its STAGE says), else on rank 0 alone, whose ctx
+    the others take. The stage's module is imported only now (diffusion pulls in diffusers)."""
+    module = module_of(name)
+    if stage(name).shared or not distributed.active():
+        return module.run(cfg, ctx)
     own = {k: getattr(ctx, k) for k in _OWN}
 
     def alone() -> dict:
         with distributed.alone():
-            done = stage.run(cfg, ctx)
+            done = module.run(cfg, ctx)
             return {f.name: getattr(done, f.name) for f in dataclasses.fields(done) if f.name not in _OWN}
 
     return RunContext(**distributed.from_main(alone), **own)

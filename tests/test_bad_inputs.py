@@ -48,6 +48,10 @@ ERRORS = [
     (["pipeline=cgs", "diffusion.sample.cgs.max_step=0"], "diffusion.sample.cgs.max_step"),
     (["pipeline.stages=[evaluate]"], "evaluate.distilled"),
     (["pipeline.stages=[random,evaluate]"], "squeeze"),
+    (
+        ["pipeline.stages=[squeeze,nosuchstage]"],
+        r"pipeline.stages\[1\]='nosuchstage' is not a stage; choose one of analyse",
+    ),
     (["ipc=100000000"], "Lower ipc"),
     (["pipeline=random", "ipc=200"], "the smallest class"),
     (["recover.init=real", "ipc=200"], "Set ipc <="),
@@ -65,7 +69,6 @@ def test_bad_input_is_refused_naming_the_option(overrides, option, tmp_path):
 COMPOSE_ERRORS = [
     (["seed=abc"], "seed"),
     (["ipc=ten"], "ipc"),
-    (["pipeline.stages=[squeeze,nosuchstage]"], "pipeline.stages[1]"),
     (["recover.init=zeros"], "recover.init"),
     (["pipeline=cgs", "diffusion.sample.cgs.step_norm=unit"], "diffusion.sample.cgs.step_norm"),
 ]

@@ -41,7 +41,6 @@ WRONG_CHOICES = {
     "evaluate": ("evaluate.mix=cutout", "evaluate.mix"),
     "diffusion": ("diffusion.sample.cgs.kernel=rbf", "diffusion.sample.cgs.kernel"),
     "analyse": ("analyse.hard.schedule=step", "analyse.hard.schedule"),
-    "pipeline": ("pipeline.stages=[squeeze,distill]", "pipeline.stages[1]"),
     "logger": ("logger.mode=sometimes", "logger.mode"),
 }
 
@@ -134,14 +133,27 @@ def test_the_cli_reports_a_composition_error_in_one_line(tmp_path, cache_dir):
     assert first.startswith("ddist: config error: recover.init: Invalid value 'zeros'"), proc.stderr
 
 
-def test_the_schemas_name_every_stage_and_model_builder():
-    from ddist import pipeline
+def test_the_schemas_name_every_model_builder():
     from ddist.config import schema as config
     from ddist.models import MODEL_NAMES
 
-    (stage,) = get_args(get_type_hints(config.PipelineConfig)["stages"])
-    assert set(get_args(stage)) == set(pipeline.STAGES)
     assert set(get_args(get_type_hints(config.ModelConfig)["name"])) == set(MODEL_NAMES)
+
+
+def test_every_stage_module_declares_its_stage_and_the_registry_reads_it_as_imported():
+    """pipeline.stages' choices are the modules of ddist/stages/, each declaring its STAGE beside its run;
+    the registry reads the declarations without importing torch, and they equal the imported ones."""
+    import importlib
+
+    from ddist.runtime import stages
+
+    modules = sorted(p.stem for p in stages.STAGES_DIR.glob("*.py") if p.stem != "__init__")
+    assert list(stages.names()) == modules
+    for name in modules:
+        module = importlib.import_module(f"ddist.stages.{name}")
+        assert stages.stage(name) == module.STAGE and callable(module.run)
+    assert stages.providers("teacher") == ("squeeze",)
+    assert set(stages.providers("distilled")) == {"random", "recover", "diffusion"}
 
 
 def test_the_schemas_and_the_objectives_list_the_same_choices():

@@ -28,6 +28,7 @@ from ddist.logging import warn
 from ddist.methods import choices, recover_method
 from ddist.methods.base import warn_large_weights
 from ddist.runtime.context import PROVIDERS
+from ddist.runtime.stages import stage as lookup_stage
 from ddist.runtime.threads import thread_count
 
 
@@ -103,14 +104,6 @@ WEIGHTS = (
     "diffusion.sample.cgs.eta_dpp",
     "diffusion.sample.cgs.mu_dm",
 )
-# What each stage reads from the stages before it, and who provides it.
-NEEDS = {
-    "recover": {"teacher"},
-    "relabel": {"teacher", "distilled"},
-    "evaluate": {"teacher", "distilled"},
-    "analyse": {"teacher", "distilled"},
-}
-MAKES = {"squeeze": {"teacher"}, "random": {"distilled"}, "recover": {"distilled"}, "diffusion": {"distilled"}}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -143,17 +136,19 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_stage_inputs(cfg: DictConfig) -> None:
-    """Every stage finds what it reads: made by an earlier stage, or given as an option."""
+    """Every entry of pipeline.stages names a stage (ddist/runtime/stages.py reads each one's STAGE), and
+    every stage finds what it needs: made by an earlier stage, or given as an option."""
+    stages = [lookup_stage(name, f"pipeline.stages[{i}]") for i, name in enumerate(cfg.pipeline.stages)]
     have = {"distilled"} if OmegaConf.select(cfg, "evaluate.distilled") else set()
-    for stage in cfg.pipeline.stages:
-        missing = NEEDS.get(stage, set()) - have
+    for stage in stages:
+        missing = stage.needs - have
         if missing:
             need = min(missing)
             raise ConfigError(
-                f"pipeline.stages runs {stage} before any stage makes the {need} it needs "
+                f"pipeline.stages runs {stage.name} before any stage makes the {need} it needs "
                 f"(pipeline.stages={list(cfg.pipeline.stages)}): {PROVIDERS[need]}."
             )
-        have |= MAKES.get(stage, set())
+        have |= stage.makes
 
 
 def check_evidence_options(cfg: DictConfig) -> None:
@@ -199,7 +194,7 @@ def check_diffusion(cfg: DictConfig) -> None:
             f"diffusion.sample.guidance_channels must be null (all) or an integer in [1, {channels}] (the model's "
             f"channels); got {sample.guidance_channels!r}."
         )
-    teacher_first = any("teacher" in MAKES.get(s, ()) for s in stages[: stages.index("diffusion")])
+    teacher_first = any("teacher" in lookup_stage(s).makes for s in stages[: stages.index("diffusion")])
     if sample.method == "cgs" and sample.cgs.kernel == "teacher" and not teacher_first:
         raise ConfigError(
             "diffusion.sample.cgs.kernel=teacher needs the teacher: put squeeze before diffusion in "

@@ -44,9 +44,12 @@ from ddist.metrics.analysis import covariance_metrics, features, headline, set_m
 from ddist.report.figures import draw_figures, log_analysis
 from ddist.runtime.artifacts import atomic_write_text, load_distilled, strict_json
 from ddist.runtime.context import RunContext
+from ddist.runtime.stages import Stage
 from ddist.training.baseline import robust_baselines
 from ddist.training.class_stats import class_stats_layers
 from ddist.training.teacher import frozen_teacher, load_teacher
+
+STAGE = Stage(name="analyse", needs=frozenset({"teacher", "distilled"}))
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:

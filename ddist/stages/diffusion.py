@@ -50,8 +50,11 @@ from ddist.logging import info
 from ddist.methods import diffusion_method
 from ddist.runtime.artifacts import to_plain
 from ddist.runtime.context import RunContext
+from ddist.runtime.stages import Stage
 from ddist.runtime.workdir import WorkDir, iter_images, make_set
 from ddist.training.teacher import load_teacher
+
+STAGE = Stage(name="diffusion", makes=frozenset({"distilled"}), shared=True)
 
 __all__ = ["run"]
 

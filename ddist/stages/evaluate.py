@@ -13,8 +13,11 @@ from omegaconf import DictConfig
 
 from ddist.logging import info
 from ddist.runtime.context import RunContext
+from ddist.runtime.stages import Stage
 from ddist.training.baseline import random_baseline, with_gains
 from ddist.training.students import evaluate_set
+
+STAGE = Stage(name="evaluate", needs=frozenset({"teacher", "distilled"}), shared=True)
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:

@@ -12,6 +12,9 @@ from omegaconf import DictConfig
 from ddist.data import load_split
 from ddist.data.subsets import save_random_real
 from ddist.runtime.context import RunContext
+from ddist.runtime.stages import Stage
+
+STAGE = Stage(name="random", makes=frozenset({"distilled"}))
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:

@@ -34,6 +34,7 @@ from ddist.logging import info, progress
 from ddist.methods import recover_method
 from ddist.runtime.artifacts import to_plain
 from ddist.runtime.context import RunContext
+from ddist.runtime.stages import Stage
 from ddist.runtime.workdir import WorkDir, make_set
 from ddist.training.loop import seed_everything
 from ddist.training.recover import (
@@ -47,6 +48,8 @@ from ddist.training.recover import (
     stacks,
 )
 from ddist.training.teacher import load_teacher, teacher_identity
+
+STAGE = Stage(name="recover", needs=frozenset({"teacher"}), makes=frozenset({"distilled"}), shared=True)
 
 
 def recover_key(cfg: DictConfig) -> dict:

@@ -15,7 +15,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from ddist.runtime.context import RunContext
+from ddist.runtime.stages import Stage
 from ddist.training.students import store_soft_labels
+
+STAGE = Stage(name="relabel", needs=frozenset({"teacher", "distilled"}))
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:

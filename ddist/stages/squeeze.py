@@ -22,6 +22,7 @@ from ddist.logging import info
 from ddist.runtime import distributed, store
 from ddist.runtime.artifacts import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from ddist.runtime.context import RunContext
+from ddist.runtime.stages import Stage
 from ddist.training.loop import (
     accuracy,
     fit,
@@ -32,6 +33,8 @@ from ddist.training.loop import (
 )
 from ddist.training.teacher import build_teacher, load_teacher, teacher_key
 from ddist.utils import ceil_div
+
+STAGE = Stage(name="squeeze", makes=frozenset({"teacher"}), shared=True)
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
