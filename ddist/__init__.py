@@ -6,6 +6,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ddist.runtime.ranks import launched_rank
+
 # Idle OpenMP threads sleep instead of spinning at barriers. Spinning threads made the
 # same recover stage 2.6-3.7x slower whenever another process shared the cores; this must
 # be set before torch is imported (ddist imports torch after this line). A user's own
@@ -26,7 +28,7 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 # per pattern: a multirun's jobs read the values their config carries). Only rank 0 keeps
 # Hydra's .hydra/ there; every other rank logs to its own file.
 started = datetime.now()
-_rank = int(os.environ.get("RANK", "0"))
+_rank = launched_rank()  # torchrun's environment (ddist/runtime/ranks.py): no process group yet
 if not OmegaConf.has_resolver("ddist.now"):
     OmegaConf.register_new_resolver("ddist.now", lambda pattern: started.strftime(pattern), use_cache=True)
     OmegaConf.register_new_resolver("ddist.rank0_only", lambda value: value if _rank == 0 else None)

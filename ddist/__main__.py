@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 import ddist
 from ddist import CONF_DIR
 from ddist.errors import DdistError
+from ddist.runtime.ranks import launched_world
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -103,7 +104,7 @@ def main() -> None:
     # Hydra composes inside its own error reporter (no public hook), so that is where a composition error
     # becomes one message and exit code 2
     hydra_utils.run_and_report = _report_composition_errors(hydra_utils.run_and_report)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if launched_world() == 1:
         _main()
         return
     from ddist.runtime import distributed  # torch: imported only when torchrun started several ranks

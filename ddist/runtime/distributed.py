@@ -13,14 +13,13 @@ With one process (no torchrun) every function here is the trivial one.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timedelta
 
 import torch
 import torch.distributed as dist
 
 from ddist.errors import ConfigError
-from ddist.runtime.ranks import active, alone, barrier, from_main, is_main, rank, world
+from ddist.runtime.ranks import active, alone, barrier, from_main, is_main, joined, local_rank, rank, world
 
 __all__ = ["active", "alone", "barrier", "from_main", "is_main", "my_part", "rank", "start", "stop", "world", "wrap"]
 
@@ -30,7 +29,7 @@ def start() -> datetime:
     rank 0's, which names the run directory of every rank."""
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is this rank's GPU
+        torch.cuda.set_device(local_rank())  # "cuda" is this rank's GPU
     # a long timeout: ranks wait at barriers while rank 0 alone runs a stage
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=6))
     stamp = [datetime.now()]
@@ -39,7 +38,7 @@ def start() -> datetime:
 
 
 def stop() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if joined():
         dist.destroy_process_group()
 
 

@@ -7,12 +7,12 @@ round-robin (item i goes to worker i mod N), so every worker gets a spread of cl
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
 from ddist.errors import ConfigError
+from ddist.runtime.ranks import launched_rank, launched_world
 
 
 @dataclass(frozen=True)
@@ -37,5 +37,5 @@ def share(cfg: DictConfig) -> Share:
     if count < 1 or not 0 <= index < count:
         msg = f"shard.index={index} shard.count={count}: need shard.count >= 1 and 0 <= shard.index < shard.count."
         raise ConfigError(msg)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    world, rank = launched_world(), launched_rank()
     return Share(index=index * world + rank, count=count * world)

@@ -16,6 +16,7 @@ import torch
 
 from ddist.errors import ConfigError
 from ddist.logging import info
+from ddist.runtime.ranks import local_world
 
 
 def available_cores() -> int:
@@ -28,7 +29,7 @@ def available_cores() -> int:
 
 def concurrent_jobs() -> int:
     """Jobs sharing this machine's cores right now: torchrun's local ranks x a joblib multirun's workers."""
-    jobs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    jobs = local_world()
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode

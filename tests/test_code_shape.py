@@ -1,0 +1,29 @@
+"""Rules of the code's shape that no linter states: every rank decision goes through one module."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ddist"
+ROOT = PACKAGE.parent
+
+# torchrun's environment and the process group's view of the ranks, read anywhere but ddist/runtime/ranks.py
+RANK_DECISION = re.compile(
+    r"""environ(\.get\(|\[)["'](LOCAL_)?(RANK|WORLD_SIZE)["']|\b(get_rank|get_world_size|is_initialized)\("""
+)
+
+
+def test_every_rank_and_world_size_decision_goes_through_ranks():
+    ranks = PACKAGE / "runtime" / "ranks.py"
+    files = [*PACKAGE.rglob("*.py"), *(ROOT / "scripts").rglob("*.py")]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in files
+        if path != ranks and "conf" not in path.relative_to(ROOT).parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if RANK_DECISION.search(line)
+    ]
+    assert not wrong, "read ranks through ddist/runtime/ranks.py (launched_*, local_*, joined, rank, world):\n" + (
+        "\n".join(wrong)
+    )
