@@ -230,3 +230,14 @@ def test_students_are_named_by_conf_model_presets():
 def test_an_unknown_student_lists_the_presets(entry):
     with pytest.raises(ConfigError, match="evaluate.students.*convnet6.*resnet_ap10"):
         student_config(entry)
+
+
+def test_a_model_config_leaves_its_defaults_to_its_preset_file():
+    """conf/model/<name>.yaml is the one place a model's defaults live: the builders and ConvNet have none."""
+    import inspect
+
+    from ddist.models.convnet import ConvNet
+
+    assert all(p.default is inspect.Parameter.empty for p in inspect.signature(ConvNet).parameters.values())
+    model = build_model({"name": "convnet", "width": 8}, 10, 3, 32)  # depth and norm from conf/model/convnet.yaml
+    assert len(model.blocks) == 3 and isinstance(model.blocks[0][1], torch.nn.BatchNorm2d)

@@ -19,10 +19,10 @@ class ConvNet(FeatureModel):
         num_classes: int,
         channels: int,
         resolution: int,
-        depth: int = 3,
-        width: int = 128,
-        norm: str = "batch",
-    ):
+        depth: int,
+        width: int,
+        norm: str,
+    ):  # the defaults: conf/model/convnet.yaml (build_model fills them in)
         super().__init__()
         self.num_stages = depth
         blocks, in_ch, size = [], channels, resolution

@@ -5,6 +5,7 @@ files `model@teacher.model` selects, so "convnet6" means conf/model/convnet6.yam
 it appears.
 """
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -21,42 +22,13 @@ from ddist.models.resnet import build_resnet
 from ddist.models.resnet_ap import ResNetAP10, min_resolution
 
 
-def _convnet(
-    num_classes: int,
-    channels: int,
-    resolution: int,
-    depth: int = 3,
-    width: int = 128,
-    norm: str = "batch",
-) -> ConvNet:
+def _convnet(num_classes: int, channels: int, resolution: int, depth: int, width: int, norm: str) -> ConvNet:
     if depth < 1 or width < 1:
         raise ConfigError(f"model.depth={depth} and model.width={width} must both be >= 1; fix them.")
     return ConvNet(num_classes, channels, resolution, depth=depth, width=width, norm=norm)
 
 
-def _resnet18(
-    num_classes: int,
-    channels: int,
-    resolution: int,
-    stem: str = "auto",
-    pretrained: bool | str = False,
-):
-    return build_resnet("resnet18", num_classes, channels, resolution, stem=stem, pretrained=pretrained)
-
-
-def _resnet50(
-    num_classes: int,
-    channels: int,
-    resolution: int,
-    stem: str = "auto",
-    pretrained: bool | str = False,
-):
-    return build_resnet("resnet50", num_classes, channels, resolution, stem=stem, pretrained=pretrained)
-
-
-def _resnet_ap10(
-    num_classes: int, channels: int, resolution: int, stem: str = "auto", norm: str = "instance"
-) -> ResNetAP10:
+def _resnet_ap10(num_classes: int, channels: int, resolution: int, stem: str, norm: str) -> ResNetAP10:
     """stem auto -> "imagenet" from 128px up (ImageNet subsets at 128-224px), else "cifar"."""
     if stem == "auto":
         stem = "imagenet" if resolution >= 128 else "cifar"
@@ -71,12 +43,23 @@ def _resnet_ap10(
 
 _BUILDERS: dict[str, Callable[..., FeatureModel]] = {
     "convnet": _convnet,
-    "resnet18": _resnet18,
-    "resnet50": _resnet50,
+    # one builder for torchvision's ResNets, the architecture bound by name (its signature keeps the options)
+    "resnet18": functools.partial(build_resnet, "resnet18"),
+    "resnet50": functools.partial(build_resnet, "resnet50"),
     "resnet_ap10": _resnet_ap10,
 }
 MODEL_NAMES = tuple(sorted(_BUILDERS))
 PRESET_DIR = CONF_DIR / "model"
+
+
+@functools.cache
+def _preset(name: str) -> dict[str, Any]:
+    """The fields of conf/model/<name>.yaml, the one place a model's defaults live ({} without such a file)."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.exists():
+        return {}
+    fields = cast("dict[str, Any]", OmegaConf.to_container(OmegaConf.load(path)))
+    return {k: v for k, v in fields.items() if k not in ("defaults", "name")}
 
 
 def _as_dict(model_cfg) -> dict:
@@ -97,13 +80,15 @@ def build_model(model_cfg, num_classes: int, channels: int, resolution: int) -> 
     """Build a freshly initialised model (or a torchvision-pretrained one) from its config.
 
     model_cfg: "convnet" or {name: convnet, depth: 3, width: 128, norm: batch}; the keys
-    besides `name` are the builder's keyword arguments. num_classes, channels and resolution
-    come from the dataset spec.
+    besides `name` are the builder's keyword arguments, and those it leaves out come from the preset
+    of the same name (conf/model/<name>.yaml: the builders and the models have no defaults of their own).
+    num_classes, channels and resolution come from the dataset spec.
     """
     kwargs = _as_dict(model_cfg)
     name = kwargs.pop("name", None)
     if name not in _BUILDERS:
         raise ConfigError(f"unknown model name {name!r}; set model.name to one of {list(MODEL_NAMES)}.")
+    kwargs = {**_preset(name), **kwargs}
     builder = _BUILDERS[name]
     allowed = [p for p in inspect.signature(builder).parameters if p not in ("num_classes", "channels", "resolution")]
     unknown = sorted(set(kwargs) - set(allowed))

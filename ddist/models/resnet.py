@@ -86,8 +86,8 @@ def build_resnet(
     num_classes: int,
     channels: int,
     resolution: int,
-    stem: str = "auto",
-    pretrained: bool | str = False,
+    stem: str,
+    pretrained: bool | str,
 ) -> TorchvisionResNet:
     """torchvision `arch` ("resnet18" | "resnet50"), optionally with torchvision weights.
 
