@@ -42,7 +42,8 @@ def one_case(ipc: int, iterations: int, mode: str, size: int | None) -> dict:
     from ddist.models import build_model
     from ddist.runtime.artifacts import save_checkpoint
     from ddist.runtime.context import RunContext
-    from ddist.stages import recover
+    from ddist.stages import recover  # its public run only: the helpers come from the library
+    from ddist.training.recover import batch_groups
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
@@ -63,7 +64,7 @@ def one_case(ipc: int, iterations: int, mode: str, size: int | None) -> dict:
     teacher = build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution)
     save_checkpoint(tmp / "teacher.pt", teacher)
     ctx = RunContext(run_dir=tmp / "run", device=torch.device("cpu"), spec=spec, teacher=tmp / "teacher.pt")
-    groups = recover.batch_groups(spec.num_classes, ipc, mode, size)
+    groups = batch_groups(spec.num_classes, ipc, mode, size)
     before = rss_mb()
     peak, stop = [before], threading.Event()
 

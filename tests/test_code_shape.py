@@ -27,3 +27,32 @@ def test_every_rank_and_world_size_decision_goes_through_ranks():
     assert not wrong, "read ranks through ddist/runtime/ranks.py (launched_*, local_*, joined, rank, world):\n" + (
         "\n".join(wrong)
     )
+
+
+def test_scripts_take_from_a_stage_only_its_run():
+    """Scripts import library code; of a stage module they may call its public `run`, never its helpers."""
+    import ast
+
+    wrong = []
+    for path in sorted((ROOT / "scripts").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        stages = {
+            a.asname or a.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "ddist.stages"
+            for a in node.names
+        }
+        wrong += [
+            f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in stages
+            and node.attr != "run"
+        ]
+        wrong += [
+            f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import ..."
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ddist.stages.")
+        ]
+    assert not wrong, "scripts use a stage's internals (import them from the library instead):\n" + "\n".join(wrong)
