@@ -55,6 +55,9 @@ ERRORS = [
     (["ipc=100000000"], "Lower ipc"),
     (["pipeline=random", "ipc=200"], "the smallest class"),
     (["recover.init=real", "ipc=200"], "Set ipc <="),
+    # SRe2L matches BatchNorm statistics: a teacher without BatchNorm is refused before squeeze trains it
+    (["pipeline=sre2l", "teacher.model.norm=instance"], "teacher.model.norm=instance gives it no BatchNorm"),
+    (["pipeline=sre2l", "model@teacher.model=resnet_ap10"], "teacher.model.norm=instance gives it no BatchNorm"),
 ]
 
 

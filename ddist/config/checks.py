@@ -258,6 +258,12 @@ def check_recover(cfg: DictConfig) -> None:
             f"recover.batch.parallel_groups={rcfg.batch.parallel_groups} stacks independent batches, which only "
             f"recover.objective={stacking} supports (not {method.name}): set recover.batch.parallel_groups=1."
         )
+    norm = OmegaConf.select(cfg, "teacher.model.norm", default="batch")  # torchvision's ResNets: always batch
+    if "bn_hooks" in method.needs and norm != "batch":
+        raise ConfigError(
+            f"recover.objective={method.name} matches the teacher's BatchNorm statistics, but teacher.model.norm="
+            f"{norm} gives it no BatchNorm layer; set teacher.model.norm=batch (or recover=deda)."
+        )
     if "class_stats" in method.needs:
         from ddist.data import dataset_spec  # heavy: the teacher's architecture (on the meta device)
         from ddist.training.class_stats import class_stats_layers

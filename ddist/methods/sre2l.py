@@ -14,12 +14,8 @@ def build(rcfg: DictConfig, *, teacher):
     from ddist.objectives import SRe2LObjective
 
     objective = SRe2LObjective(teacher, ce_weight=rcfg.ce_weight, **rcfg.bn_matching)
-    if objective.num_bn_layers == 0:
-        objective.close()
-        raise ConfigError(
-            "recover.objective=sre2l matches BatchNorm statistics, but the teacher has no "
-            "BatchNorm2d layer; use a teacher with teacher.model.norm=batch (or recover=deda)."
-        )
+    # validation refused a teacher without BatchNorm before any work (check_recover: bn_hooks)
+    assert objective.num_bn_layers > 0, "recover.objective=sre2l: the teacher has no BatchNorm2d layer"
     return objective
 
 
