@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ddist.data import dataset_spec, load_split
-from ddist.diffusion.sampling import make_scheduler, sample_latents
+from ddist.diffusion.sampling import CgsReference, make_scheduler, sample_latents
 from ddist.logging import RunLogger
 from ddist.models.diffusion import PixelCodec, fresh_denoiser
 from ddist.training.denoiser import train_denoiser
@@ -100,7 +100,13 @@ def sample_case(method: str, args) -> dict:
 
     def run():
         return sample_latents(
-            denoiser, make_scheduler(dcfg["schedule"], scfg["scheduler"]), labels, 0, scfg, torch.device("cpu"), means
+            denoiser,
+            make_scheduler(dcfg["schedule"], scfg["scheduler"]),
+            labels,
+            0,
+            scfg,
+            torch.device("cpu"),
+            CgsReference(means),
         )
 
     sample_latents(
@@ -110,7 +116,7 @@ def sample_case(method: str, args) -> dict:
         0,
         {**scfg, "steps": 2},
         torch.device("cpu"),
-        means,
+        CgsReference(means),
     )  # warm-up
     base = maxrss_mb()
     start = time.perf_counter()

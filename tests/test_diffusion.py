@@ -8,6 +8,7 @@ from diffusers import UNet2DModel
 
 from ddist.data import dataset_spec, load_split
 from ddist.diffusion.sampling import (
+    CgsReference,
     cgs_guidance,
     denoise,
     guided_eps,
@@ -104,8 +105,7 @@ def test_cgs_without_guidance_reproduces_independent_sampling(scheduler, kernel)
             7,
             cfg,
             torch.device("cpu"),
-            means,
-            tiny_teacher_features(),
+            CgsReference(means, tiny_teacher_features()),
         )
 
     independent = run(sample_cfg("independent"))
@@ -197,7 +197,7 @@ def test_sampling_options_that_cannot_run_are_config_errors(cfg, option):
             0,
             cfg,
             torch.device("cpu"),
-            torch.zeros(10, 1, 8, 8),
+            CgsReference(torch.zeros(10, 1, 8, 8)),
         )
 
 

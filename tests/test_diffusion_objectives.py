@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ddist.objectives.cgs import clean_estimate, cosine_kernel, dm_loss, dpp_loss, guidance_step, size_step
+from ddist.objectives.cgs import StepSize, clean_estimate, cosine_kernel, dm_loss, dpp_loss, guidance_step, size_step
 from ddist.objectives.diffusion import denoising_loss, predict_x0
 from ddist.objectives.minimax import ClassMemory, minimax_loss, minimax_terms
 from ddist.objectives.rsm import l1_sparsity, rsm_loss
@@ -203,7 +203,7 @@ def test_a_sized_guidance_step_resizes_the_dpp_step_only():
     dpp = z - guidance_step(z, eta_dpp=2.0, mu_dm=0.0, **common)
     dm = z - guidance_step(z, eta_dpp=0.0, mu_dm=mu_dm, **common)
     for norm, max_step in [("noise_std", 1.0), ("cap", 1e-3)]:
-        moved = guidance_step(z, eta_dpp=2.0, mu_dm=mu_dm, step_norm=norm, max_step=max_step, **common)
+        moved = guidance_step(z, eta_dpp=2.0, mu_dm=mu_dm, step=StepSize(norm, max_step), **common)
         torch.testing.assert_close(z - moved, size_step(dpp, z, norm, abar, max_step) + dm)
-    capped = z - guidance_step(z, eta_dpp=2.0, mu_dm=0.0, step_norm="cap", max_step=1e-3, **common)
+    capped = z - guidance_step(z, eta_dpp=2.0, mu_dm=0.0, step=StepSize("cap", 1e-3), **common)
     torch.testing.assert_close(capped.norm(dim=1), 1e-3 * z.norm(dim=1))  # every raw step here is longer

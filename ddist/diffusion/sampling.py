@@ -25,6 +25,7 @@ sampling's forward passes plus the guidance.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from ddist.data.augment import resize
 from ddist.errors import ConfigError
 from ddist.models import FeatureModel
 from ddist.models.diffusion import Denoiser
-from ddist.objectives.cgs import clean_estimate, guidance_step
+from ddist.objectives.cgs import StepSize, clean_estimate, guidance_step
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
@@ -168,8 +169,7 @@ def cgs_guidance(
                 abar_t=abar,
                 eps=cgs["eps"],
                 embed=kernel_embedding(cgs["kernel"], x0_hat[rows], abar, features),
-                step_norm=cgs["step_norm"],
-                max_step=cgs["max_step"],
+                step=StepSize(cgs["step_norm"], cgs["max_step"]),
             )
         return z
 
@@ -218,6 +218,15 @@ def sample_groups(labels: torch.Tensor, scfg: Mapping) -> list[torch.Tensor]:
     return class_groups(labels, scfg["batch_size"])
 
 
+@dataclass(frozen=True)
+class CgsReference:
+    """What CGS guides each class towards: its real mean latent class_means[c] and, for the teacher
+    kernel, the teacher's feature map (teacher_features)."""
+
+    class_means: torch.Tensor
+    features: Features | None = None
+
+
 def sample_group(
     denoiser: Denoiser,
     scheduler,
@@ -226,11 +235,12 @@ def sample_group(
     seed: int,
     scfg: Mapping,
     device: torch.device,
-    class_means: torch.Tensor | None = None,
-    features: Features | None = None,
+    reference: CgsReference | None = None,
 ) -> torch.Tensor:
     """Clean latents [len(rows), C, h, w] of the rows `rows` of dataset labels [N]: one group of
-    sample_groups, which depends on nothing but its rows (each image has its own generator)."""
+    sample_groups, which depends on nothing but its rows (each image has its own generator).
+    reference: CGS's (method cgs only)."""
+    features = reference.features if reference is not None else None
     check_sample_config(scfg, denoiser.latent_shape[0], features)
     gens = image_generators(seed, labels.tolist(), rows.tolist())
     z = randn_tensor((len(rows), *denoiser.latent_shape), generator=gens, device=device)
@@ -239,7 +249,8 @@ def sample_group(
     scheduler.set_timesteps(scfg["steps"], device=device)
     guide = None
     if scfg["method"] != "independent":
-        assert class_means is not None, "cgs needs class_means"
+        assert reference is not None, "cgs needs its reference (class_means)"
+        class_means = reference.class_means
         guide = cgs_guidance(
             scfg["cgs"],
             scheduler,
@@ -259,19 +270,18 @@ def sample_latents(
     seed: int,
     scfg: Mapping,
     device: torch.device,
-    class_means: torch.Tensor | None = None,
-    features: Features | None = None,
+    reference: CgsReference | None = None,
     on_group=None,
 ) -> torch.Tensor:
     """Clean latents [N, C, h, w] for dataset labels [N], group by group (sample_groups, sample_group):
-    each CGS class guided over all its images with its real mean latent class_means[c] (and, for
-    the teacher kernel, `features`). on_group(done, total) is called after each group.
+    each CGS class guided over all its images with its real mean latent reference.class_means[c] (and,
+    for the teacher kernel, reference.features). on_group(done, total) is called after each group.
     """
-    check_sample_config(scfg, denoiser.latent_shape[0], features)
+    check_sample_config(scfg, denoiser.latent_shape[0], reference.features if reference is not None else None)
     groups = sample_groups(labels, scfg)
     out = torch.empty((len(labels), *denoiser.latent_shape), device=device)
     for g, idx in enumerate(groups):
-        out[idx] = sample_group(denoiser, scheduler, labels, idx, seed, scfg, device, class_means, features)
+        out[idx] = sample_group(denoiser, scheduler, labels, idx, seed, scfg, device, reference)
         if on_group is not None:
             on_group(g + 1, len(groups))
     return out

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,14 @@ def clean_estimate(z: torch.Tensor, x0_hat: torch.Tensor, abar_t: float) -> torc
     the step and only the Jacobian from the formula.
     """
     return x0_hat.detach() + (z - z.detach()) / abar_t**0.5
+
+
+@dataclass(frozen=True)
+class StepSize:
+    """How guidance_step sizes its DPP step (size_step): norm none | noise_std | cap, and cap's max_step."""
+
+    norm: str = "none"
+    max_step: float = math.inf
 
 
 def size_step(step: torch.Tensor, z: torch.Tensor, norm: str, abar_t: float, max_step: float) -> torch.Tensor:
@@ -135,13 +144,12 @@ def guidance_step(
     abar_t: float,
     eps: float,
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    step_norm: str = "none",
-    max_step: float = math.inf,
+    step: StepSize = StepSize(),
 ) -> torch.Tensor:
     """One CGS correction Z - (size_step(eta_dpp * grad_Z L_dpp) + mu_dm * grad_Z L_dm) of a whole class.
 
-    z, abar_t, embed: as raw_steps; step_norm, max_step: how the DPP step is sized (size_step).
+    z, abar_t, embed: as raw_steps; step: how the DPP step is sized (size_step).
     Returns the corrected latents (detached).
     """
     dpp, dm = raw_steps(z, eta_dpp=eta_dpp, mu_dm=mu_dm, mu_real0=mu_real0, abar_t=abar_t, eps=eps, embed=embed)
-    return (z.detach() - size_step(dpp, z, step_norm, abar_t, max_step) - dm).detach()
+    return (z.detach() - size_step(dpp, z, step.norm, abar_t, step.max_step) - dm).detach()

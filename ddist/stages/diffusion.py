@@ -39,6 +39,7 @@ from ddist.data import load_split
 from ddist.diffusion.keys import sample_key
 from ddist.diffusion.load import class_means, load_denoiser
 from ddist.diffusion.sampling import (
+    CgsReference,
     decode,
     make_scheduler,
     sample_group,
@@ -99,7 +100,8 @@ def sample_parts(
     teacher = load_teacher(cfg, ctx) if ctx.teacher is not None else None
     features = teacher_features(teacher, codec, spec) if cgs and teacher is not None else None
     scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
+    reference = CgsReference(means, features) if means is not None else None
     for n, g in enumerate(todo):
-        z = sample_group(denoiser, scheduler, labels, groups[g], int(cfg.seed), dcfg["sample"], device, means, features)
+        z = sample_group(denoiser, scheduler, labels, groups[g], int(cfg.seed), dcfg["sample"], device, reference)
         work.save(g, decode(codec, z, spec, dcfg["sample"]["batch_size"]), groups[g])
         info(f"diffusion: sampled group {g + 1}/{len(groups)} ({n + 1}/{len(todo)} of this run)")
