@@ -32,7 +32,7 @@ from ddist.data import dataset_spec, load_split
 from ddist.diffusion.sampling import CgsReference, make_scheduler, sample_latents
 from ddist.logging import RunLogger
 from ddist.models.diffusion import PixelCodec, fresh_denoiser
-from ddist.training.denoiser import train_denoiser
+from ddist.training.denoiser import Phase, TrainData, train_denoiser
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("plain", "rsm", "minimax")
@@ -66,15 +66,11 @@ def finetune_case(objective: str, args) -> dict:
         return train_denoiser(
             denoiser,
             PixelCodec(),
-            ds,
-            spec,
             make_scheduler(dcfg["schedule"], "ddpm"),
-            {**tcfg, "steps": steps},
-            objective,
-            spec.resolution,
+            TrainData(ds, spec, spec.resolution),
+            Phase("finetune", objective, {**tcfg, "steps": steps}),
             torch.device("cpu"),
             RunLogger(None),
-            "finetune",
         )
 
     fit(WARMUP)

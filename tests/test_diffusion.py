@@ -1,6 +1,9 @@
 """Diffusion stage pieces on tiny random models: sampling modes, parameter subsets, the training loop,
 the latent path, and the error for a missing pretrained model offline."""
 
+import itertools
+import math
+
 import pytest
 import torch
 from conftest import run_pipeline
@@ -24,6 +27,8 @@ from ddist.models.diffusion import PixelCodec, class_id_map, pixel_denoiser
 from ddist.objectives.diffusion import predict_x0
 from ddist.runtime.artifacts import load_distilled
 from ddist.training.denoiser import (
+    Phase,
+    TrainData,
     is_difffit,
     select_parameters,
     train_denoiser,
@@ -259,15 +264,11 @@ def test_fine_tuning_runs_each_objective_and_trains_only_the_chosen_parameters(o
     losses = train_denoiser(
         denoiser,
         PixelCodec(),
-        ds,
-        spec,
         make_scheduler(SCHEDULE, "ddpm"),
-        tcfg,
-        objective,
-        16,
+        TrainData(ds, spec, 16),
+        Phase("finetune", objective, tcfg),
         torch.device("cpu"),
         RunLogger(None),
-        "finetune",
     )
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     changed = {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
@@ -359,15 +360,11 @@ def trained_tiny_denoiser(steps: int, ema: float | None):
     train_denoiser(
         denoiser,
         PixelCodec(),
-        load_split(DIGITS, "train"),
-        spec,
         sched,
-        tcfg,
-        "plain",
-        16,
+        TrainData(load_split(DIGITS, "train"), spec, 16),
+        Phase("train", "plain", tcfg),
         cpu,
         RunLogger(None),
-        "train",
     )
     return denoiser
 
@@ -397,6 +394,57 @@ def test_a_training_key_holds_every_field_but_the_declared_ones():
 
     node = {"lr": 1e-3, "ema": None, "ema_schedule": "warmup", "checkpoint_every": 50}
     assert training_key(node) == {"lr": 1e-3, "ema": None, "ema_schedule": "warmup"}  # unset and default too
+
+
+def test_the_denoisers_new_options_stay_out_of_the_key_at_their_defaults():
+    from ddist.diffusion.keys import training_key
+
+    node = {"lr": 1e-3, "clip_grad_norm": None, "schedule": "constant", "warmup_steps": 0, "log_every": 10}
+    assert training_key(node) == {"lr": 1e-3}  # models cached before the options keep their keys
+    changed = {"lr": 1e-3, "clip_grad_norm": 1.0, "schedule": "cosine", "warmup_steps": 5, "log_every": 10}
+    assert training_key(changed) == {"lr": 1e-3, "clip_grad_norm": 1.0, "schedule": "cosine", "warmup_steps": 5}
+
+
+def test_the_denoiser_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
+    from ddist.training.denoiser import denoiser_schedule
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    assert denoiser_schedule(opt, {"schedule": "constant"}, 10) is None  # constant: the lr as before
+    sched = denoiser_schedule(opt, {"schedule": "cosine", "warmup_steps": 2}, 10)
+    assert sched is not None
+    lrs = [sched.get_last_lr()[0]]
+    for _ in range(9):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[3] == pytest.approx(0.5 * (1 + math.cos(math.pi / 8)))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:]))
+
+
+def test_the_denoiser_clips_its_gradients_when_asked(monkeypatch):
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, n: norms.append(n) or clip(p, n))
+    denoiser = tiny_denoiser()
+    tcfg = {
+        "steps": 2,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "label_dropout": 0.1,
+        "seed": 0,
+        "ema": None,
+        "ema_schedule": "warmup",
+        "checkpoint_every": 100,
+        "clip_grad_norm": 0.5,
+        "schedule": "cosine",
+    }
+    data = TrainData(load_split(DIGITS, "train"), dataset_spec(DIGITS), 16)
+    sched = make_scheduler(SCHEDULE, "ddpm")
+    losses = train_denoiser(
+        denoiser, PixelCodec(), sched, data, Phase("train", "plain", tcfg), torch.device("cpu"), RunLogger(None)
+    )
+    assert norms == [0.5, 0.5] and len(losses) == 2
 
 
 def test_an_unknown_backbone_is_a_config_error_listing_the_registered_ones():

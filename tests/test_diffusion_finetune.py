@@ -11,7 +11,7 @@ from torch import nn
 from ddist.diffusion.sampling import make_scheduler
 from ddist.logging import RunLogger
 from ddist.models.diffusion import PixelCodec, WeightAverage, latent_denoiser
-from ddist.training.denoiser import select_parameters, train_denoiser
+from ddist.training.denoiser import Phase, TrainData, select_parameters, train_denoiser
 
 SCHEDULE = {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
 HEADS, HEAD_DIM, PATCH = 2, 8, 2
@@ -133,7 +133,8 @@ def finetune(net, tcfg, ds, work_dir=None, crash_at=None):
     cpu = torch.device("cpu")
     sched = make_scheduler(SCHEDULE, "ddpm")
     codec = _CrashingCodec(crash_at)
-    return train_denoiser(denoiser, codec, ds, spec, sched, tcfg, "rsm", 8, cpu, RunLogger(None), "finetune", work_dir)
+    data, phase = TrainData(ds, spec, 8), Phase("finetune", "rsm", tcfg)
+    return train_denoiser(denoiser, codec, sched, data, phase, cpu, RunLogger(None), work_dir)
 
 
 @pytest.mark.parametrize("params,p", [("all", 0.1), ("difffit", 0.3)])

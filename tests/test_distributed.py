@@ -17,7 +17,8 @@ from conftest import REPO, TINY, TRAINED_TEACHER, run_pipeline
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger
 from ddist.runtime import distributed
-from ddist.training.loop import CHECKPOINT, fit
+from ddist.training.engine import Loop, Optim
+from ddist.training.loop import CHECKPOINT, Logging, fit
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -44,15 +45,9 @@ def _fit(work, crash_at=None):
         model,
         stream,
         loss_fn,
-        opt,
-        schedule,
-        total_steps=12,
-        steps_per_epoch=3,
-        stage="t",
-        hint="",
-        logger=RunLogger(None),
-        log_every=100,
-        desc="t",
+        Optim(opt, list(model.parameters()), schedule),
+        Loop(total=12, desc="t", stage="t", hint=""),
+        Logging(RunLogger(None), every=100, steps_per_epoch=3),
         work_dir=work,
     )
     return model, len(steps)

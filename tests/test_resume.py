@@ -16,8 +16,9 @@ from ddist.diffusion.sampling import make_scheduler
 from ddist.logging import RunLogger
 from ddist.models.diffusion import PixelCodec, pixel_denoiser
 from ddist.runtime.artifacts import load_checkpoint
-from ddist.training.denoiser import train_denoiser
-from ddist.training.loop import CHECKPOINT, fit
+from ddist.training.denoiser import Phase, TrainData, train_denoiser
+from ddist.training.engine import Loop, Optim
+from ddist.training.loop import CHECKPOINT, Amp, Logging, fit
 
 
 def _train(work, crash_at=None, precision="fp32", dtypes=None):
@@ -44,17 +45,11 @@ def _train(work, crash_at=None, precision="fp32", dtypes=None):
         model,
         stream,
         loss_fn,
-        opt,
-        schedule,
-        total_steps=12,
-        steps_per_epoch=3,
-        stage="t",
-        hint="",
-        logger=RunLogger(None),
-        log_every=100,
-        desc="t",
+        Optim(opt, list(model.parameters()), schedule),
+        Loop(total=12, desc="t", stage="t", hint=""),
+        Logging(RunLogger(None), every=100, steps_per_epoch=3),
         work_dir=work,
-        precision=precision,
+        amp=Amp(precision),
     )
     return model, len(seen)
 
@@ -183,15 +178,11 @@ def _train_denoiser(work, objective, crash_at=None, ema=None, ema_schedule="warm
     losses = train_denoiser(
         denoiser,
         _CrashingCodec(crash_at),
-        _Images(),
-        spec,
         make_scheduler(schedule, "ddpm"),
-        tcfg,
-        objective,
-        8,
+        TrainData(_Images(), spec, 8),
+        Phase("train", objective, tcfg),
         torch.device("cpu"),
         RunLogger(None),
-        "train",
         work_dir=work,
     )
     return net, losses

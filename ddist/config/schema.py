@@ -306,6 +306,10 @@ class DiffusionTrainConfig:
     ema: float | None = MISSING  # EMA decay of the weights; null = off
     ema_schedule: Literal["warmup", "fixed"] = MISSING  # diffusers' EMAModel warm-up | DiT's fixed decay
     checkpoint_every: int = MISSING
+    clip_grad_norm: float | None = None  # clip the gradients' global norm to this; null = off
+    schedule: Literal["constant", "cosine"] = "constant"  # per-step lr, after the warm-up
+    warmup_steps: int = 0  # linear lr warm-up steps; 0 = none
+    log_every: int = 100  # steps between logged losses
 
 
 @dataclass

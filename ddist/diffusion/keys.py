@@ -15,7 +15,9 @@ from ddist.training.teacher import teacher_identity
 # dataset keys that do not change what a diffusion model learns
 _NOT_DATA_KEYS = ("protocol", "download", "augment")
 # training keys that do not change the trained weights
-_NOT_WEIGHT_KEYS = ("checkpoint_every",)
+_NOT_WEIGHT_KEYS = ("checkpoint_every", "log_every")
+# options added after models were cached: left out of the key at these values (which train as before)
+_DEFAULTS = {"clip_grad_norm": None, "schedule": "constant", "warmup_steps": 0}
 
 
 def sample_key(cfg: DictConfig, dcfg: dict) -> dict:
@@ -50,4 +52,8 @@ def base_key(cfg: DictConfig, dcfg: dict) -> dict:
 
 def training_key(tcfg: dict) -> dict:
     """A train/finetune node as a cache key: every field but those that do not change the weights."""
-    return {k: v for k, v in tcfg.items() if k not in _NOT_WEIGHT_KEYS}
+    return {
+        k: v
+        for k, v in tcfg.items()
+        if k not in _NOT_WEIGHT_KEYS and not (k in _DEFAULTS and v == _DEFAULTS[k] and type(v) is type(_DEFAULTS[k]))
+    }

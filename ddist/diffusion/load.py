@@ -5,8 +5,6 @@ sampling options train nothing twice."""
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from omegaconf import DictConfig
 
@@ -26,7 +24,7 @@ from ddist.models.diffusion import (
 from ddist.runtime import store
 from ddist.runtime.artifacts import atomic_dir, atomic_save_tensors, load_tensors
 from ddist.runtime.context import RunContext
-from ddist.training.denoiser import train_denoiser
+from ddist.training.denoiser import Phase, TrainData, train_denoiser
 from ddist.training.loop import real_batches
 
 
@@ -38,15 +36,10 @@ def load_denoiser(cfg: DictConfig, dcfg: dict, ctx: RunContext, train_set):
     cgs = dcfg["sample"]["method"] == "cgs"
     codec = make_codec(dcfg, spec.channels, need_encoder=trains(dcfg) or cgs)
     train_scheduler = make_scheduler(dcfg["schedule"], "ddpm")
-    train = functools.partial(
-        train_denoiser,
-        codec=codec,
-        spec=spec,
-        scheduler=train_scheduler,
-        image_size=image_size,
-        device=device,
-        logger=logger,
-    )
+
+    def train(denoiser, phase: Phase, work_dir):
+        data = TrainData(train_set(), spec, image_size)
+        return train_denoiser(denoiser, codec, train_scheduler, data, phase, device, logger, work_dir)
 
     # base model (loaded or trained only when a model derived from it is not cached)
     base_model_key = base_key(cfg, dcfg)
@@ -64,9 +57,7 @@ def load_denoiser(cfg: DictConfig, dcfg: dict, ctx: RunContext, train_set):
                 base_model_key,
                 spec,
                 make=lambda: fresh_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec),
-                fit=lambda d, work: train(
-                    d, ds=train_set(), tcfg=dcfg["train"], objective="plain", phase="train", work_dir=work
-                ),
+                fit=lambda d, work: train(d, Phase("train", "plain", dcfg["train"]), work),
             )
 
     # fine-tune
@@ -81,9 +72,7 @@ def load_denoiser(cfg: DictConfig, dcfg: dict, ctx: RunContext, train_set):
             {"base": base_model_key, "finetune": training_key(dcfg["finetune"])},
             spec,
             make=base,
-            fit=lambda d, work: train(
-                d, ds=train_set(), tcfg=dcfg["finetune"], objective=objective, phase="finetune", work_dir=work
-            ),
+            fit=lambda d, work: train(d, Phase("finetune", objective, dcfg["finetune"]), work),
         )
     denoiser.net.to(device).eval().requires_grad_(False)
     return denoiser, codec, image_size

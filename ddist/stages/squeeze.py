@@ -23,7 +23,10 @@ from ddist.runtime import distributed, store
 from ddist.runtime.artifacts import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
 from ddist.runtime.context import RunContext
 from ddist.runtime.stages import Stage
+from ddist.training.engine import Loop, Optim
 from ddist.training.loop import (
+    Amp,
+    Logging,
     accuracy,
     fit,
     make_optimizer,
@@ -98,23 +101,16 @@ def train_teacher(cfg: DictConfig, ctx: RunContext, entry: Path) -> None:
         part, weight = distributed.my_part(len(y))  # all of it in one process
         return weight * F.cross_entropy(model(apply(x, params)[part].to(device)), y[part].to(device))
 
+    steps = tcfg.epochs * steps_per_epoch
     fit(
         model,
         stream(),
         loss_fn,
-        optimizer,
-        schedule,
-        total_steps=tcfg.epochs * steps_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        stage="squeeze",
-        hint="Lower teacher.lr.",
-        logger=ctx.logger,
-        log_every=tcfg.log_every,
-        desc="teacher",
-        clip_grad_norm=tcfg.clip_grad_norm,
+        Optim(optimizer, list(model.parameters()), schedule, tcfg.clip_grad_norm),
+        Loop(total=steps, desc="teacher", stage="squeeze", hint="Lower teacher.lr."),
+        Logging(ctx.logger, every=tcfg.log_every, steps_per_epoch=steps_per_epoch),
         work_dir=entry,
-        precision=cfg.precision,
-        compile=cfg.compile,
+        amp=Amp(cfg.precision, cfg.compile),
     )
 
     # -- measure and cache on rank 0 (checkpoint first, meta last: meta marks a complete entry)

@@ -10,15 +10,23 @@ model with a fine-tuning method (ddist/methods/: `plain`, `minimax`, `rsm`, ...)
 subset only (MiniMax's on the DiT: DitDiffFit), optionally keeping an EMA of the
 weights that is saved and sampled instead (WeightAverage).
 
+It runs on the engine (ddist/training/engine.py): the step above is its step function; the
+update clips gradients (clip_grad_norm, null = off) and steps the lr schedule (constant | cosine,
+after warmup_steps of linear warm-up); callbacks step the EMA, log every `log_every` steps and
+checkpoint.
+
 Resume: given a work directory, every `checkpoint_every` steps the loop saves the
 model, optimiser, data order (with the generator the noise is drawn from), MiniMax's
-memories, the global RNG states and the step (ddist.training.loop's partial checkpoint); a
+memories, the global RNG states and the step (the engine's partial checkpoint); a
 rerun loads it and goes on, ending byte-identical to an uninterrupted run on CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +35,12 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 from ddist.data.augment import resize
 from ddist.errors import ConfigError
-from ddist.logging import info, progress
+from ddist.logging import info
 from ddist.methods import finetune_method
 from ddist.models.diffusion import Denoiser, DitDiffFit, WeightAverage, to_signed
 from ddist.objectives.diffusion import predict_x0
-from ddist.training.loop import CHECKPOINT, check_finite, real_batches, resume, save_partial, seed_everything
+from ddist.training.engine import EMA, Checkpoint, Log, Loop, Optim, run_loop
+from ddist.training.loop import real_batches, seed_everything
 from ddist.utils import ceil_div
 
 
@@ -123,77 +132,122 @@ class EndlessBatches:
         self.generator.set_state(state["generator"])
 
 
+@dataclass
+class TrainData:
+    """The real images a denoiser trains on: the split `ds` (with its `spec`), resized to `image_size`."""
+
+    ds: Any
+    spec: Any
+    image_size: int
+
+
+@dataclass
+class Phase:
+    """One training phase: `name` train (from scratch, every parameter) | finetune, its fine-tuning
+    `objective` (a method of ddist/methods/) and its settings `tcfg` (conf/diffusion: train | finetune)."""
+
+    name: str
+    objective: str
+    tcfg: Mapping
+
+
 def train_denoiser(
     denoiser: Denoiser,
     codec,
-    ds,
-    spec,
     scheduler: DDPMScheduler,
-    tcfg: Mapping,
-    objective: str,
-    image_size: int,
+    data: TrainData,
+    phase: Phase,
     device: torch.device,
     logger,
-    phase: str,
     work_dir: Path | None = None,
 ) -> list[float]:
     """Run the loop for total_steps(tcfg) steps; returns the loss of every step run by this call.
 
-    tcfg: steps | epochs, batch_size, lr, weight_decay, params, label_dropout,
-    seed, ema, ema_schedule, the objective's settings (rsm.lambda, rsm.reduction, minimax.*) and, with
-    a `work_dir` to checkpoint into and resume from, checkpoint_every.
+    tcfg: steps | epochs, batch_size, lr, weight_decay, params, label_dropout, seed, ema,
+    ema_schedule, clip_grad_norm, schedule, warmup_steps, log_every (the last four optional: off,
+    constant, 0, 100), the objective's settings (rsm.lambda, rsm.reduction, minimax.*) and, with a
+    `work_dir` to checkpoint into and resume from, checkpoint_every.
     """
+    tcfg, name = phase.tcfg, phase.name
     seed_everything(int(tcfg["seed"]))  # the VAE draws its posterior samples from the global generator
     net = denoiser.net.to(device).train()
-    params, finish = select_parameters(net, tcfg["params"] if phase == "finetune" else "all")  # from scratch: all
+    params, finish = select_parameters(net, tcfg["params"] if name == "finetune" else "all")  # from scratch: all
     optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
-    ema = WeightAverage(net, params, tcfg["ema"], tcfg["ema_schedule"], f"diffusion.{phase}")
+    ema = WeightAverage(net, params, tcfg["ema"], tcfg["ema_schedule"], f"diffusion.{name}")
     # objective(eps_pred, eps, x0_hat, z0, y) -> (loss, parts to log), from its method (ddist/methods/)
-    loss_fn = finetune_method(objective).build(tcfg, num_classes=len(denoiser.class_ids))
+    loss_fn = finetune_method(phase.objective).build(tcfg, num_classes=len(denoiser.class_ids))
     gen = torch.Generator().manual_seed(int(tcfg["seed"]))
     abar = scheduler.alphas_cumprod.to(device)
-    steps = total_steps(tcfg, len(ds))
-    batches = EndlessBatches(ds, spec, tcfg["batch_size"], gen)
-    info(f"diffusion: {phase} ({objective}) for {steps} steps, {sum(p.numel() for p in params)} trainable parameters")
+    steps = total_steps(tcfg, len(data.ds))
+    schedule = denoiser_schedule(optimizer, tcfg, steps)
+    batches = EndlessBatches(data.ds, data.spec, tcfg["batch_size"], gen)
+    info(
+        f"diffusion: {name} ({phase.objective}) for {steps} steps, "
+        f"{sum(p.numel() for p in params)} trainable parameters"
+    )
     state = {"model": net, "optimizer": optimizer, "batches": batches, "ema": ema}
+    if schedule is not None:  # constant: none, so the checkpoint holds what it held before schedules
+        state["schedule"] = schedule
     if hasattr(loss_fn, "state_dict"):  # an objective with state (MiniMax's memories) is checkpointed too
         state["objective"] = loss_fn
-    every = tcfg["checkpoint_every"] if work_dir is not None else None
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ConfigError(f"diffusion.{phase}.checkpoint_every must be a positive number of steps (got {every!r}).")
-    start = resume(work_dir, state)
-    if start:
-        info(f"diffusion {phase}: resuming at step {start}/{steps}")
-    losses = []
-    for step in progress(range(start, steps), desc=f"diffusion {phase}", initial=start, total=steps):
-        x, y = next(batches)
+    every = tcfg["checkpoint_every"] if work_dir is not None else 1
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"diffusion.{name}.checkpoint_every must be a positive number of steps (got {every!r}).")
+    checkpoint = Checkpoint(work_dir, every, steps, state)
+    start = checkpoint.resume(f"diffusion {name}")
+
+    def step_fn(step: int, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        x, y = batch
         with torch.no_grad():
-            z0 = codec.encode(resize(x, image_size).to(device), sample=True)
+            z0 = codec.encode(resize(x, data.image_size).to(device), sample=True)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(y),), generator=gen).to(device)
         eps = torch.randn(z0.shape, generator=gen).to(device)
         z_t = scheduler.add_noise(z0, eps, t)
         ids = drop_labels(denoiser.model_ids(y).to(device), tcfg["label_dropout"], denoiser.null_id, gen)
         eps_pred = denoiser.eps(z_t, t, ids)
         x0_hat = predict_x0(z_t, eps_pred, abar[t])
-        loss, parts = loss_fn(eps_pred, eps, x0_hat, z0, y.to(device))
-        check_finite(loss, f"diffusion {phase}", step, f"Lower diffusion.{phase}.lr.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema.step()
+        return loss_fn(eps_pred, eps, x0_hat, z0, y.to(device))
+
+    losses: list[float] = []
+
+    def record(done: int, loss: torch.Tensor, parts: Mapping) -> None:
         losses.append(loss.item())
-        if step % 100 == 0 or step == steps - 1:
-            logger.log(
-                {
-                    f"diffusion/{phase}_loss": losses[-1],
-                    **{f"diffusion/{phase}_{k}": v.item() for k, v in parts.items()},
-                }
-            )
-        if work_dir is not None and every is not None and (step + 1) % every == 0 and step + 1 < steps:
-            save_partial(work_dir, step + 1, state)
-    if work_dir is not None:
-        (work_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the caller keeps the model
+
+    def write(done: int, loss: torch.Tensor, parts: Mapping) -> None:
+        logger.log(
+            {
+                f"diffusion/{name}_loss": loss.item(),
+                f"diffusion/{name}_lr": optim.lr(),
+                **{f"diffusion/{name}_{k}": v.item() for k, v in parts.items()},
+            }
+        )
+
+    optim = Optim(optimizer, params, schedule, tcfg.get("clip_grad_norm"))
+    callbacks = [EMA(ema), Log(1, steps, record), Log(tcfg.get("log_every", 100), steps, write), checkpoint]
+    loop = Loop(steps, desc=f"diffusion {name}", stage=f"diffusion {name}", hint=f"Lower diffusion.{name}.lr.")
+    run_loop(step_fn, batches, optim, callbacks, dataclasses.replace(loop, start=start))
     ema.copy_to_net()  # the average is what gets saved and sampled from
     finish()
     net.requires_grad_(False).eval()
     return losses
+
+
+def denoiser_schedule(
+    optimizer: torch.optim.Optimizer, tcfg: Mapping, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-step lr schedule (tcfg.schedule): None for constant without warm-up, else a linear
+    warm-up over tcfg.warmup_steps then constant | cosine to zero over the remaining steps."""
+    kind, warmup = tcfg.get("schedule", "constant"), int(tcfg.get("warmup_steps") or 0)
+    if kind == "constant" and warmup == 0:
+        return None
+    if kind not in ("constant", "cosine"):
+        raise ConfigError(f"diffusion schedule must be constant or cosine (got {kind!r}).")
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(steps - warmup, 1)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,6 +1,6 @@
-"""Classifier training: the one loop (`fit`) for the teacher (squeeze) and every student
-(evaluate), and the small pieces training shares: seeding, devices, optimisers, per-step
-lr schedules, epochs by IPC, real batches, accuracy.
+"""Classifier training: `fit`, the step function on the engine (ddist/training/engine.py) for the
+teacher (squeeze) and every student (evaluate), and the small pieces training shares: seeding,
+devices, optimisers, per-step lr schedules, epochs by IPC, real batches, accuracy.
 
 fit:
     for each batch of the stream:       (a replayable, seeded stream: data order, augmentation, mix)
@@ -23,9 +23,12 @@ rank count: a run resumes with as many ranks as it likes (byte-identical only wi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,12 +37,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from ddist.data import ImageDataset, torch_dataset
-from ddist.errors import ConfigError, DivergenceError
-from ddist.logging import RunLogger, info, progress
+from ddist.errors import ConfigError
+from ddist.logging import RunLogger
 from ddist.runtime import distributed
-from ddist.runtime.artifacts import atomic_path
+from ddist.training.engine import CHECKPOINT, Checkpoint, Log, Loop, Optim, check_finite, run_loop
 
-CHECKPOINT = "partial.pt"
+__all__ = ["CHECKPOINT", "check_finite"]  # re-exported: where the checkpoint and divergence check used to live
 
 
 def seed_everything(seed: int) -> None:
@@ -89,14 +92,6 @@ def epochs_for(epochs, ipc: int) -> int:
     return table["max"]
 
 
-def check_finite(loss: torch.Tensor, stage: str, step: int, hint: str) -> None:
-    if not torch.isfinite(loss):
-        raise DivergenceError(
-            f"The {stage} loss became {loss.item()} at iteration {step}. {hint} "
-            "Earlier artifacts are left as they were."
-        )
-
-
 def real_batches(
     ds: ImageDataset,
     spec,
@@ -141,92 +136,58 @@ def autocast(precision: str, device_type: str):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
+@dataclass
+class Logging:
+    """Where and how often a classifier loop logs: `logger` every `every` steps, its names prefixed
+    by `key` (default: the loop's stage); `steps_per_epoch` also spaces the checkpoints."""
+
+    logger: RunLogger
+    every: int
+    steps_per_epoch: int
+    key: str | None = None
+
+
+@dataclass
+class Amp:
+    """How the forward pass runs: `precision` fp32 | bf16 | fp16 (autocast; fp16 with a GradScaler),
+    `compile` through torch.compile (checkpoints keep the plain model's names)."""
+
+    precision: str = "fp32"
+    compile: bool = False
+
+
 def fit(
     model: torch.nn.Module,
     stream: Iterable[Any],
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    *,
-    total_steps: int,
-    steps_per_epoch: int,
-    stage: str,
-    hint: str,
-    logger: RunLogger,
-    log_every: int,
-    desc: str,
-    clip_grad_norm: float | None = None,
+    optim: Optim,
+    loop: Loop,
+    log: Logging,
     work_dir: Path | None = None,
-    log_key: str | None = None,
-    precision: str = "fp32",
-    compile: bool = False,
+    amp: Amp | None = None,
 ) -> None:
-    """Train `model` on `stream` (total_steps batches). `hint` says what to change when the loss
-    is NaN; `log_key` prefixes the logged names (default: the stage); `work_dir` enables resume.
-    `precision` bf16/fp16 runs the forward pass under autocast (fp16 with a GradScaler);
-    `compile` runs it through torch.compile (checkpoints keep the plain model's names)."""
-    key = log_key or stage
+    """Train `model` on `stream` (loop.total batches, an epoch every `log.steps_per_epoch`) with
+    `optim` (its params: the model's); `work_dir` enables the per-epoch checkpoint and resume."""
+    amp = amp or Amp()
     device_type = next(model.parameters()).device.type
-    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
-    parts = {"model": model, "optimizer": optimizer, "schedule": schedule, "scaler": scaler}
-    start = resume(work_dir, parts)
-    if start:
-        info(f"{desc}: resuming at step {start}/{total_steps} (epoch {start // steps_per_epoch + 1})")
+    optim.scaler = torch.amp.GradScaler(device_type, enabled=amp.precision == "fp16")
+    parts = {"model": model, "optimizer": optim.optimizer, "schedule": optim.schedule, "scaler": optim.scaler}
+    checkpoint = Checkpoint(work_dir, log.steps_per_epoch, loop.total, parts)
+    start = checkpoint.resume(loop.desc)
     # torch.compile of a Module returns a Module (OptimizedModule); its stubs only promise a callable
     forward = distributed.wrap(model)  # DDP under torchrun: gradients averaged over the ranks
-    forward = cast(torch.nn.Module, torch.compile(forward)) if compile else forward
+    forward = cast(torch.nn.Module, torch.compile(forward)) if amp.compile else forward
     model.train()
-    for step, batch in enumerate(progress(stream, desc=desc, total=total_steps)):
-        if step < start:
-            continue  # replayed, already trained on
-        with autocast(precision, device_type):
-            loss = loss_fn(forward, batch)
-        check_finite(loss, stage, step, hint)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if clip_grad_norm is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        schedule.step()
-        done = step + 1
-        if done % log_every == 0 or done == total_steps:
-            logger.log({f"{key}/loss": loss.item(), f"{key}/lr": schedule.get_last_lr()[0]}, step=done)
-        if work_dir is not None and done % steps_per_epoch == 0 and done < total_steps and distributed.is_main():
-            save_partial(work_dir, done, parts)
-    if work_dir is not None and distributed.is_main():
-        (work_dir / CHECKPOINT).unlink(missing_ok=True)  # finished: the caller keeps the result
 
+    def step_fn(step: int, batch: Any) -> tuple[torch.Tensor, dict]:
+        with autocast(amp.precision, device_type):
+            return loss_fn(forward, batch), {}
 
-def save_partial(work_dir: Path, step: int, parts: Mapping[str, Any]) -> None:
-    """Checkpoint the state of `parts` (anything with state_dict: model, optimiser, schedule, a
-    resumable data stream), the step and the global RNG states into the work directory, atomically."""
-    state = {name: part.state_dict() for name, part in parts.items()}
-    state.update(step=step, torch_rng=torch.get_rng_state(), cuda_rng=_cuda_rng_states())
-    with atomic_path(work_dir / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
+    key = log.key or loop.stage
 
+    def write(done: int, loss: torch.Tensor, parts: Mapping) -> None:
+        log.logger.log({f"{key}/loss": loss.item(), f"{key}/lr": optim.lr()}, step=done)
 
-def resume(work_dir: Path | None, parts: Mapping[str, Any]) -> int:
-    """Load the work directory's checkpoint into `parts` and the global RNGs; its step (0: none)."""
-    path = None if work_dir is None else work_dir / CHECKPOINT
-    if path is None or not path.is_file():
-        return 0
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for name, part in parts.items():
-            if state[name]:  # a disabled GradScaler's state is {}, which it refuses to load
-                part.load_state_dict(state[name])
-    except Exception as err:
-        info(f"ignoring the unreadable checkpoint {path} ({type(err).__name__}); starting over")
-        return 0
-    torch.set_rng_state(state["torch_rng"])
-    cuda_rng = state.get("cuda_rng", [])  # older checkpoints have none
-    if cuda_rng and len(cuda_rng) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_rng)
-    return int(state["step"])
-
-
-def _cuda_rng_states() -> list[torch.Tensor]:
-    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    replayed = itertools.islice(stream, start, None)  # the batches before `start`: already trained on
+    callbacks = [Log(log.every, loop.total, write), checkpoint]
+    run_loop(step_fn, replayed, optim, callbacks, dataclasses.replace(loop, start=start))

@@ -41,7 +41,10 @@ from ddist.runtime.artifacts import (
     tensor_checksum,
 )
 from ddist.runtime.context import RunContext
+from ddist.training.engine import Loop, Optim
 from ddist.training.loop import (
+    Amp,
+    Logging,
     accuracy,
     epochs_for,
     fit,
@@ -207,20 +210,13 @@ def train_student(
         student,
         batches,
         loss_fn,
-        optimizer,
-        schedule,
-        total_steps=epochs * steps_per_epoch,
-        steps_per_epoch=steps_per_epoch,
-        stage="evaluate",
-        hint="Lower evaluate.lr.",
-        logger=ctx.logger,
-        log_every=ev.log_every,
-        desc=f"student {name} {repeat}",
-        clip_grad_norm=ev.clip_grad_norm,
+        Optim(optimizer, list(student.parameters()), schedule, ev.clip_grad_norm),
+        Loop(
+            total=epochs * steps_per_epoch, desc=f"student {name} {repeat}", stage="evaluate", hint="Lower evaluate.lr."
+        ),
+        Logging(ctx.logger, every=ev.log_every, steps_per_epoch=steps_per_epoch, key=key),
         work_dir=work,
-        log_key=key,
-        precision=cfg.precision,
-        compile=cfg.compile,
+        amp=Amp(cfg.precision, cfg.compile),
     )
     acc = distributed.from_main(lambda: accuracy(student, test, spec, device, ev.test_batch_size))
     ctx.logger.log({f"{key}/test_acc": acc}, step=epochs * steps_per_epoch)
