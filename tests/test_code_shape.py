@@ -59,12 +59,12 @@ def test_scripts_take_from_a_stage_only_its_run():
 
 
 MAX_PARAMETERS = 8
-# modules another change is reshaping right now, enforced once it lands: remove them here then
-PENDING = {
-    "ddist/training/recover.py",  # the one training engine (optimise_batch, optimise_groups)
-    "ddist/training/students.py",  # the one training engine (finished_or_trained, train_student)
+# paths (a file, or a folder ending in /) another change is reshaping right now, enforced once it lands:
+# remove them here then
+PENDING = (
+    "ddist/training/",  # the one training engine (fit, train_denoiser, optimise_batch, train_student, ...)
     "ddist/objectives/deda.py",  # DEDAObjective.__init__: its settings, under the DEDA rework
-}
+)
 
 
 def test_no_function_takes_more_than_eight_parameters():
@@ -75,7 +75,7 @@ def test_no_function_takes_more_than_eight_parameters():
     wrong = []
     for path in sorted(PACKAGE.rglob("*.py")):
         name = path.relative_to(ROOT).as_posix()
-        if "conf" in path.relative_to(ROOT).parts or name in PENDING:
+        if "conf" in path.relative_to(ROOT).parts or name.startswith(PENDING):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -19,7 +19,7 @@ def bare_ctx(cfg, tmp_path: Path, stage: str) -> RunContext:
 
 def test_require_names_the_stage_that_makes_a_missing_artifact(tmp_path, cache_dir):
     ctx = bare_ctx(compose_cfg(cache_dir=cache_dir, run_dir=tmp_path), tmp_path, "evaluate")
-    with pytest.raises(ConfigError, match=r"evaluate needs a distilled set.*random, recover or diffusion"):
+    with pytest.raises(ConfigError, match=r"evaluate needs a distilled set.*diffusion, random or recover"):
         ctx.require("distilled")
     with pytest.raises(ConfigError, match=r"evaluate needs a teacher.*add squeeze"):
         ctx.require("teacher")

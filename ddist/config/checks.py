@@ -27,7 +27,7 @@ from ddist.errors import ConfigError
 from ddist.logging import warn
 from ddist.methods import choices, recover_method
 from ddist.methods.base import warn_large_weights
-from ddist.runtime.context import PROVIDERS
+from ddist.runtime.context import how_to_get
 from ddist.runtime.stages import stage as lookup_stage
 from ddist.runtime.threads import thread_count
 
@@ -150,7 +150,7 @@ def check_stage_inputs(cfg: DictConfig) -> None:
             need = min(missing)
             raise ConfigError(
                 f"pipeline.stages runs {stage.name} before any stage makes the {need} it needs "
-                f"(pipeline.stages={list(cfg.pipeline.stages)}): {PROVIDERS[need]}."
+                f"(pipeline.stages={list(cfg.pipeline.stages)}): {how_to_get(need)}."
             )
         have |= stage.makes
 

@@ -18,13 +18,14 @@ import torch
 from ddist.data.spec import DatasetSpec
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger
+from ddist.runtime.stages import providers
 
 Artifact = Literal["teacher", "distilled"]
 
-# artifact -> how to get one into the run (the stages that make it, or the option that gives it)
-PROVIDERS: dict[str, str] = {
-    "teacher": "add squeeze before it (it trains the teacher, or loads teacher.checkpoint)",
-    "distilled": "add random, recover or diffusion before it, or set evaluate.distilled=PATH",
+# artifact -> what else gets one into the run, besides the stages that make it (their STAGE declarations)
+OTHERWISE: dict[str, str] = {
+    "teacher": " (it trains the teacher, or loads teacher.checkpoint)",
+    "distilled": ", or set evaluate.distilled=PATH",
 }
 WHAT = {"teacher": "a teacher", "distilled": "a distilled set"}
 
@@ -61,6 +62,13 @@ class RunContext:
         if value is None:
             raise ConfigError(
                 f"{self.stage or 'this stage'} needs {WHAT[name]}, but no earlier stage in pipeline.stages "
-                f"made one: {PROVIDERS[name]}."
+                f"made one: {how_to_get(name)}."
             )
         return Path(value)
+
+
+def how_to_get(name: str) -> str:
+    """How to get artifact `name` into a run: the stages that make it (ddist/runtime/stages.py), or the option."""
+    *others, last = providers(name)
+    stages = f"{', '.join(others)} or {last}" if others else last
+    return f"add {stages} before it{OTHERWISE.get(name, '')}"
