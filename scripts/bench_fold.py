@@ -5,7 +5,7 @@
 
 Two timings per round, each for the unfolded teacher (teacher.fold_bn=false, the old path)
 and then the folded one (the default), so load changes on a shared machine hit both alike:
-1. DEDA recover: iterations/s of `optimise_batch` (augment, forward, backward, Adam step) on
+1. DEDA recover: iterations/s of `optimise_groups` (one group) (augment, forward, backward, Adam step) on
    one whole-class batch (10 classes x IPC 10, CIFAR-10's shapes, 3x32x32);
 2. the real-class-statistics pass (`real_class_stats`): images/s over `--stats-batches`
    batches of 256 random images, the folded teacher in channels_last as recover runs it.
@@ -35,7 +35,7 @@ from ddist.models import build_model
 from ddist.models.fold import fold_batchnorm
 from ddist.objectives import DEDAObjective
 from ddist.training.class_stats import real_class_stats
-from ddist.training.recover import optimise_batch, pixel_bounds
+from ddist.training.recover import Group, PixelSpace, optimise_groups, pixel_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = ["dataset=cifar10", "dataset.format=folder", f"dataset.root={REPO.parent / 'shared/data/cifar10'}"]
@@ -110,7 +110,8 @@ def main() -> None:
     def recover_rate(name: str) -> float:
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(1)
-        optimise_batch(objectives[name], x0, labels, rcfg, augment, spec.resolution, bounds, gen, lambda *a: None)
+        space = PixelSpace(augment, spec.resolution, bounds)
+        optimise_groups(objectives[name], [Group(x0, labels, gen)], rcfg, space, lambda *a: None)
         return args.iterations / (time.perf_counter() - start)
 
     def stats_rate(name: str) -> float:

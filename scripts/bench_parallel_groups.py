@@ -8,8 +8,8 @@
 For each dataset: the ConvNet-3 teacher of the dataset's config (freshly initialised: timing does not
 depend on its weights, so no data is read and nothing is cached), SRe2L's objective, the ipc_slice
 groups of 10 classes x IPC (IPC groups of one image per class). Per case the same G groups are
-optimised for `iterations` steps each, either one after another (optimise_batch, parallel_groups=1)
-or in stacks of G (optimise_groups, parallel_groups=G; default G = IPC: all at once), with the
+optimised for `iterations` steps each, either one after another (one group a stack, parallel_groups=1)
+or in stacks of G (parallel_groups=G; default G = IPC: all at once), with the
 teacher in each of `--layouts` (teacher.channels_last). A round runs every case once (after a warm-up
 pass) in a fresh process per `--allocators` setting (cpu_allocator is process-wide, and a heap grown
 under `cache` would slow `system` down in the same process); rounds alternate the allocators, so a
@@ -67,7 +67,7 @@ def setup(dataset: str, ipc: int, iterations: int, width: int | None):
     groups = recover.batch_groups(spec.num_classes, ipc, "ipc_slice", None)
     x0 = [recover.initial_images(spec, len(idx), recover.group_generator(0, g)) for g, idx in enumerate(groups)]
     augment = OmegaConf.to_container(cfg.dataset.augment.recover, resolve=True)
-    loop = (cfg.recover, augment, spec.resolution, recover.pixel_bounds(spec, torch.device("cpu")))
+    loop = (cfg.recover, recover.PixelSpace(augment, spec.resolution, recover.pixel_bounds(spec, torch.device("cpu"))))
     return objective, x0, [labels[idx] for idx in groups], loop
 
 
@@ -76,16 +76,15 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 
 def one_at_a_time(objective, x0, labels, loop) -> None:
     for g, (x, y) in enumerate(zip(x0, labels, strict=True)):
-        recover.optimise_batch(objective, x, y, *loop, recover.group_generator(1, g), lambda *a: None)
+        recover.optimise_groups(objective, [recover.Group(x, y, recover.group_generator(1, g))], *loop, lambda *a: None)
 
 
 def stacked(objective, x0, labels, loop, most: int) -> None:
     """The groups in stacks of `most` (parallel_groups=most)."""
     for start in range(0, len(x0), most):
         part = range(start, min(start + most, len(x0)))
-        generators = [recover.group_generator(1, g) for g in part]
-        xs, ys = [x0[g] for g in part], [labels[g] for g in part]
-        recover.optimise_groups(objective, xs, ys, *loop, generators, lambda *a: None)
+        starts = [recover.Group(x0[g], labels[g], recover.group_generator(1, g)) for g in part]
+        recover.optimise_groups(objective, starts, *loop, lambda *a: None)
 
 
 def measure_once(dataset: str, args) -> dict[str, float]:

@@ -41,7 +41,7 @@ from ddist.data import dataset_spec
 from ddist.data.augment import apply, sample_params
 from ddist.methods import recover_method
 from ddist.models import build_model
-from ddist.training.recover import batch_groups, optimise_batch, pixel_bounds
+from ddist.training.recover import Group, PixelSpace, batch_groups, optimise_groups, pixel_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = {
@@ -143,7 +143,8 @@ def throughput_case(dataset: str, objective: str, ipc: int, iterations: int) -> 
     def steps(n: int) -> float:
         rcfg = OmegaConf.merge(cfg.recover, {"iterations": n})
         start = time.perf_counter()
-        optimise_batch(obj, x0, labels, rcfg, augment, spec.resolution, bounds, generator, lambda *a: None)
+        space = PixelSpace(augment, spec.resolution, bounds)
+        optimise_groups(obj, [Group(x0, labels, generator)], rcfg, space, lambda *a: None)
         return time.perf_counter() - start
 
     with PeakRSS() as peak:

@@ -176,7 +176,9 @@ def test_per_batch_draws_one_crop_and_flip_per_stacked_group(crop_draw, tmp_path
     labels = [torch.arange(size) for _ in range(groups)]
     generators = [recovery.group_generator(0, g) for g in range(groups)]
     bounds = (torch.full((1, 1, 1, 1), -10.0), torch.full((1, 1, 1, 1), 10.0))
-    recovery.optimise_groups(Recorder(), x0, labels, cfg.recover, augment, 8, bounds, generators, lambda *a: None)
+    starts = [recovery.Group(*g) for g in zip(x0, labels, generators, strict=True)]
+    space = recovery.PixelSpace(augment, 8, bounds)
+    recovery.optimise_groups(Recorder(), starts, cfg.recover, space, lambda *a: None)
     assert len(seen) == 3
     for x_aug in seen[:1]:  # the first step: the images are still identical there
         per_group = x_aug.chunk(groups)

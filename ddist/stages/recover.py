@@ -23,6 +23,7 @@ set is reused; `shard.index` / `shard.count` split the groups among jobs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -38,11 +39,12 @@ from ddist.runtime.stages import Stage
 from ddist.runtime.workdir import WorkDir, make_set
 from ddist.training.loop import seed_everything
 from ddist.training.recover import (
+    Group,
+    PixelSpace,
     batch_groups,
     group_generator,
     initial_images,
     objective_inputs,
-    optimise_batch,
     optimise_groups,
     pixel_bounds,
     stacks,
@@ -98,8 +100,8 @@ def recover_groups(
     method = recover_method(rcfg.objective)
     objective = method.build(rcfg, **objective_inputs(method.needs, cfg, ctx, load_teacher(cfg, ctx)))
     real = real_init(cfg, spec) if rcfg.init == "real" else None
-    bounds = pixel_bounds(spec, device)
     augment = OmegaConf.to_container(cfg.dataset.augment.recover, resolve=True, enum_to_str=True)
+    space = PixelSpace(cast(dict, augment), spec.resolution, pixel_bounds(spec, device))
     bar = progress(desc=f"recover ({rcfg.objective})", total=len(todo) * rcfg.iterations)
 
     def on_step(it: int, loss: torch.Tensor, parts: dict, lr: float, groups: int = 1) -> None:
@@ -110,12 +112,12 @@ def recover_groups(
             )
             bar.set_postfix(loss=f"{loss.item():.4f}")
 
-    def start(g: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    def start(g: int) -> Group:
         """Group g's starting pixels, labels and generator (drawn from first, as each group alone)."""
         idx = groups[g]
         generator = group_generator(int(cfg.seed), g)
         x0 = initial_images(spec, len(idx), generator) if real is None else real(idx)
-        return x0.to(device), labels[idx].to(device), generator
+        return Group(x0.to(device), labels[idx].to(device), generator)
 
     def done(g: int, images: torch.Tensor) -> None:
         work.save(g, images.cpu(), groups[g])
@@ -123,20 +125,12 @@ def recover_groups(
 
     try:
         for stack in stacks(todo, [len(idx) for idx in groups], rcfg.batch.parallel_groups):
-            starts = [start(g) for g in stack]
-            if len(stack) == 1:  # one group: the loop of one batch, as without parallel_groups
-                x0, y, generator = starts[0]
-                images = [optimise_batch(objective, x0, y, rcfg, augment, spec.resolution, bounds, generator, on_step)]
-            else:
-                if not method.stacks:
-                    raise ConfigError(
-                        f"recover.batch.parallel_groups={rcfg.batch.parallel_groups} needs a recover.objective whose "
-                        f"batches stack (not {method.name}); set recover.batch.parallel_groups=1."
-                    )
-                x0s, ys, generators = (list(part) for part in zip(*starts, strict=True))
-                images = optimise_groups(
-                    objective, x0s, ys, rcfg, augment, spec.resolution, bounds, generators, on_step
+            if len(stack) > 1 and not method.stacks:
+                raise ConfigError(
+                    f"recover.batch.parallel_groups={rcfg.batch.parallel_groups} needs a recover.objective whose "
+                    f"batches stack (not {method.name}); set recover.batch.parallel_groups=1."
                 )
+            images = optimise_groups(objective, [start(g) for g in stack], rcfg, space, on_step)
             for g, images_g in zip(stack, images, strict=True):
                 done(g, images_g)
     finally:

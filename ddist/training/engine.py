@@ -73,6 +73,7 @@ class Loop:
     stage: str
     hint: str
     start: int = 0
+    bar: bool = True  # a progress bar (False where the caller shows its own)
 
 
 class Callback:
@@ -89,7 +90,9 @@ def run_loop(step_fn: StepFn, batches: Iterable[Any], optim: Optim, callbacks: l
     """Run steps loop.start .. loop.total - 1 on the next batches of `batches` (a resumed classifier
     stream already skipped the batches trained on; an endless one is restored by its checkpoint)."""
     it = iter(batches)
-    steps = progress(range(loop.start, loop.total), desc=loop.desc, initial=loop.start, total=loop.total)
+    steps: Iterable[int] = range(loop.start, loop.total)
+    if loop.bar:
+        steps = progress(steps, desc=loop.desc, initial=loop.start, total=loop.total)
     for step, batch in zip(steps, it, strict=False):
         loss, parts = step_fn(step, batch)
         check_finite(loss, loop.stage, step, loop.hint)

@@ -1,33 +1,39 @@
 """Recover's pixel optimisation (the stage's recipe: ddist/stages/recover.py): the batch layout,
-what a method's objective builder is given (ddist/methods/), the loop of one batch and of stacked
-groups, and its sanity warnings.
+what a method's objective builder is given (ddist/methods/), the loop (stacked groups, G >= 1, a
+step function on ddist/training/engine.py) and its sanity warnings.
 
 Batches (`recover.batch`): ipc_slice holds one image per class (per IPC index), as SRe2L's
 reference; whole_class holds all IPC images of its classes, which DEDA's per-class statistics
-need. Each batch is optimised on its own for `iterations` steps: Adam (betas), cosine (or
-constant) lr, a fresh random augmentation of the batch every step, the teacher in eval mode,
-the objective, a step, then the pixels clipped to the valid range of the normalised image.
+need. Each batch is optimised for `iterations` steps: Adam (betas), cosine (or constant) lr, a
+fresh random augmentation of the batch every step, the teacher in eval mode, the objective, a
+step, then the pixels clipped to the valid range of the normalised image.
 
-Stacked groups (`batch.parallel_groups` G > 1, SRe2L): up to G groups of one size run as one
+Stacked groups (`batch.parallel_groups` G, SRe2L): up to G groups of one size run as one
 problem, their pixels one leaf [G * B, C, H, W], one teacher forward, the BN statistics and
 CE per group, the SUM of the groups' losses, one Adam. Adam, the clamp and the lr schedule
 act elementwise and each group's pixels only reach its own loss, so every group gets the
-steps it would get alone (up to float rounding).
+steps it would get alone (up to float rounding). One group alone is the same loop with G = 1,
+the objective called on its batch as before (DEDA's objective, without per_group, runs only so).
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from ddist.data.augment import apply, apply_groups, sample_params
+from ddist.data.augment import apply_groups, sample_params
 from ddist.logging import warn
 from ddist.models import FeatureModel
 from ddist.objectives import RecoverObjective, SRe2LObjective
 from ddist.runtime.context import RunContext
 from ddist.training.class_stats import class_stats_layers, load_class_stats
-from ddist.training.loop import check_finite, make_schedule
+from ddist.training.engine import ClampPixels, Log, Loop, Optim, run_loop
+from ddist.training.loop import make_schedule
 from ddist.training.teacher import frozen_teacher
 
 # ----------------------------------------------------------------------------- batches and pixels
@@ -85,90 +91,71 @@ def objective_inputs(needs: frozenset[str], cfg: DictConfig, ctx: RunContext, te
 # ----------------------------------------------------------------------------- the loop
 
 
-def optimise_batch(
-    objective: RecoverObjective,
-    x0: torch.Tensor,
-    labels: torch.Tensor,
-    rcfg,
-    augment,
-    resolution: int,
-    bounds: tuple[torch.Tensor, torch.Tensor],
-    generator: torch.Generator,
-    on_step,
-) -> torch.Tensor:
-    """Optimise one batch of pixels for `rcfg.iterations` steps; returns the last iterate."""
-    x = x0.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([x], lr=rcfg.lr, betas=tuple(rcfg.betas))
-    iterations = rcfg.iterations
-    schedule = make_schedule(optimizer, rcfg, iterations)
-    losses = []
-    for it in range(iterations):
-        x_aug = apply(x, sample_params(len(labels), augment, resolution, generator))
-        loss, parts = objective(x_aug, labels, it, iterations)
-        check_finite(
-            loss,
-            "recover",
-            it,
-            "Lower recover.lr (or the objective's weights, e.g. recover.bn_matching.r_bn or recover.deda.gamma).",
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            x.clamp_(*bounds)  # keep pixels inside the image range [0, 1] before normalisation
-        on_step(it, loss, parts, schedule.get_last_lr()[0])
-        losses.append(loss.item())
-    warn_if_stuck(losses, x.detach(), bounds)
-    return x.detach()
+@dataclass
+class PixelSpace:
+    """Where recover's pixels live: augmented with `augment` (dataset.augment.recover) at `resolution`,
+    clamped to `bounds` (pixel_bounds: the normalised image range)."""
+
+    augment: Mapping
+    resolution: int
+    bounds: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Group:
+    """One batch group's start: its pixels x0 [B, C, H, W], labels [B] and generator (group_generator)."""
+
+    x0: torch.Tensor
+    labels: torch.Tensor
+    generator: torch.Generator
 
 
 def optimise_groups(
-    objective: SRe2LObjective,
-    x0: list[torch.Tensor],
-    labels: list[torch.Tensor],
-    rcfg,
-    augment,
-    resolution: int,
-    bounds: tuple[torch.Tensor, torch.Tensor],
-    generators: list[torch.Generator],
-    on_step,
+    objective: RecoverObjective | SRe2LObjective, groups: list[Group], rcfg, space: PixelSpace, on_step
 ) -> list[torch.Tensor]:
-    """optimise_batch of G equal-size groups as one stacked problem; returns each group's last iterate.
-    Group g draws its augmentations from generators[g], exactly as it would alone."""
-    groups = len(x0)
-    x = torch.cat(x0).requires_grad_(True)
-    y = torch.cat(labels)
+    """Optimise G >= 1 equal-size groups as one stacked problem for `rcfg.iterations` steps (engine.py's
+    loop); returns each group's last iterate. Group g draws its augmentations from its own generator,
+    exactly as it would alone. on_step(it, loss, parts, lr, groups) sees one group's loss (the mean)."""
+    n = len(groups)
+    x = torch.cat([g.x0 for g in groups]).requires_grad_(True)
+    y = torch.cat([g.labels for g in groups])
     optimizer = torch.optim.Adam([x], lr=rcfg.lr, betas=tuple(rcfg.betas))
     iterations = rcfg.iterations
-    schedule = make_schedule(optimizer, rcfg, iterations)
-    losses = []
-    for it in range(iterations):
-        params = [
-            sample_params(len(lab), augment, resolution, gen) for lab, gen in zip(labels, generators, strict=True)
-        ]
-        group_losses, parts = objective.per_group(apply_groups(x, params), y, groups, it, iterations)
-        loss = group_losses.sum()  # a sum, not a mean: each group's gradient is its own loss's
-        check_finite(
-            loss,
-            "recover",
-            it,
-            "Lower recover.lr (or recover.bn_matching.r_bn).",
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            x.clamp_(*bounds)
+    optim = Optim(optimizer, [x], make_schedule(optimizer, rcfg, iterations))
+    per_group = _per_group(objective, n)
+    history: list[torch.Tensor] = []
+
+    def step_fn(it: int, _: None) -> tuple[torch.Tensor, dict]:
+        params = [sample_params(len(g.labels), space.augment, space.resolution, g.generator) for g in groups]
+        group_losses, parts = per_group(apply_groups(x, params), y, n, it, iterations)
+        history.append(group_losses.detach())
+        return group_losses.sum(), parts  # a sum, not a mean: each group's gradient is its own loss's
+
+    def report(done: int, loss: torch.Tensor, parts: Mapping) -> None:
         # logged as one group's loss (the mean over the groups), comparable with groups run one at a time
-        on_step(it, group_losses.mean(), {k: v.mean() for k, v in parts.items()}, schedule.get_last_lr()[0], groups)
-        losses.append(group_losses.detach())
-    per_group = torch.stack(losses).T.tolist()
-    images = x.detach().chunk(groups)
-    for group_losses_g, images_g in zip(per_group, images, strict=True):
-        warn_if_stuck(group_losses_g, images_g, bounds)
+        on_step(done - 1, history[-1].mean(), {k: v.mean() for k, v in parts.items()}, optim.lr(), n)
+
+    hint = "Lower recover.lr (or the objective's weights, e.g. recover.bn_matching.r_bn or recover.deda.gamma)."
+    loop = Loop(iterations, desc="recover", stage="recover", hint=hint, bar=False)  # the stage shows one bar
+    run_loop(step_fn, itertools.repeat(None), optim, [ClampPixels(x, space.bounds), Log(1, iterations, report)], loop)
+    images = x.detach().chunk(n)
+    for losses_g, images_g in zip(torch.stack(history).T.tolist(), images, strict=True):
+        warn_if_stuck(losses_g, images_g, space.bounds)
     return list(images)
+
+
+def _per_group(objective, groups: int):
+    """What gives the G groups' losses [G] and parts [G]: the objective's per_group for stacked groups;
+    for one group (and for an objective without per_group, DEDA's) its plain call as a group of one,
+    so G = 1 computes exactly what one batch alone always did (no cached set changes)."""
+    if groups > 1:
+        return objective.per_group
+
+    def one(images, labels, groups, it, iterations):
+        loss, parts = objective(images, labels, it, iterations)
+        return loss.reshape(1), {k: v.reshape(1) for k, v in parts.items()}
+
+    return one
 
 
 def stacks(todo: list[int], sizes: list[int], most: int) -> list[list[int]]:

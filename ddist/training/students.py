@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -78,15 +79,14 @@ def evaluate_set(
     teacher = frozen_teacher(cfg, load_teacher(cfg, ctx)) if ev.protocol == "soft" else None
     stored = stored if ev.protocol == "soft" else None
     base_key = student_base_key(cfg, ev, distilled, ctx, stored)
+    setting = Setting(ev, distilled, teacher, stored, test)
     results = []
     for entry in ev.students:
         name, model_cfg = student_config(entry)
         accs = []
         for repeat in range(ev.repeats):
             work = store.entry(cfg, "student", {**base_key, "student": model_cfg, "repeat": repeat})
-            accs.append(
-                finished_or_trained(cfg, ctx, ev, distilled, name, model_cfg, repeat, teacher, stored, test, work)
-            )
+            accs.append(finished_or_trained(cfg, ctx, setting, Student(name, model_cfg, repeat), work))
         results.append(
             {
                 "name": name,
@@ -127,32 +127,43 @@ def student_base_key(
     }
 
 
+@dataclass
+class Setting:
+    """What every student of one evaluation shares: the evaluate settings `ev`, the set, the teacher
+    (soft protocol, online labels; else None), the stored soft labels' directory (or None), the test split."""
+
+    ev: DictConfig
+    distilled: DistilledSet
+    teacher: torch.nn.Module | None
+    stored: Path | None
+    test: Any
+
+
+@dataclass
+class Student:
+    """One student run: its name, model config and repeat index."""
+
+    name: str
+    model_cfg: dict
+    repeat: int
+
+
 def finished_or_trained(
-    cfg: DictConfig,
-    ctx: RunContext,
-    ev: DictConfig,
-    distilled: DistilledSet,
-    name: str,
-    model_cfg: dict,
-    repeat: int,
-    teacher: torch.nn.Module | None,
-    stored: Path | None,
-    test,
-    work: store.Entry,
+    cfg: DictConfig, ctx: RunContext, setting: Setting, student: Student, work: store.Entry
 ) -> float:
     """The accuracy kept in the store entry `work` by an earlier run, or a student trained (resumably,
     checkpointing into the entry) now; torchrun's ranks train it together."""
     trained: list[bool] = []
 
     def build(e: store.Entry) -> None:
-        acc = train_student(cfg, ctx, ev, distilled, name, model_cfg, repeat, teacher, stored, test, e.path)
+        acc = train_student(cfg, ctx, setting, student, e.path)
         if distributed.is_main():
             atomic_write_text(e / "result.json", json.dumps({"acc": acc}))
         trained.append(True)
 
     acc = float(store.cached(work, build, lambda e: e.read_json("result.json", RESULT)["acc"], together=True))
     if not trained:
-        info(f"student {name} repeat {repeat}: finished earlier ({work / 'result.json'})")
+        info(f"student {student.name} repeat {student.repeat}: finished earlier ({work / 'result.json'})")
     return acc
 
 
@@ -160,20 +171,10 @@ def finished_or_trained(
 RESULT = store.fields(acc=store.FRACTION)
 
 
-def train_student(
-    cfg: DictConfig,
-    ctx: RunContext,
-    ev: DictConfig,
-    distilled: DistilledSet,
-    name: str,
-    model_cfg: dict,
-    repeat: int,
-    teacher: torch.nn.Module | None,
-    stored: Path | None,
-    test,
-    work: Path | None = None,
-) -> float:
+def train_student(cfg: DictConfig, ctx: RunContext, setting: Setting, run: Student, work: Path | None = None) -> float:
     """One student: the recipe is setup, fit on the planned batches, test."""
+    ev, distilled, teacher, stored, test = setting.ev, setting.distilled, setting.teacher, setting.stored, setting.test
+    name, model_cfg, repeat = run.name, run.model_cfg, run.repeat
     spec, device = ctx.spec, ctx.device
     images = distilled.images.to(device)
     labels = distilled.labels.to(device)
