@@ -371,3 +371,50 @@ def test_cosine_schedule_reaches_zero():
         lrs.append(sched.get_last_lr()[0])
     assert lrs[4] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 10)))
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_engine_runs_from_its_start_step_then_the_callbacks_in_order_and_logs_every_n():
+    import itertools
+
+    from ddist.training.engine import Callback, Log, Loop, Optim, run_loop
+
+    x = torch.zeros(3, requires_grad=True)
+    optim = Optim(torch.optim.SGD([x], lr=0.1), [x])
+    events: list = []
+
+    class Spy(Callback):
+        def on_step(self, done, loss, parts):
+            events.append(("step", done, round(x[0].item(), 6)))  # after the update
+
+        def on_end(self):
+            events.append(("end",))
+
+    def step_fn(step, batch):
+        events.append(("fn", step))
+        return (x - batch).pow(2).sum(), {}
+
+    logged: list[int] = []
+    callbacks = [Spy(), Log(3, 7, lambda done, loss, parts: logged.append(done))]
+    run_loop(step_fn, itertools.repeat(torch.ones(3)), optim, callbacks, Loop(7, "t", "t", "", start=4, bar=False))
+    assert events == [
+        ("fn", 4),
+        ("step", 5, 0.2),
+        ("fn", 5),
+        ("step", 6, 0.36),
+        ("fn", 6),
+        ("step", 7, 0.488),
+        ("end",),
+    ]
+    assert logged == [6, 7]  # every 3 steps and the last
+
+
+def test_the_engine_stops_at_a_non_finite_loss_naming_the_stage_and_what_to_change():
+    from ddist.errors import DivergenceError
+    from ddist.training.engine import Loop, Optim, run_loop
+
+    x = torch.zeros(1, requires_grad=True)
+    optim = Optim(torch.optim.SGD([x], lr=0.1), [x])
+    with pytest.raises(DivergenceError, match="The recover loss became nan at iteration 0. Lower recover.lr."):
+        run_loop(
+            lambda s, b: (x.sum() * float("nan"), {}), [None], optim, [], Loop(3, "t", "recover", "Lower recover.lr.")
+        )

@@ -60,7 +60,10 @@ class Optim:
             self.schedule.step()
 
     def lr(self) -> float:
-        return float(self.schedule.get_last_lr()[0] if self.schedule else self.optimizer.param_groups[0]["lr"])
+        """The lr of the last update (the first parameter group's)."""
+        if self.schedule is not None:
+            return float(self.schedule.get_last_lr()[0])
+        return float(self.optimizer.param_groups[0]["lr"])
 
 
 @dataclass
