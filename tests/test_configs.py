@@ -60,3 +60,17 @@ def test_defaults_are_the_documented_ones():
     assert cfg["pipeline"]["name"] == "deda"
     assert cfg["logger"]["mode"] == "offline"
     assert cfg["device"] == "auto"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("dataset.subset.per_class=500", {"classes": None, "per_class": 500}),
+        ("dataset.subset={classes:2,per_class:5}", {"classes": 2, "per_class": 5}),
+        ("dataset.subset=null", None),
+    ],
+)
+def test_a_subset_is_set_from_the_command_line(override, expected):
+    """Every dataset's subset is a node of nulls (the whole dataset), so one field can be overridden;
+    OmegaConf 2.3 cannot merge a field into a structured node that is null."""
+    assert compose_resolved(["dataset=cifar10", override])["dataset"]["subset"] == expected
