@@ -31,6 +31,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ddist.data import dataset_spec
+from ddist.methods import deda as deda_method
 from ddist.models import build_model
 from ddist.models.fold import fold_batchnorm
 from ddist.objectives import DEDAObjective
@@ -54,21 +55,7 @@ def deda_objective(cfg, teacher, layers, ipc: int, generator: torch.Generator) -
         d = feats[key].shape[1]
         a = torch.randn(10, d, d, generator=generator) / d
         real[key] = (torch.randn(10, d, generator=generator), a @ a.transpose(1, 2))
-    d = cfg.recover.deda
-    return DEDAObjective(
-        teacher,
-        real,
-        ipc,
-        mean_weight=d.mean_weight,
-        gamma=d.gamma,
-        gamma_scope=d.gamma_scope,
-        lambda_diag=d.lambda_diag,
-        lambda_offdiag=d.lambda_offdiag,
-        reg_iterations=d.reg_iterations,
-        reg_normalisation=d.reg_normalisation,
-        class_reduction=d.class_reduction,
-        ce_weight=cfg.recover.ce_weight,
-    )
+    return DEDAObjective(teacher, real, ipc, deda_method.weights(cfg.recover))
 
 
 def main() -> None:

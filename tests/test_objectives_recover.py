@@ -16,6 +16,7 @@ from ddist.objectives import (
     REG_NORMALISATIONS,
     ClassMomentSums,
     DEDAObjective,
+    DEDAWeights,
     SRe2LObjective,
     batch_moments,
     bn_statistic_loss,
@@ -220,7 +221,7 @@ def deda(layers, ipc=2, **kw):
         "reg_iterations": 5,
         "reg_normalisation": "mean_sum",
     }
-    return DEDAObjective(FeatureTeacher(), real, ipc, **{**opts, **kw})
+    return DEDAObjective(FeatureTeacher(), real, ipc, DEDAWeights(**{**opts, **kw}))
 
 
 def test_deda_objective_by_hand():

@@ -37,21 +37,25 @@ class DedaRecoverConfig(RecoverConfig):
 
 
 def build(rcfg: DictConfig, *, teacher, class_stats: dict, ipc: int):
-    from ddist.objectives import DEDAObjective
+    from ddist.objectives.deda import DEDAObjective
 
-    dcfg = rcfg.deda
-    return DEDAObjective(
-        teacher,
-        class_stats,
-        ipc,
-        mean_weight=dcfg.mean_weight,
-        gamma=dcfg.gamma,
-        gamma_scope=dcfg.gamma_scope,
-        lambda_diag=dcfg.lambda_diag,
-        lambda_offdiag=dcfg.lambda_offdiag,
-        reg_iterations=dcfg.reg_iterations,
-        reg_normalisation=dcfg.reg_normalisation,
-        class_reduction=dcfg.class_reduction,
+    return DEDAObjective(teacher, class_stats, ipc, weights(rcfg))
+
+
+def weights(rcfg: DictConfig):
+    """recover.deda.* and recover.ce_weight as the objective's DEDAWeights."""
+    from ddist.objectives.deda import DEDAWeights
+
+    d = rcfg.deda
+    return DEDAWeights(
+        mean_weight=d.mean_weight,
+        gamma=d.gamma,
+        gamma_scope=d.gamma_scope,
+        lambda_diag=d.lambda_diag,
+        lambda_offdiag=d.lambda_offdiag,
+        reg_iterations=d.reg_iterations,
+        reg_normalisation=d.reg_normalisation,
+        class_reduction=d.class_reduction,
         ce_weight=rcfg.ce_weight,
     )
 

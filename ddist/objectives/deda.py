@@ -47,6 +47,7 @@ A class with one synthetic image has no covariance: with IPC = 1 the covariance 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +216,30 @@ def diversity_regulariser(
 # ----------------------------------------------------------------------------- the objective
 
 
+@dataclass(frozen=True)
+class DEDAWeights:
+    """The weights and readings of the DEDA loss (recover.deda.* and recover.ce_weight)."""
+
+    mean_weight: float
+    gamma: float
+    gamma_scope: str
+    lambda_diag: float
+    lambda_offdiag: float
+    reg_iterations: int
+    reg_normalisation: str
+    class_reduction: str = "mean"
+    ce_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (
+            ("class_reduction", self.class_reduction, CLASS_REDUCTIONS),
+            ("reg_normalisation", self.reg_normalisation, REG_NORMALISATIONS),
+            ("gamma_scope", self.gamma_scope, GAMMA_SCOPES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}")
+
+
 class DEDAObjective:
     """The DEDA loss on a frozen, eval-mode teacher, given the real class statistics.
 
@@ -228,35 +253,17 @@ class DEDAObjective:
         teacher: FeatureModel,
         real_stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         ipc: int,
-        mean_weight: float,
-        gamma: float,
-        gamma_scope: str,
-        lambda_diag: float,
-        lambda_offdiag: float,
-        reg_iterations: int,
-        reg_normalisation: str,
-        class_reduction: str = "mean",
-        ce_weight: float = 1.0,
+        weights: DEDAWeights,
     ):
-        if class_reduction not in CLASS_REDUCTIONS:
-            raise ValueError(f"class_reduction must be one of {CLASS_REDUCTIONS}")
-        if reg_normalisation not in REG_NORMALISATIONS:
-            raise ValueError(f"reg_normalisation must be one of {REG_NORMALISATIONS}")
-        if gamma_scope not in GAMMA_SCOPES:
-            raise ValueError(f"gamma_scope must be one of {GAMMA_SCOPES}")
         self.teacher = teacher
         self.real_stats = dict(real_stats)
         self.layers = list(self.real_stats)
-        self.mean_weight, self.gamma, self.gamma_scope = mean_weight, gamma, gamma_scope
-        self.lambda_diag, self.lambda_offdiag = lambda_diag, lambda_offdiag
-        self.reg_iterations, self.reg_normalisation = reg_iterations, reg_normalisation
-        self.class_reduction = class_reduction
-        self.ce_weight = ce_weight
+        self.w = weights
         self.use_covariance = ipc > 1  # with IPC = 1 ddist.config.checks warns that these terms are skipped
 
     def regularising(self, iteration: int, iterations: int) -> bool:
         """The regulariser is on in the last `reg_iterations` of `iterations` (0-based index)."""
-        return self.use_covariance and iteration >= iterations - self.reg_iterations
+        return self.use_covariance and iteration >= iterations - self.w.reg_iterations
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, iteration: int, iterations: int
@@ -277,14 +284,18 @@ class DEDAObjective:
         if self.regularising(iteration, iterations):
             # cov_s, cov_r are now the covariances of the last layer, L (by default the pooled last block)
             reg_term = diversity_regulariser(
-                cov_s, self.lambda_diag, self.lambda_offdiag, self.reg_normalisation, cov_r.diagonal(dim1=-2, dim2=-1)
+                cov_s,
+                self.w.lambda_diag,
+                self.w.lambda_offdiag,
+                self.w.reg_normalisation,
+                cov_r.diagonal(dim1=-2, dim2=-1),
             )
-        reduce = torch.mean if self.class_reduction == "mean" else torch.sum
-        if self.gamma_scope == "cov":
-            per_class = self.mean_weight * mean_term + self.gamma * cov_term + reg_term
+        reduce = torch.mean if self.w.class_reduction == "mean" else torch.sum
+        if self.w.gamma_scope == "cov":
+            per_class = self.w.mean_weight * mean_term + self.w.gamma * cov_term + reg_term
         else:
-            per_class = self.gamma * (self.mean_weight * mean_term + cov_term) + reg_term
-        loss = self.ce_weight * ce + reduce(per_class)
+            per_class = self.w.gamma * (self.w.mean_weight * mean_term + cov_term) + reg_term
+        loss = self.w.ce_weight * ce + reduce(per_class)
         parts = {"ce": ce, "mean": reduce(mean_term), "cov": reduce(cov_term), "reg": reduce(reg_term)}
         return loss, {k: v.detach() for k, v in parts.items()}
 
