@@ -15,6 +15,7 @@ With `objective_metric` set, a job returns that value of its results (an optimis
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -78,6 +79,23 @@ def composition_error(err: ConfigCompositionException) -> str:
     return f"{key}: {lines[at - 1]} ({where})"
 
 
+def missing_experiment(err: ConfigCompositionException) -> str | None:
+    """The message for `experiment=NAME` naming no file under conf/experiment/, or None for any other error.
+    Hydra lists only a group's top-level options, and the experiments sit in subfolders (deda/cifar10_ipc10)."""
+    missing = getattr(err, "missing_cfg_file", None) if isinstance(err, MissingConfigException) else None
+    if not missing or not str(missing).startswith("experiment/"):
+        return None
+    name = str(missing).removeprefix("experiment/")
+    root = CONF_DIR / "experiment"
+    names = sorted(path.relative_to(root).with_suffix("").as_posix() for path in root.rglob("*.yaml"))
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    return (
+        f"experiment={name}: no such file conf/experiment/{name}.yaml.{hint} "
+        f"The experiments (conf/experiment/*/*.yaml): {', '.join(names)}."
+    )
+
+
 def _report_composition_errors(run_and_report):
     """Hydra's run_and_report, with a composition error reported like ddist's own errors."""
 
@@ -86,6 +104,10 @@ def _report_composition_errors(run_and_report):
             try:
                 return func()
             except ConfigCompositionException as err:
+                experiment = missing_experiment(err)
+                if experiment and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                    print(f"ddist: error: {experiment}", file=sys.stderr)
+                    sys.exit(2)
                 if os.environ.get("HYDRA_FULL_ERROR") == "1" or isinstance(err, MissingConfigException):
                     raise  # Hydra's report: the full trace, or the list of available options
                 print(

@@ -84,6 +84,21 @@ def test_bad_value_fails_when_composed_naming_the_option(overrides, option, tmp_
     assert f"full_key: {option}" in str(err.value.__cause__)
 
 
+def test_a_mistyped_experiment_fails_naming_the_experiment_files(tmp_path, cache_dir):
+    """`experiment: null` is not optional in conf/config.yaml: a name with no file is refused, not ignored."""
+    from conftest import run_ddist
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException):
+        composed(["experiment=deda/cifar10_ipc1"], tmp_path)
+    proc = run_ddist("experiment=deda/cifar10_ipc1", run_dir=tmp_path / "run", cache_dir=cache_dir, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("ddist: error:")]
+    assert "experiment=deda/cifar10_ipc1" in line and "Did you mean deda/cifar10_ipc10" in line
+    assert "sre2l/digits_ipc10" in line  # the list of the experiment files
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
 def test_a_cache_dir_that_is_a_file_or_read_only(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
