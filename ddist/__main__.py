@@ -122,7 +122,20 @@ def _report_composition_errors(run_and_report):
     return report
 
 
+# Ctrl-C: this line and exit code 130 instead of a traceback; the W&B run ends as interrupted
+# (ddist.pipeline.run) and the same command run again continues it (its id: ddist.logging.run_id).
+INTERRUPTED = "interrupted: rerun the same command to resume"
+
+
 def main() -> None:
+    try:
+        _run()
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
+
+
+def _run() -> None:
     # Hydra composes inside its own error reporter (no public hook), so that is where a composition error
     # becomes one message and exit code 2
     hydra_utils.run_and_report = _report_composition_errors(hydra_utils.run_and_report)

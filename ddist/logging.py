@@ -6,7 +6,9 @@ no-op, so stages log unconditionally. Metric keys are "<stage>/<name>".
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import sys
@@ -89,6 +91,9 @@ class RunLogger:
             name=f"{method}-{dataset}-ipc{cfg.ipc}-s{cfg.seed}",
             tags=[method, dataset, f"ipc{cfg.ipc}", f"pipeline:{cfg.pipeline.name}", *lcfg.tags],
             reinit="finish_previous",
+            # a rerun of the same command (an interrupted job) continues this W&B run, not a new one
+            id=run_id(cfg),
+            resume="allow",
             config=config,
         )
         # one x axis per stage: a stage's curves are plotted against its own steps
@@ -136,6 +141,26 @@ class RunLogger:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+# Not part of a run's identity: where it writes (a rerun makes a new run directory) and how it is logged.
+_NOT_IDENTITY = ("paths", "logger")
+
+
+def run_id(cfg: DictConfig) -> str:
+    """The W&B run id of this config: a hash of the composed config less its paths and logger settings,
+    so the same command run again (after Ctrl-C) names the same W&B run and a different config another."""
+    container = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    identity = {k: v for k, v in cast("dict[str, Any]", container).items() if k not in _NOT_IDENTITY}
+    digest = hashlib.sha256(json.dumps(_str_keys(identity), sort_keys=True, default=str).encode()).hexdigest()
+    return f"{cfg.pipeline.name}-{cfg.dataset.name}-{digest[:16]}"
+
+
+def _str_keys(value: Any) -> Any:
+    """`value` with every mapping's keys as strings (json sorts them; some config keys are ints)."""
+    if isinstance(value, dict):
+        return {str(k): _str_keys(v) for k, v in value.items()}
+    return [_str_keys(v) for v in value] if isinstance(value, list) else value
 
 
 def _sweep_group(run_dir: Path) -> str | None:

@@ -84,6 +84,9 @@ def run(cfg: DictConfig) -> dict:
             report_to_logger(logger, results, ctx)
         exit_code = 0
         return results
+    except KeyboardInterrupt:
+        exit_code = 130  # Ctrl-C: the W&B run ends as interrupted (a rerun of the command continues it)
+        raise
     finally:
         logger.finish(exit_code)
 

@@ -1,10 +1,20 @@
-"""Progress in a log file: plain lines at intervals, never carriage-return frames."""
+"""Progress in a log file: plain lines at intervals, never carriage-return frames; the W&B run's
+id (the same for a rerun of the same command) and Ctrl-C on the command line."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, TINY, compose_cfg
 
 from ddist import logging as dlog
+from ddist.__main__ import INTERRUPTED
 
 
 def test_progress_in_a_log_writes_lines_not_frames(monkeypatch, caplog, capsys):
@@ -25,3 +35,48 @@ def test_progress_is_silent_when_switched_off(monkeypatch, caplog, capsys):
     with caplog.at_level(logging.INFO, logger="ddist"):
         assert list(dlog.progress(range(4), desc="x")) == [0, 1, 2, 3]
     assert not caplog.records and capsys.readouterr().err == ""
+
+
+def test_the_wandb_run_id_is_the_runs_identity_not_its_directory(tmp_path):
+    """The same config in another run directory (a rerun of the command) gets the same W&B id; another
+    config another id."""
+    cache = tmp_path / "cache"
+    first = compose_cfg("ipc=1", cache_dir=cache, run_dir=tmp_path / "a")
+    rerun = compose_cfg("ipc=1", "logger=wandb", cache_dir=cache, run_dir=tmp_path / "b")
+    assert dlog.run_id(first) == dlog.run_id(rerun)
+    assert dlog.run_id(compose_cfg("ipc=2", cache_dir=cache, run_dir=tmp_path / "a")) != dlog.run_id(first)
+    assert dlog.run_id(compose_cfg("ipc=1", "seed=1", cache_dir=cache, run_dir=tmp_path / "a")) != dlog.run_id(first)
+
+
+def _interrupted_run(run_dir, cache_dir) -> tuple[subprocess.CompletedProcess, str]:
+    """`python -m ddist` (a long teacher, offline W&B) sent SIGINT once its W&B run has started: what it
+    printed and exited with, and the W&B run's id (the offline run directory's suffix)."""
+    args = [*TINY, "teacher.epochs=500", "logger=wandb", "logger.mode=offline", f"paths.cache_dir={cache_dir}"]
+    env = {**os.environ, "DDIST_PROGRESS": "0", "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ddist", *args, f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not list((run_dir / "wandb").glob("offline-run-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # into the teacher's training
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), wandb_run.name.split("-", 3)[-1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_continues_the_same_wandb_run(tmp_path):
+    cache = tmp_path / "cache"
+    first, first_id = _interrupted_run(tmp_path / "first", cache)
+    assert first.returncode == 130, first.stderr[-3000:]
+    assert first.stderr.strip() == INTERRUPTED
+    rerun, rerun_id = _interrupted_run(tmp_path / "rerun", cache)  # a new run directory, the same W&B run
+    assert rerun.returncode == 130 and rerun.stderr.strip() == INTERRUPTED
+    assert rerun_id == first_id
