@@ -133,6 +133,18 @@ def main() -> None:
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
+    except ValueError as err:
+        if not str(err).startswith(_ONE_COMMAND):  # Hydra's flags, checked outside its error reporter
+            raise
+        print(
+            "ddist: error: give one of -m (--multirun), --cfg, --info and --shell-completion. To see a sweep "
+            "job's config, drop -m and give that job's values: `ddist ipc=1 --cfg job`.",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+_ONE_COMMAND = "Only one of --run, --multirun, --cfg, --info and --shell_completion"
 
 
 def _run() -> None:

@@ -213,3 +213,16 @@ def test_console_script_is_the_same_entry_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "name: cifar10" in proc.stdout and "name: deda" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cfg_job_resolve_and_a_multirun_cfg_print_the_config_or_one_line(tmp_path, cache_dir):
+    """`--cfg job --resolve` prints the resolved config (no run: no output directory); `-m ... --cfg job`
+    is one clear error, not Hydra's ValueError traceback."""
+    resolved = run_ddist("--cfg=job", "--resolve", "ipc=1", run_dir=tmp_path, cache_dir=cache_dir, tiny=False)
+    assert "output_dir: null" in resolved.stdout and f"cache_dir: {cache_dir}" in resolved.stdout
+    assert resolved.stderr == ""
+    swept = run_ddist("-m", "--cfg=job", "ipc=1,2", run_dir=tmp_path, cache_dir=cache_dir, tiny=False, check=False)
+    assert swept.returncode == 2
+    assert swept.stderr.startswith("ddist: error: give one of -m") and "Traceback" not in swept.stderr
+    assert len(swept.stderr.strip().splitlines()) == 1

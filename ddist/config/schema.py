@@ -54,7 +54,8 @@ class PathsConfig:
     root_dir: str = MISSING
     data_dir: str = MISSING
     cache_dir: str = MISSING
-    output_dir: str = MISSING
+    # Hydra's runtime.output_dir: None where no run is made (`ddist --cfg job --resolve`), a directory in a run
+    output_dir: str | None = MISSING
 
 
 # ----------------------------------------------------------------------------- dataset
