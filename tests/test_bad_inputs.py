@@ -58,6 +58,11 @@ ERRORS = [
     # SRe2L matches BatchNorm statistics: a teacher without BatchNorm is refused before squeeze trains it
     (["pipeline=sre2l", "teacher.model.norm=instance"], "teacher.model.norm=instance gives it no BatchNorm"),
     (["pipeline=sre2l", "model@teacher.model=resnet_ap10"], "teacher.model.norm=instance gives it no BatchNorm"),
+    # issue 23: settings that ran silently
+    (["evaluate.students=[]"], "evaluate.students is empty"),
+    (["teacher.epochs=0"], "teacher.epochs=0 keeps the teacher's initial weights"),
+    (["shard.index=2", "shard.count=2"], "shard.index=2 must be below shard.count=2"),
+    (["pipeline=random", "shard.count=2"], "shard.count=2 splits the parts of recover or diffusion"),
 ]
 
 
@@ -97,6 +102,32 @@ def test_a_mistyped_experiment_fails_naming_the_experiment_files(tmp_path, cache
     assert "experiment=deda/cifar10_ipc1" in line and "Did you mean deda/cifar10_ipc10" in line
     assert "sre2l/digits_ipc10" in line  # the list of the experiment files
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_an_untrained_teacher_is_fine_with_weights_to_keep(tmp_path):
+    """teacher.epochs=0 is meant with a teacher.checkpoint or pretrained weights."""
+    validate(composed(["teacher.epochs=0", f"teacher.checkpoint={tmp_path / 'teacher.pt'}"], tmp_path))
+    validate(composed(["teacher.epochs=0", "model@teacher.model=resnet18", "teacher.model.pretrained=true"], tmp_path))
+
+
+def test_a_dry_run_checks_what_it_replaces(tmp_path, caplog):
+    """A dry run refuses the paths.cache_dir and shard options the real run refuses, and runs every stage
+    of a shard job (it would otherwise stop after recover and still succeed)."""
+    from ddist.config import dry_run
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"paths\.cache_dir.*is a file"):
+        dry_run.prepare(composed(["dry_run=true", f"paths.cache_dir={blocker}/cache"], tmp_path))
+    with pytest.raises(ConfigError, match=r"shard\.index=3 must be below"):
+        dry_run.prepare(composed(["dry_run=true", "shard.index=3", "shard.count=2"], tmp_path))
+    with pytest.raises(ConfigError, match=r"teacher\.epochs=0"):
+        dry_run.prepare(composed(["dry_run=true", "teacher.epochs=0"], tmp_path))
+    with caplog.at_level(logging.WARNING, logger="ddist"):
+        cut = dry_run.prepare(composed(["dry_run=true", "shard.index=1", "shard.count=2"], tmp_path))
+    assert (cut.shard.index, cut.shard.count) == (0, 1)
+    assert any("shard.index=1 shard.count=2" in r.getMessage() for r in caplog.records)
+    validate(cut)
 
 
 def test_a_cache_dir_that_is_a_file_or_read_only(tmp_path):

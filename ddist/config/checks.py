@@ -120,6 +120,10 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"device={cfg.device!r} is not a device. Set device=auto, cpu, cuda or cuda:N.")
     thread_count(cfg.threads)
     check_stage_inputs(cfg)
+    check_shard(cfg)
+    check_students(cfg)
+    if not cfg.dry_run:  # a dry run checked the real teacher before it dropped pretrained weights (dry_run.py)
+        check_teacher_trains(cfg)
     recover_method(cfg.recover.objective)  # a name no method has fails whatever runs (as a schema choice would)
     if "recover" in cfg.pipeline.stages:
         check_recover(cfg)
@@ -153,6 +157,50 @@ def check_stage_inputs(cfg: DictConfig) -> None:
                 f"(pipeline.stages={list(cfg.pipeline.stages)}): {how_to_get(need)}."
             )
         have |= stage.makes
+
+
+# the stages that split their parts (recover groups, sampled classes) among shards: ddist/runtime/workdir.py
+SHARDED_STAGES = ("recover", "diffusion")
+
+
+def check_shard(cfg: DictConfig) -> None:
+    """shard.index names one of the shard.count jobs, and the pipeline has parts to split among them
+    (RULES check each option's range)."""
+    index, count = cfg.shard.index, cfg.shard.count
+    if index >= count:
+        raise ConfigError(
+            f"shard.index={index} must be below shard.count={count} (the jobs are numbered 0 to "
+            f"{count - 1}); set shard.index to one of them, or shard.count to the number of jobs."
+        )
+    if count > 1 and not any(s in cfg.pipeline.stages for s in SHARDED_STAGES):
+        raise ConfigError(
+            f"shard.count={count} splits the parts of {' or '.join(SHARDED_STAGES)}, which pipeline.stages="
+            f"{list(cfg.pipeline.stages)} does not run: every shard job would redo the whole run. "
+            "Set shard.count=1 (and shard.index=0)."
+        )
+
+
+def check_students(cfg: DictConfig) -> None:
+    """evaluate trains at least one student: with evaluate.students=[] it would run and report nothing."""
+    if "evaluate" in cfg.pipeline.stages and len(cfg.evaluate.students) == 0:
+        raise ConfigError(
+            "evaluate.students is empty, so evaluate would train no student and report nothing: name at least "
+            "one (e.g. evaluate.students=[convnet]), or leave evaluate out of pipeline.stages."
+        )
+
+
+def check_teacher_trains(cfg: DictConfig) -> None:
+    """teacher.epochs=0 keeps the model's initial weights: meant with pretrained weights (teacher.model.pretrained)
+    or a given teacher.checkpoint, never for a randomly initialised teacher that squeeze would cache and use."""
+    if "squeeze" not in cfg.pipeline.stages or cfg.teacher.epochs != 0 or cfg.teacher.checkpoint is not None:
+        return
+    if OmegaConf.select(cfg, "teacher.model.pretrained", default=False):
+        return
+    raise ConfigError(
+        "teacher.epochs=0 keeps the teacher's initial weights, and this teacher has no pretrained weights "
+        "(teacher.model.pretrained) or teacher.checkpoint: squeeze would cache and use an untrained teacher. "
+        "Set teacher.epochs >= 1, teacher.checkpoint=PATH, or teacher.model.pretrained=true where the model has it."
+    )
 
 
 def check_evidence_options(cfg: DictConfig) -> None:

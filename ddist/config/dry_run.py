@@ -13,7 +13,9 @@
   with random weights; a classifier never loads torchvision's ImageNet-1k weights, whose
   1000-class head does not fit CLASSES classes (a missing file still stops a real run in its
   first stage); teacher.checkpoint and evaluate.distilled must exist and are then left out;
-- outputs: caches in <run_dir>/dry_run_cache (a real cache entry is never written), the result
+- shards: shard.index / shard.count are checked, then one job makes every part and runs every stage;
+- outputs: caches in <run_dir>/dry_run_cache (a real cache entry is never written; paths.cache_dir is
+  checked as the real run checks it), the result
   in <run_dir>/dry_run.json (not results.json, so reports never count it), no W&B run.
 
 Everything else is the real configuration: the teacher, every student and the diffusion
@@ -27,9 +29,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ddist.config.checks import check_cache_dir, check_shard, check_teacher_trains
 from ddist.data import dataset_spec
 from ddist.errors import ConfigError
-from ddist.logging import info
+from ddist.logging import info, warn
 from ddist.methods import recover_method
 
 CLASSES = 2  # classes kept (fewer when the dataset has fewer)
@@ -38,8 +41,18 @@ PER_CLASS = 2  # real (or synthetic) images per class in each split; also the la
 
 def prepare(cfg: DictConfig) -> DictConfig:
     """A copy of `cfg` cut down for a dry run (see the module docstring)."""
+    # what the cut below replaces is checked as the real run would check it first
+    check_cache_dir(Path(cfg.paths.cache_dir))
+    check_shard(cfg)
+    check_teacher_trains(cfg)
     cfg = copy.deepcopy(cfg)
     cfg.paths.cache_dir = str(Path(cfg.paths.output_dir) / "dry_run_cache")
+    if cfg.shard.count > 1:  # a shard would stop after its share of recover / diffusion: run every part
+        warn(
+            f"dry run: shard.index={cfg.shard.index} shard.count={cfg.shard.count} -> one job makes every part "
+            "and runs every stage (shards stop after their share)"
+        )
+        cfg.shard.index, cfg.shard.count = 0, 1
     if "mode" in cfg.logger:
         cfg.logger.mode = "disabled"
     classes = _cut_data(cfg)
