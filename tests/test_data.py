@@ -533,3 +533,57 @@ def test_missing_root_names_the_download(tmp_path):
 def test_unknown_split(tmp_path):
     with pytest.raises(ConfigError, match="train, test"):
         load_split(_cfg("digits"), "validation")
+
+
+# ------------------------------------------- dataset=folder: classes known only from disk
+
+# Class folder names a shell, Hydra or argparse could mistake: a space, non-ASCII, a leading dash.
+AWKWARD_NAMES = ["a b", "ünï", "-lead"]
+
+
+def write_class_folders(root: Path, names: list[str], per_class: int = 3) -> None:
+    """<root>/{train,test}/<name>/*.png: tiny RGB images, `per_class` per class in train, one in test."""
+    for label, name in enumerate(names):
+        for split, count in (("train", per_class), ("test", 1)):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (60 * label, 20 * i, 0)).save(folder / f"{i}.png")
+
+
+def test_validation_counts_the_class_folders_when_the_config_leaves_them_to_the_data(tmp_path, monkeypatch):
+    """dataset=folder has num_classes: null; the up-front checks read the count with dataset_spec (the
+    loaders' own function) instead of failing on None (a TypeError in the memory check before)."""
+    from conftest import compose_cfg
+
+    from ddist.config import checks
+    from ddist.pipeline import validate
+
+    write_class_folders(tmp_path / "data", AWKWARD_NAMES)
+    cfg = compose_cfg(
+        "dataset=folder",
+        f"dataset.root={tmp_path / 'data'}",
+        "ipc=2",
+        cache_dir=tmp_path / "cache",
+        run_dir=tmp_path / "run",
+    )
+    assert cfg.dataset.num_classes is None
+    validate(cfg)
+    assert dataset_spec(cfg.dataset).classes == tuple(sorted(AWKWARD_NAMES))
+    monkeypatch.setattr(checks, "_available_memory", lambda: 1024)
+    with pytest.raises(ConfigError, match=r"ipc=2 makes a set of .* \(3 classes x 3x32x32 float32\)"):
+        validate(cfg)
+    cfg.dataset.root = str(tmp_path / "absent")  # a missing root keeps its message
+    with pytest.raises(ConfigError, match="absent/train does not exist"):
+        validate(cfg)
+
+
+def test_val_per_class_too_large_names_the_smallest_class():
+    """Class 1 is the first short class, class 2 the smallest: the message names 2 and its size, as ipc's does."""
+    targets = torch.tensor([0] * 5 + [1] * 3 + [2] * 2)
+    with pytest.raises(ConfigError) as err:
+        loaders.val_indices(targets, 3, 3)
+    assert str(err.value) == (
+        "dataset.val_per_class=3 leaves class 2 no training images: the smallest class has 2 "
+        "(2 class(es) have 3 or fewer); set dataset.val_per_class below 2."
+    )

@@ -226,3 +226,23 @@ def test_cfg_job_resolve_and_a_multirun_cfg_print_the_config_or_one_line(tmp_pat
     assert swept.returncode == 2
     assert swept.stderr.startswith("ddist: error: give one of -m") and "Traceback" not in swept.stderr
     assert len(swept.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("names", [["cat", "dog"], ["a b", "ünï", "-lead"]], ids=["plain", "awkward"])
+def test_a_folder_dataset_runs_from_the_command_line_with_only_its_root(names, tmp_path, cache_dir):
+    """The README's "any train/<class>/" dataset: `dataset=folder dataset.root=...` and nothing else about the
+    data (num_classes and classes come from the folders); a class folder named "-lead" is never read as an option."""
+    from test_data import write_class_folders
+
+    write_class_folders(tmp_path / "data", names)
+    run_dir = tmp_path / "run"
+    proc = run_ddist(
+        "dataset=folder", f"dataset.root={tmp_path / 'data'}", "ipc=1", run_dir=run_dir, cache_dir=cache_dir
+    )
+    assert "Traceback" not in proc.stderr
+    results = read_results(run_dir)
+    assert results["dataset"] == "folder" and results["ipc"] == 1
+    assert len(results["students"][0]["accs"]) == 1
+    distilled = load_file(str(next((run_dir / "distilled").glob("*.safetensors"))))
+    assert sorted(distilled["labels"].tolist()) == list(range(len(names)))

@@ -139,7 +139,7 @@ def check_config(cfg: DictConfig) -> None:
     ):
         check_real_images_per_class(cfg)
     warn_large_weights(cfg, WEIGHTS)
-    if cfg.dataset.num_classes == 1:
+    if _num_classes(cfg) == 1:
         warn("dataset.num_classes is 1: cross-entropy and soft labels carry no information with one class.")
 
 
@@ -382,14 +382,31 @@ def _exit_on_error(check: Callable[..., None], *args: Any) -> None:
         sys.exit(2)
 
 
+def _num_classes(cfg: DictConfig) -> int | None:
+    """dataset.num_classes; where the config leaves it to the data (dataset=folder), the class folders'
+    count, read by dataset_spec as the loaders read it (so the two cannot disagree; listing train/ decodes
+    nothing). None for a dry run without its data (it stands synthetic images in: ddist/config/dry_run.py)."""
+    if cfg.dataset.num_classes is not None:
+        return int(cfg.dataset.num_classes)
+    from ddist.config.dry_run import data_present  # heavy: ddist.data
+    from ddist.data import dataset_spec
+
+    if cfg.dry_run and not data_present(cfg.dataset):
+        return None
+    return dataset_spec(cfg.dataset).num_classes  # a missing or empty root: its ConfigError
+
+
 def check_set_fits_memory(cfg: DictConfig) -> None:
     """The distilled set (float32, [classes x ipc, C, H, W]) must fit in the memory available."""
     d = cfg.dataset
-    nbytes = d.num_classes * cfg.ipc * d.channels * d.resolution**2 * 4
+    num_classes = _num_classes(cfg)
+    if num_classes is None:
+        return
+    nbytes = num_classes * cfg.ipc * d.channels * d.resolution**2 * 4
     available = _available_memory()
     if available is not None and nbytes > available:
         raise ConfigError(
-            f"ipc={cfg.ipc} makes a set of {nbytes / 2**30:.1f} GiB ({d.num_classes} classes x "
+            f"ipc={cfg.ipc} makes a set of {nbytes / 2**30:.1f} GiB ({num_classes} classes x "
             f"{d.channels}x{d.resolution}x{d.resolution} float32), more than the "
             f"{available / 2**30:.1f} GiB of memory available. Lower ipc."
         )

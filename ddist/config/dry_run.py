@@ -73,7 +73,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
 def _cut_data(cfg: DictConfig) -> int:
     """dataset.subset (and synthetic images when the data is absent); returns the classes kept."""
     ds = cfg.dataset
-    if not _data_present(ds):
+    if not data_present(ds):
         info(f"dry run: no {ds.name} data at dataset.root={ds.root} -> synthetic images")
         ds.format = "synthetic"
         if ds.num_classes is None and ds.classes is None:  # e.g. dataset=folder: classes come from disk
@@ -89,7 +89,8 @@ def _cut_data(cfg: DictConfig) -> int:
     return classes
 
 
-def _data_present(ds: DictConfig) -> bool:
+def data_present(ds: DictConfig) -> bool:
+    """The dataset's files are where the config says (or need none): else a dry run makes synthetic images."""
     if ds.format in ("digits", "synthetic"):  # shipped with scikit-learn / made up
         return True
     return bool(ds.root) and Path(ds.root).expanduser().is_dir()

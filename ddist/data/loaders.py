@@ -265,16 +265,18 @@ def val_size(cfg: dict) -> int:
 def val_indices(targets: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
     """Sorted train indices of the validation split: `per_class` random images of each class,
     drawn with a fixed seed, so every run, seed and method of a dataset shares one split."""
+    pools = [class_indices_of(targets, c) for c in range(num_classes)]
+    counts = [len(pool) for pool in pools]
+    smallest = min(range(num_classes), key=counts.__getitem__)  # named, as ipc's check names it
+    if counts[smallest] <= per_class:
+        short = sum(n <= per_class for n in counts)
+        raise ConfigError(
+            f"dataset.val_per_class={per_class} leaves class {smallest} no training images: the smallest class "
+            f"has {counts[smallest]} ({short} class(es) have {per_class} or fewer); "
+            f"set dataset.val_per_class below {counts[smallest]}."
+        )
     generator = torch.Generator().manual_seed(VAL_SPLIT_SEED)
-    picked = []
-    for c in range(num_classes):
-        pool = class_indices_of(targets, c)
-        if len(pool) <= per_class:
-            raise ConfigError(
-                f"dataset.val_per_class={per_class} leaves class {c} no training images (it has {len(pool)}); "
-                f"set dataset.val_per_class below {len(pool)}."
-            )
-        picked.append(pool[torch.randperm(len(pool), generator=generator)[:per_class]])
+    picked = [pool[torch.randperm(len(pool), generator=generator)[:per_class]] for pool in pools]
     return torch.cat(picked).sort().values
 
 
