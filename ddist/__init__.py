@@ -33,6 +33,28 @@ if not OmegaConf.has_resolver("ddist.now"):
     OmegaConf.register_new_resolver("ddist.now", lambda pattern: started.strftime(pattern), use_cache=True)
     OmegaConf.register_new_resolver("ddist.rank0_only", lambda value: value if _rank == 0 else None)
     OmegaConf.register_new_resolver("ddist.rank_suffix", lambda: f"_rank{_rank}" if _rank else "")
+    OmegaConf.register_new_resolver("ddist.config_groups", lambda: config_groups())
+
+
+def config_groups() -> str:
+    """`ddist --help`'s groups (conf/hydra/default.yaml): each group of conf/ with the options its files
+    give, a nested one by its path (experiment: deda/cifar10_ipc10, ...); not the `*_schema` entries of
+    Hydra's ConfigStore, which are no option of the command line."""
+    import textwrap
+
+    lines = []
+    for group in sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
+        lines += textwrap.wrap(f"{group}: {', '.join(group_options(group))}", width=100, subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a group of conf/ (`ddist GROUP=OPTION`): its files, a nested one by its path."""
+    return sorted(
+        f.relative_to(CONF_DIR / group).with_suffix("").as_posix() for f in (CONF_DIR / group).rglob("*.yaml")
+    )
+
+
 # The schemas of that tree go into Hydra's ConfigStore before anything composes it: the config's,
 # and each method's own settings (ddist.methods imports every method module, each registering itself;
 # they import torch and their objectives only when they build).

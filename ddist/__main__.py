@@ -25,6 +25,7 @@ from pathlib import Path
 import hydra
 import hydra._internal.utils as hydra_utils
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.plugins.completion_plugin import CompletionPlugin
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -127,6 +128,19 @@ def _report_composition_errors(run_and_report):
 INTERRUPTED = "interrupted: rerun the same command to resume"
 
 
+def _complete_from_conf(query):
+    """Hydra's tab completion, except that `GROUP=` of a group of conf/ completes to that group's files
+    (ddist.group_options): nested experiment names (experiment=deda/cifar10_ipc10), no `*_schema` entries."""
+
+    def complete(self, word: str, config_name: str | None, words: list[str]) -> tuple[list[str], bool]:
+        group, eq, _ = word.partition("=")
+        if not eq or "/" in group or group == "hydra" or not (CONF_DIR / group).is_dir():
+            return query(self, word, config_name=config_name, words=words)
+        return [f"{group}={o}" for o in ddist.group_options(group) if f"{group}={o}".startswith(word)], True
+
+    return complete
+
+
 def main() -> None:
     try:
         _run()
@@ -151,6 +165,7 @@ def _run() -> None:
     # Hydra composes inside its own error reporter (no public hook), so that is where a composition error
     # becomes one message and exit code 2
     hydra_utils.run_and_report = _report_composition_errors(hydra_utils.run_and_report)
+    CompletionPlugin._query_config_groups = _complete_from_conf(CompletionPlugin._query_config_groups)  # type: ignore[method-assign]
     if launched_world() == 1:
         _main()
         return

@@ -5,12 +5,13 @@ table, multirun with W&B offline, one paragraph without traceback for a bad inpu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import read_results, run_ddist, run_pipeline, tiny_teacher
+from conftest import REPO, read_results, run_ddist, run_pipeline, tiny_teacher
 from safetensors.torch import load_file
 
 from ddist import report
@@ -226,6 +227,26 @@ def test_cfg_job_resolve_and_a_multirun_cfg_print_the_config_or_one_line(tmp_pat
     assert swept.returncode == 2
     assert swept.stderr.startswith("ddist: error: give one of -m") and "Traceback" not in swept.stderr
     assert len(swept.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_help_lists_the_groups_options_and_tab_completes_nested_experiments(tmp_path, cache_dir):
+    """`--help` lists what `group=option` accepts (no `*_schema` entries of the ConfigStore, no 300 lines
+    of config); `experiment=<TAB>` completes to the nested experiment names."""
+    helped = run_ddist("--help", run_dir=tmp_path, cache_dir=cache_dir, tiny=False).stdout
+    assert "schema" not in helped and len(helped.splitlines()) < 80
+    assert "dataset: cifar10, cifar100, digits, folder," in helped and "deda/cifar10_ipc10" in helped
+
+    def complete(line: str) -> list[str]:
+        env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
+        query = [sys.executable, "-m", "ddist", "-sc", "query=bash"]
+        return subprocess.run(query, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.split()
+
+    assert complete("ddist experiment=deda/cifar10_") == [
+        "experiment=deda/cifar10_ipc10",
+        "experiment=deda/cifar10_ipc50",
+    ]
+    assert "dataset=digits" in complete("ddist dataset=") and not any("schema" in o for o in complete("ddist dataset="))
 
 
 @pytest.mark.slow
