@@ -160,7 +160,8 @@ def test_dry_run_cuts_steps_and_data_but_keeps_the_models(tmp_path):
     assert (cut.ipc, cut.evaluate.epochs, cut.diffusion.finetune.steps, cut.diffusion.sample.steps) == (2, 1, 1, 1)
     assert cut.evaluate.students == cfg.evaluate.students and cut.teacher.model == cfg.teacher.model
     assert cut.paths.cache_dir == str(tmp_path / "run" / "dry_run_cache")
-    assert cfg.ipc == 50 and cfg.dataset.subset is None  # the given config is left as it was
+    # the given config is left as it was: the whole dataset
+    assert cfg.ipc == 50 and dict(cfg.dataset.subset) == {"classes": None, "per_class": None}
     with pytest.raises(ConfigError, match="teacher.checkpoint"):
         prepare(compose_dry_run(tmp_path, f"teacher.checkpoint={tmp_path}/missing.pt"))
 
