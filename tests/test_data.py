@@ -587,3 +587,18 @@ def test_val_per_class_too_large_names_the_smallest_class():
         "dataset.val_per_class=3 leaves class 2 no training images: the smallest class has 2 "
         "(2 class(es) have 3 or fewer); set dataset.val_per_class below 2."
     )
+
+
+@pytest.mark.parametrize(
+    ("subset", "message"),
+    [
+        (5, "dataset.subset=5 is not a subset: give dataset.subset={classes: K, per_class: N}"),
+        ({"foo": 1}, "dataset.subset={'classes': None, 'per_class': None, 'foo': 1} is not a subset"),
+        ({"classes": 0}, "dataset.subset.classes=0 must be an integer >= 1, or null"),
+        ({"per_class": "3"}, "dataset.subset.per_class='3' must be an integer >= 1, or null"),
+    ],
+)
+def test_a_bad_subset_names_the_option(subset, message):
+    with pytest.raises(ConfigError) as err:
+        dataset_spec(_cfg("digits", subset=subset))
+    assert str(err.value).startswith(message)

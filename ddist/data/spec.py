@@ -88,7 +88,13 @@ def per_channel(cfg: dict, key: str, channels: int) -> tuple[float, ...]:
 def subset_size(cfg: dict) -> tuple[int | None, int | None]:
     """(classes, per_class) of `dataset.subset`; None where the whole dataset is kept."""
     subset = cfg.get("subset") or {}
+    if not isinstance(subset, Mapping) or set(subset) - {"classes", "per_class"}:
+        raise ConfigError(
+            f"dataset.subset={subset!r} is not a subset: give dataset.subset={{classes: K, per_class: N}} "
+            "(either may be null), or dataset.subset=null for the whole dataset."
+        )
     sizes = (subset.get("classes"), subset.get("per_class"))
-    if any(v is not None and (not isinstance(v, int) or v < 1) for v in sizes):
-        raise ConfigError(f"dataset.subset={subset} needs integers >= 1 (or null) for classes and per_class; fix it.")
+    for key, v in zip(("classes", "per_class"), sizes, strict=True):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"dataset.subset.{key}={v!r} must be an integer >= 1, or null (no limit); fix it.")
     return sizes
