@@ -388,8 +388,8 @@ def _num_classes(cfg: DictConfig) -> int | None:
     nothing). None for a dry run without its data (it stands synthetic images in: ddist/config/dry_run.py)."""
     if cfg.dataset.num_classes is not None:
         return int(cfg.dataset.num_classes)
-    from ddist.config.dry_run import data_present  # heavy: ddist.data
-    from ddist.data import dataset_spec
+    from ddist.data import dataset_spec  # heavy: torch
+    from ddist.data.spec import data_present
 
     if cfg.dry_run and not data_present(cfg.dataset):
         return None

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddist.config.checks import check_cache_dir, check_shard, check_teacher_trains
 from ddist.data import dataset_spec
+from ddist.data.spec import data_present
 from ddist.errors import ConfigError
 from ddist.logging import info, warn
 from ddist.methods import recover_method
@@ -87,13 +88,6 @@ def _cut_data(cfg: DictConfig) -> int:
     if "imagenet_ids" in ds:  # ImageNet subsets: per-label lists outside the spec follow the cut
         ds.imagenet_ids = list(ds.imagenet_ids)[:classes]
     return classes
-
-
-def data_present(ds: DictConfig) -> bool:
-    """The dataset's files are where the config says (or need none): else a dry run makes synthetic images."""
-    if ds.format in ("digits", "synthetic"):  # shipped with scikit-learn / made up
-        return True
-    return bool(ds.root) and Path(ds.root).expanduser().is_dir()
 
 
 def _one_step(cfg: DictConfig) -> None:

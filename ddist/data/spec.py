@@ -98,3 +98,10 @@ def subset_size(cfg: dict) -> tuple[int | None, int | None]:
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise ConfigError(f"dataset.subset.{key}={v!r} must be an integer >= 1, or null (no limit); fix it.")
     return sizes
+
+
+def data_present(ds: DictConfig) -> bool:
+    """The dataset's files are where the config says (or need none): else a dry run makes synthetic images."""
+    if ds.format in ("digits", "synthetic"):  # shipped with scikit-learn / made up
+        return True
+    return bool(ds.root) and Path(ds.root).expanduser().is_dir()
