@@ -118,6 +118,21 @@ def test_cli_writes_report(sweep, tmp_path, capsys):
     assert report.main([str(tmp_path / "does-not-exist")]) == 2
 
 
+def test_cli_refuses_a_directory_without_runs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "no runs under" in err and str(tmp_path / "empty") in err
+    assert not (tmp_path / "empty" / "report.md").exists()  # no report that says every run has a result
+
+
+def test_cli_names_an_out_path_under_a_file(sweep, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert report.main([str(sweep), "--out", str(tmp_path / "file" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and str(tmp_path / "file" / "sub") in err and "Traceback" not in err
+
+
 def test_runs_of_one_cell_under_two_protocols_are_two_rows_not_duplicates(tmp_path):
     for protocol, acc in (("soft", 0.9), ("hard", 0.6)):
         _write_run(tmp_path / protocol, "random", 10, 0, acc)

@@ -86,7 +86,23 @@ def main(argv: list[str] | None = None) -> int:
         if not p.is_dir():
             print(f"error: {p} is not a directory; give run or multirun directories.", file=sys.stderr)
             return 2
+    if not any(next(p.rglob("results.json"), None) or next(p.rglob(".hydra"), None) for p in args.paths):
+        print(
+            f"error: no runs under {', '.join(str(p) for p in args.paths)} (no results.json and no Hydra job "
+            "directory with .hydra/ below it); give the run or multirun directories that ddist wrote.",
+            file=sys.stderr,
+        )
+        return 2
     out_dir = args.out or args.paths[0]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(
+            f"error: cannot write the report into {out_dir} ({err.strerror or err}); "
+            "set --out to a directory that can be created (not a file, nor a path under one).",
+            file=sys.stderr,
+        )
+        return 2
     rows, collected, missing = build_report(args.paths, out_dir, tuple(args.sweep))
     if args.wandb:
         plots = {r["dataset"]: out_dir / f"acc_vs_ipc_{safe_name(str(r['dataset']))}.png" for r in rows}
