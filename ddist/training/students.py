@@ -109,7 +109,8 @@ def student_base_key(
 ) -> dict:
     """What a student's accuracy depends on besides its architecture and repeat: the set's tensors,
     the evaluate settings, the seed, the scored split, (soft protocol) the teacher's weights and,
-    with stored soft labels, how they were compressed (fp16, top-k)."""
+    with stored soft labels, how they were compressed (fp16, top-k), and the rank count that trains
+    it (world(): DDP's ranks reach another accuracy than one process; 1 where rank 0 trains alone)."""
     settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True, enum_to_str=True))
     for key in _NOT_STUDENT_KEYS:
         settings.pop(key, None)
@@ -124,6 +125,7 @@ def student_base_key(
         "dataset": dataset,
         "precision": cfg.precision,
         "teacher": file_sha256(ctx.require("teacher")) if ev.protocol == "soft" else None,
+        "world_size": distributed.world(),
     }
 
 

@@ -17,17 +17,22 @@ from ddist.models import FeatureModel, build_model
 from ddist.models.fold import fold_batchnorm
 from ddist.runtime.artifacts import load_checkpoint, load_model_state
 from ddist.runtime.context import RunContext
+from ddist.runtime.ranks import launched_world
 
 # dataset keys that do not change the teacher (they steer other stages)
 _NOT_TEACHER_KEYS = ("protocol", "download")
 # teacher keys that do not change its weights
-_NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every", "fold_bn", "channels_last")
+_NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every", "eval_every", "fold_bn", "channels_last")
 
 
 def teacher_key(cfg: DictConfig) -> dict:
     """Exactly the config that determines the teacher's weights: every field of dataset (but
     _NOT_TEACHER_KEYS, and of its augmentation the student's, which the teacher trains with), of
-    teacher (but _NOT_WEIGHT_KEYS), and precision (the store's rule: ddist/runtime/store.py)."""
+    teacher (but _NOT_WEIGHT_KEYS), precision (the store's rule: ddist/runtime/store.py), and the rank
+    count that trains it (DDP averages per-rank gradient means and BatchNorm keeps per-rank statistics,
+    so 2 gloo ranks give other weights than one process). The squeeze stage, which every launched rank
+    runs, trains it: the key reads torchrun's launch (launched_world), not world(), which is 1 in the
+    stages rank 0 runs alone and which also key on the teacher (teacher_identity)."""
     dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
     for name in _NOT_TEACHER_KEYS:
         dataset.pop(name, None)
@@ -35,7 +40,7 @@ def teacher_key(cfg: DictConfig) -> dict:
     teacher = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher, resolve=True, enum_to_str=True))
     for name in _NOT_WEIGHT_KEYS:
         teacher.pop(name, None)
-    return {"dataset": dataset, "teacher": teacher, "precision": cfg.precision}
+    return {"dataset": dataset, "teacher": teacher, "precision": cfg.precision, "world_size": launched_world()}
 
 
 def build_teacher(cfg: DictConfig, spec) -> FeatureModel:
