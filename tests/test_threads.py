@@ -27,6 +27,14 @@ def test_auto_takes_the_users_omp_setting(monkeypatch):
     assert threads.thread_count("auto")[0] == 3
 
 
+@pytest.mark.parametrize("bad", ["abc", "-2", "1.5"])
+def test_auto_names_an_unreadable_omp_setting(monkeypatch, bad):
+    monkeypatch.setenv("OMP_NUM_THREADS", bad)
+    with pytest.raises(ConfigError, match=r"OMP_NUM_THREADS=.*positive integer"):
+        threads.thread_count("auto")
+    assert threads.thread_count(2) == (2, "threads option")  # an explicit threads=N does not read it
+
+
 def test_auto_divides_the_cores_among_concurrent_jobs(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "available_cores", lambda: 8)

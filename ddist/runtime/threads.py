@@ -46,8 +46,16 @@ def concurrent_jobs() -> int:
 def thread_count(setting: int | str) -> tuple[int, str]:
     """(threads, why) for the `threads` option: a positive int, or auto."""
     if setting == "auto":
-        if os.environ.get("OMP_NUM_THREADS"):  # the user's explicit choice for this process wins
-            return max(int(os.environ["OMP_NUM_THREADS"]), 1), "OMP_NUM_THREADS"
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if omp:  # the user's explicit choice for this process wins
+            first = omp.split(",")[0].strip()  # OpenMP's nested form "4,2": the outer level is ours
+            if not first.isdigit():
+                raise ConfigError(
+                    f"The environment variable OMP_NUM_THREADS={omp!r} is not a thread count. "
+                    "Set it to a positive integer (export OMP_NUM_THREADS=4), or unset it to let threads=auto "
+                    "divide the cores, or set threads=N."
+                )
+            return max(int(first), 1), "OMP_NUM_THREADS"
         cores, jobs = available_cores(), concurrent_jobs()
         return max(cores // jobs, 1), f"{cores} cores / {jobs} concurrent job(s)"
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
