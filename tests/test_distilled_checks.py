@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ddist.data import dataset_spec
 from ddist.errors import CheckpointError
-from ddist.runtime.artifacts import load_distilled, save_distilled
+from ddist.runtime.artifacts import load_distilled, save_distilled, tensor_checksum
 
 SPEC = dataset_spec(OmegaConf.load("conf/dataset/digits.yaml"))
 
@@ -43,6 +43,39 @@ def test_a_changed_tensor_file_fails_its_checksum(tmp_path):
     good = load_distilled(path, SPEC)
     save_file({"images": good.images * 2, "labels": good.labels}, str(path / "data.safetensors"))
     with pytest.raises(CheckpointError, match="checksum.*evaluate.distilled"):
+        load_distilled(path, SPEC)
+
+
+def _rewrite(path, images, labels, **meta_change):
+    """Replace a set's tensors and give meta.json their checksum: damage the checksum cannot see."""
+    save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(path / "data.safetensors"))
+    meta = json.loads((path / "meta.json").read_text())
+    meta.update(sha256=tensor_checksum(images, labels), **meta_change)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_an_empty_set_is_refused_at_load(tmp_path):
+    path = _set(tmp_path)
+    _rewrite(path, torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.long), num_images=0)
+    with pytest.raises(CheckpointError, match=r"has no images \(N=0\).*evaluate\.distilled"):
+        load_distilled(path, SPEC)
+
+
+def test_nan_pixels_with_a_matching_checksum_are_refused_at_load(tmp_path):
+    path = _set(tmp_path)
+    good = load_distilled(path, SPEC)
+    images = good.images.clone()
+    images[5, 0, 3, 3] = float("nan")
+    _rewrite(path, images, good.labels)
+    with pytest.raises(CheckpointError, match="NaN or infinite pixels.*evaluate\\.distilled"):
+        load_distilled(path, SPEC)
+
+
+@pytest.mark.parametrize("meta", ["[1, 2]", "null", '"text"'])
+def test_a_meta_json_that_is_not_an_object_is_refused_at_load(tmp_path, meta):
+    path = _set(tmp_path)
+    (path / "meta.json").write_text(meta)
+    with pytest.raises(CheckpointError, match="meta.json holds a JSON .*, not an object.*evaluate\\.distilled"):
         load_distilled(path, SPEC)
 
 

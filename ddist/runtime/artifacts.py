@@ -389,6 +389,10 @@ def load_distilled(path: str | os.PathLike, spec=None, option: str = "evaluate.d
         meta = json.loads((path / "meta.json").read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}/meta.json is corrupt ({err}). {redo}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{path}/meta.json holds a JSON {type(meta).__name__}, not an object of the set's metadata. {redo}"
+        )
     if "images" not in tensors or "labels" not in tensors:
         raise CheckpointError(f"{path}/data.safetensors lacks 'images' or 'labels'. {redo}")
     images, labels = tensors["images"], tensors["labels"]
@@ -427,6 +431,10 @@ def _distilled_problem(images: torch.Tensor, labels: torch.Tensor, meta: dict, s
     """What is wrong with a set's tensors and metadata (None if nothing)."""
     if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
         return f"has images {tuple(images.shape)} and labels {tuple(labels.shape)}, not [N, C, H, W] and [N]"
+    if len(labels) == 0:
+        return "has no images (N=0): there is nothing to train a student on"
+    if images.is_floating_point() and not all(torch.isfinite(c).all() for c in images.split(1024)):
+        return "has NaN or infinite pixels (the run that made it diverged, or the file was damaged)"
     if "sha256" in meta and meta["sha256"] != tensor_checksum(images, labels):
         return "has tensors whose checksum differs from meta.json's (the file was changed or damaged)"
     if meta.get("num_images", len(labels)) != len(labels):
