@@ -96,8 +96,9 @@ class RunLogger:
             resume="allow",
             config=config,
         )
-        # one x axis per stage: a stage's curves are plotted against its own steps
-        for stage in cfg.pipeline.stages:
+        # one x axis per stage: a stage's curves are plotted against its own steps; the baselines'
+        # students log under their own namespace, not into the set's students' keys
+        for stage in [*cfg.pipeline.stages, "baseline"]:
             run.define_metric(f"{stage}/step", hidden=True)
             run.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
         return cls(run)

@@ -152,9 +152,9 @@ def format_table(results: dict) -> str:
             base = f"{100 * s['baseline_acc_mean']:>12.2f}%{s['gain_pp']:>+7.2f}pp{s['ior']:>+8.3f}"
         else:
             base = f"{'-':>13}{'-':>9}{'-':>8}" if compared else ""
+        std = f"{100 * s['acc_std']:>7.2f}%" if len(s["accs"]) > 1 else f"{'-':>8}"  # one run: no spread
         lines.append(
-            f"  {s['name']:<16}{s['protocol']:<10}{100 * s['acc_mean']:>9.2f}%{100 * s['acc_std']:>7.2f}%"
-            f"  {len(s['accs']):>4}{base}"
+            f"  {s['name']:<16}{s['protocol']:<10}{100 * s['acc_mean']:>9.2f}%{std}  {len(s['accs']):>4}{base}"
         )
     baseline = results.get("baseline")
     if baseline is not None:

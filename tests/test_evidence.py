@@ -244,7 +244,7 @@ def test_report_shows_each_runs_baseline_gain_and_marks_val_runs(tmp_path):
     assert by[("sre2l", "test")]["random_acc"] == pytest.approx(0.65)
     assert by[("sre2l", "test")]["gain_pp"] == pytest.approx(-5.0)
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| deda | 10 | convnet | soft | 1 | 80.0 ± 0.0 | 70.0 | +10.0 | 0.100 |" in md
+    assert "| deda | 10 | convnet | soft | 1 | 80.0 ± - | 70.0 | +10.0 | 0.100 |" in md
     assert "| deda [val] | 10 |" in md and "report test accuracy only for the chosen setting" in md
     header = (tmp_path / "out" / "report.csv").read_text().splitlines()[0].split(",")
     assert {"split", "random_acc", "gain_pp", "ior"} <= set(header)

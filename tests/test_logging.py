@@ -80,3 +80,39 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_continues_the_same_wandb
     rerun, rerun_id = _interrupted_run(tmp_path / "rerun", cache)  # a new run directory, the same W&B run
     assert rerun.returncode == 130 and rerun.stderr.strip() == INTERRUPTED
     assert rerun_id == first_id
+
+
+def test_the_baselines_students_log_under_their_own_namespace(tmp_path, monkeypatch):
+    """The random-real baseline's students log "baseline/random/..."; the set's students' curves and
+    final test_acc (W&B's summary: a key's last value) are the set's alone. Students and the teacher
+    log test accuracy as a curve (every eval_every epochs), its last point the reported number."""
+    from conftest import run_pipeline
+
+    logged: list[tuple[dict, int | None]] = []
+    monkeypatch.setattr(dlog.RunLogger, "log", lambda self, metrics, step=None: logged.append((metrics, step)))
+    every = ("evaluate.eval_every=1", "teacher.eval_every=1")  # TINY: 3 student epochs, 2 teacher epochs
+    results = run_pipeline("ipc=1", *every, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
+    last: dict[str, float] = {}
+    for metrics, _ in logged:
+        last.update(metrics)
+    set_acc, baseline_acc = "evaluate/convnet_r0/test_acc", "baseline/random/convnet_r0/test_acc"
+    assert set_acc in last and baseline_acc in last, sorted(last)
+    (student,) = results["students"]
+    assert last[set_acc] == student["accs"][0]
+    assert last[baseline_acc] == results["baseline"]["students"][0]["accs"][0]
+    assert not any(k.startswith("evaluate/random") for k in last), sorted(last)
+
+    def curve(key: str) -> list[tuple[int | None, float]]:
+        return [(step, metrics[key]) for metrics, step in logged if key in metrics]
+
+    points = curve(set_acc)
+    assert [step for step, _ in points] == sorted(step for step, _ in points) and len(points) == 3, points
+    assert points[-1][1] == student["accs"][0]
+    assert len(curve(baseline_acc)) == 3
+    teacher = curve("squeeze/test_acc")
+    assert len(teacher) == 2 and teacher[-1][1] == results["teacher_acc"], teacher
+
+    from ddist.pipeline import format_table
+
+    (row,) = [line.split() for line in format_table(results).splitlines() if line.strip().startswith("convnet")]
+    assert row[3] == "-", row  # one repeat: no std, not "0.00%"

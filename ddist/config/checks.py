@@ -84,6 +84,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evaluate.repeats": AT_LEAST_1,
     "evaluate.lr": POSITIVE,
     "evaluate.temperature": (POSITIVE[0], "a number > 0 (the soft labels are softmax(logits / temperature))"),
+    "evaluate.eval_every": (AT_LEAST_0[0], "an integer >= 0 (epochs between logged test accuracies; 0: only the last)"),
+    "teacher.eval_every": (AT_LEAST_0[0], "an integer >= 0 (epochs between logged test accuracies; 0: only the last)"),
     "diffusion.train.steps": AT_LEAST_0,
     "diffusion.train.batch_size": AT_LEAST_1,
     "diffusion.finetune.batch_size": AT_LEAST_1,

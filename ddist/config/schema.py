@@ -171,6 +171,7 @@ class TeacherConfig:
     clip_grad_norm: float | None = MISSING
     num_workers: int = MISSING
     log_every: int = MISSING
+    eval_every: int = MISSING  # epochs between logged test accuracies (0: only the final one)
     fold_bn: bool = MISSING  # fold eval-mode BatchNorm into the convolutions wherever the teacher is frozen
     channels_last: bool = MISSING  # the frozen teacher's weights (so its activations) in channels_last layout
 
@@ -260,6 +261,7 @@ class EvaluateConfig:
     test_batch_size: int = MISSING
     clip_grad_norm: float | None = MISSING
     log_every: int = MISSING
+    eval_every: int = MISSING  # epochs between logged test accuracies (0: only the final one)
 
 
 # ----------------------------------------------------------------------------- diffusion

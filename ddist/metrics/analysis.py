@@ -45,6 +45,11 @@ def set_metrics(syn_x, syn_y, syn_f, real_x, real_y, real_f, same_pos, spec) -> 
             "synthetic_per_class": _list(syn_pd),
             "real_same_ipc_per_class": _list(same_pd),
             "real_per_class": _list(real_pd),
+            **(
+                {"note": "IPC 1: each image is its class's prototype, so synthetic and real_same_ipc are 0"}
+                if len(syn_y) <= k
+                else {}
+            ),
         },
         "ssim": {
             "synthetic": syn_ssim_all,

@@ -63,7 +63,8 @@ def markdown_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def table_cells(row: dict) -> list[str]:
-    acc = f"{_pct(row['acc_mean'])} ± {_pct(row['acc_std'])}"
+    one_seed = row.get("seeds", 2) < 2  # one seed has no spread: a dash, not "± 0.0"
+    acc = f"{_pct(row['acc_mean'])} ± {'-' if one_seed else _pct(row['acc_std'])}"
     fd = row["fid"] if row["fid"] is not None else row["fd_teacher"]
     method = str(row["method"]) + (f" ({short(row['sweep_values'])})" if row["sweep_values"] else "")
     if row["split"] == "val":
@@ -148,7 +149,7 @@ def write_markdown(
             "evaluated beside each run (else the random pipeline's runs). gain = acc - random acc (percentage "
             "points); IOR: DD-Ranking's improvement over random, the same as a fraction. LRS/ARS: DD-Ranking "
             "scores in [0, 1] (only when `analyse.robust_scores=true`). proto dist: class-prototype cosine "
-            "distance (higher = more spread); "
+            "distance (higher = more spread; 0 by construction at IPC 1, where each image is its class's prototype); "
             "SSIM, feat cos: within-class pairwise similarity (lower = more diverse); eff. rank and spec. slope of "
             "the teacher-feature spectrum; FD: FID when Inception weights were given, else the teacher-space "
             "Frechet distance (fd_teacher). teacher acc on samples: the teacher's top-1 accuracy on a diffusion "

@@ -108,7 +108,13 @@ def train_teacher(cfg: DictConfig, ctx: RunContext, entry: Path) -> None:
         loss_fn,
         Optim(optimizer, list(model.parameters()), schedule, tcfg.clip_grad_norm),
         Loop(total=steps, desc="teacher", stage="squeeze", hint="Lower teacher.lr."),
-        Logging(ctx.logger, every=tcfg.log_every, steps_per_epoch=steps_per_epoch),
+        Logging(
+            ctx.logger,
+            every=tcfg.log_every,
+            steps_per_epoch=steps_per_epoch,
+            test=lambda: distributed.from_main(lambda: accuracy(model, test, spec, device)),
+            test_every=tcfg.eval_every,
+        ),
         work_dir=entry,
         amp=Amp(cfg.precision, cfg.compile),
     )
@@ -118,6 +124,7 @@ def train_teacher(cfg: DictConfig, ctx: RunContext, entry: Path) -> None:
         acc = accuracy(model, test, spec, device)
         save_checkpoint(path, model, {"test_acc": acc})
         atomic_write_text(meta_path, json.dumps({"test_acc": acc, "epochs": tcfg.epochs}))
+        ctx.logger.log({"squeeze/test_acc": acc}, step=steps)  # the test-accuracy curve's last point
         return acc
 
     distributed.from_main(measure_and_cache)

@@ -60,7 +60,7 @@ def random_baseline(cfg: DictConfig, ctx: RunContext, students: list[dict]) -> d
         "kind": "random",
         "set": str(path),
         "same_as_set": False,
-        "students": evaluate_set(cfg, ctx, path, stored=stored),
+        "students": evaluate_set(cfg, ctx, path, stored=stored, log_as="baseline/random"),
     }
 
 
@@ -114,7 +114,7 @@ def robust_baselines(cfg: DictConfig, ctx: RunContext, train, out_dir: Path) -> 
     hard = {**cast("dict[str, Any]", OmegaConf.to_container(acfg.hard)), "students": [student], "repeats": ev.repeats}
 
     def acc(path: Path, overrides: dict) -> float:
-        return evaluate_set(cfg, ctx, path, overrides)[0]["acc_mean"]
+        return evaluate_set(cfg, ctx, path, overrides, log_as="baseline/robust")[0]["acc_mean"]
 
     distilled = ctx.require("distilled")
     random_path = save_random_real(out_dir / "random_real", train, ctx.spec, cfg.ipc, cfg.seed)
@@ -161,7 +161,7 @@ def real_hard_accuracy(cfg: DictConfig, ctx: RunContext, train, hard: dict) -> f
             spec,
             {"dataset": spec.name, "method": "full_real", "ipc": largest, "seed": cfg.seed},
         )
-        value = evaluate_set(cfg, ctx, full, hard)[0]["acc_mean"]
+        value = evaluate_set(cfg, ctx, full, hard, log_as="baseline/real_hard")[0]["acc_mean"]
         atomic_write_text(e / "acc.json", json.dumps({"acc": value}))
 
     # analyse runs on rank 0 alone: one process builds, any other waits (ddist/runtime/store.py)

@@ -145,6 +145,10 @@ class Logging:
     every: int
     steps_per_epoch: int
     key: str | None = None
+    # the model's accuracy on its test split, logged as `key`/test_acc every `test_every` epochs
+    # (0: never) before the last step, which the caller measures and logs as the reported number
+    test: Callable[[], float] | None = None
+    test_every: int = 0
 
 
 @dataclass
@@ -190,4 +194,13 @@ def fit(
 
     replayed = itertools.islice(stream, start, None)  # the batches before `start`: already trained on
     callbacks = [Log(log.every, loop.total, write), checkpoint]
+    if log.test is not None and log.test_every > 0:
+        test = log.test
+
+        def write_test(done: int, loss: torch.Tensor, parts: Mapping) -> None:
+            if done < loop.total:
+                log.logger.log({f"{key}/test_acc": test()}, step=done)
+                model.train()  # accuracy() leaves it in eval mode
+
+        callbacks.insert(1, Log(log.test_every * log.steps_per_epoch, loop.total, write_test))
     run_loop(step_fn, replayed, optim, callbacks, dataclasses.replace(loop, start=start))

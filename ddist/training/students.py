@@ -63,12 +63,14 @@ def evaluate_set(
     distilled_path: str | Path,
     overrides: dict | None = None,
     stored: Path | None = None,
+    log_as: str = "evaluate",
 ) -> list[dict]:
     """Train and test every configured student `repeats` times on one DistilledSet.
 
     `overrides` changes evaluate settings for this call only (e.g. {"protocol": "hard"} or
     {"mix": "none"}), which the analyse stage uses for its baselines. `stored` is a relabel
-    directory whose soft labels replace the online teacher (soft protocol only). Each
+    directory whose soft labels replace the online teacher (soft protocol only); `log_as` is the
+    W&B namespace of the students' curves (the baselines log under "baseline/..."). Each
     (set, student, repeat) keeps its accuracy in a cache entry, so a rerun (after a kill,
     or a sweep over other evaluate settings) trains only the students not yet finished.
     """
@@ -79,7 +81,7 @@ def evaluate_set(
     teacher = frozen_teacher(cfg, load_teacher(cfg, ctx)) if ev.protocol == "soft" else None
     stored = stored if ev.protocol == "soft" else None
     base_key = student_base_key(cfg, ev, distilled, ctx, stored)
-    setting = Setting(ev, distilled, teacher, stored, test)
+    setting = Setting(ev, distilled, teacher, stored, test, log_as)
     results = []
     for entry in ev.students:
         name, model_cfg = student_config(entry)
@@ -101,7 +103,7 @@ def evaluate_set(
 
 
 # evaluate keys that do not change a student's accuracy (or are in its key otherwise: student, repeat)
-_NOT_STUDENT_KEYS = ("distilled", "students", "repeats", "test_batch_size", "baseline", "log_every")
+_NOT_STUDENT_KEYS = ("distilled", "students", "repeats", "test_batch_size", "baseline", "log_every", "eval_every")
 
 
 def student_base_key(
@@ -139,6 +141,7 @@ class Setting:
     teacher: torch.nn.Module | None
     stored: Path | None
     test: Any
+    log_as: str = "evaluate"  # the W&B namespace of the students' curves
 
 
 @dataclass
@@ -208,7 +211,7 @@ def train_student(cfg: DictConfig, ctx: RunContext, setting: Setting, run: Stude
         return weight * soft_label_loss(out, target, ev.temperature)
 
     # -- loop, then test
-    key = f"evaluate/{name}_r{repeat}"
+    key = f"{setting.log_as}/{name}_r{repeat}"
     fit(
         student,
         batches,
@@ -217,7 +220,14 @@ def train_student(cfg: DictConfig, ctx: RunContext, setting: Setting, run: Stude
         Loop(
             total=epochs * steps_per_epoch, desc=f"student {name} {repeat}", stage="evaluate", hint="Lower evaluate.lr."
         ),
-        Logging(ctx.logger, every=ev.log_every, steps_per_epoch=steps_per_epoch, key=key),
+        Logging(
+            ctx.logger,
+            every=ev.log_every,
+            steps_per_epoch=steps_per_epoch,
+            key=key,
+            test=lambda: distributed.from_main(lambda: accuracy(student, test, spec, device, ev.test_batch_size)),
+            test_every=ev.eval_every,
+        ),
         work_dir=work,
         amp=Amp(cfg.precision, cfg.compile),
     )
