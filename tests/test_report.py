@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from ddist import report
 
@@ -193,3 +194,54 @@ def test_rows_show_their_shared_overrides_and_na_at_ipc_1(tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("| deda | 1 |"))
     assert "| n/a | n/a |" in line and "0.000" not in line and "`recover.iterations=150`" in line
+
+
+def _saved_figures(monkeypatch) -> list:
+    """The matplotlib figures saved from now on (still inspectable after plt.close)."""
+    from matplotlib.figure import Figure
+
+    saved, savefig = [], Figure.savefig
+
+    def record(self, *args, **kwargs):
+        saved.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return saved
+
+
+def test_the_sweep_plot_labels_its_points_and_drops_empty_panels(tmp_path, monkeypatch):
+    from ddist.report.plots import plot_sweep
+
+    saved = _saved_figures(monkeypatch)
+    rows = [
+        {"dataset": "digits", "method": "deda", "student": "convnet", "protocol": "soft", "sweep_values": {"r": v}}
+        | {"ssim": 0.1 * v, "spec_slope": -1.0, "acc_mean": 0.5, "sample_acc": None}  # recover: no sample accuracy
+        for v in (0, 0.1, 1)
+    ]
+    plot_sweep(rows, ("r",), tmp_path)
+    (fig,) = saved
+    assert [ax.get_title() for ax in fig.axes] == [
+        "within-class SSIM",
+        "feature spectrum decay slope",
+        "student accuracy (%)",
+    ]
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "0.1", "1"]
+
+
+def test_analyse_figures_name_the_run(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ddist.report.figures import prototype_figure, run_title
+
+    saved = _saved_figures(monkeypatch)
+    cfg = OmegaConf.create({"pipeline": {"name": "deda"}, "dataset": {"name": "digits"}, "ipc": 1, "seed": 3})
+    pd = {"synthetic": 0.0, "real_same_ipc": 0.0, "synthetic_per_class": [0.0, 0.0]}
+    pd |= {"real_same_ipc_per_class": [0.0, 0.0], "note": "IPC 1"}
+    prototype_figure(plt, tmp_path / "pd.png", pd, ["0", "1"], run_title(cfg))
+    title = saved[0].axes[0].get_title()
+    assert "deda on digits, IPC 1, seed 3" in title and "0 at IPC 1" in title, title

@@ -14,20 +14,30 @@ from ddist.metrics.analysis import headline
 GRID_CLASSES, GRID_IMAGES = 20, 10
 
 
-def draw_figures(out_dir: Path, syn_x, syn_y, spec, analysis: dict) -> list[Path]:
+def run_title(cfg) -> str:
+    """What a figure shows the run as: method, dataset, IPC and seed."""
+    return f"{cfg.pipeline.name} on {cfg.dataset.name}, IPC {cfg.ipc}, seed {cfg.seed}"
+
+
+def draw_figures(out_dir: Path, syn_x, syn_y, spec, analysis: dict, run: str = "") -> list[Path]:
+    """The figures, each titled with its content and `run` (run_title) beneath."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return [
-        grid_figure(plt, out_dir / "grid.png", spec.denormalize(syn_x).clamp(0, 1), syn_y, spec.classes),
-        spectrum_figure(plt, out_dir / "spectrum.png", analysis["spectrum"]),
-        prototype_figure(plt, out_dir / "prototype_distance.png", analysis["prototype_distance"], spec.classes),
+        grid_figure(plt, out_dir / "grid.png", spec.denormalize(syn_x).clamp(0, 1), syn_y, spec.classes, run),
+        spectrum_figure(plt, out_dir / "spectrum.png", analysis["spectrum"], run),
+        prototype_figure(plt, out_dir / "prototype_distance.png", analysis["prototype_distance"], spec.classes, run),
     ]
 
 
-def grid_figure(plt, path: Path, images01: torch.Tensor, labels: torch.Tensor, classes) -> Path:
+def _titled(title: str, run: str) -> str:
+    return f"{title}\n{run}" if run else title
+
+
+def grid_figure(plt, path: Path, images01: torch.Tensor, labels: torch.Tensor, classes, run: str = "") -> Path:
     """One row per class (the first GRID_CLASSES), up to GRID_IMAGES images each."""
     shown = [c for c in range(len(classes)) if (labels == c).any()][:GRID_CLASSES]
     cols = min(GRID_IMAGES, max(int((labels == c).sum()) for c in shown))
@@ -48,7 +58,7 @@ def grid_figure(plt, path: Path, images01: torch.Tensor, labels: torch.Tensor, c
     )
     ax.set_yticks([r * (h + pad) + h / 2 for r in range(len(shown))], [str(classes[c]) for c in shown])
     ax.set_xticks([])
-    ax.set_title("distilled images per class")
+    ax.set_title(_titled("distilled images per class", run), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -57,7 +67,7 @@ def grid_figure(plt, path: Path, images01: torch.Tensor, labels: torch.Tensor, c
 
 def finish_figure(plt, fig, ax, title: str, path: Path) -> Path:
     """Title, legend, save as PNG and release the figure."""
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -65,7 +75,7 @@ def finish_figure(plt, fig, ax, title: str, path: Path) -> Path:
     return path
 
 
-def spectrum_figure(plt, path: Path, spectra: dict) -> Path:
+def spectrum_figure(plt, path: Path, spectra: dict, run: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for key, label, style in (
         ("real", "real (subsample)", ":"),
@@ -84,10 +94,10 @@ def spectrum_figure(plt, path: Path, spectra: dict) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("index i")
     ax.set_ylabel("sigma_i / sigma_1")
-    return finish_figure(plt, fig, ax, "teacher-feature spectrum", path)
+    return finish_figure(plt, fig, ax, _titled("teacher-feature spectrum", run), path)
 
 
-def prototype_figure(plt, path: Path, pd: dict, classes) -> Path:
+def prototype_figure(plt, path: Path, pd: dict, classes, run: str = "") -> Path:
     import numpy as np
 
     syn = np.array([np.nan if v is None else v for v in pd["synthetic_per_class"]])
@@ -98,7 +108,8 @@ def prototype_figure(plt, path: Path, pd: dict, classes) -> Path:
     ax.bar(shown + 0.2, real[shown], width=0.4, label=f"real, same IPC (mean {pd['real_same_ipc']:.3f})")
     ax.set_xticks(shown, [str(classes[c]) for c in shown], rotation=90 if len(shown) > 10 else 0, fontsize=7)
     ax.set_ylabel("1 - cos(f, class centre)")
-    return finish_figure(plt, fig, ax, "class-prototype cosine distance", path)
+    title = "class-prototype cosine distance" + (" (0 at IPC 1: each image is its prototype)" if "note" in pd else "")
+    return finish_figure(plt, fig, ax, _titled(title, run), path)
 
 
 def log_analysis(logger, analysis: dict, spec, run_dir: Path) -> None:

@@ -88,9 +88,12 @@ def plot_sweep(rows: list[dict], sweep_keys: tuple[str, ...], out_dir: Path) -> 
                 ]
             )
             lines[label].append(r)
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
-        positive = [num(r["sweep_values"][x_key]) for r in subset if num(r["sweep_values"][x_key]) > 0]
-        for ax, (column, title, scale) in zip(axes, panels, strict=False):
+        # a panel only for a column some row has (recover runs have no teacher accuracy on samples)
+        drawn = [p for p in panels if any(r.get(p[0]) is not None for r in subset)] or panels[2:3]
+        fig, axes = plt.subplots(1, len(drawn), figsize=(4 * len(drawn), 3.5), squeeze=False)
+        xs = sorted({num(r["sweep_values"][x_key]) for r in subset})
+        positive = [x for x in xs if x > 0]
+        for ax, (column, title, scale) in zip(axes[0], drawn, strict=True):
             for label, pts in sorted(lines.items()):
                 pts = sorted((p for p in pts if p[column] is not None), key=lambda p: num(p["sweep_values"][x_key]))
                 ax.plot(
@@ -98,10 +101,12 @@ def plot_sweep(rows: list[dict], sweep_keys: tuple[str, ...], out_dir: Path) -> 
                 )
             if positive:
                 ax.set_xscale("symlog", linthresh=min(positive))
+            ax.set_xticks(xs, [f"{x:g}" for x in xs], minor=False)  # the swept values (symlog drops its labels)
+            ax.set_xticks([], minor=True)
             ax.set_xlabel(x_key.rsplit(".", 1)[-1])
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{dataset}: sweep over {x_key}", fontsize=9)
         fig.tight_layout()
         path = out_dir / f"sweep_{safe_name(str(dataset))}.png"

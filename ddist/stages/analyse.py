@@ -41,7 +41,7 @@ from ddist.logging import info
 from ddist.methods import recover_method
 from ddist.metrics import fid
 from ddist.metrics.analysis import covariance_metrics, features, headline, set_metrics, without_arrays
-from ddist.report.figures import draw_figures, log_analysis
+from ddist.report.figures import draw_figures, log_analysis, run_title
 from ddist.runtime.artifacts import atomic_write_text, load_distilled, strict_json
 from ddist.runtime.context import RunContext
 from ddist.runtime.stages import Stage
@@ -94,7 +94,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     # -- figures and outputs
     if acfg.figures:
         analysis["figures"] = [
-            str(p.relative_to(ctx.run_dir)) for p in draw_figures(out_dir, syn_x, syn_y, spec, analysis)
+            str(p.relative_to(ctx.run_dir)) for p in draw_figures(out_dir, syn_x, syn_y, spec, analysis, run_title(cfg))
         ]
     atomic_write_text(ctx.run_dir / "analysis.json", strict_json(analysis))
     ctx.results["analysis"] = without_arrays(analysis)  # results.json: the figures, not per-sample arrays
