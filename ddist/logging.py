@@ -88,8 +88,8 @@ class RunLogger:
             dir=str(run_dir),
             group=lcfg.group or _sweep_group(run_dir),
             job_type=job_type,
-            name=f"{method}-{dataset}-ipc{cfg.ipc}-s{cfg.seed}",
-            tags=[method, dataset, f"ipc{cfg.ipc}", f"pipeline:{cfg.pipeline.name}", *lcfg.tags],
+            name=f"{method}-{dataset}-ipc{cfg.ipc}-s{cfg.seed}{_trial_suffix(cfg)}",
+            tags=[method, dataset, f"ipc{cfg.ipc}", f"pipeline:{cfg.pipeline.name}", *_search_tags(cfg), *lcfg.tags],
             reinit="finish_previous",
             # a rerun of the same command (an interrupted job) continues this W&B run, not a new one
             id=run_id(cfg),
@@ -173,6 +173,31 @@ def _sweep_group(run_dir: Path) -> str | None:
         return None
     sweep_dir = run_dir.parent  # job directories are one level below the sweep directory
     return f"{sweep_dir.parent.name}_{sweep_dir.name}"
+
+
+def _trial(cfg: DictConfig) -> int | None:
+    """The trial number of a job of an optimising sweep (objective_metric set, under -m), else None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg.get("objective_metric") is None:
+        return None
+    try:
+        return int(HydraConfig.get().job.num)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _trial_suffix(cfg: DictConfig) -> str:
+    """ "-t<n>" for trial n of a search: its trials would otherwise share one W&B run name."""
+    trial = _trial(cfg)
+    return "" if trial is None else f"-t{trial}"
+
+
+def _search_tags(cfg: DictConfig) -> list[str]:
+    """A search's trials are tagged "search" (and "val" when scored on the validation split)."""
+    if _trial(cfg) is None:
+        return []
+    return ["search", *(["val"] if OmegaConf.select(cfg, "evaluate.split") == "val" else [])]
 
 
 def hydra_overrides() -> list[str]:

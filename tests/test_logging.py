@@ -116,3 +116,18 @@ def test_the_baselines_students_log_under_their_own_namespace(tmp_path, monkeypa
 
     (row,) = [line.split() for line in format_table(results).splitlines() if line.strip().startswith("convnet")]
     assert row[3] == "-", row  # one repeat: no std, not "0.00%"
+
+
+def test_search_trials_get_their_own_wandb_names_and_tags(tmp_path, monkeypatch):
+    """Trial n of an optimising sweep is named "...-t<n>" and tagged search (and val); a plain run is not."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg("ipc=1", "evaluate.split=val", cache_dir=tmp_path, run_dir=tmp_path / "run")
+    assert dlog._trial_suffix(cfg) == "" and dlog._search_tags(cfg) == []  # no objective: not a search
+    OmegaConf.update(cfg, "objective_metric", "students.0.acc_mean", force_add=True)
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(job=SimpleNamespace(num=7))))
+    assert dlog._trial_suffix(cfg) == "-t7"
+    assert dlog._search_tags(cfg) == ["search", "val"]
