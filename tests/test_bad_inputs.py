@@ -30,6 +30,8 @@ def composed(overrides: list[str], tmp_path):
 # (overrides, the option the message must name): refused by validate
 ERRORS = [
     (["device=banana"], "device"),
+    (["seed=12345678901234567890"], r"seed must be an integer in \[0, 2\*\*63 - 1\]"),  # torch: Overflow
+    (["seed=-1"], r"seed must be an integer in \[0"),  # numpy's SeedSequence: ValueError
     (["ipc=0"], "ipc"),
     (["threads=0"], "threads"),
     (["evaluate.batch_size=0"], "evaluate.batch_size"),
@@ -71,6 +73,14 @@ def test_bad_input_is_refused_naming_the_option(overrides, option, tmp_path):
     cfg = composed(overrides, tmp_path)
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
         validate(cfg)
+
+
+def test_device_mps_without_the_backend_is_refused(monkeypatch, tmp_path):
+    from ddist.config import checks
+
+    monkeypatch.setattr(checks, "_mps_available", lambda: False)  # as on any torch off Apple silicon
+    with pytest.raises(ConfigError, match="device=mps but this torch has no usable MPS backend.*device=cpu"):
+        validate(composed(["device=mps"], tmp_path))
 
 
 # refused when the config is composed, by the schemas of ddist/config/schema.py (more in test_schemas)

@@ -55,7 +55,9 @@ EMA_DECAY = (lambda v: _number(v) and 0 < v < 1, "a decay in (0, 1) (e.g. 0.9999
 
 # option -> (test, what it must be). Options absent from a config are skipped.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (_int, "an integer"),
+    # torch.manual_seed takes [-2**63, 2**64 - 1], numpy's SeedSequence (group_generator) only >= 0,
+    # and seed + repeat offsets must stay in torch's range: [0, 2**63 - 1] suits all of them.
+    "seed": (lambda v: _int(v) and 0 <= v <= 2**63 - 1, "an integer in [0, 2**63 - 1] (e.g. seed=0)"),
     "ipc": AT_LEAST_1,
     "dataset.num_classes": AT_LEAST_1,
     "dataset.channels": AT_LEAST_1,
@@ -112,6 +114,12 @@ WEIGHTS = (
 )
 
 
+def _mps_available() -> bool:
+    import torch
+
+    return torch.backends.mps.is_available()
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first option that cannot run; warn on those that cannot be meant."""
     for key, (test, what) in RULES.items():
@@ -120,6 +128,11 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be {what} (got {value!r}). Set {key}=... accordingly.")
     if not DEVICE.fullmatch(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is not a device. Set device=auto, cpu, cuda or cuda:N.")
+    if str(cfg.device) == "mps" and not _mps_available():
+        raise ConfigError(
+            "device=mps but this torch has no usable MPS backend (Apple-silicon GPUs "
+            "on macOS only). Set device=auto or device=cpu."
+        )
     thread_count(cfg.threads)
     check_stage_inputs(cfg)
     check_shard(cfg)
