@@ -51,7 +51,7 @@ def test_the_wandb_run_id_is_the_runs_identity_not_its_directory(tmp_path):
 def _interrupted_run(run_dir, cache_dir) -> tuple[subprocess.CompletedProcess, str]:
     """`python -m ddist` (a long teacher, offline W&B) sent SIGINT once its W&B run has started: what it
     printed and exited with, and the W&B run's id (the offline run directory's suffix)."""
-    args = [*TINY, "teacher.epochs=500", "logger=wandb", "logger.mode=offline", f"paths.cache_dir={cache_dir}"]
+    args = [*TINY, "teacher.epochs=5000", "logger=wandb", "logger.mode=offline", f"paths.cache_dir={cache_dir}"]
     env = {**os.environ, "DDIST_PROGRESS": "0", "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ddist", *args, f"hydra.run.dir={run_dir}"],
@@ -61,10 +61,18 @@ def _interrupted_run(run_dir, cache_dir) -> tuple[subprocess.CompletedProcess, s
         stderr=subprocess.PIPE,
         text=True,
     )
+
+    def training() -> bool:
+        """The W&B run is open and the teacher's training has begun (its first stage logged): a SIGINT
+        earlier could land inside wandb.init, which handles it itself."""
+        started = list((run_dir / "wandb").glob("offline-run-*"))
+        return bool(started) and any("stage squeeze" in p.read_text() for p in run_dir.glob("*.log"))
+
     deadline = time.time() + 300
-    while not list((run_dir / "wandb").glob("offline-run-*")) and proc.poll() is None and time.time() < deadline:
+    while not training() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)  # into the teacher's training
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
