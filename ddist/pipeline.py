@@ -89,6 +89,8 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         logger.finish(exit_code)
+        if cfg.dry_run and main:
+            dry_run.cleanup(cfg)
 
 
 def run_stage(name: str, cfg: DictConfig, ctx: RunContext) -> RunContext:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddist import logging as ddist_logging
 from ddist.data import decode
 
 
@@ -22,3 +23,22 @@ def test_pooled_decode_equals_sequential(tmp_path, monkeypatch):
     assert one.shape == (23, 3, 16, 16) and one.dtype == torch.uint8
     assert torch.equal(one, pooled)
     assert torch.equal(one[5], decode.decode_image(tmp_path / "5.png", 3, resize))
+
+
+def test_decode_reports_progress(tmp_path, monkeypatch):
+    """Decoding reports every image to ddist.logging.progress under its desc, with one worker or several."""
+    for i in range(5):
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    bars = []
+
+    def recording(*args, **kwargs):
+        bar = ddist_logging.progress(*args, **kwargs)
+        bars.append((kwargs["desc"], kwargs["total"], bar))
+        return bar
+
+    monkeypatch.setattr(decode, "progress", recording)
+    monkeypatch.setattr(decode, "POOL_MIN_FILES", 2)
+    paths = tuple(f"{i}.png" for i in range(5))
+    for workers in (1, 2):
+        decode.decode_all(tmp_path, paths, 3, decode.Resize(4, 4), workers=workers, desc="decode tiny train")
+    assert [(desc, total, bar.n) for desc, total, bar in bars] == [("decode tiny train", 5, 5)] * 2

@@ -476,3 +476,21 @@ def test_measure_cgs_step_tabulates_each_variant_on_a_tiny_dit():
             assert r[f"{kernel} noise_std"] == pytest.approx((1 - r["abar"]) ** 0.5 * r[f"{kernel} none"], rel=1e-5)
     assert rows[-1]["abar"] == 1.0 and rows[-1]["zt noise_std"] == 0.0  # the last step leaves clean latents
     assert "| zt none |" in script.markdown(rows) and "| x0_hat cap |" in script.summary(rows)
+
+
+def test_sampling_reports_progress_per_group_and_step(monkeypatch):
+    """Each group's denoising steps are reported to ddist.logging.progress as "sample group g/G"."""
+    from ddist.diffusion import sampling
+    from ddist.logging import progress
+
+    seen = []
+
+    def recording(iterable=None, desc="", total=None, **kwargs):
+        seen.append((desc, total))
+        return progress(iterable, desc=desc, total=total, **kwargs)
+
+    monkeypatch.setattr(sampling, "progress", recording)
+    labels = torch.arange(2).repeat_interleave(3)  # 6 images in batches of 4: 2 groups
+    cfg = sample_cfg("independent")
+    sample_latents(tiny_denoiser(), make_scheduler(SCHEDULE, "ddim"), labels, 0, cfg, torch.device("cpu"))
+    assert seen == [("sample group 1/2", cfg["steps"]), ("sample group 2/2", cfg["steps"])]

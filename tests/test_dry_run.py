@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CONF, run_ddist
+from conftest import CONF, run_ddist, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -71,8 +70,8 @@ def check_composed_dry_run(tmp_path: Path, cfg) -> dict:
     images = load_file(Path(results["distilled"]) / "data.safetensors")["images"]
     classes = min(2, cfg.dataset.num_classes or 2)
     assert images.shape[0] == classes * min(cfg.ipc, 2) and images.shape[-1] == cfg.dataset.resolution
-    # caches live in the run directory: the configured cache (root_dir/outputs/cache) is untouched
-    assert (run / "dry_run_cache" / "teacher").is_dir() and not (tmp_path / "outputs").exists()
+    # caches live in the run directory, deleted at the end: the configured cache (root_dir/outputs/cache) is untouched
+    assert not (run / "dry_run_cache").exists() and not (tmp_path / "outputs").exists()
     return results
 
 
@@ -144,7 +143,6 @@ def test_dit_xl_cells_dry_run_at_full_size(tmp_path):
         dit = model["dit"]
         assert model["random_weights"] and (dit["num_layers"], dit["num_embeds_ada_norm"]) == (28, 1000)
         assert model["class_ids"] == class_ids
-        shutil.rmtree(root / "run" / "dry_run_cache")  # gigabytes of fine-tuned DiT
 
 
 def test_dry_run_cuts_steps_and_data_but_keeps_the_models(tmp_path):
@@ -183,3 +181,11 @@ def test_dry_run_from_the_command_line(tmp_path):
     assert [s["name"] for s in results["students"]] == ["convnet"]
     assert "dry run: sre2l on digits, IPC 2" in proc.stdout
     assert not cache.exists()
+
+
+def test_dry_run_deletes_its_cache_and_keeps_its_result(tmp_path):
+    """The private cache (teacher, fine-tuned DiT: 3 GB at full size) goes; dry_run.json and the logs stay."""
+    run = tmp_path / "run"
+    results = run_pipeline("experiment=sre2l/digits_ipc10", "dry_run=true", run_dir=run, cache_dir=tmp_path / "cache")
+    assert results["dry_run"] and (run / "dry_run.json").is_file()
+    assert not (run / "dry_run_cache").exists() and not (tmp_path / "cache").exists()

@@ -15,7 +15,8 @@
   first stage); teacher.checkpoint and evaluate.distilled must exist and are then left out;
 - shards: shard.index / shard.count are checked, then one job makes every part and runs every stage;
 - outputs: caches in <run_dir>/dry_run_cache (a real cache entry is never written; paths.cache_dir is
-  checked as the real run checks it), the result
+  checked as the real run checks it), deleted by `cleanup(cfg)` when the run ends (a full-size cell's
+  fine-tuned DiT alone is 3 GB, and nothing reuses it), the result
   in <run_dir>/dry_run.json (not results.json, so reports never count it), no W&B run.
 
 Everything else is the real configuration: the teacher, every student and the diffusion
@@ -25,6 +26,7 @@ backbone are built as configured, with their objectives, batch layouts and resol
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +38,7 @@ from ddist.errors import ConfigError
 from ddist.logging import info, warn
 from ddist.methods import recover_method
 
+CACHE_DIR = "dry_run_cache"  # the dry run's private cache, under its run directory
 CLASSES = 2  # classes kept (fewer when the dataset has fewer)
 PER_CLASS = 2  # real (or synthetic) images per class in each split; also the largest ipc
 
@@ -47,7 +50,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     check_shard(cfg)
     check_teacher_trains(cfg)
     cfg = copy.deepcopy(cfg)
-    cfg.paths.cache_dir = str(Path(cfg.paths.output_dir) / "dry_run_cache")
+    cfg.paths.cache_dir = str(Path(cfg.paths.output_dir) / CACHE_DIR)
     if cfg.shard.count > 1:  # a shard would stop after its share of recover / diffusion: run every part
         warn(
             f"dry run: shard.index={cfg.shard.index} shard.count={cfg.shard.count} -> one job makes every part "
@@ -69,6 +72,16 @@ def prepare(cfg: DictConfig) -> DictConfig:
     if "diffusion" in cfg.pipeline.stages:
         _cut_diffusion(cfg, classes)
     return cfg
+
+
+def cleanup(cfg: DictConfig) -> None:
+    """Delete the private cache of a dry run prepared by `prepare` (teacher, fine-tuned DiT, samples:
+    gigabytes nothing reuses); its dry_run.json and logs stay in the run directory."""
+    cache = Path(cfg.paths.output_dir) / CACHE_DIR
+    if Path(cfg.paths.cache_dir) != cache or not cache.is_dir():
+        return
+    shutil.rmtree(cache, ignore_errors=True)
+    info(f"dry run: deleted its cache {cache}")
 
 
 def _cut_data(cfg: DictConfig) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 
 from ddist.errors import ConfigError
+from ddist.logging import info, progress
 from ddist.utils import ceil_div
 
 # ImageNet evaluation convention: resize the shorter side to 256, centre-crop 224.
@@ -76,30 +79,48 @@ POOL_MIN_FILES = 2000
 
 
 def decode_all(
-    root: Path, paths: tuple[str, ...], channels: int, resize: Resize, workers: int | None = None
+    root: Path,
+    paths: tuple[str, ...],
+    channels: int,
+    resize: Resize,
+    workers: int | None = None,
+    desc: str = "decode",
 ) -> torch.Tensor:
     """All files (relative to root) stacked into uint8 [N, C, size, size], in order.
 
     Large splits are decoded by `workers` threads (default: torch's thread count, i.e. this
     job's share of the cores), in contiguous chunks so the order is kept. Threads, not
     processes: Pillow releases the GIL while it decodes, and a thread pool needs no
-    `if __name__ == "__main__"` guard in the user's script.
+    `if __name__ == "__main__"` guard in the user's script. Progress (ddist.logging.progress) is
+    reported under `desc`, image by image (one worker) or chunk by chunk (several).
     """
     workers = workers or torch.get_num_threads()
-    if workers <= 1 or len(paths) < POOL_MIN_FILES:
-        return torch.from_numpy(_decode_chunk(str(root), paths, channels, resize)).permute(0, 3, 1, 2).contiguous()
-    step = ceil_div(len(paths), 4 * workers)  # a few chunks per worker balance slow and fast files
-    chunks = [paths[i : i + step] for i in range(0, len(paths), step)]
-    with ThreadPoolExecutor(workers) as pool:
-        parts = list(
-            pool.map(_decode_chunk, [str(root)] * len(chunks), chunks, [channels] * len(chunks), [resize] * len(chunks))
-        )
-    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
+    start = time.perf_counter()
+    with progress(desc=desc, total=len(paths), unit="img") as bar:
+        if workers <= 1 or len(paths) < POOL_MIN_FILES:
+            hwc = _decode_chunk(str(root), paths, channels, resize, bar.update)
+        else:
+            step = ceil_div(len(paths), 4 * workers)  # a few chunks per worker balance slow and fast files
+            chunks = [paths[i : i + step] for i in range(0, len(paths), step)]
+            parts = []
+            with ThreadPoolExecutor(workers) as pool:
+                n = len(chunks)
+                for part in pool.map(_decode_chunk, [str(root)] * n, chunks, [channels] * n, [resize] * n):
+                    parts.append(part)
+                    bar.update(len(part))
+            hwc = np.concatenate(parts)
+    info(f"{desc}: {len(paths)} images decoded in {time.perf_counter() - start:.1f} s")
+    return torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()
 
 
-def _decode_chunk(root: str, paths: tuple[str, ...], channels: int, resize: Resize) -> np.ndarray:
-    """Files decoded into PIL's HWC layout [n, size, size, C]: one transpose at the end beats one per image."""
+def _decode_chunk(
+    root: str, paths: tuple[str, ...], channels: int, resize: Resize, on_image: Callable[[int], object] | None = None
+) -> np.ndarray:
+    """Files decoded into PIL's HWC layout [n, size, size, C]: one transpose at the end beats one per image.
+    on_image(1) is called after each file."""
     out = np.empty((len(paths), resize.size, resize.size, channels), dtype=np.uint8)
     for i, rel in enumerate(paths):
         out[i] = _decode_hwc(os.path.join(root, rel), channels, resize)
+        if on_image is not None:
+            on_image(1)
     return out

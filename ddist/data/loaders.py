@@ -320,7 +320,7 @@ def _load(cfg: dict, split: str, cache_dir: Path | str | None) -> ImageDataset:
             spec.name,
             files.root,
         )
-        return decode_all(files.root, files.paths, spec.channels, resize)
+        return decode_all(files.root, files.paths, spec.channels, resize, desc=f"decode {spec.name} {split}")
 
     images = cached_images(None if cache_dir is None else Path(cache_dir), key, decode, targets)
     return ImageTensorDataset(images, targets, spec)

@@ -24,6 +24,7 @@ sampling's forward passes plus the guidance.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ddist.data.augment import resize
 from ddist.errors import ConfigError
+from ddist.logging import info, progress
 from ddist.models import FeatureModel
 from ddist.models.diffusion import Denoiser
 from ddist.objectives.cgs import StepSize, clean_estimate, guidance_step
@@ -123,10 +125,13 @@ def denoise(
     gens: list[torch.Generator],
     scfg: Mapping,
     guide: Guidance | None = None,
+    desc: str = "sample",
 ) -> torch.Tensor:
-    """Run the reverse process on one group of latents; guide (if any) corrects them after every step."""
+    """Run the reverse process on one group of latents; guide (if any) corrects them after every step.
+    Progress (ddist.logging.progress) is reported step by step under `desc`."""
     step_kwargs = {"eta": scfg["ddim_eta"]} if isinstance(scheduler, DDIMScheduler) else {}
-    for i, t in enumerate(scheduler.timesteps):
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(progress(timesteps, desc=desc, total=len(timesteps), unit="step")):
         eps = guided_eps(
             denoiser, z, t.to(z.device), ids, scfg["guidance_scale"], scfg["batch_size"], scfg["guidance_channels"]
         )
@@ -236,10 +241,11 @@ def sample_group(
     scfg: Mapping,
     device: torch.device,
     reference: CgsReference | None = None,
+    desc: str = "sample",
 ) -> torch.Tensor:
     """Clean latents [len(rows), C, h, w] of the rows `rows` of dataset labels [N]: one group of
     sample_groups, which depends on nothing but its rows (each image has its own generator).
-    reference: CGS's (method cgs only)."""
+    reference: CGS's (method cgs only); desc: the name its denoising steps' progress is reported under."""
     features = reference.features if reference is not None else None
     check_sample_config(scfg, denoiser.latent_shape[0], features)
     gens = image_generators(seed, labels.tolist(), rows.tolist())
@@ -260,7 +266,7 @@ def sample_group(
             ],
             features,
         )
-    return denoise(denoiser, scheduler, z, ids, gens, scfg, guide)
+    return denoise(denoiser, scheduler, z, ids, gens, scfg, guide, desc=desc)
 
 
 def sample_latents(
@@ -280,10 +286,14 @@ def sample_latents(
     check_sample_config(scfg, denoiser.latent_shape[0], reference.features if reference is not None else None)
     groups = sample_groups(labels, scfg)
     out = torch.empty((len(labels), *denoiser.latent_shape), device=device)
+    start = time.perf_counter()
+    info(f"sampling {len(labels)} latents in {len(groups)} groups, {scfg['steps']} steps each")
     for g, idx in enumerate(groups):
-        out[idx] = sample_group(denoiser, scheduler, labels, idx, seed, scfg, device, reference)
+        desc = f"sample group {g + 1}/{len(groups)}"
+        out[idx] = sample_group(denoiser, scheduler, labels, idx, seed, scfg, device, reference, desc=desc)
         if on_group is not None:
             on_group(g + 1, len(groups))
+    info(f"sampled {len(labels)} latents in {time.perf_counter() - start:.1f} s")
     return out
 
 

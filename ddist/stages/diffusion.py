@@ -102,6 +102,7 @@ def sample_parts(
     scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
     reference = CgsReference(means, features) if means is not None else None
     for n, g in enumerate(todo):
-        z = sample_group(denoiser, scheduler, labels, groups[g], int(cfg.seed), dcfg["sample"], device, reference)
+        desc = f"sample group {g + 1}/{len(groups)}"
+        z = sample_group(denoiser, scheduler, labels, groups[g], int(cfg.seed), dcfg["sample"], device, reference, desc)
         work.save(g, decode(codec, z, spec, dcfg["sample"]["batch_size"]), groups[g])
         info(f"diffusion: sampled group {g + 1}/{len(groups)} ({n + 1}/{len(todo)} of this run)")
