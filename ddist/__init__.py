@@ -16,6 +16,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
+# the optional Hydra plugins' noise (a deprecation warning repeated per process, alembic's INFO lines)
+# stays off the terminal in every process that imports ddist, a joblib worker too: ddist/runtime/quiet.py
+from ddist.runtime.quiet import install as _quiet_plugins
+
+_quiet_plugins()
+
 # The Hydra config tree ships inside the package (ddist/conf, a link to the checkout's
 # top-level conf/ that wheels turn into files), so a non-editable install runs from any
 # directory. Absolute: Hydra resolves a relative config path differently for

@@ -72,6 +72,7 @@ LAYER = {
     "ddist.runtime.store": "base",
     "ddist.runtime.ranks": "base",
     "ddist.runtime.multirun": "base",
+    "ddist.runtime.quiet": "base",  # the plugins' noise, silenced wherever ddist is imported
 }
 # layer -> the layers its modules may import (a stage never another stage: see below)
 MAY_IMPORT = {
