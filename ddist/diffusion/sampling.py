@@ -232,20 +232,29 @@ class CgsReference:
     features: Features | None = None
 
 
+@dataclass(frozen=True)
+class GroupRows:
+    """One group of sample_groups: its rows of the dataset's labels, and the name its denoising
+    steps' progress is reported under."""
+
+    rows: torch.Tensor
+    desc: str = "sample"
+
+
 def sample_group(
     denoiser: Denoiser,
     scheduler,
     labels: torch.Tensor,
-    rows: torch.Tensor,
+    group: GroupRows,
     seed: int,
     scfg: Mapping,
     device: torch.device,
     reference: CgsReference | None = None,
-    desc: str = "sample",
 ) -> torch.Tensor:
-    """Clean latents [len(rows), C, h, w] of the rows `rows` of dataset labels [N]: one group of
+    """Clean latents [len(rows), C, h, w] of the rows `group.rows` of dataset labels [N]: one group of
     sample_groups, which depends on nothing but its rows (each image has its own generator).
-    reference: CGS's (method cgs only); desc: the name its denoising steps' progress is reported under."""
+    reference: CGS's (method cgs only)."""
+    rows, desc = group.rows, group.desc
     features = reference.features if reference is not None else None
     check_sample_config(scfg, denoiser.latent_shape[0], features)
     gens = image_generators(seed, labels.tolist(), rows.tolist())
@@ -289,8 +298,8 @@ def sample_latents(
     start = time.perf_counter()
     info(f"sampling {len(labels)} latents in {len(groups)} groups, {scfg['steps']} steps each")
     for g, idx in enumerate(groups):
-        desc = f"sample group {g + 1}/{len(groups)}"
-        out[idx] = sample_group(denoiser, scheduler, labels, idx, seed, scfg, device, reference, desc=desc)
+        group = GroupRows(idx, f"sample group {g + 1}/{len(groups)}")
+        out[idx] = sample_group(denoiser, scheduler, labels, group, seed, scfg, device, reference)
         if on_group is not None:
             on_group(g + 1, len(groups))
     info(f"sampled {len(labels)} latents in {time.perf_counter() - start:.1f} s")

@@ -40,6 +40,7 @@ from ddist.diffusion.keys import sample_key
 from ddist.diffusion.load import class_means, load_denoiser
 from ddist.diffusion.sampling import (
     CgsReference,
+    GroupRows,
     decode,
     make_scheduler,
     sample_group,
@@ -102,7 +103,7 @@ def sample_parts(
     scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
     reference = CgsReference(means, features) if means is not None else None
     for n, g in enumerate(todo):
-        desc = f"sample group {g + 1}/{len(groups)}"
-        z = sample_group(denoiser, scheduler, labels, groups[g], int(cfg.seed), dcfg["sample"], device, reference, desc)
+        group = GroupRows(groups[g], f"sample group {g + 1}/{len(groups)}")
+        z = sample_group(denoiser, scheduler, labels, group, int(cfg.seed), dcfg["sample"], device, reference)
         work.save(g, decode(codec, z, spec, dcfg["sample"]["batch_size"]), groups[g])
         info(f"diffusion: sampled group {g + 1}/{len(groups)} ({n + 1}/{len(todo)} of this run)")
