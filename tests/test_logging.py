@@ -60,6 +60,9 @@ def _interrupted_run(run_dir, cache_dir) -> tuple[subprocess.CompletedProcess, s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a pytest-xdist worker ignores SIGINT, and an ignored SIGINT stays ignored in its children (Python
+        # then installs no KeyboardInterrupt handler): the run gets the terminal's default, as a user's does
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
     def training() -> bool:
