@@ -38,6 +38,7 @@ def test_decode_reports_progress(tmp_path, monkeypatch):
 
     monkeypatch.setattr(decode, "progress", recording)
     monkeypatch.setattr(decode, "POOL_MIN_FILES", 2)
+    monkeypatch.setenv("DDIST_PROGRESS", "1")  # CI silences progress (DDIST_PROGRESS=0): a disabled bar counts nothing
     paths = tuple(f"{i}.png" for i in range(5))
     for workers in (1, 2):
         decode.decode_all(tmp_path, paths, 3, decode.Resize(4, 4), workers=workers, desc="decode tiny train")
