@@ -31,10 +31,22 @@ def for_omegaconf(schema: type) -> type:
     bases = tuple(for_omegaconf(b) for b in schema.__bases__ if dataclasses.is_dataclass(b))
     qualname = f"{_REBUILT_NAMESPACE}.{schema.__name__}"
     namespace = {"__annotations__": annotations, "__module__": __name__, "__qualname__": qualname, **defaults}
-    # never instantiated: no __init__ (it could not take `lambda`), __repr__ or __eq__
+    namespace |= {"__init__": _init, **{f"{k}_": _alias(k) for k in annotations if keyword.iskeyword(k)}}
+    # a generated __init__ could not take `lambda`: _init takes the fields as keywords (OmegaConf.to_object
+    # calls it), and `lambda_` reads `lambda`, so an object answers the schema's field name too
     rebuilt: type = dataclass(init=False, repr=False, eq=False)(type(schema.__name__, bases, namespace))
     setattr(_rebuilt, schema.__name__, rebuilt)
     return rebuilt
+
+
+def _init(self: Any, **fields: Any) -> None:
+    """The rebuilt class's __init__: each field from its keyword (OmegaConf.to_object passes them all)."""
+    for name, value in fields.items():
+        setattr(self, name, value)
+
+
+def _alias(name: str) -> property:
+    return property(lambda self: getattr(self, name))
 
 
 def _convert(hint: Any, enum_name: str) -> Any:

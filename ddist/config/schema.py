@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from ddist.config.compat import for_omegaconf
 
@@ -457,6 +457,18 @@ class Config:
     objective_metric: str | None = MISSING  # the results value a job returns to an optimising sweeper
     shard: ShardConfig = MISSING
     paths: PathsConfig = MISSING
+
+
+# A composed config as a service takes it while callers move to typed configs: a stage holds `Config`
+# (the DictConfig validated against it, which answers the same attribute reads, so mypy checks each
+# read against the schema); a caller not yet typed hands the DictConfig itself.
+AnyConfig = Config | DictConfig
+
+
+def as_node(cfg: object) -> DictConfig:
+    """The DictConfig a typed config (or node of one) is, for a callee that still takes a DictConfig or a Mapping."""
+    assert isinstance(cfg, DictConfig), f"a composed config, not {type(cfg).__name__}"
+    return cfg
 
 
 # ConfigStore entries: (group, name, schema). The option files name these in their defaults lists.

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from ddist.config.schema import DatasetConfig, as_node
 from ddist.data.augment import resize
 from ddist.data.cache import cache_key, cached_images
 from ddist.data.decode import Resize, decode_all, decode_image
@@ -221,7 +222,7 @@ def _keep_files(cfg: dict, files: SplitFiles) -> SplitFiles:
 
 
 def load_split(
-    cfg_dataset: Mapping[str, Any] | DictConfig, split: str, cache_dir: Path | str | None = None
+    cfg_dataset: Mapping[str, Any] | DictConfig | DatasetConfig, split: str, cache_dir: Path | str | None = None
 ) -> ImageDataset:
     """One split ("train" | "val" | "test") of the configured dataset.
 
@@ -234,7 +235,7 @@ def load_split(
     subset): "val" is those, "train" the rest, so every user of "train" (teacher, class
     statistics, random-real picks, real initialisation) never sees a validation image.
     """
-    cfg = as_dict(cfg_dataset)
+    cfg = as_dict(cfg_dataset if isinstance(cfg_dataset, Mapping) else as_node(cfg_dataset))
     if split not in (*SPLITS, "val"):
         raise ConfigError(f"Unknown split {split!r}; use one of {', '.join((*SPLITS, 'val'))}.")
     per_class = val_size(cfg)

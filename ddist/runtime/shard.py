@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
-
+from ddist.config.schema import AnyConfig
 from ddist.errors import ConfigError
 from ddist.runtime.ranks import launched_rank, launched_world
 
@@ -31,7 +30,7 @@ class Share:
         return self.count > 1
 
 
-def share(cfg: DictConfig) -> Share:
+def share(cfg: AnyConfig) -> Share:
     """This process's share: shard (cfg.shard) x torchrun rank (WORLD_SIZE / RANK in the environment)."""
     index, count = int(cfg.shard.index), int(cfg.shard.count)
     if count < 1 or not 0 <= index < count:

@@ -1,7 +1,8 @@
 """The stage descriptor and its registry: what each stage says about itself, beside its code.
 
-A stage is one module ddist/stages/<name>.py holding `run(cfg, ctx) -> ctx` and, at module level, its
-descriptor, e.g.
+A stage is one module ddist/stages/<name>.py holding `run(cfg: Config, ctx) -> ctx` (cfg: the composed
+DictConfig, typed as the schema ddist.config.schema.Config so that mypy checks every read) and, at
+module level, its descriptor, e.g.
 
     STAGE = Stage(name="recover", needs=frozenset({"teacher"}), makes=frozenset({"distilled"}), shared=True)
 

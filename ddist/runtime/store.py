@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from filelock import FileLock
-from omegaconf import DictConfig
 
+from ddist.config.schema import AnyConfig
 from ddist.errors import CacheError, CheckpointError
 from ddist.logging import warn
 from ddist.runtime.artifacts import atomic_write_text, to_plain
@@ -220,10 +220,10 @@ def _may_write(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
-def entry(where: DictConfig | str | os.PathLike, kind: str, key: Any) -> Entry:
+def entry(where: AnyConfig | str | os.PathLike, kind: str, key: Any) -> Entry:
     """The entry of `kind` made by exactly `key`, under paths.cache_dir of a config (or a cache
     directory). Looking up writes nothing: a read-only cache serves its complete entries."""
-    cache_dir = Path(where.paths.cache_dir if isinstance(where, DictConfig) else where)
+    cache_dir = Path(where if isinstance(where, (str, os.PathLike)) else where.paths.cache_dir)
     plain = key_plain(key)
     return Entry(kind, plain, cache_dir / kind / config_hash(plain), cache_dir)
 

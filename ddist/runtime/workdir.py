@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
+from ddist.config.schema import AnyConfig
 from ddist.data import dataset_spec
 from ddist.errors import CheckpointError
 from ddist.logging import info, warn
@@ -83,7 +83,7 @@ class WorkDir:
     rows 0..len(labels)-1 of the set, each row exactly once. A store entry (ddist/runtime/store.py)
     filled over one or several runs: complete once the set is assembled."""
 
-    def __init__(self, cfg: DictConfig, kind: str, key: Any, noun: str, num_parts: int, plan: dict):
+    def __init__(self, cfg: AnyConfig, kind: str, key: Any, noun: str, num_parts: int, plan: dict):
         self.entry = store.entry(cfg, kind, key)
         self.root = self.entry.path
         self.kind, self.noun, self.num_parts = kind, noun, num_parts
@@ -153,7 +153,7 @@ class WorkDir:
         atomic_save_tensors(self.part(i), {"images": images.float(), "rows": rows.long()})
 
 
-def make_set(cfg: DictConfig, ctx: RunContext, work: WorkDir, make_parts) -> RunContext:
+def make_set(cfg: AnyConfig, ctx: RunContext, work: WorkDir, make_parts) -> RunContext:
     """The stage's DistilledSet: reused if finished, else this job's parts made (make_parts(todo)
     saves each with work.save) and the set assembled when every part is there.
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
+from ddist.config.schema import Config, as_node
 from ddist.data import load_split
 from ddist.data.subsets import real_subsample, same_ipc_rows
 from ddist.logging import info
@@ -52,7 +52,7 @@ from ddist.training.teacher import frozen_teacher, load_teacher
 STAGE = Stage(name="analyse", needs=frozenset({"teacher", "distilled"}))
 
 
-def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
+def run(cfg: Config, ctx: RunContext) -> RunContext:
     acfg = cfg.analyse
     if not acfg.enabled:
         return ctx
@@ -88,7 +88,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
             spec.denormalize(real_x).clamp(0, 1), spec.denormalize(syn_x).clamp(0, 1), acfg.fid.weights, device
         )
     if acfg.robust_scores:
-        analysis["robust"] = robust_baselines(cfg, ctx, train, out_dir)
+        analysis["robust"] = robust_baselines(as_node(cfg), ctx, train, out_dir)
     analysis["cost"] = {"seconds": dict(ctx.timings), "peak_memory_mb": dict(ctx.peak_memory_mb)}
 
     # -- figures and outputs
@@ -103,7 +103,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     return ctx
 
 
-def covariance_layer(cfg: DictConfig, teacher) -> str:
+def covariance_layer(cfg: Config, teacher) -> str:
     """The feature key L of DEDA's diversity regulariser: the last layer of the real class statistics
     (recover.class_stats.layers) when the recover method aligns to them, else DEDA's
     default L (the pooled last block), so every run reports the same figure."""

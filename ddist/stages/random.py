@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
-
+from ddist.config.schema import Config
 from ddist.data import load_split
 from ddist.data.subsets import save_random_real
 from ddist.runtime.context import RunContext
@@ -17,7 +16,7 @@ from ddist.runtime.stages import Stage
 STAGE = Stage(name="random", makes=frozenset({"distilled"}))
 
 
-def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
+def run(cfg: Config, ctx: RunContext) -> RunContext:
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
     ctx.distilled = save_random_real(ctx.run_dir / "distilled", train, ctx.spec, cfg.ipc, cfg.seed)
     ctx.method = "random"  # as its meta.json

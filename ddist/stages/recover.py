@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from ddist.config.schema import Config
 from ddist.data import load_split
 from ddist.data.subsets import pick_random_real
 from ddist.errors import ConfigError
@@ -54,7 +55,7 @@ from ddist.training.teacher import load_teacher, teacher_identity
 STAGE = Stage(name="recover", needs=frozenset({"teacher"}), makes=frozenset({"distilled"}), shared=True)
 
 
-def recover_key(cfg: DictConfig) -> dict:
+def recover_key(cfg: Config) -> dict:
     """Exactly what determines the recovered set: the data, the teacher, the recover settings, ipc and seed
     (every field of each: batch.parallel_groups too, since stacked groups differ from sequential ones by
     float rounding)."""
@@ -67,14 +68,14 @@ def recover_key(cfg: DictConfig) -> dict:
     }
 
 
-def real_init(cfg: DictConfig, spec):
+def real_init(cfg: Config, spec):
     """rows -> the random real train images that start those rows of the class-major set."""
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
     picked = pick_random_real(train, spec.num_classes, cfg.ipc, cfg.seed)
     return lambda rows: torch.stack([train[int(i)][0] for i in picked[rows]])
 
 
-def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
+def run(cfg: Config, ctx: RunContext) -> RunContext:
     spec, rcfg = ctx.spec, cfg.recover
     seed_everything(cfg.seed)
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
@@ -93,7 +94,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
 
 
 def recover_groups(
-    cfg: DictConfig, ctx: RunContext, work: WorkDir, groups: list[torch.Tensor], labels: torch.Tensor, todo: list[int]
+    cfg: Config, ctx: RunContext, work: WorkDir, groups: list[torch.Tensor], labels: torch.Tensor, todo: list[int]
 ) -> None:
     """Optimise the groups `todo`, saving each to the work directory as soon as it is done."""
     spec, device, logger, rcfg = ctx.spec, ctx.device, ctx.logger, cfg.recover

@@ -12,8 +12,7 @@ Layout: <run_dir>/relabel/{meta.json, epoch_0000.safetensors, ...}, written atom
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
+from ddist.config.schema import Config, as_node
 from ddist.runtime.context import RunContext
 from ddist.runtime.stages import Stage
 from ddist.training.students import store_soft_labels
@@ -21,12 +20,12 @@ from ddist.training.students import store_soft_labels
 STAGE = Stage(name="relabel", needs=frozenset({"teacher", "distilled"}))
 
 
-def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
+def run(cfg: Config, ctx: RunContext) -> RunContext:
     ctx.relabel = None
     if cfg.relabel.mode == "online" or cfg.evaluate.protocol != "soft":
         return ctx
     out = ctx.run_dir / "relabel"
-    nbytes = store_soft_labels(cfg, ctx, cfg.evaluate.distilled or ctx.require("distilled"), out)
+    nbytes = store_soft_labels(as_node(cfg), ctx, cfg.evaluate.distilled or ctx.require("distilled"), out)
     ctx.logger.log({"relabel/bytes": nbytes})
     ctx.results["relabel_bytes"] = nbytes
     ctx.relabel = out

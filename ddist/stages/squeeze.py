@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
+from ddist.config.schema import Config, as_node
 from ddist.data import load_split
 from ddist.data.augment import apply, sample_params
 from ddist.logging import info
@@ -40,7 +40,7 @@ from ddist.utils import ceil_div
 STAGE = Stage(name="squeeze", makes=frozenset({"teacher"}), shared=True)
 
 
-def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
+def run(cfg: Config, ctx: RunContext) -> RunContext:
     spec, device = ctx.spec, ctx.device
     cache_dir = Path(cfg.paths.cache_dir)
 
@@ -74,7 +74,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
 TEACHER_META = store.fields(test_acc=store.FRACTION, epochs=store.COUNT)
 
 
-def train_teacher(cfg: DictConfig, ctx: RunContext, entry: Path) -> None:
+def train_teacher(cfg: Config, ctx: RunContext, entry: Path) -> None:
     """Train the teacher into cache `entry` (teacher.pt, then meta.json with its test accuracy)."""
     spec, device = ctx.spec, ctx.device
     cache_dir = Path(cfg.paths.cache_dir)
@@ -86,10 +86,10 @@ def train_teacher(cfg: DictConfig, ctx: RunContext, entry: Path) -> None:
     model = build_teacher(cfg, spec).to(device)
     tcfg = cfg.teacher
     steps_per_epoch = ceil_div(len(train.targets), tcfg.batch_size)
-    optimizer = make_optimizer(model.parameters(), tcfg)
-    schedule = make_schedule(optimizer, tcfg, max(tcfg.epochs * steps_per_epoch, 1))
+    optimizer = make_optimizer(model.parameters(), as_node(tcfg))
+    schedule = make_schedule(optimizer, as_node(tcfg), max(tcfg.epochs * steps_per_epoch, 1))
     generator = torch.Generator().manual_seed(cfg.teacher.seed)
-    augment = cfg.dataset.augment.student
+    augment = as_node(cfg.dataset.augment.student)
 
     def stream():  # (images, labels, augmentation) of every step: replayable from the seed alone
         for _ in range(tcfg.epochs):

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
+from ddist.config.schema import AnyConfig
 from ddist.data import ImageDataset, load_split, torch_dataset
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
@@ -25,7 +25,7 @@ from ddist.training.teacher import frozen_teacher, teacher_identity
 from ddist.utils import ceil_div
 
 
-def class_stats_layers(cfg: DictConfig, feature_names: list[str]) -> list[str]:
+def class_stats_layers(cfg: AnyConfig, feature_names: list[str]) -> list[str]:
     """The teacher features the statistics cover (recover.class_stats.layers), in teacher order; default:
     every "stageK" (pooled maps). `feature_names`: the teacher's (FeatureModel.feature_names)."""
     names = list(feature_names)
@@ -41,7 +41,7 @@ def class_stats_layers(cfg: DictConfig, feature_names: list[str]) -> list[str]:
     return [n for n in names if n in wanted]
 
 
-def class_stats_key(cfg: DictConfig, layers: list[str]) -> dict:
+def class_stats_key(cfg: AnyConfig, layers: list[str]) -> dict:
     """What determines the real class statistics: the teacher, the real data it saw (all of it, or a
     seeded subset per class), and the layers."""
     return {**teacher_identity(cfg), "layers": layers, "images_per_class": cfg.recover.class_stats.images_per_class}
@@ -101,7 +101,7 @@ def real_class_stats(
     return sums.moments()
 
 
-def load_class_stats(cfg: DictConfig, ctx: RunContext, teacher, layers: list[str]) -> dict:
+def load_class_stats(cfg: AnyConfig, ctx: RunContext, teacher, layers: list[str]) -> dict:
     """The cached real class statistics for this teacher and these layers (computed on a miss; a
     store entry, ddist/runtime/store.py: one process computes them, the others wait and read)."""
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
+from ddist.config.schema import AnyConfig
 from ddist.data.augment import apply_groups, sample_params
 from ddist.logging import warn
 from ddist.models import FeatureModel
@@ -74,7 +74,7 @@ def initial_images(spec, n: int, generator: torch.Generator) -> torch.Tensor:
 # ----------------------------------------------------------------------------- setup
 
 
-def objective_inputs(needs: frozenset[str], cfg: DictConfig, ctx: RunContext, teacher: FeatureModel) -> dict:
+def objective_inputs(needs: frozenset[str], cfg: AnyConfig, ctx: RunContext, teacher: FeatureModel) -> dict:
     """What a recover method's builder asks for by its needs (ddist/methods/base.py), as its keywords:
     teacher= (BatchNorm folded with teacher.fold_bn, unless it needs bn_hooks), class_stats= (the real
     class statistics at recover.class_stats.layers, cached), ipc= (with whole_class_batches)."""

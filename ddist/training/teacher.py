@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from ddist.config.schema import AnyConfig
 from ddist.models import FeatureModel, build_model
 from ddist.models.fold import fold_batchnorm
 from ddist.runtime.artifacts import load_checkpoint, load_model_state
@@ -25,7 +26,7 @@ _NOT_TEACHER_KEYS = ("protocol", "download")
 _NOT_WEIGHT_KEYS = ("checkpoint", "num_workers", "log_every", "eval_every", "fold_bn", "channels_last")
 
 
-def teacher_key(cfg: DictConfig) -> dict:
+def teacher_key(cfg: AnyConfig) -> dict:
     """Exactly the config that determines the teacher's weights: every field of dataset (but
     _NOT_TEACHER_KEYS, and of its augmentation the student's, which the teacher trains with), of
     teacher (but _NOT_WEIGHT_KEYS), precision (the store's rule: ddist/runtime/store.py), and the rank
@@ -43,11 +44,11 @@ def teacher_key(cfg: DictConfig) -> dict:
     return {"dataset": dataset, "teacher": teacher, "precision": cfg.precision, "world_size": launched_world()}
 
 
-def build_teacher(cfg: DictConfig, spec) -> FeatureModel:
+def build_teacher(cfg: AnyConfig, spec) -> FeatureModel:
     return build_model(cfg.teacher.model, spec.num_classes, spec.channels, spec.resolution)
 
 
-def teacher_identity(cfg: DictConfig) -> dict:
+def teacher_identity(cfg: AnyConfig) -> dict:
     """The teacher in a cache key of what it made: its key (with the real data it saw), and the
     bytes of a given checkpoint (teacher.checkpoint)."""
     key: dict[str, Any] = {"teacher": teacher_key(cfg)}
@@ -56,7 +57,7 @@ def teacher_identity(cfg: DictConfig) -> dict:
     return key
 
 
-def load_teacher(cfg: DictConfig, ctx: RunContext) -> FeatureModel:
+def load_teacher(cfg: AnyConfig, ctx: RunContext) -> FeatureModel:
     """The teacher made by the squeeze stage, in eval mode on ctx.device, with gradients off for its weights,
     in channels_last layout with `teacher.channels_last`."""
     model = build_teacher(cfg, ctx.spec)
@@ -67,7 +68,7 @@ def load_teacher(cfg: DictConfig, ctx: RunContext) -> FeatureModel:
     return model.to(ctx.device).to(memory_format=layout).eval()
 
 
-def frozen_teacher(cfg: DictConfig, teacher: FeatureModel) -> FeatureModel:
+def frozen_teacher(cfg: AnyConfig, teacher: FeatureModel) -> FeatureModel:
     """The teacher for passes that never read BatchNorm inputs (DEDA recover, its real class
     statistics, relabel, online soft labels, analysis): with `teacher.fold_bn` a copy with BatchNorm folded into
     the convs (in channels_last with `teacher.channels_last`); else `teacher`."""
@@ -76,7 +77,7 @@ def frozen_teacher(cfg: DictConfig, teacher: FeatureModel) -> FeatureModel:
     return fold_batchnorm(teacher, channels_last=cfg.teacher.channels_last)
 
 
-def teacher_feature_names(cfg: DictConfig, spec) -> list[str]:
+def teacher_feature_names(cfg: AnyConfig, spec) -> list[str]:
     """The teacher's feature keys (FeatureModel.feature_names) from its architecture alone: built on the
     meta device without weights, so validation can check options that name them before any work."""
     model = cast("dict[str, Any]", OmegaConf.to_container(cfg.teacher.model, resolve=True, enum_to_str=True))
