@@ -9,16 +9,21 @@ PATH):
 
     report.md                  one table per dataset, the missing runs, the cost table
     report.csv                 the same rows, machine-readable (accuracies as fractions)
-    acc_vs_ipc_<dataset>.png   accuracy versus IPC, one line per method/student/protocol
+    acc_vs_ipc_<dataset>.png   accuracy versus IPC, one line per method/student/protocol (error bars:
+                               the 95% t interval over seeds)
     sweep_<dataset>.png        with --sweep: SSIM, spectrum slope, student accuracy and the teacher's
                                accuracy on the samples against the first KEY, one line per value of the others
 
-A row is one (dataset, method, IPC, student, protocol, scored split): accuracy mean +- std
-over seeds (std of the per-seed means), the random-real accuracy under the same protocol and
-IPC (the baseline each run evaluated beside its set, else the random pipeline's runs), the
-gain in points and IOR = acc - random acc, the analyse metrics averaged over seeds, and the
-cost. Rows scored on the validation split (evaluate.split=val) are marked [val]: they chose
-settings and are no test result. Missing
+A row is one (dataset, method, IPC, student, protocol, scored split): the seeds n, accuracy
+mean +- sd over seeds (sample sd, ddof=1, of the per-seed means) and its 95% interval from
+Student's t (mean +- t_{0.975,n-1} sd/sqrt(n); none at n = 1), the random-real accuracy under
+the same protocol and IPC (the baseline each run evaluated beside its set, else the random
+pipeline's runs), the gain in points and IOR = acc - random acc, the gain paired by seed (its
+95% t interval, the paired t-test's p-value, below 6 seeds the exact sign test's, and "vs
+random": above, below, or n.d. when the interval covers 0; ddist/report/stats.py), the
+published figure for the same dataset, method, IPC and student (conf/published.yaml), the
+analyse metrics averaged over seeds, and the cost. Rows scored on the validation split
+(evaluate.split=val) are marked [val]: they chose settings and are no test result. Missing
 runs are listed, never fatal: a Hydra job directory without results.json, and any
 (method, IPC, seed) of a dataset's grid that no run covers. Paths in the report are
 relative to DIR, so a report and its runs can move to another machine together.
@@ -28,7 +33,8 @@ diffusion.sample.cgs.eta_dpp diffusion.sample.cgs.kernel): runs that differ in t
 different rows (the method column shows the values), not duplicates. A run that does not set
 KEY on its command line has the value "default".
 
-collect.py reads the runs, aggregate.py makes the rows, render.py writes report.md and
+collect.py reads the runs, aggregate.py makes the rows (stats.py: the intervals and tests;
+published.py: the published figures), render.py writes report.md and
 report.csv, plots.py draws the plots (and logs to W&B); figures.py draws the analyse stage's
 per-run figures.
 """
@@ -43,6 +49,7 @@ from pathlib import Path
 from ddist.report.aggregate import build_rows, stage_costs
 from ddist.report.collect import Collected, collect, missing_cells, override_value
 from ddist.report.plots import log_wandb, plot_accuracy_vs_ipc, plot_sweep
+from ddist.report.published import PUBLISHED, add_published, load_published
 from ddist.report.render import write_csv, write_markdown
 from ddist.utils import safe_name
 
@@ -50,12 +57,14 @@ __all__ = ["build_report", "collect", "main", "override_value"]
 
 
 def build_report(
-    paths: list[Path], out_dir: Path, sweep_keys: tuple[str, ...] = ()
+    paths: list[Path], out_dir: Path, sweep_keys: tuple[str, ...] = (), published: Path = PUBLISHED
 ) -> tuple[list[dict], Collected, list[tuple]]:
-    """Read the runs, write report.md, report.csv and the plots into out_dir; return what was written."""
+    """Read the runs, write report.md, report.csv and the plots into out_dir; return what was written.
+    published: the published-results file whose figures stand beside the rows'."""
     out_dir.mkdir(parents=True, exist_ok=True)
     collected = collect(paths, sweep_keys)
     rows = build_rows(collected.runs, out_dir, sweep_keys)
+    add_published(rows, load_published(published))
     missing = missing_cells(collected.runs)
     plots = plot_accuracy_vs_ipc(rows, out_dir) if rows else {}
     sweep_plots = plot_sweep(rows, sweep_keys, out_dir) if rows and sweep_keys else {}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ddist.report.collect import ANALYSIS_COLUMNS, KEY, SAMPLE_ACC, Run, num
+from ddist.report.stats import paired, summarize
 
 
 def _dig(d: Any, path: tuple) -> float | None:  # a nested dict, walked down to a leaf
@@ -65,6 +66,12 @@ def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] =
         row["own_random_acc"] = statistics.fmean(bases) if len(bases) == len(members) else None
         row["acc_mean"] = statistics.fmean(accs)
         row["acc_std"] = _std(accs)
+        acc = summarize(accs)  # the 95% t interval over seeds (None at one seed)
+        row["acc_ci_low"], row["acc_ci_high"], row["acc_ci_half"] = acc.low, acc.high, acc.half_width
+        # (seed, accuracy, the baseline that run evaluated beside its set), paired below
+        row["by_seed"] = [
+            (run.results.get("seed"), a, s.get("baseline_acc_mean")) for (run, s), a in zip(members, accs, strict=True)
+        ]
         for name, path in ANALYSIS_COLUMNS:
             row[name] = _mean([_dig(run.analysis, path) for run, _ in members])
         row["sample_acc"] = _mean([_dig(run.results, SAMPLE_ACC) for run, _ in members])
@@ -75,20 +82,24 @@ def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] =
         row["overrides"] = " ".join(row_overrides([run for run, _ in members], sweep_keys))
         rows.append(row)
     # runs made before the baseline ran beside every result: the random pipeline's rows of the same cell
-    random_acc = {
-        (r["dataset"], r["ipc"], r["student"], r["protocol"], r["split"]): r["acc_mean"]
-        for r in rows
-        if r["method"] == "random"
+    random_acc = {_baseline_cell(r): r["acc_mean"] for r in rows if r["method"] == "random"}
+    random_by_seed = {
+        (_baseline_cell(r), seed): a for r in rows if r["method"] == "random" for seed, a, _ in r["by_seed"]
     }
     for row in rows:
         base = row.pop("own_random_acc")
         if base is None:
-            base = random_acc.get((row["dataset"], row["ipc"], row["student"], row["protocol"], row["split"]))
+            base = random_acc.get(_baseline_cell(row))
         row["random_acc"] = base
         # DD-Ranking's IOR = Acc(syn) - Acc(random real, same protocol) (ddist.training.baseline),
         # and the same in points
         row["ior"] = None if base is None else row["acc_mean"] - base
         row["gain_pp"] = None if base is None else 100 * row["ior"]
+        pairs = [
+            (a, b if b is not None else random_by_seed.get((_baseline_cell(row), seed)))
+            for seed, a, b in row.pop("by_seed")
+        ]
+        row.update(_paired_columns(row, [(a, b) for a, b in pairs if b is not None]))
     # Random first within each IPC: it is the baseline the other rows are read against.
     return sorted(
         rows,
@@ -103,6 +114,33 @@ def build_rows(runs: list[Run], relative_to: Path, sweep_keys: tuple[str, ...] =
             *((num(v), str(v)) for v in r["sweep_values"].values()),
         ),
     )
+
+
+def _baseline_cell(row: dict) -> tuple:
+    return (row["dataset"], row["ipc"], row["student"], row["protocol"], row["split"])
+
+
+GAIN_COLUMNS = ("gain_n", "gain_ci_low", "gain_ci_high", "gain_p_t", "gain_p_sign", "vs_random")
+
+
+def _paired_columns(row: dict, pairs: list[tuple[float, float]]) -> dict[str, Any]:
+    """The gain over random real paired by seed (ddist.report.stats): the seeds paired, the 95% t interval of
+    the mean difference (points), the paired t-test's and (few seeds) the sign test's p-values, and
+    whether the interval lies above 0, below it, or covers it ("n.d."). With every seed paired the mean
+    difference is gain_pp; the random pipeline's own rows are the baseline itself."""
+    out: dict[str, Any] = dict.fromkeys(GAIN_COLUMNS)
+    out["gain_n"], out["vs_random"] = len(pairs), "-"
+    if row["method"] == "random":
+        out["vs_random"] = "baseline"
+        return out
+    if not pairs:
+        return out
+    gain = paired([a for a, _ in pairs], [b for _, b in pairs])
+    if len(pairs) == row["seeds"]:
+        row["gain_pp"], row["ior"] = gain.diff.mean, gain.diff.mean / 100
+    out |= {"gain_ci_low": gain.diff.low, "gain_ci_high": gain.diff.high, "gain_p_t": gain.t_p}
+    out |= {"gain_p_sign": gain.sign_p, "vs_random": gain.verdict}
+    return out
 
 
 # Overrides the row's own columns already say (and paths, which differ by machine).

@@ -12,8 +12,19 @@ from ddist.report.render import CSV_COLUMNS, short
 from ddist.utils import safe_name
 
 
+def _save(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay the figure out, write it to path and close it; return path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy_vs_ipc(rows: list[dict], out_dir: Path) -> dict[str, Path]:
-    """One PNG per dataset: accuracy (%) against IPC (log axis), error bars = std over seeds."""
+    """One PNG per dataset: accuracy (%) against IPC (log axis), error bars = the 95% t interval's
+    half-width over seeds (t_{0.975,n-1} · sd/√n; none at one seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,7 +45,7 @@ def plot_accuracy_vs_ipc(rows: list[dict], out_dir: Path) -> dict[str, Path]:
             ax.errorbar(
                 [r["ipc"] for r in pts],
                 [100 * r["acc_mean"] for r in pts],
-                yerr=[100 * (r["acc_std"] or 0) for r in pts],
+                yerr=[100 * (r.get("acc_ci_half") or 0) for r in pts],
                 fmt=style + "o",
                 capsize=3,
                 label=label,
@@ -44,15 +55,11 @@ def plot_accuracy_vs_ipc(rows: list[dict], out_dir: Path) -> dict[str, Path]:
         ax.set_xticks(ipcs, [f"{i:g}" for i in ipcs], minor=False)  # the measured IPCs, not powers of ten
         ax.set_xticks([], minor=True)
         ax.set_xlabel("images per class")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%), mean and 95% CI over seeds")
         ax.set_title(f"{dataset}: accuracy vs IPC")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"acc_vs_ipc_{safe_name(str(dataset))}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        plots[dataset] = path
+        ax.legend(fontsize=7, title="error bars: 95% t interval", title_fontsize=7)
+        plots[dataset] = _save(fig, out_dir / f"acc_vs_ipc_{safe_name(str(dataset))}.png")
     return plots
 
 
@@ -108,11 +115,7 @@ def plot_sweep(rows: list[dict], sweep_keys: tuple[str, ...], out_dir: Path) -> 
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{dataset}: sweep over {x_key}", fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"sweep_{safe_name(str(dataset))}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        plots[dataset] = path
+        plots[dataset] = _save(fig, out_dir / f"sweep_{safe_name(str(dataset))}.png")
     return plots
 
 

@@ -18,10 +18,20 @@ CSV_COLUMNS = [
     "seeds",
     "acc_mean",
     "acc_std",
+    "acc_ci_low",
+    "acc_ci_high",
     "split",
     "random_acc",
     "gain_pp",
     "ior",
+    "gain_n",
+    "gain_ci_low",
+    "gain_ci_high",
+    "gain_p_t",
+    "gain_p_sign",
+    "vs_random",
+    "published",
+    "published_source",
     *(name for name, _ in ANALYSIS_COLUMNS),
     "sample_acc",
     "time_s",
@@ -45,6 +55,19 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     if abs(x) < 0.5 * 10**-digits:
         x = 0.0  # no "-0.000" for a value that rounds to zero
     return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _interval(low: float | None, high: float | None, scale: float, sign: str = "") -> str:
+    """The interval as "[low, high]" at one decimal (scaled), "-" without one (one seed)."""
+    if low is None or high is None:
+        return "-"
+    return f"[{scale * low:{sign}.1f}, {scale * high:{sign}.1f}]"
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -79,6 +102,9 @@ def table_cells(row: dict) -> list[str]:
         _pct(row["random_acc"]),
         _gain(row["gain_pp"]),
         _fmt(row["ior"]),
+        _interval(row["acc_ci_low"], row["acc_ci_high"], 100),
+        *_gain_cells(row),
+        "-" if row.get("published") is None else _pct(row["published"]),
         _fmt(row["lrs"]),
         _fmt(row["ars"]),
         _fmt(row["proto_dist"]),
@@ -93,6 +119,17 @@ def table_cells(row: dict) -> list[str]:
     ]
 
 
+def _gain_cells(row: dict) -> list[str]:
+    """The paired gain's interval (with the pairs' count where fewer seeds than the row's were paired),
+    its p-values and the verdict; blank without a baseline."""
+    if not row.get("gain_n"):
+        return ["", "", "", row.get("vs_random") or "-"]
+    interval = _interval(row["gain_ci_low"], row["gain_ci_high"], 1, "+")
+    if row["gain_n"] != row["seeds"]:
+        interval += f" (n={row['gain_n']})"
+    return [interval, _p(row["gain_p_t"]), _p(row["gain_p_sign"]), str(row["vs_random"])]
+
+
 # Within-class pairwise metrics (SSIM, feature cosine) need two images of a class.
 UNDEFINED_AT_IPC1 = "n/a"
 
@@ -102,16 +139,34 @@ def short(values: dict[str, str]) -> str:
     return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
 
 
+# The statistics' footnote (ddist.report.stats), in report.md under the tables' header line.
+STATS_NOTE = (
+    "acc 95% CI: mean ± t_{0.975,n-1} · sd/√n over the n seeds (Student's t). The gain over random real is "
+    "paired by seed (each run's random-real baseline at its own seed): gain 95% CI is the t interval of the "
+    "mean paired difference in points (n=k: only k seeds had a baseline), p (paired t) the two-sided paired "
+    "t-test's p-value, p (sign) the exact two-sided sign test's (below 6 seeds). vs random: above / below "
+    "when the gain's interval excludes 0, n.d. (not distinguishable from random real) when it covers 0; "
+    "baseline: the random-real rows themselves. One seed gives no interval and no p-value (-). published %: "
+    "the figure a paper states for the same dataset, method, IPC and student (conf/published.yaml; "
+    "report.csv names the source), - where none is known."
+)
+
 TABLE_HEADER = [
     "method",
     "IPC",
     "student",
     "protocol",
     "seeds",
-    "acc % (mean ± std)",
+    "acc % (mean ± sd)",
     "random %",
     "gain (pp)",
     "IOR",
+    "acc 95% CI",
+    "gain 95% CI (pp)",
+    "p (paired t)",
+    "p (sign)",
+    "vs random",
+    "published %",
     "LRS",
     "ARS",
     "proto dist",
@@ -143,19 +198,21 @@ def write_markdown(
         f"Runs read: {len(collected.runs)} from {', '.join(inputs)}.",
         "",
         (
-            "Accuracies are top-1 on the real test set, mean ± std over seeds; [val]: scored on the validation "
-            "split carved from train (evaluate.split=val), i.e. a run that chose settings: report test accuracy "
-            "only for the chosen setting. random %: random real images at the same IPC, seed and protocol, "
-            "evaluated beside each run (else the random pipeline's runs). gain = acc - random acc (percentage "
-            "points); IOR: DD-Ranking's improvement over random, the same as a fraction. LRS/ARS: DD-Ranking "
-            "scores in [0, 1] (only when `analyse.robust_scores=true`). proto dist: class-prototype cosine "
-            "distance (higher = more spread; 0 by construction at IPC 1, where each image is its class's prototype); "
-            "SSIM, feat cos: within-class pairwise similarity (lower = more diverse); eff. rank and spec. slope of "
-            "the teacher-feature spectrum; FD: FID when Inception weights were given, else the teacher-space "
-            "Frechet distance (fd_teacher). teacher acc on samples: the teacher's top-1 accuracy on a diffusion "
-            "set's images with their intended labels. time: wall seconds of the whole pipeline. n/a: undefined at "
-            "IPC 1 (one image per class has no within-class pairs). overrides: the command-line settings beyond "
-            "the defaults that the row's runs share."
+            "Accuracies are top-1 on the real test set, mean ± sd over seeds (sample sd, ddof=1); [val]: "
+            "scored on the validation split carved from train (evaluate.split=val), i.e. a run that chose "
+            "settings: report test accuracy only for the chosen setting. random %: random real images at the "
+            "same IPC, seed and protocol, evaluated beside each run (else the random pipeline's runs). gain = "
+            "acc - random acc (percentage points; the mean of the per-seed differences when each seed has its "
+            "baseline); IOR: DD-Ranking's improvement over random, the same as a fraction. "
+            + STATS_NOTE
+            + " LRS/ARS: DD-Ranking scores in [0, 1] (only when `analyse.robust_scores=true`). proto dist: "
+            "class-prototype cosine distance (higher = more spread; 0 by construction at IPC 1, where each "
+            "image is its class's prototype); SSIM, feat cos: within-class pairwise similarity (lower = more "
+            "diverse); eff. rank and spec. slope of the teacher-feature spectrum; FD: FID when Inception weights "
+            "were given, else the teacher-space Frechet distance (fd_teacher). teacher acc on samples: the "
+            "teacher's top-1 accuracy on a diffusion set's images with their intended labels. time: wall seconds "
+            "of the whole pipeline. n/a: undefined at IPC 1 (one image per class has no within-class pairs). "
+            "overrides: the command-line settings beyond the defaults that the row's runs share."
         ),
     ]
     for dataset in sorted({r["dataset"] for r in rows}, key=str):
