@@ -106,7 +106,7 @@ from omegaconf import OmegaConf
 
 from ddist.diffusion.sampling import abar_after, guided_eps, kernel_embedding, make_scheduler
 from ddist.models.diffusion import build_dit, latent_denoiser
-from ddist.objectives.cgs import cosine_kernel, raw_steps, size_step
+from ddist.objectives.cgs import CgsTerms, cosine_kernel, raw_steps, size_step
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = ("zt", "x0_hat")
@@ -183,15 +183,7 @@ def step_table(
                 vectors = z_next if embed is None else out.pred_original_sample
                 cos = cosine_kernel(vectors)
                 row[f"cos {kernel}"] = float((cos.sum() - cos.diagonal().sum()) / (len(cos) ** 2 - len(cos)))
-                dpp, dm = raw_steps(
-                    z_next,
-                    eta_dpp=cgs["eta_dpp"],
-                    mu_dm=cgs["mu_dm"],
-                    mu_real0=mu,
-                    abar_t=abar,
-                    eps=cgs["eps"],
-                    embed=embed,
-                )
+                dpp, dm = raw_steps(z_next, CgsTerms(cgs["eta_dpp"], cgs["mu_dm"], mu, abar, cgs["eps"], embed))
                 for norm in NORMS:
                     dz = size_step(dpp, z_next, norm, abar, cgs["max_step"])
                     row[f"{kernel} {norm}"] = float((dz.flatten(1).norm(dim=1) / z_norm).mean() * 100)

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
+from test_resume import CrashingCodec, Images, assert_killed_denoiser_resumes
 from torch import nn
 
 from ddist.diffusion.sampling import make_scheduler
 from ddist.logging import RunLogger
-from ddist.models.diffusion import PixelCodec, WeightAverage, latent_denoiser
+from ddist.models.diffusion import WeightAverage, latent_denoiser
 from ddist.training.denoiser import Phase, TrainData, select_parameters, train_denoiser
 
 SCHEDULE = {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
@@ -86,18 +87,6 @@ def test_difffit_starts_at_the_pretrained_function_and_folds_its_scales_back_exa
         torch.testing.assert_close(saved(z, t, class_labels=y).sample, trained, rtol=1e-5, atol=1e-6)
 
 
-class _Images:
-    """n random 8x8 greyscale images of 4 classes."""
-
-    def __init__(self, n):
-        gen = torch.Generator().manual_seed(0)
-        self.images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=gen)
-        self.targets = torch.arange(n) % 4
-
-    def __len__(self):
-        return len(self.targets)
-
-
 def finetune_cfg(steps, batch_size, params="all", label_dropout=0.1, ema=None, ema_schedule="fixed"):
     return {
         "steps": steps,
@@ -114,25 +103,12 @@ def finetune_cfg(steps, batch_size, params="all", label_dropout=0.1, ema=None, e
     }
 
 
-class _CrashingCodec(PixelCodec):
-    """The pixel codec (a 1-channel DiT stands in for the latent one), killed at its encode call `crash_at`."""
-
-    def __init__(self, crash_at=None):
-        self.calls, self.crash_at = 0, crash_at
-
-    def encode(self, x, sample=False):
-        self.calls += 1
-        if self.calls == self.crash_at:
-            raise KeyboardInterrupt
-        return x
-
-
 def finetune(net, tcfg, ds, work_dir=None, crash_at=None):
     denoiser = latent_denoiser(net, {"class_ids": None}, 4)
     spec = SimpleNamespace(normalize=lambda x: x, denormalize=lambda x: x)
     cpu = torch.device("cpu")
     sched = make_scheduler(SCHEDULE, "ddpm")
-    codec = _CrashingCodec(crash_at)
+    codec = CrashingCodec(crash_at)
     data, phase = TrainData(ds, spec, 8), Phase("finetune", "rsm", tcfg)
     return train_denoiser(denoiser, codec, sched, data, phase, cpu, RunLogger(None), work_dir)
 
@@ -148,7 +124,7 @@ def test_the_training_loop_drops_each_samples_label_in_every_block_or_in_none(pa
     for block in net.transformer_blocks:
         table = block.norm1.emb.class_embedder.embedding_table
         table.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
-    finetune(net, finetune_cfg(steps, batch, params, label_dropout=p), _Images(batch))
+    finetune(net, finetune_cfg(steps, batch, params, label_dropout=p), Images(batch))
     calls = torch.stack(seen).view(steps, layers + 1, batch)  # every block, and block 0's again for the final layer
     null = (calls == 4).transpose(0, 1).reshape(layers + 1, steps * batch)  # 4: the null class id
     dropped = null.sum(0)
@@ -185,7 +161,7 @@ def test_the_fixed_ema_is_the_hand_computed_average_from_the_starting_weights():
 
 
 def test_fine_tuning_with_the_fixed_ema_saves_the_average_of_the_steps_from_the_pretrained_weights():
-    ds = _Images(16)
+    ds = Images(16)
 
     def run(steps, ema):
         net = tiny_dit(2, classes=4, channels=1)
@@ -202,17 +178,11 @@ def test_fine_tuning_with_the_fixed_ema_saves_the_average_of_the_steps_from_the_
 
 
 def test_difffit_fine_tuning_with_the_fixed_ema_resumes_to_the_same_weights(tmp_path):
-    ds = _Images(20)
+    ds = Images(20)
     tcfg = finetune_cfg(6, 8, "difffit", label_dropout=0.5, ema=0.9)  # a checkpoint every 2 steps
 
-    def run(work_dir=None, crash_at=None):
+    def run(work_dir, crash_at=None):
         net = tiny_dit(2, classes=4, channels=1)
         return net, finetune(net, tcfg, ds, work_dir, crash_at)
 
-    reference, reference_losses = run()
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, crash_at=6)  # after step 4's checkpoint
-    resumed, losses = run(tmp_path)
-    assert losses == reference_losses[4:]
-    a, b = reference.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_killed_denoiser_resumes(run, tmp_path, crash_at=6, checkpointed=4)

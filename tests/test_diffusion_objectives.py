@@ -6,7 +6,16 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ddist.objectives.cgs import StepSize, clean_estimate, cosine_kernel, dm_loss, dpp_loss, guidance_step, size_step
+from ddist.objectives.cgs import (
+    CgsTerms,
+    StepSize,
+    clean_estimate,
+    cosine_kernel,
+    dm_loss,
+    dpp_loss,
+    guidance_step,
+    size_step,
+)
 from ddist.objectives.diffusion import denoising_loss, predict_x0
 from ddist.objectives.minimax import ClassMemory, minimax_loss, minimax_terms
 from ddist.objectives.rsm import l1_sparsity, rsm_loss
@@ -99,7 +108,7 @@ def test_a_dpp_guidance_step_raises_log_det_k():
     def logdet(v):
         return torch.logdet(cosine_kernel(v)).item()
 
-    moved = guidance_step(z, eta_dpp=0.5, mu_dm=0.0, mu_real0=torch.zeros(4, 4, 4), abar_t=0.5, eps=1e-3)
+    moved = guidance_step(z, CgsTerms(eta_dpp=0.5, mu_dm=0.0, mu_real0=torch.zeros(4, 4, 4), abar_t=0.5, eps=1e-3))
     assert logdet(moved) > logdet(z) + 0.1
 
 
@@ -118,14 +127,12 @@ def test_a_dpp_step_on_clean_estimates_moves_them_apart_by_the_chain_rule():
     z = torch.randn(5, 8, generator=gen)
     x0_hat = torch.randn(1, 8, generator=gen) + 0.3 * torch.randn(5, 8, generator=gen)  # similar estimates
     abar, eta = 0.6, 0.2
+
+    def embed(v):
+        return clean_estimate(v, x0_hat, abar)
+
     moved = guidance_step(
-        z,
-        eta_dpp=eta,
-        mu_dm=0.0,
-        mu_real0=torch.zeros(8),
-        abar_t=abar,
-        eps=1e-3,
-        embed=lambda v: clean_estimate(v, x0_hat, abar),
+        z, CgsTerms(eta_dpp=eta, mu_dm=0.0, mu_real0=torch.zeros(8), abar_t=abar, eps=1e-3, embed=embed)
     )
     x = x0_hat.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(dpp_loss(x, 1e-3), x)
@@ -149,14 +156,11 @@ def test_a_dpp_step_through_a_feature_map_raises_the_features_log_det():
     def logdet(v):
         return torch.logdet(cosine_kernel(net(v))).item()
 
+    def embed(v):
+        return net(clean_estimate(v, z, 1.0))
+
     moved = guidance_step(
-        z,
-        eta_dpp=0.05,
-        mu_dm=0.0,
-        mu_real0=torch.zeros(1, 4, 4),
-        abar_t=1.0,
-        eps=1e-3,
-        embed=lambda v: net(clean_estimate(v, z, 1.0)),
+        z, CgsTerms(eta_dpp=0.05, mu_dm=0.0, mu_real0=torch.zeros(1, 4, 4), abar_t=1.0, eps=1e-3, embed=embed)
     )
     assert (moved - z).abs().max() > 0  # the gradient reaches z through the network
     assert logdet(moved) > logdet(z)
@@ -171,14 +175,14 @@ def test_a_dm_guidance_step_shrinks_the_mean_gap_by_the_documented_factor():
     def gap(v):
         return v.mean(0) - math.sqrt(abar) * mu
 
-    moved = guidance_step(z, eta_dpp=0.0, mu_dm=mu_dm, mu_real0=mu, abar_t=abar, eps=1e-3)
+    moved = guidance_step(z, CgsTerms(eta_dpp=0.0, mu_dm=mu_dm, mu_real0=mu, abar_t=abar, eps=1e-3))
     torch.testing.assert_close(gap(moved), (1 - 2 * mu_dm / (n * d)) * gap(z))
     assert gap(moved).norm() < gap(z).norm()
 
 
 def test_guidance_with_zero_weights_leaves_the_latents_unchanged():
     z = torch.randn(4, 3, 2, 2)
-    out = guidance_step(z, eta_dpp=0.0, mu_dm=0.0, mu_real0=torch.ones(3, 2, 2), abar_t=0.9, eps=1e-3)
+    out = guidance_step(z, CgsTerms(eta_dpp=0.0, mu_dm=0.0, mu_real0=torch.ones(3, 2, 2), abar_t=0.9, eps=1e-3))
     assert torch.equal(out, z)
 
 
@@ -200,10 +204,10 @@ def test_a_sized_guidance_step_resizes_the_dpp_step_only():
     z = torch.randn(1, d, generator=gen) + 0.3 * torch.randn(n, d, generator=gen)
     mu = torch.randn(d, generator=gen)
     common = {"mu_real0": mu, "abar_t": abar, "eps": 1e-3}
-    dpp = z - guidance_step(z, eta_dpp=2.0, mu_dm=0.0, **common)
-    dm = z - guidance_step(z, eta_dpp=0.0, mu_dm=mu_dm, **common)
+    dpp = z - guidance_step(z, CgsTerms(eta_dpp=2.0, mu_dm=0.0, **common))
+    dm = z - guidance_step(z, CgsTerms(eta_dpp=0.0, mu_dm=mu_dm, **common))
     for norm, max_step in [("noise_std", 1.0), ("cap", 1e-3)]:
-        moved = guidance_step(z, eta_dpp=2.0, mu_dm=mu_dm, step=StepSize(norm, max_step), **common)
+        moved = guidance_step(z, CgsTerms(eta_dpp=2.0, mu_dm=mu_dm, **common), StepSize(norm, max_step))
         torch.testing.assert_close(z - moved, size_step(dpp, z, norm, abar, max_step) + dm)
-    capped = z - guidance_step(z, eta_dpp=2.0, mu_dm=0.0, step=StepSize("cap", 1e-3), **common)
+    capped = z - guidance_step(z, CgsTerms(eta_dpp=2.0, mu_dm=0.0, **common), StepSize("cap", 1e-3))
     torch.testing.assert_close(capped.norm(dim=1), 1e-3 * z.norm(dim=1))  # every raw step here is longer

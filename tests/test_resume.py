@@ -120,20 +120,21 @@ def test_mixed_precision_runs_the_forward_pass_in_low_precision(precision, dtype
 # ----------------------------------------------------------------------------- diffusion training
 
 
-class _Images:
-    """A tiny in-memory split: 20 random 8x8 greyscale images of 4 classes."""
+class Images:
+    """A tiny in-memory split: n random 8x8 greyscale images of 4 classes."""
 
-    def __init__(self):
+    def __init__(self, n=20):
         gen = torch.Generator().manual_seed(0)
-        self.images = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8, generator=gen)
-        self.targets = torch.arange(20) % 4
+        self.images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=gen)
+        self.targets = torch.arange(n) % 4
 
     def __len__(self):
         return len(self.targets)
 
 
-class _CrashingCodec(PixelCodec):
-    """The pixel codec, killed (KeyboardInterrupt) at its encode call number `crash_at`."""
+class CrashingCodec(PixelCodec):
+    """The pixel codec (with a 1-channel DiT, it stands in for the latent one too), killed
+    (KeyboardInterrupt) at its encode call number `crash_at`."""
 
     def __init__(self, crash_at=None):
         self.calls, self.crash_at = 0, crash_at
@@ -177,9 +178,9 @@ def _train_denoiser(work, objective, crash_at=None, ema=None, ema_schedule="warm
     }
     losses = train_denoiser(
         denoiser,
-        _CrashingCodec(crash_at),
+        CrashingCodec(crash_at),
         make_scheduler(schedule, "ddpm"),
-        TrainData(_Images(), spec, 8),
+        TrainData(Images(), spec, 8),
         Phase("train", objective, tcfg),
         torch.device("cpu"),
         RunLogger(None),
@@ -196,15 +197,25 @@ def test_diffusion_training_resumes_from_its_last_checkpoint_and_matches_an_unin
     tmp_path, objective, ema, schedule
 ):
     # with ema, the saved weights are the average: it must come back from the checkpoint too
-    reference, reference_losses = _train_denoiser(None, objective, ema=ema, ema_schedule=schedule)
-    with pytest.raises(KeyboardInterrupt):  # in the fourth epoch, after step 8's checkpoint
-        _train_denoiser(tmp_path, objective, crash_at=11, ema=ema, ema_schedule=schedule)
-    assert (tmp_path / CHECKPOINT).is_file()
-    resumed, losses = _train_denoiser(tmp_path, objective, ema=ema, ema_schedule=schedule)
-    assert losses == reference_losses[8:]  # steps 9-12 ran again, on the same batches and noise
+    def run(work_dir, crash_at=None):
+        return _train_denoiser(work_dir, objective, crash_at=crash_at, ema=ema, ema_schedule=schedule)
+
+    assert_killed_denoiser_resumes(run, tmp_path, crash_at=11, checkpointed=8)  # in the fourth epoch
+
+
+def assert_killed_denoiser_resumes(run, work_dir, crash_at: int, checkpointed: int):
+    """The denoiser's kill-and-resume scenario: run(work_dir, crash_at) -> (net, losses of the steps it ran),
+    killed at its encode call `crash_at` (after step `checkpointed`'s checkpoint), then run again to the end,
+    ends with the losses and weights of an uninterrupted run(None) and leaves no checkpoint behind."""
+    reference, reference_losses = run(None)
+    with pytest.raises(KeyboardInterrupt):
+        run(work_dir, crash_at)
+    assert (work_dir / CHECKPOINT).is_file()
+    resumed, losses = run(work_dir)
+    assert losses == reference_losses[checkpointed:]  # the steps after it ran again, on the same batches and noise
     a, b = reference.state_dict(), resumed.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not (tmp_path / CHECKPOINT).exists()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (work_dir / CHECKPOINT).exists()
 
 
 @pytest.mark.slow  # three training runs of the diffusion model, one of them killed

@@ -38,7 +38,7 @@ from ddist.errors import ConfigError
 from ddist.logging import info, progress
 from ddist.models import FeatureModel
 from ddist.models.diffusion import Denoiser
-from ddist.objectives.cgs import StepSize, clean_estimate, guidance_step
+from ddist.objectives.cgs import CgsTerms, StepSize, clean_estimate, guidance_step
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
@@ -166,16 +166,9 @@ def cgs_guidance(
         abar = abar_after(scheduler, i)
         z = z.clone()
         for rows, mean in classes:
-            z[rows] = guidance_step(
-                z[rows],
-                eta_dpp=cgs["eta_dpp"],
-                mu_dm=cgs["mu_dm"],
-                mu_real0=mean,
-                abar_t=abar,
-                eps=cgs["eps"],
-                embed=kernel_embedding(cgs["kernel"], x0_hat[rows], abar, features),
-                step=StepSize(cgs["step_norm"], cgs["max_step"]),
-            )
+            embed = kernel_embedding(cgs["kernel"], x0_hat[rows], abar, features)
+            terms = CgsTerms(cgs["eta_dpp"], cgs["mu_dm"], mean, abar, cgs["eps"], embed)
+            z[rows] = guidance_step(z[rows], terms, StepSize(cgs["step_norm"], cgs["max_step"]))
         return z
 
     return guide

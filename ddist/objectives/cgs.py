@@ -108,48 +108,45 @@ def size_step(step: torch.Tensor, z: torch.Tensor, norm: str, abar_t: float, max
     raise ValueError(f"unknown step norm {norm!r}: none, noise_std or cap")
 
 
-def raw_steps(
-    z: torch.Tensor,
-    *,
-    eta_dpp: float,
-    mu_dm: float,
-    mu_real0: torch.Tensor,
-    abar_t: float,
-    eps: float,
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class CgsTerms:
+    """The two guidance losses of one class at one step, as raw_steps and guidance_step take them.
+
+    eta_dpp, mu_dm: the weights of L_dpp and L_dm; mu_real0: the class's real mean latent;
+    abar_t: the noise level of the latents (1 after the last step); eps: L_dpp's ridge;
+    embed: the differentiable map from z to the vectors the DPP kernel compares (e.g.
+    clean_estimate, or a classifier's features of it); None: z itself. The gradient flows
+    through it to z.
+    """
+
+    eta_dpp: float
+    mu_dm: float
+    mu_real0: torch.Tensor
+    abar_t: float
+    eps: float
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def raw_steps(z: torch.Tensor, terms: CgsTerms) -> tuple[torch.Tensor, torch.Tensor]:
     """The two raw guidance steps (eta_dpp * grad_Z L_dpp, mu_dm * grad_Z L_dm) of a whole class.
 
-    z: the class's latents [N, ...] just produced by the scheduler step, at
-       noise level abar_t (abar_t = 1 after the last step).
-    embed: the differentiable map from z to the vectors the DPP kernel compares
-       (e.g. clean_estimate, or a classifier's features of it); None: z itself.
-       The gradient flows through it to z.
+    z: the class's latents [N, ...] just produced by the scheduler step, at noise level terms.abar_t.
     """
+    eta_dpp, embed = terms.eta_dpp, terms.embed
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         dpp_grad = torch.zeros_like(z)
         if eta_dpp:  # (no kernel pass, e.g. no decode for the teacher kernel, when the DPP term is off)
-            (dpp_grad,) = torch.autograd.grad(eta_dpp * dpp_loss(z if embed is None else embed(z), eps), z)
-        (dm_grad,) = torch.autograd.grad(mu_dm * dm_loss(z, mu_real0, abar_t), z)
+            (dpp_grad,) = torch.autograd.grad(eta_dpp * dpp_loss(z if embed is None else embed(z), terms.eps), z)
+        (dm_grad,) = torch.autograd.grad(terms.mu_dm * dm_loss(z, terms.mu_real0, terms.abar_t), z)
     return dpp_grad.detach(), dm_grad.detach()
 
 
-def guidance_step(
-    z: torch.Tensor,
-    *,
-    eta_dpp: float,
-    mu_dm: float,
-    mu_real0: torch.Tensor,
-    abar_t: float,
-    eps: float,
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    step: StepSize = StepSize(),
-) -> torch.Tensor:
+def guidance_step(z: torch.Tensor, terms: CgsTerms, step: StepSize = StepSize()) -> torch.Tensor:
     """One CGS correction Z - (size_step(eta_dpp * grad_Z L_dpp) + mu_dm * grad_Z L_dm) of a whole class.
 
-    z, abar_t, embed: as raw_steps; step: how the DPP step is sized (size_step).
+    z, terms: as raw_steps; step: how the DPP step is sized (size_step).
     Returns the corrected latents (detached).
     """
-    dpp, dm = raw_steps(z, eta_dpp=eta_dpp, mu_dm=mu_dm, mu_real0=mu_real0, abar_t=abar_t, eps=eps, embed=embed)
-    return (z.detach() - size_step(dpp, z, step.norm, abar_t, step.max_step) - dm).detach()
+    dpp, dm = raw_steps(z, terms)
+    return (z.detach() - size_step(dpp, z, step.norm, terms.abar_t, step.max_step) - dm).detach()
