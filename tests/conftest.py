@@ -174,12 +174,14 @@ def run_ddist(
 
 def tiny_teacher(cache_dir: Path) -> Path:
     """The checkpoint of the TINY teacher (digits, whole dataset) in a cache that may also hold other
-    teachers, of other datasets too (the folder-dataset tests train 3-channel ones with the same settings)."""
+    teachers, of other datasets too (the folder-dataset tests train 3-channel ones with the same settings,
+    the validation-split tests digits ones on a train split without its val images)."""
     for key_file in sorted(cache_dir.glob("teacher/*/key.json")):
         key = json.loads(key_file.read_text())
         teacher, dataset = key["teacher"], key["dataset"]
         tiny = teacher["epochs"] == 2 and teacher["model"].get("width") == 16
-        digits = dataset["name"] == "digits" and not any((dataset.get("subset") or {}).values())
+        whole = not any((dataset.get("subset") or {}).values()) and not dataset.get("val_per_class")
+        digits = dataset["name"] == "digits" and whole
         if tiny and digits and (key_file.parent / "teacher.pt").is_file():
             return key_file.parent / "teacher.pt"
     raise AssertionError(f"no tiny teacher cached in {cache_dir}")

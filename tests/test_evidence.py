@@ -136,22 +136,25 @@ def _uint8(spec, x: torch.Tensor):
 
 
 def test_students_are_scored_on_the_val_split_and_cached_apart(tmp_path, monkeypatch):
+    import ddist.training.cohort as cohort
     import ddist.training.students as students
     from ddist.data.subsets import save_random_real
     from ddist.stages import squeeze
 
     scored: list = []
-    monkeypatch.setattr(students, "accuracy", lambda model, ds, *a, **k: scored.append(ds) or 0.5)
+    monkeypatch.setattr(
+        cohort, "cohort_accuracy", lambda net, where, ds, *a, **k: scored.append(ds) or [0.5] * len(where)
+    )
     common = [*TINY[1:], "evaluate.epochs=1", "dataset.val_per_class=4"]
     cfg = compose_cfg(*common, "evaluate.split=val", cache_dir=tmp_path, run_dir=tmp_path)
     ctx = squeeze.run(cfg, stage_ctx(cfg, tmp_path))
     path = save_random_real(tmp_path / "set", load_split(cfg.dataset, "train"), ctx.spec, 1, 0)
-    students.evaluate_set(cfg, ctx, path)
+    students.evaluate_set(cfg, ctx, students.SetJob(path))
     val = load_split(cfg.dataset, "val")
     assert torch.equal(scored[-1].images, val.images) and len(scored[-1]) == 40
     # the same set scored on test trains its own student (another cache entry)
     test_cfg = compose_cfg(*common, "evaluate.split=test", cache_dir=tmp_path, run_dir=tmp_path)
-    students.evaluate_set(test_cfg, ctx, path)
+    students.evaluate_set(test_cfg, ctx, students.SetJob(path))
     assert len(scored) == 2 and len(scored[-1]) == 360
 
 

@@ -84,6 +84,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evaluate.batch_size": AT_LEAST_1,
     "evaluate.test_batch_size": AT_LEAST_1,
     "evaluate.repeats": AT_LEAST_1,
+    "evaluate.parallel": (lambda v: v == "auto" or (_int(v) and v >= 1), "auto or an integer >= 1 (students at once)"),
     "evaluate.lr": POSITIVE,
     "evaluate.temperature": (POSITIVE[0], "a number > 0 (the soft labels are softmax(logits / temperature))"),
     "evaluate.eval_every": (AT_LEAST_0[0], "an integer >= 0 (epochs between logged test accuracies; 0: only the last)"),

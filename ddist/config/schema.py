@@ -262,6 +262,8 @@ class EvaluateConfig:
     clip_grad_norm: float | None = MISSING
     log_every: int = MISSING
     eval_every: int = MISSING  # epochs between logged test accuracies (0: only the final one)
+    parallel: Any = MISSING  # students trained at once in one loop: an int >= 1 or "auto" (ddist.training.cohort)
+    stacking: Literal["auto", "grouped", "none"] = MISSING  # how a cohort's same-architecture copies run
 
 
 # ----------------------------------------------------------------------------- diffusion

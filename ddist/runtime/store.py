@@ -323,6 +323,42 @@ def cached(e: Entry, build: Callable[[Entry], None], read: Callable[[Entry], T],
         return _read_checked(e, read)
 
 
+def cached_many(entries: list[Entry], build: Callable[[list[Entry]], None], read: Callable[[Entry], T]) -> list[T]:
+    """cached() for entries built together: read(e) of each complete one; the others are locked
+    (in path order, so two processes never wait on each other), looked at again, and those still
+    incomplete go to one build(entries), which writes their files; each is then marked complete.
+    Not for torchrun ranks that build together (see cached's `together`)."""
+    values: dict[Path, T] = {}
+    pending: list[Entry] = []
+    for e in {e.path: e for e in entries}.values():  # one build per entry, however often it is named
+        if e.done:
+            try:
+                values[e.path] = _read_checked(e, read)
+                continue
+            except CheckpointError as err:
+                if not e.writable():
+                    raise _read_only_damage(e, err) from None
+        pending.append(e)
+    with contextlib.ExitStack() as held:
+        for e in sorted(pending, key=lambda e: str(e.path)):
+            held.enter_context(locked(e))
+        todo = []
+        for e in pending:
+            if e.done:
+                try:
+                    values[e.path] = _read_checked(e, read)
+                    continue
+                except CheckpointError as err:
+                    rebuild_damaged(e, err)
+            todo.append(e)
+        if todo:
+            build(todo)
+            for e in todo:
+                e.finish()
+                values[e.path] = _read_checked(e, read)
+    return [values[e.path] for e in entries]
+
+
 def _cached_together(e: Entry, build: Callable[[Entry], None], read: Callable[[Entry], T]) -> T:
     """cached() for torchrun ranks that build together: rank 0 holds the lock and decides."""
 

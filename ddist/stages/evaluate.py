@@ -1,5 +1,6 @@
-"""Evaluate: train the configured students on the DistilledSet and test them (ddist.training.students),
-then the same students on the random-real baseline (ddist.training.baseline, `evaluate.baseline`).
+"""Evaluate: train the configured students on the DistilledSet and, beside them, the same students on
+the random-real baseline (ddist.training.baseline, `evaluate.baseline`), and test them all
+(ddist.training.students: up to `evaluate.parallel` students at once).
 
 `evaluate.distilled=PATH` evaluates an existing set instead of the one the run made;
 `evaluate.split=val` scores on the validation split (choosing settings), else on test.
@@ -14,8 +15,8 @@ from omegaconf import DictConfig
 from ddist.logging import info
 from ddist.runtime.context import RunContext
 from ddist.runtime.stages import Stage
-from ddist.training.baseline import random_baseline, with_gains
-from ddist.training.students import evaluate_set
+from ddist.training.baseline import baseline_job, baseline_record, with_gains
+from ddist.training.students import SetJob, evaluate_sets
 
 STAGE = Stage(name="evaluate", needs=frozenset({"teacher", "distilled"}), shared=True)
 
@@ -23,8 +24,11 @@ STAGE = Stage(name="evaluate", needs=frozenset({"teacher", "distilled"}), shared
 def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
     if cfg.evaluate.distilled:
         ctx.distilled = Path(cfg.evaluate.distilled)
-    students = evaluate_set(cfg, ctx, ctx.require("distilled"), stored=ctx.relabel)
-    baseline = random_baseline(cfg, ctx, students)
+    base = baseline_job(cfg, ctx)  # the random-real set beside it (written now), trained together with it
+    jobs = [SetJob(ctx.require("distilled"), stored=ctx.relabel), *([base] if base else [])]
+    results = evaluate_sets(cfg, ctx, jobs)
+    students = results[0]
+    baseline = baseline_record(cfg, ctx, base, results[-1])
     students = with_gains(students, baseline)
     ctx.results["students"] = students
     ctx.results["baseline"] = baseline

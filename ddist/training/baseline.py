@@ -35,15 +35,14 @@ from ddist.metrics.robust import improvement_over_random
 from ddist.runtime import distributed, store
 from ddist.runtime.artifacts import atomic_write_text, save_distilled
 from ddist.runtime.context import RunContext
-from ddist.training.students import evaluate_set, store_soft_labels
+from ddist.training.students import SetJob, evaluate_set, evaluate_sets, store_soft_labels
 
 
-def random_baseline(cfg: DictConfig, ctx: RunContext, students: list[dict]) -> dict | None:
-    """The baseline's record for results.json (None with `evaluate.baseline: none`)."""
-    if cfg.evaluate.baseline == "none":
+def baseline_job(cfg: DictConfig, ctx: RunContext) -> SetJob | None:
+    """The random-real set to evaluate beside the run's (written now), or None: `evaluate.baseline:
+    none`, or the run's set is the random-real set itself (pipeline=random)."""
+    if cfg.evaluate.baseline == "none" or is_random_real(cfg):
         return None
-    if is_random_real(cfg):  # pipeline=random: the set is the baseline
-        return {"kind": "random", "set": str(ctx.distilled), "same_as_set": True, "students": students}
     out = ctx.run_dir / "baseline"
     # the run's label protocol: soft labels stored like the set's (relabel stage), or online
     stored = out / "relabel" if ctx.relabel is not None else None
@@ -55,13 +54,16 @@ def random_baseline(cfg: DictConfig, ctx: RunContext, students: list[dict]) -> d
             store_soft_labels(cfg, ctx, path, stored)
         return path
 
-    path = distributed.from_main(write_set)
-    return {
-        "kind": "random",
-        "set": str(path),
-        "same_as_set": False,
-        "students": evaluate_set(cfg, ctx, path, stored=stored, log_as="baseline/random"),
-    }
+    return SetJob(distributed.from_main(write_set), stored=stored, log_as="baseline/random")
+
+
+def baseline_record(cfg: DictConfig, ctx: RunContext, job: SetJob | None, students: list[dict]) -> dict | None:
+    """The baseline's record for results.json (None with `evaluate.baseline: none`): `students` are
+    the baseline set's students (the run's own where the set is the random-real set)."""
+    if cfg.evaluate.baseline == "none":
+        return None
+    path = str(ctx.distilled) if job is None else str(job.path)
+    return {"kind": "random", "set": path, "same_as_set": job is None, "students": students}
 
 
 def is_random_real(cfg: DictConfig) -> bool:
@@ -113,17 +115,24 @@ def robust_baselines(cfg: DictConfig, ctx: RunContext, train, out_dir: Path) -> 
     same = {"students": [student]}
     hard = {**cast("dict[str, Any]", OmegaConf.to_container(acfg.hard)), "students": [student], "repeats": ev.repeats}
 
-    def acc(path: Path, overrides: dict) -> float:
-        return evaluate_set(cfg, ctx, path, overrides, log_as="baseline/robust")[0]["acc_mean"]
-
     distilled = ctx.require("distilled")
     random_path = save_random_real(out_dir / "random_real", train, ctx.spec, cfg.ipc, cfg.seed)
     done = [s for s in ctx.results.get("students", []) if s["protocol"] == ev.protocol]
-    accs = {"syn": done[0]["acc_mean"] if done else acc(distilled, same), "random": acc(random_path, same)}
-    accs["syn_hard"] = accs["syn"] if ev.protocol == "hard" else acc(distilled, hard)
+    jobs = {  # one evaluation: the students that replay one plan train together (ddist.training.cohort)
+        "syn": None if done else SetJob(distilled, same),
+        "random": SetJob(random_path, same),
+        "syn_hard": None if ev.protocol == "hard" else SetJob(distilled, hard),
+        "syn_noaug": SetJob(distilled, {**same, **NO_AUGMENT}),
+        "random_noaug": SetJob(random_path, {**same, **NO_AUGMENT}),
+    }
+    todo = {name: job for name, job in jobs.items() if job is not None}
+    for job in todo.values():
+        job.log_as = "baseline/robust"
+    results = evaluate_sets(cfg, ctx, list(todo.values()))
+    accs = {name: students[0]["acc_mean"] for name, students in zip(todo, results, strict=True)}
+    accs.setdefault("syn", done[0]["acc_mean"] if done else accs.get("syn", 0.0))
+    accs.setdefault("syn_hard", accs["syn"])
     accs["real_hard"] = real_hard_accuracy(cfg, ctx, train, hard)
-    accs["syn_noaug"] = acc(distilled, {**same, **NO_AUGMENT})
-    accs["random_noaug"] = acc(random_path, {**same, **NO_AUGMENT})
     scores = robust.robust_scores(accs, w=acfg.lrs_weight, gamma=acfg.ars_weight)
     return {
         "student": student if isinstance(student, str) else OmegaConf.to_container(student),
@@ -161,7 +170,7 @@ def real_hard_accuracy(cfg: DictConfig, ctx: RunContext, train, hard: dict) -> f
             spec,
             {"dataset": spec.name, "method": "full_real", "ipc": largest, "seed": cfg.seed},
         )
-        value = evaluate_set(cfg, ctx, full, hard, log_as="baseline/real_hard")[0]["acc_mean"]
+        value = evaluate_set(cfg, ctx, SetJob(full, hard, log_as="baseline/real_hard"))[0]["acc_mean"]
         atomic_write_text(e / "acc.json", json.dumps({"acc": value}))
 
     # analyse runs on rank 0 alone: one process builds, any other waits (ddist/runtime/store.py)

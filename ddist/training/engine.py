@@ -40,20 +40,25 @@ StepFn = Callable[[int, Any], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
 class Optim:
     """One update: the optimiser over `params`, their gradients clipped to norm `clip_grad_norm`
     (None: not clipped), then the per-step lr `schedule` (None: constant). `scaler` scales fp16
-    losses (a disabled GradScaler, the default, changes nothing)."""
+    losses (a disabled GradScaler, the default, changes nothing). `clip` replaces the one norm over
+    all `params` where they hold several models, each clipped alone (ddist.training.cohort)."""
 
     optimizer: torch.optim.Optimizer
     params: Sequence[torch.Tensor]
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None
     clip_grad_norm: float | None = None
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    clip: Callable[[float], None] | None = None  # clip(max_norm): clip the gradients of each model alone
 
     def update(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
+            if self.clip is None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm)
+            else:
+                self.clip(self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.schedule is not None:

@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.data import load_split
-from ddist.data.augment import mix_targets, split_mix
-from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings, stored_batches
+from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings
 from ddist.logging import info, progress
-from ddist.models import build_model, student_config
-from ddist.objectives.distill import hard_label_loss, soft_label_loss
+from ddist.models import student_config
 from ddist.runtime import distributed, store
 from ddist.runtime.artifacts import (
     DistilledSet,
@@ -42,68 +40,222 @@ from ddist.runtime.artifacts import (
     tensor_checksum,
 )
 from ddist.runtime.context import RunContext
-from ddist.training.engine import Loop, Optim
-from ddist.training.loop import (
-    Amp,
-    Logging,
-    accuracy,
-    epochs_for,
-    fit,
-    make_optimizer,
-    make_schedule,
-    seed_everything,
-)
+from ddist.training.cohort import Member, Shared, Source, train_cohort
+from ddist.training.engine import CHECKPOINT
+from ddist.training.loop import epochs_for
 from ddist.training.teacher import frozen_teacher, load_teacher
 from ddist.utils import ceil_div
 
 
-def evaluate_set(
-    cfg: DictConfig,
-    ctx: RunContext,
-    distilled_path: str | Path,
-    overrides: dict | None = None,
-    stored: Path | None = None,
-    log_as: str = "evaluate",
-) -> list[dict]:
-    """Train and test every configured student `repeats` times on one DistilledSet.
+@dataclass
+class SetJob:
+    """One set to evaluate: its DistilledSet directory, `overrides` of the evaluate settings for it
+    alone (e.g. {"protocol": "hard"}, which the analyse stage's baselines use), `stored`: a relabel
+    directory whose soft labels replace the online teacher (soft protocol only), and `log_as`: the
+    W&B namespace of its students' curves (the baselines log under "baseline/...")."""
 
-    `overrides` changes evaluate settings for this call only (e.g. {"protocol": "hard"} or
-    {"mix": "none"}), which the analyse stage uses for its baselines. `stored` is a relabel
-    directory whose soft labels replace the online teacher (soft protocol only); `log_as` is the
-    W&B namespace of the students' curves (the baselines log under "baseline/..."). Each
-    (set, student, repeat) keeps its accuracy in a cache entry, so a rerun (after a kill,
-    or a sweep over other evaluate settings) trains only the students not yet finished.
+    path: str | Path
+    overrides: dict | None = None
+    stored: Path | None = None
+    log_as: str = "evaluate"
+
+
+def evaluate_set(cfg: DictConfig, ctx: RunContext, job: SetJob) -> list[dict]:
+    """evaluate_sets of one set."""
+    return evaluate_sets(cfg, ctx, [job])[0]
+
+
+def evaluate_sets(cfg: DictConfig, ctx: RunContext, jobs: list[SetJob]) -> list[list[dict]]:
+    """Train and test every configured student `repeats` times on each set of `jobs`; per job, per
+    student architecture: its accuracies, mean and std.
+
+    Each (set, student, repeat) keeps its accuracy in a store entry, so a rerun (after a kill, or a
+    sweep over other evaluate settings) trains only the students not yet finished. Those are trained
+    in cohorts of up to `evaluate.parallel` (ddist.training.cohort): students that replay the same
+    batch plan (the same settings and set size, whichever set) step together in one loop and share
+    each set's augmented batch and teacher logits.
     """
-    ev = cast(DictConfig, OmegaConf.merge(cfg.evaluate, overrides or {}))
-    distilled = load_distilled(distilled_path, ctx.spec)
-    test = load_split(cfg.dataset, ev.split, Path(cfg.paths.cache_dir))  # "val" when choosing settings
-    # online soft labels: the teacher runs under no_grad every student step, so its BN is folded away
-    teacher = frozen_teacher(cfg, load_teacher(cfg, ctx)) if ev.protocol == "soft" else None
-    stored = stored if ev.protocol == "soft" else None
-    base_key = student_base_key(cfg, ev, distilled, ctx, stored)
-    setting = Setting(ev, distilled, teacher, stored, test, log_as)
-    results = []
-    for entry in ev.students:
-        name, model_cfg = student_config(entry)
-        accs = []
-        for repeat in range(ev.repeats):
-            work = store.entry(cfg, "student", {**base_key, "student": model_cfg, "repeat": repeat})
-            accs.append(finished_or_trained(cfg, ctx, setting, Student(name, model_cfg, repeat), work))
-        results.append(
-            {
-                "name": name,
-                "protocol": ev.protocol,
-                "accs": accs,
-                "acc_mean": statistics.fmean(accs),
-                "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-            }
-        )
-        info(f"student {name} ({ev.protocol}): {100 * results[-1]['acc_mean']:.2f}% over {len(accs)} repeat(s)")
+    runs: list[Run] = []
+    for j, job in enumerate(jobs):
+        ev = cast(DictConfig, OmegaConf.merge(cfg.evaluate, job.overrides or {}))
+        stored = job.stored if ev.protocol == "soft" else None
+        distilled = load_distilled(job.path, ctx.spec)
+        base_key = student_base_key(cfg, ev, distilled, ctx, stored)
+        source = Source(distilled, stored)  # one per set: its students share its batches and teacher logits
+        for entry in ev.students:
+            name, model_cfg = student_config(entry)
+            for repeat in range(ev.repeats):
+                work = store.entry(cfg, "student", {**base_key, "student": model_cfg, "repeat": repeat})
+                runs.append(Run(j, name, model_cfg, repeat, work, ev, source, job.log_as))
+    accs = train_runs(cfg, ctx, runs)
+    results: list[list[dict]] = [[] for _ in jobs]
+    for j in range(len(jobs)):
+        mine = [(r, a) for r, a in zip(runs, accs, strict=False) if r.job == j]
+        for name in dict.fromkeys(r.name for r, _ in mine):
+            student_accs = [a for r, a in mine if r.name == name]
+            protocol = next(r.ev.protocol for r, _ in mine)
+            results[j].append(
+                {
+                    "name": name,
+                    "protocol": protocol,
+                    "accs": student_accs,
+                    "acc_mean": statistics.fmean(student_accs),
+                    "acc_std": statistics.pstdev(student_accs) if len(student_accs) > 1 else 0.0,
+                }
+            )
+            mean = 100 * results[j][-1]["acc_mean"]
+            info(f"student {name} ({protocol}): {mean:.2f}% over {len(student_accs)} repeat(s)")
     return results
 
 
-# evaluate keys that do not change a student's accuracy (or are in its key otherwise: student, repeat)
-_NOT_STUDENT_KEYS = ("distilled", "students", "repeats", "test_batch_size", "baseline", "log_every", "eval_every")
+@dataclass
+class Run:
+    """One student to have: its job, name, model config, repeat, store entry, evaluate settings and set."""
+
+    job: int
+    name: str
+    model_cfg: dict
+    repeat: int
+    work: store.Entry
+    ev: DictConfig
+    source: Source
+    log_as: str
+
+    @property
+    def key(self) -> str:  # its W&B namespace
+        return f"{self.log_as}/{self.name}_r{self.repeat}"
+
+
+def train_runs(cfg: DictConfig, ctx: RunContext, runs: list[Run]) -> list[float]:
+    """Each run's accuracy: read from its finished store entry, or trained now, in cohorts."""
+    for r in runs:
+        if r.work.done:
+            info(f"student {r.name} repeat {r.repeat}: finished earlier ({r.work / 'result.json'})")
+    needs = Needs(cfg, ctx)
+    accs: dict[Path, float] = {}
+    for cohort in cohorts([r for r in runs if not r.work.done], parallel(cfg)):
+        accs.update(zip((r.work.path for r in cohort), train_cohort_entries(cfg, ctx, needs, cohort), strict=False))
+    for r in runs:  # finished earlier: read and checked (a damaged one is trained again, alone)
+        if r.work.path not in accs:
+            accs[r.work.path] = store.cached(r.work, _one(needs.build_for([r])), READ)
+    return [accs[r.work.path] for r in runs]
+
+
+def _one(build: Callable[[list[store.Entry]], None]) -> Callable[[store.Entry], None]:
+    """A build of several entries as the build of one (store.cached's)."""
+    return lambda e: build([e])
+
+
+class Needs:
+    """What trainings need, loaded once and only when a student is trained: the frozen teacher
+    (soft protocol, online labels) and the scored splits."""
+
+    def __init__(self, cfg: DictConfig, ctx: RunContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self._teacher: torch.nn.Module | None = None
+        self._tests: dict[str, Any] = {}
+
+    def shared(self, ev: DictConfig) -> Shared:
+        cfg, ctx = self.cfg, self.ctx
+        if ev.protocol == "soft" and self._teacher is None:
+            self._teacher = frozen_teacher(cfg, load_teacher(cfg, ctx))
+        if ev.split not in self._tests:
+            self._tests[ev.split] = load_split(cfg.dataset, ev.split, Path(cfg.paths.cache_dir))
+        teacher = self._teacher if ev.protocol == "soft" else None
+        return Shared(ev, teacher, self._tests[ev.split], grouped=stacking(cfg, ctx) == "grouped")
+
+    def build_for(self, cohort: list[Run]) -> Callable[[list[store.Entry]], None]:
+        """build(todo): train the runs of `cohort` whose entries are in `todo` together, write their results."""
+
+        def build(todo: list[store.Entry]) -> None:
+            paths = {e.path for e in todo}
+            mine = list({r.work.path: r for r in cohort if r.work.path in paths}.values())
+            sources = list({id(r.source): r.source for r in mine}.values())
+            members = [
+                Member(r.model_cfg, r.repeat, [id(s) for s in sources].index(id(r.source)), r.work.path, r.key)
+                for r in mine
+            ]
+            accs = train_cohort(self.cfg, self.ctx, self.shared(mine[0].ev), sources, members)
+            if distributed.is_main():
+                for r, acc in zip(mine, accs, strict=False):
+                    atomic_write_text(r.work / "result.json", json.dumps({"acc": acc}))
+
+        return build
+
+
+def _read_result(e: store.Entry) -> float:
+    return float(e.read_json("result.json", RESULT)["acc"])
+
+
+def train_cohort_entries(cfg: DictConfig, ctx: RunContext, needs: Needs, cohort: list[Run]) -> list[float]:
+    """Train one cohort under its entries' locks (torchrun: one student, all ranks together)."""
+    build = needs.build_for(cohort)
+    if distributed.active():
+        return [store.cached(cohort[0].work, lambda e: build([e]), READ, together=True)]
+    return store.cached_many([r.work for r in cohort], build, READ)
+
+
+def cohorts(runs: list[Run], size: int) -> list[list[Run]]:
+    """The runs in groups of at most `size` that can step together: the same evaluate settings (so
+    the same plan, epochs and optimiser), the same set size, and the same step to resume at;
+    same-architecture runs next to each other, so they stack."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        settings = OmegaConf.to_container(r.ev, resolve=True, enum_to_str=True)
+        together = json.dumps(
+            [settings, len(r.source.distilled.labels), r.source.distilled.ipc, resume_step(r.work)],
+            sort_keys=True,
+            default=str,
+        )
+        groups.setdefault(together, []).append(r)
+    out = []
+    for group in groups.values():
+        group.sort(key=lambda r: json.dumps(r.model_cfg, sort_keys=True))
+        out += [group[i : i + size] for i in range(0, len(group), size)]
+    return out
+
+
+def resume_step(work: store.Entry) -> int:
+    """The step a student's partial checkpoint resumes at (0: none, or unreadable)."""
+    path = work / CHECKPOINT
+    if not path.is_file():
+        return 0
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:
+        return 0
+
+
+def parallel(cfg: DictConfig) -> int:
+    """`evaluate.parallel` resolved: students per cohort (auto: 8; torchrun: 1, DDP trains one at a time)."""
+    if distributed.active():
+        return 1
+    value = cfg.evaluate.parallel
+    return 8 if value == "auto" else int(value)
+
+
+def stacking(cfg: DictConfig, ctx: RunContext) -> str:
+    """`evaluate.stacking` resolved: auto is grouped on CUDA and none on a CPU (scripts/bench_students.py)."""
+    value = str(cfg.evaluate.stacking)
+    if value == "auto":
+        return "grouped" if ctx.device.type == "cuda" else "none"
+    return value
+
+
+# evaluate keys that do not change a student's accuracy (or are in its key otherwise: student, repeat);
+# parallel and stacking change how students are batched together, which changes float rounding at most
+# (as the device does, which no key holds either)
+_NOT_STUDENT_KEYS = (
+    "distilled",
+    "students",
+    "repeats",
+    "test_batch_size",
+    "baseline",
+    "log_every",
+    "eval_every",
+    "parallel",
+    "stacking",
+)
 
 
 def student_base_key(
@@ -131,109 +283,9 @@ def student_base_key(
     }
 
 
-@dataclass
-class Setting:
-    """What every student of one evaluation shares: the evaluate settings `ev`, the set, the teacher
-    (soft protocol, online labels; else None), the stored soft labels' directory (or None), the test split."""
-
-    ev: DictConfig
-    distilled: DistilledSet
-    teacher: torch.nn.Module | None
-    stored: Path | None
-    test: Any
-    log_as: str = "evaluate"  # the W&B namespace of the students' curves
-
-
-@dataclass
-class Student:
-    """One student run: its name, model config and repeat index."""
-
-    name: str
-    model_cfg: dict
-    repeat: int
-
-
-def finished_or_trained(
-    cfg: DictConfig, ctx: RunContext, setting: Setting, student: Student, work: store.Entry
-) -> float:
-    """The accuracy kept in the store entry `work` by an earlier run, or a student trained (resumably,
-    checkpointing into the entry) now; torchrun's ranks train it together."""
-    trained: list[bool] = []
-
-    def build(e: store.Entry) -> None:
-        acc = train_student(cfg, ctx, setting, student, e.path)
-        if distributed.is_main():
-            atomic_write_text(e / "result.json", json.dumps({"acc": acc}))
-        trained.append(True)
-
-    acc = float(store.cached(work, build, lambda e: e.read_json("result.json", RESULT)["acc"], together=True))
-    if not trained:
-        info(f"student {student.name} repeat {student.repeat}: finished earlier ({work / 'result.json'})")
-    return acc
-
-
 # what a student entry's result.json must hold to be trusted
 RESULT = store.fields(acc=store.FRACTION)
-
-
-def train_student(cfg: DictConfig, ctx: RunContext, setting: Setting, run: Student, work: Path | None = None) -> float:
-    """One student: the recipe is setup, fit on the planned batches, test."""
-    ev, distilled, teacher, stored, test = setting.ev, setting.distilled, setting.teacher, setting.stored, setting.test
-    name, model_cfg, repeat = run.name, run.model_cfg, run.repeat
-    spec, device = ctx.spec, ctx.device
-    images = distilled.images.to(device)
-    labels = distilled.labels.to(device)
-
-    # -- setup
-    seed_everything(cfg.seed * 1000 + repeat)
-    student = build_model(model_cfg, spec.num_classes, spec.channels, spec.resolution).to(device)
-    epochs = epochs_for(ev.epochs, distilled.ipc)
-    settings = plan_settings(ev, spec.resolution, cfg.seed, len(labels), epochs)
-    batches = stored_batches(stored, settings, ctx.require("teacher")) if stored else plan(settings)
-    steps_per_epoch = ceil_div(len(labels), settings["batch_size"])
-    optimizer = make_optimizer(student.parameters(), ev)
-    schedule = make_schedule(optimizer, ev, epochs * steps_per_epoch)
-
-    def loss_fn(student, batch):
-        x = augmented_batch(images, batch, device)
-        part, weight = distributed.my_part(len(x))  # all of it in one process
-        x = x[part]
-        out = student(x)
-        if ev.protocol == "hard":
-            _, mix = split_mix(batch)
-            targets = mix_targets(F.one_hot(labels[batch["indices"].to(device)], spec.num_classes).float(), mix)
-            return weight * hard_label_loss(out, targets[part])
-        if "logits" in batch:
-            return weight * soft_label_loss(out, batch["logits"][part].to(device), ev.temperature)
-        assert teacher is not None, "the soft protocol loads the teacher"
-        with torch.no_grad():
-            target = teacher(x)
-        return weight * soft_label_loss(out, target, ev.temperature)
-
-    # -- loop, then test
-    key = f"{setting.log_as}/{name}_r{repeat}"
-    fit(
-        student,
-        batches,
-        loss_fn,
-        Optim(optimizer, list(student.parameters()), schedule, ev.clip_grad_norm),
-        Loop(
-            total=epochs * steps_per_epoch, desc=f"student {name} {repeat}", stage="evaluate", hint="Lower evaluate.lr."
-        ),
-        Logging(
-            ctx.logger,
-            every=ev.log_every,
-            steps_per_epoch=steps_per_epoch,
-            key=key,
-            test=lambda: distributed.from_main(lambda: accuracy(student, test, spec, device, ev.test_batch_size)),
-            test_every=ev.eval_every,
-        ),
-        work_dir=work,
-        amp=Amp(cfg.precision, cfg.compile),
-    )
-    acc = distributed.from_main(lambda: accuracy(student, test, spec, device, ev.test_batch_size))
-    ctx.logger.log({f"{key}/test_acc": acc}, step=epochs * steps_per_epoch)
-    return acc
+READ = _read_result
 
 
 # ----------------------------------------------------------------------------- stored soft labels
