@@ -28,6 +28,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from ddist.config.compat import typed
+from ddist.config.schema import FinetuneConfig, NoiseScheduleConfig, SampleConfig
 from ddist.data import dataset_spec, load_split
 from ddist.diffusion.sampling import CgsReference, make_scheduler, sample_latents
 from ddist.logging import RunLogger
@@ -66,9 +68,9 @@ def finetune_case(objective: str, args) -> dict:
         return train_denoiser(
             denoiser,
             PixelCodec(),
-            make_scheduler(dcfg["schedule"], "ddpm"),
+            make_scheduler(typed(NoiseScheduleConfig, dcfg["schedule"]), "ddpm"),
             TrainData(ds, spec, spec.resolution),
-            Phase("finetune", objective, {**tcfg, "steps": steps}),
+            Phase("finetune", objective, typed(FinetuneConfig, {**tcfg, "steps": steps})),
             torch.device("cpu"),
             RunLogger(None),
         )
@@ -92,12 +94,13 @@ def sample_case(method: str, args) -> dict:
     denoiser.net.eval().requires_grad_(False)
     means = torch.randn(spec.num_classes, *denoiser.latent_shape) * 0.5
     labels = torch.arange(spec.num_classes).repeat_interleave(ipc)
-    scfg = {**dcfg["sample"], "method": method}
+    scfg = typed(SampleConfig, {**dcfg["sample"], "method": method})
+    schedule = typed(NoiseScheduleConfig, dcfg["schedule"])
 
     def run():
         return sample_latents(
             denoiser,
-            make_scheduler(dcfg["schedule"], scfg["scheduler"]),
+            make_scheduler(schedule, scfg.scheduler),
             labels,
             0,
             scfg,
@@ -107,10 +110,10 @@ def sample_case(method: str, args) -> dict:
 
     sample_latents(
         denoiser,
-        make_scheduler(dcfg["schedule"], scfg["scheduler"]),
+        make_scheduler(schedule, scfg.scheduler),
         labels[:2],
         0,
-        {**scfg, "steps": 2},
+        typed(SampleConfig, {**scfg, "steps": 2}),
         torch.device("cpu"),
         CgsReference(means),
     )  # warm-up

@@ -104,6 +104,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from ddist.config.compat import typed
+from ddist.config.schema import NoiseScheduleConfig
 from ddist.diffusion.sampling import abar_after, guided_eps, kernel_embedding, make_scheduler
 from ddist.models.diffusion import build_dit, latent_denoiser
 from ddist.objectives.cgs import CgsTerms, cosine_kernel, raw_steps, size_step
@@ -244,7 +246,7 @@ def main() -> None:
     s = dcfg["sample"]
     n, steps = args.n or ipc, args.steps or s["steps"]
     cgs = {**s["cgs"], **({"max_step": args.max_step} if args.max_step else {})}
-    scheduler = make_scheduler(dcfg["schedule"], s["scheduler"])
+    scheduler = make_scheduler(typed(NoiseScheduleConfig, dcfg["schedule"]), s["scheduler"])
     gen = torch.Generator().manual_seed(args.seed)
     mu = torch.randn(4, 32, 32, generator=gen) * args.class_share**0.5
     z = torch.randn(n, 4, 32, 32, generator=gen)

@@ -9,6 +9,8 @@ import torch
 from conftest import run_pipeline
 from diffusers import UNet2DModel
 
+from ddist.config.compat import typed
+from ddist.config.schema import DiffusionTrainConfig, FinetuneConfig, NoiseScheduleConfig, SampleConfig
 from ddist.data import dataset_spec, load_split
 from ddist.diffusion.sampling import (
     CgsReference,
@@ -47,7 +49,9 @@ DIGITS = {
     "std": [0.3186],
     "in_memory": True,
 }
-SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+SCHEDULE = typed(
+    NoiseScheduleConfig, {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+)
 
 
 def tiny_denoiser(num_classes=10, seed=0):
@@ -67,25 +71,29 @@ def tiny_denoiser(num_classes=10, seed=0):
 
 
 def sample_cfg(method, guidance_channels=None, **cgs):
-    return {
-        "method": method,
-        "steps": 4,
-        "guidance_scale": 2.0,
-        "guidance_channels": guidance_channels,
-        "ddim_eta": 0.0,
-        "batch_size": 4,
-        "cgs": {
-            "eta_dpp": 0.0,
-            "mu_dm": 0.0,
-            "eps": 1e-3,
-            "kernel": "zt",
-            "step_norm": "none",
-            "max_step": 0.05,
-            "start": 0.0,
-            "end": 1.0,
-            **cgs,
+    return typed(
+        SampleConfig,
+        {
+            "method": method,
+            "scheduler": "ddpm",
+            "steps": 4,
+            "guidance_scale": 2.0,
+            "guidance_channels": guidance_channels,
+            "ddim_eta": 0.0,
+            "batch_size": 4,
+            "cgs": {
+                "eta_dpp": 0.0,
+                "mu_dm": 0.0,
+                "eps": 1e-3,
+                "kernel": "zt",
+                "step_norm": "none",
+                "max_step": 0.05,
+                "start": 0.0,
+                "end": 1.0,
+                **cgs,
+            },
         },
-    }
+    )
 
 
 def tiny_teacher_features():
@@ -266,7 +274,7 @@ def test_fine_tuning_runs_each_objective_and_trains_only_the_chosen_parameters(o
         PixelCodec(),
         make_scheduler(SCHEDULE, "ddpm"),
         TrainData(ds, spec, 16),
-        Phase("finetune", objective, tcfg),
+        Phase("finetune", objective, typed(FinetuneConfig, tcfg)),
         torch.device("cpu"),
         RunLogger(None),
     )
@@ -362,7 +370,7 @@ def trained_tiny_denoiser(steps: int, ema: float | None):
         PixelCodec(),
         sched,
         TrainData(load_split(DIGITS, "train"), spec, 16),
-        Phase("train", "plain", tcfg),
+        Phase("train", "plain", typed(FinetuneConfig, tcfg)),  # as train's node, with params
         cpu,
         RunLogger(None),
     )
@@ -409,8 +417,8 @@ def test_the_denoiser_schedule_warms_up_linearly_then_follows_a_cosine_to_zero()
     from ddist.training.denoiser import denoiser_schedule
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    assert denoiser_schedule(opt, {"schedule": "constant"}, 10) is None  # constant: the lr as before
-    sched = denoiser_schedule(opt, {"schedule": "cosine", "warmup_steps": 2}, 10)
+    assert denoiser_schedule(opt, typed(DiffusionTrainConfig, {"schedule": "constant"}), 10) is None  # as before
+    sched = denoiser_schedule(opt, typed(DiffusionTrainConfig, {"schedule": "cosine", "warmup_steps": 2}), 10)
     assert sched is not None
     lrs = [sched.get_last_lr()[0]]
     for _ in range(9):
@@ -442,7 +450,13 @@ def test_the_denoiser_clips_its_gradients_when_asked(monkeypatch):
     data = TrainData(load_split(DIGITS, "train"), dataset_spec(DIGITS), 16)
     sched = make_scheduler(SCHEDULE, "ddpm")
     losses = train_denoiser(
-        denoiser, PixelCodec(), sched, data, Phase("train", "plain", tcfg), torch.device("cpu"), RunLogger(None)
+        denoiser,
+        PixelCodec(),
+        sched,
+        data,
+        Phase("train", "plain", typed(DiffusionTrainConfig, tcfg)),
+        torch.device("cpu"),
+        RunLogger(None),
     )
     assert norms == [0.5, 0.5] and len(losses) == 2
 

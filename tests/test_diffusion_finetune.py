@@ -9,12 +9,16 @@ from diffusers import DiTTransformer2DModel
 from test_resume import CrashingCodec, Images, assert_killed_denoiser_resumes
 from torch import nn
 
+from ddist.config.compat import typed
+from ddist.config.schema import FinetuneConfig, NoiseScheduleConfig
 from ddist.diffusion.sampling import make_scheduler
 from ddist.logging import RunLogger
 from ddist.models.diffusion import WeightAverage, latent_denoiser
 from ddist.training.denoiser import Phase, TrainData, select_parameters, train_denoiser
 
-SCHEDULE = {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+SCHEDULE = typed(
+    NoiseScheduleConfig, {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+)
 HEADS, HEAD_DIM, PATCH = 2, 8, 2
 
 
@@ -88,19 +92,22 @@ def test_difffit_starts_at_the_pretrained_function_and_folds_its_scales_back_exa
 
 
 def finetune_cfg(steps, batch_size, params="all", label_dropout=0.1, ema=None, ema_schedule="fixed"):
-    return {
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": 1e-3,
-        "weight_decay": 0.0,
-        "params": params,
-        "label_dropout": label_dropout,
-        "seed": 0,
-        "ema": ema,
-        "ema_schedule": ema_schedule,
-        "checkpoint_every": 2,
-        "rsm": {"lambda": 3e-3, "reduction": "mean"},
-    }
+    return typed(
+        FinetuneConfig,
+        {
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "params": params,
+            "label_dropout": label_dropout,
+            "seed": 0,
+            "ema": ema,
+            "ema_schedule": ema_schedule,
+            "checkpoint_every": 2,
+            "rsm": {"lambda": 3e-3, "reduction": "mean"},
+        },
+    )
 
 
 def finetune(net, tcfg, ds, work_dir=None, crash_at=None):

@@ -12,6 +12,8 @@ import torch
 from conftest import kill_when, read_results, run_logged, run_pipeline, start_forked_run
 from diffusers import UNet2DModel
 
+from ddist.config.compat import typed
+from ddist.config.schema import FinetuneConfig, NoiseScheduleConfig
 from ddist.diffusion.sampling import make_scheduler
 from ddist.logging import RunLogger
 from ddist.models.diffusion import PixelCodec, pixel_denoiser
@@ -179,9 +181,9 @@ def _train_denoiser(work, objective, crash_at=None, ema=None, ema_schedule="warm
     losses = train_denoiser(
         denoiser,
         CrashingCodec(crash_at),
-        make_scheduler(schedule, "ddpm"),
+        make_scheduler(typed(NoiseScheduleConfig, schedule), "ddpm"),
         TrainData(Images(), spec, 8),
-        Phase("train", objective, tcfg),
+        Phase("train", objective, typed(FinetuneConfig, tcfg)),  # as train's node, with minimax's settings
         torch.device("cpu"),
         RunLogger(None),
         work_dir=work,

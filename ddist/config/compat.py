@@ -11,9 +11,14 @@ import dataclasses
 import keyword
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
+
+from omegaconf import OmegaConf
+
+T = TypeVar("T")
 
 
 def for_omegaconf(schema: type) -> type:
@@ -37,6 +42,12 @@ def for_omegaconf(schema: type) -> type:
     rebuilt: type = dataclass(init=False, repr=False, eq=False)(type(schema.__name__, bases, namespace))
     setattr(_rebuilt, schema.__name__, rebuilt)
     return rebuilt
+
+
+def typed(schema: type[T], values: Mapping[str, Any] | None = None) -> T:
+    """`values` as a DictConfig validated against `schema` (rebuilt by for_omegaconf), typed as the schema:
+    the node a stage reads from a composed config, for code that starts from a dict (tests, scripts)."""
+    return cast(T, OmegaConf.merge(OmegaConf.structured(for_omegaconf(schema)), values or {}))
 
 
 def _init(self: Any, **fields: Any) -> None:

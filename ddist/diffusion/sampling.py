@@ -25,7 +25,7 @@ sampling's forward passes plus the guidance.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from ddist.config.schema import CGSConfig, NoiseScheduleConfig, SampleConfig
 from ddist.data.augment import resize
 from ddist.errors import ConfigError
 from ddist.logging import info, progress
@@ -48,9 +49,15 @@ Guidance = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 Features = Callable[[torch.Tensor], torch.Tensor]
 
 
-def make_scheduler(schedule: Mapping, kind: str) -> DDPMScheduler | DDIMScheduler:
+def make_scheduler(schedule: NoiseScheduleConfig, kind: str) -> DDPMScheduler | DDIMScheduler:
     """A diffusers scheduler over the model's training noise schedule (`diffusion.schedule`)."""
-    return SCHEDULERS[kind](**schedule, clip_sample=False)
+    return SCHEDULERS[kind](
+        num_train_timesteps=schedule.num_train_timesteps,
+        beta_schedule=str(schedule.beta_schedule),
+        beta_start=schedule.beta_start,
+        beta_end=schedule.beta_end,
+        clip_sample=False,
+    )
 
 
 def image_generators(seed: int, labels: list[int], rows: list[int] | None = None) -> list[torch.Generator]:
@@ -107,13 +114,13 @@ def abar_after(scheduler, i: int) -> float:
     return 1.0 if i + 1 >= len(timesteps) else float(scheduler.alphas_cumprod[timesteps[i + 1]])
 
 
-def in_window(i: int, cgs: Mapping, num_steps: int) -> bool:
+def in_window(i: int, cgs: CGSConfig, num_steps: int) -> bool:
     """Guidance acts after step i (0-based, of num_steps) when start <= i / num_steps < end.
 
     i / num_steps is the fraction of the trajectory run before step i: 0 at the first step,
     (num_steps - 1) / num_steps at the last, so [0, 1) is every step and [0.5, 1) the second half.
     """
-    return cgs["start"] <= i / num_steps < cgs["end"]
+    return cgs.start <= i / num_steps < cgs.end
 
 
 @torch.no_grad()
@@ -123,18 +130,16 @@ def denoise(
     z: torch.Tensor,
     ids: torch.Tensor,
     gens: list[torch.Generator],
-    scfg: Mapping,
+    scfg: SampleConfig,
     guide: Guidance | None = None,
     desc: str = "sample",
 ) -> torch.Tensor:
     """Run the reverse process on one group of latents; guide (if any) corrects them after every step.
     Progress (ddist.logging.progress) is reported step by step under `desc`."""
-    step_kwargs = {"eta": scfg["ddim_eta"]} if isinstance(scheduler, DDIMScheduler) else {}
+    step_kwargs = {"eta": scfg.ddim_eta} if isinstance(scheduler, DDIMScheduler) else {}
     timesteps = scheduler.timesteps
     for i, t in enumerate(progress(timesteps, desc=desc, total=len(timesteps), unit="step")):
-        eps = guided_eps(
-            denoiser, z, t.to(z.device), ids, scfg["guidance_scale"], scfg["batch_size"], scfg["guidance_channels"]
-        )
+        eps = guided_eps(denoiser, z, t.to(z.device), ids, scfg.guidance_scale, scfg.batch_size, scfg.guidance_channels)
         out = scheduler.step(eps, t, z, generator=gens, **step_kwargs)
         z = out.prev_sample if guide is None else guide(i, out.prev_sample, out.pred_original_sample)
     return z
@@ -151,7 +156,7 @@ def kernel_embedding(kernel: str, x0_hat: torch.Tensor, abar_t: float, features:
 
 
 def cgs_guidance(
-    cgs: Mapping, scheduler, classes: list[tuple[torch.Tensor, torch.Tensor]], features: Features | None = None
+    cgs: CGSConfig, scheduler, classes: list[tuple[torch.Tensor, torch.Tensor]], features: Features | None = None
 ) -> Guidance:
     """CGS as a Guidance: inside the window (in_window), each class's latents take one guidance_step.
 
@@ -166,17 +171,17 @@ def cgs_guidance(
         abar = abar_after(scheduler, i)
         z = z.clone()
         for rows, mean in classes:
-            embed = kernel_embedding(cgs["kernel"], x0_hat[rows], abar, features)
-            terms = CgsTerms(cgs["eta_dpp"], cgs["mu_dm"], mean, abar, cgs["eps"], embed)
-            z[rows] = guidance_step(z[rows], terms, StepSize(cgs["step_norm"], cgs["max_step"]))
+            embed = kernel_embedding(cgs.kernel, x0_hat[rows], abar, features)
+            terms = CgsTerms(cgs.eta_dpp, cgs.mu_dm, mean, abar, cgs.eps, embed)
+            z[rows] = guidance_step(z[rows], terms, StepSize(str(cgs.step_norm), cgs.max_step))
         return z
 
     return guide
 
 
-def check_sample_config(scfg: Mapping, latent_channels: int, features: Features | None) -> None:
+def check_sample_config(scfg: SampleConfig, latent_channels: int, features: Features | None) -> None:
     """ConfigErrors for sampling options that cannot run, before any model pass."""
-    method, cgs, channels = scfg["method"], scfg["cgs"], scfg["guidance_channels"]
+    method, cgs, channels = scfg.method, scfg.cgs, scfg.guidance_channels
     if channels is not None and not (isinstance(channels, int) and 1 <= channels <= latent_channels):
         raise ConfigError(
             f"diffusion.sample.guidance_channels must be null (all) or an integer in "
@@ -184,7 +189,7 @@ def check_sample_config(scfg: Mapping, latent_channels: int, features: Features 
         )
     if method != "cgs":
         return
-    if cgs["kernel"] == "teacher" and features is None:
+    if cgs.kernel == "teacher" and features is None:
         raise ConfigError(
             "diffusion.sample.cgs.kernel=teacher needs the teacher: put squeeze before diffusion in "
             "pipeline.stages, or set diffusion.sample.cgs.kernel to zt or x0_hat."
@@ -204,16 +209,16 @@ def class_groups(labels: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [*groups, current]
 
 
-def sample_groups(labels: torch.Tensor, scfg: Mapping) -> list[torch.Tensor]:
+def sample_groups(labels: torch.Tensor, scfg: SampleConfig) -> list[torch.Tensor]:
     """The rows of each group the sampler denoises together: the independent parts of the set.
 
     independent: batches of scfg.batch_size images (classes mixed); cgs: whole classes packed
     into groups of about batch_size images (a larger class is a group of its own).
     """
-    if scfg["method"] == "independent":
-        size = scfg["batch_size"]
+    if scfg.method == "independent":
+        size = scfg.batch_size
         return [torch.arange(s, min(s + size, len(labels))) for s in range(0, len(labels), size)]
-    return class_groups(labels, scfg["batch_size"])
+    return class_groups(labels, scfg.batch_size)
 
 
 @dataclass(frozen=True)
@@ -240,7 +245,7 @@ def sample_group(
     labels: torch.Tensor,
     group: GroupRows,
     seed: int,
-    scfg: Mapping,
+    scfg: SampleConfig,
     device: torch.device,
     reference: CgsReference | None = None,
 ) -> torch.Tensor:
@@ -254,13 +259,13 @@ def sample_group(
     z = randn_tensor((len(rows), *denoiser.latent_shape), generator=gens, device=device)
     group_labels = labels[rows]
     ids = denoiser.model_ids(group_labels).to(device)
-    scheduler.set_timesteps(scfg["steps"], device=device)
+    scheduler.set_timesteps(scfg.steps, device=device)
     guide = None
-    if scfg["method"] != "independent":
+    if scfg.method != "independent":
         assert reference is not None, "cgs needs its reference (class_means)"
         class_means = reference.class_means
         guide = cgs_guidance(
-            scfg["cgs"],
+            scfg.cgs,
             scheduler,
             [
                 (torch.nonzero(group_labels == c).flatten().to(device), class_means[c].to(device))
@@ -276,7 +281,7 @@ def sample_latents(
     scheduler,
     labels: torch.Tensor,
     seed: int,
-    scfg: Mapping,
+    scfg: SampleConfig,
     device: torch.device,
     reference: CgsReference | None = None,
     on_group=None,
@@ -289,7 +294,7 @@ def sample_latents(
     groups = sample_groups(labels, scfg)
     out = torch.empty((len(labels), *denoiser.latent_shape), device=device)
     start = time.perf_counter()
-    info(f"sampling {len(labels)} latents in {len(groups)} groups, {scfg['steps']} steps each")
+    info(f"sampling {len(labels)} latents in {len(groups)} groups, {scfg.steps} steps each")
     for g, idx in enumerate(groups):
         group = GroupRows(idx, f"sample group {g + 1}/{len(groups)}")
         out[idx] = sample_group(denoiser, scheduler, labels, group, seed, scfg, device, reference)

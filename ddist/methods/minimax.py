@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ddist.config.schema import FinetuneConfig, MinimaxConfig
 from ddist.methods.base import Method, register
 
 
@@ -14,11 +15,11 @@ class MinimaxObjective:
     """MiniMax's loss and its class memories of real latents and generated estimates (checkpointed:
     the training loop saves what state_dict returns)."""
 
-    def __init__(self, mcfg: Mapping, num_classes: int):
+    def __init__(self, mcfg: MinimaxConfig, num_classes: int):
         from ddist.objectives.minimax import ClassMemory
 
-        self.lambda_pos, self.lambda_neg = mcfg["lambda_pos"], mcfg["lambda_neg"]
-        self.real, self.gen = ClassMemory(num_classes, mcfg["memory"]), ClassMemory(num_classes, mcfg["memory"])
+        self.lambda_pos, self.lambda_neg = mcfg.lambda_pos, mcfg.lambda_neg
+        self.real, self.gen = ClassMemory(num_classes, mcfg.memory), ClassMemory(num_classes, mcfg.memory)
 
     def __call__(self, eps_pred, eps, x0_hat, z0, y):
         from ddist.objectives.minimax import minimax_loss
@@ -35,8 +36,8 @@ class MinimaxObjective:
         self.real.items, self.gen.items = list(state["real"]), list(state["gen"])
 
 
-def build(fcfg: Mapping, *, num_classes: int) -> MinimaxObjective:
-    return MinimaxObjective(fcfg["minimax"], num_classes)
+def build(fcfg: FinetuneConfig, *, num_classes: int) -> MinimaxObjective:
+    return MinimaxObjective(fcfg.minimax, num_classes)
 
 
 METHOD = register(Method(name="minimax", kind="finetune", build=build))

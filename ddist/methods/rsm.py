@@ -3,15 +3,15 @@ clean estimates, ddist/objectives/rsm.py). Settings: diffusion.finetune.rsm (lam
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
+from ddist.config.schema import FinetuneConfig
 from ddist.methods.base import Method, register
 
 
-def build(fcfg: Mapping, *, num_classes: int):
+def build(fcfg: FinetuneConfig, *, num_classes: int):
     from ddist.objectives.rsm import rsm_loss
 
-    lam, reduction = fcfg["rsm"]["lambda"], fcfg["rsm"]["reduction"]  # the schema admits only REDUCTIONS
+    # the key `lambda` (the schema's lambda_: a keyword); the schema admits only REDUCTIONS
+    lam, reduction = float(getattr(fcfg.rsm, "lambda")), str(fcfg.rsm.reduction)
     return lambda eps_pred, eps, x0_hat, z0, y: rsm_loss(eps_pred, eps, x0_hat, lam, reduction)
 
 

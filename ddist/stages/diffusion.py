@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, cast
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from ddist.config.schema import Config, DiffusionConfig
 from ddist.data import load_split
 from ddist.diffusion.keys import sample_key
 from ddist.diffusion.load import class_means, load_denoiser
@@ -61,49 +60,53 @@ STAGE = Stage(name="diffusion", makes=frozenset({"distilled"}), shared=True)
 __all__ = ["run"]
 
 
-def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
-    dcfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.diffusion, resolve=True, enum_to_str=True))
+def run(cfg: Config, ctx: RunContext) -> RunContext:
+    dcfg: DiffusionConfig = cfg.diffusion  # validated against its option's schema (diffusion/pixel_schema, ...)
+    scfg = dcfg.sample
     spec = ctx.spec
     labels = torch.arange(spec.num_classes).repeat_interleave(cfg.ipc)
-    groups = sample_groups(labels, dcfg["sample"])
-    ctx.method = diffusion_method(dcfg["finetune"]["objective"], dcfg["sample"]["method"])  # results.json's too
+    groups = sample_groups(labels, scfg)
+    ctx.method = diffusion_method(dcfg.finetune.objective, scfg.method)  # results.json's too
     meta = {
         "dataset": spec.name,
         "method": ctx.method,
         "ipc": int(cfg.ipc),
         "seed": int(cfg.seed),
-        "config": {"diffusion": dcfg},
+        "config": {"diffusion": to_plain(dcfg)},
     }
     plan = {"labels": labels.tolist(), "dataset": to_plain(cfg.dataset), "meta": meta}
     work = WorkDir(cfg, "diffusion_sample", sample_key(cfg, dcfg), "groups", len(groups), plan)
-    info(
-        f"diffusion: {len(labels)} images in {len(groups)} groups ({dcfg['sample']['method']}, "
-        f"{dcfg['sample']['steps']} steps)"
-    )
+    info(f"diffusion: {len(labels)} images in {len(groups)} groups ({scfg.method}, {scfg.steps} steps)")
     ctx = make_set(cfg, ctx, work, lambda todo: sample_parts(cfg, dcfg, ctx, work, labels, groups, todo))
     if ctx.distilled is not None and ctx.teacher is not None:  # a fidelity check of fine-tuning and guidance
-        batch_size = dcfg["sample"]["batch_size"]
-        acc = samples_accuracy(load_teacher(cfg, ctx), iter_images(ctx.distilled, batch_size), labels, ctx.device)
+        acc = samples_accuracy(load_teacher(cfg, ctx), iter_images(ctx.distilled, scfg.batch_size), labels, ctx.device)
         ctx.results["diffusion"] = {"teacher_acc_on_samples": acc}
         info(f"diffusion: teacher accuracy on the samples {acc:.4f}")
     return ctx
 
 
 def sample_parts(
-    cfg: DictConfig, dcfg: dict, ctx: RunContext, work: WorkDir, labels: torch.Tensor, groups: list, todo: list[int]
+    cfg: Config,
+    dcfg: DiffusionConfig,
+    ctx: RunContext,
+    work: WorkDir,
+    labels: torch.Tensor,
+    groups: list,
+    todo: list[int],
 ) -> None:
     """Load (or train) the model, then sample, decode and save the groups `todo`, each as soon as it is done."""
     spec, device = ctx.spec, ctx.device
     train_set = functools.cache(lambda: load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir)))
     denoiser, codec, image_size = load_denoiser(cfg, dcfg, ctx, train_set)
-    cgs = dcfg["sample"]["method"] == "cgs"
+    scfg = dcfg.sample
+    cgs = scfg.method == "cgs"
     means = class_means(cfg, dcfg, codec, train_set, spec, image_size, device) if cgs else None
     teacher = load_teacher(cfg, ctx) if ctx.teacher is not None else None
     features = teacher_features(teacher, codec, spec) if cgs and teacher is not None else None
-    scheduler = make_scheduler(dcfg["schedule"], dcfg["sample"]["scheduler"])
+    scheduler = make_scheduler(dcfg.schedule, str(scfg.scheduler))
     reference = CgsReference(means, features) if means is not None else None
     for n, g in enumerate(todo):
         group = GroupRows(groups[g], f"sample group {g + 1}/{len(groups)}")
-        z = sample_group(denoiser, scheduler, labels, group, int(cfg.seed), dcfg["sample"], device, reference)
-        work.save(g, decode(codec, z, spec, dcfg["sample"]["batch_size"]), groups[g])
+        z = sample_group(denoiser, scheduler, labels, group, int(cfg.seed), scfg, device, reference)
+        work.save(g, decode(codec, z, spec, scfg.batch_size), groups[g])
         info(f"diffusion: sampled group {g + 1}/{len(groups)} ({n + 1}/{len(todo)} of this run)")

@@ -28,11 +28,12 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel
 
+from ddist.config.schema import DiffusionTrainConfig, FinetuneConfig
 from ddist.data.augment import resize
 from ddist.errors import ConfigError
 from ddist.logging import info
@@ -86,11 +87,11 @@ def drop_labels(ids: torch.Tensor, p: float, null_id: int, generator: torch.Gene
     return torch.where(drop, null_id, ids)
 
 
-def total_steps(tcfg: Mapping, num_images: int) -> int:
-    """`steps` when set, else `epochs` passes over the train split."""
-    if tcfg["steps"]:
-        return int(tcfg["steps"])
-    return int(tcfg["epochs"]) * ceil_div(num_images, tcfg["batch_size"])
+def total_steps(tcfg: DiffusionTrainConfig, num_images: int) -> int:
+    """`steps` when set, else `epochs` passes over the train split (finetune's option: train sets steps)."""
+    if tcfg.steps:
+        return int(tcfg.steps)
+    return int(cast(FinetuneConfig, tcfg).epochs) * ceil_div(num_images, tcfg.batch_size)
 
 
 class EndlessBatches:
@@ -144,11 +145,12 @@ class TrainData:
 @dataclass
 class Phase:
     """One training phase: `name` train (from scratch, every parameter) | finetune, its fine-tuning
-    `objective` (a method of ddist/methods/) and its settings `tcfg` (conf/diffusion: train | finetune)."""
+    `objective` (a method of ddist/methods/) and its settings `tcfg` (conf/diffusion: train | finetune,
+    whose schema FinetuneConfig extends train's with the fine-tuning options)."""
 
     name: str
     objective: str
-    tcfg: Mapping
+    tcfg: DiffusionTrainConfig
 
 
 def train_denoiser(
@@ -163,24 +165,25 @@ def train_denoiser(
 ) -> list[float]:
     """Run the loop for total_steps(tcfg) steps; returns the loss of every step run by this call.
 
-    tcfg: steps | epochs, batch_size, lr, weight_decay, params, label_dropout, seed, ema,
-    ema_schedule, clip_grad_norm, schedule, warmup_steps, log_every (the last four optional: off,
+    tcfg (phase.tcfg, typed by the schema): steps | epochs, batch_size, lr, weight_decay, params, label_dropout,
+    seed, ema, ema_schedule, clip_grad_norm, schedule, warmup_steps, log_every (the last four default to off,
     constant, 0, 100), the objective's settings (rsm.lambda, rsm.reduction, minimax.*) and, with a
     `work_dir` to checkpoint into and resume from, checkpoint_every.
     """
     tcfg, name = phase.tcfg, phase.name
-    seed_everything(int(tcfg["seed"]))  # the VAE draws its posterior samples from the global generator
+    seed_everything(int(tcfg.seed))  # the VAE draws its posterior samples from the global generator
     net = denoiser.net.to(device).train()
-    params, finish = select_parameters(net, tcfg["params"] if name == "finetune" else "all")  # from scratch: all
-    optimizer = torch.optim.AdamW(params, lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
-    ema = WeightAverage(net, params, tcfg["ema"], tcfg["ema_schedule"], f"diffusion.{name}")
+    subset = str(cast(FinetuneConfig, tcfg).params) if name == "finetune" else "all"  # from scratch: all
+    params, finish = select_parameters(net, subset)
+    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    ema = WeightAverage(net, params, tcfg.ema, str(tcfg.ema_schedule), f"diffusion.{name}")
     # objective(eps_pred, eps, x0_hat, z0, y) -> (loss, parts to log), from its method (ddist/methods/)
     loss_fn = finetune_method(phase.objective).build(tcfg, num_classes=len(denoiser.class_ids))
-    gen = torch.Generator().manual_seed(int(tcfg["seed"]))
+    gen = torch.Generator().manual_seed(int(tcfg.seed))
     abar = scheduler.alphas_cumprod.to(device)
     steps = total_steps(tcfg, len(data.ds))
     schedule = denoiser_schedule(optimizer, tcfg, steps)
-    batches = EndlessBatches(data.ds, data.spec, tcfg["batch_size"], gen)
+    batches = EndlessBatches(data.ds, data.spec, tcfg.batch_size, gen)
     info(
         f"diffusion: {name} ({phase.objective}) for {steps} steps, "
         f"{sum(p.numel() for p in params)} trainable parameters"
@@ -190,7 +193,7 @@ def train_denoiser(
         state["schedule"] = schedule
     if hasattr(loss_fn, "state_dict"):  # an objective with state (MiniMax's memories) is checkpointed too
         state["objective"] = loss_fn
-    every = tcfg["checkpoint_every"] if work_dir is not None else 1
+    every = tcfg.checkpoint_every if work_dir is not None else 1
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ConfigError(f"diffusion.{name}.checkpoint_every must be a positive number of steps (got {every!r}).")
     checkpoint = Checkpoint(work_dir, every, steps, state)
@@ -203,7 +206,7 @@ def train_denoiser(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(y),), generator=gen).to(device)
         eps = torch.randn(z0.shape, generator=gen).to(device)
         z_t = scheduler.add_noise(z0, eps, t)
-        ids = drop_labels(denoiser.model_ids(y).to(device), tcfg["label_dropout"], denoiser.null_id, gen)
+        ids = drop_labels(denoiser.model_ids(y).to(device), tcfg.label_dropout, denoiser.null_id, gen)
         eps_pred = denoiser.eps(z_t, t, ids)
         x0_hat = predict_x0(z_t, eps_pred, abar[t])
         return loss_fn(eps_pred, eps, x0_hat, z0, y.to(device))
@@ -222,8 +225,8 @@ def train_denoiser(
             }
         )
 
-    optim = Optim(optimizer, params, schedule, tcfg.get("clip_grad_norm"))
-    callbacks = [EMA(ema), Log(1, steps, record), Log(tcfg.get("log_every", 100), steps, write), checkpoint]
+    optim = Optim(optimizer, params, schedule, tcfg.clip_grad_norm)
+    callbacks = [EMA(ema), Log(1, steps, record), Log(tcfg.log_every, steps, write), checkpoint]
     loop = Loop(steps, desc=f"diffusion {name}", stage=f"diffusion {name}", hint=f"Lower diffusion.{name}.lr.")
     run_loop(step_fn, batches, optim, callbacks, dataclasses.replace(loop, start=start))
     ema.copy_to_net()  # the average is what gets saved and sampled from
@@ -233,11 +236,11 @@ def train_denoiser(
 
 
 def denoiser_schedule(
-    optimizer: torch.optim.Optimizer, tcfg: Mapping, steps: int
+    optimizer: torch.optim.Optimizer, tcfg: DiffusionTrainConfig, steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The per-step lr schedule (tcfg.schedule): None for constant without warm-up, else a linear
     warm-up over tcfg.warmup_steps then constant | cosine to zero over the remaining steps."""
-    kind, warmup = tcfg.get("schedule", "constant"), int(tcfg.get("warmup_steps") or 0)
+    kind, warmup = tcfg.schedule, int(tcfg.warmup_steps or 0)
     if kind == "constant" and warmup == 0:
         return None
     if kind not in ("constant", "cosine"):
