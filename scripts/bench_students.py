@@ -3,6 +3,7 @@
     python scripts/bench_students.py                                  # digits ConvNet-3, K = 1 2 4 8, 1 and 2 threads
     python scripts/bench_students.py --dataset cifar10 --root ../shared/data/cifar10 --epochs 2
     python scripts/bench_students.py --dataset cifar10 --root ../shared/data/cifar10 --arch resnet18 --ks 1 2 4
+    python scripts/bench_students.py --device cuda --ks 1 8 --threads 1          # scripts/gpu_check.sh
 
 K students (soft protocol, online teacher labels: the evaluate default) on two sets of IPC 10 random
 real images, half on each (the set and its random-real baseline; K/2 repeats each), for `--epochs`
@@ -51,7 +52,7 @@ def compose(overrides: list[str], tmp: Path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(
             "config",
-            overrides=[*overrides, "logger=none", f"paths.root_dir={tmp}", f"paths.output_dir={tmp}", "device=cpu"],
+            overrides=[*overrides, "logger=none", f"paths.root_dir={tmp}", f"paths.output_dir={tmp}"],
         )
 
 
@@ -63,9 +64,9 @@ def setup(args, tmp: Path):
     if args.root:
         data += ["dataset.format=folder", f"dataset.root={args.root}"]
     cfg = compose(
-        [*data, "teacher.epochs=0", f"evaluate.epochs={args.epochs}", f"paths.cache_dir={args.cache_dir}"], tmp
+        [*data, f"device={args.device}", "teacher.epochs=0", f"evaluate.epochs={args.epochs}", f"paths.cache_dir={args.cache_dir}"], tmp
     )
-    ctx = RunContext(run_dir=tmp, device=torch.device("cpu"), spec=dataset_spec(cfg.dataset))
+    ctx = RunContext(run_dir=tmp, device=torch.device(args.device), spec=dataset_spec(cfg.dataset))
     ctx = squeeze.run(cfg, ctx)
     train = load_split(cfg.dataset, "train", Path(cfg.paths.cache_dir))
     sets = [Source(load_distilled(save_random_real(tmp / f"set{s}", train, ctx.spec, 10, s), ctx.spec)) for s in (0, 1)]
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--epochs", type=int, default=10, help="epochs of 100 images (2 steps of 64) per student")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (scripts/gpu_check.sh: K=1 vs K=8 there)")
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--cache-dir", default=os.environ.get("DDIST_BENCH_CACHE", "/tmp/ddist_bench_cache"))
     args = parser.parse_args()

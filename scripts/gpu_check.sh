@@ -30,6 +30,16 @@ done
 "$PYTHON" -m ddist pipeline=sre2l device=cuda ipc=10 logger=none \
   "paths.cache_dir=$OUT/cache" "hydra.run.dir=$OUT/sre2l_ipc10_g1" "$@" > "$OUT/sre2l_ipc10_g1.log" 2>&1 \
   || echo "gpu_check: sre2l parallel_groups=1 failed (see its log)"
+# students trained together (evaluate.parallel, issue 24): K=1 vs K=8 ConvNet-3 student throughput on CUDA,
+# one after another vs one cohort vs one grouped (stacked) model; then ResNet-18 on CIFAR-10 where the data is
+"$PYTHON" scripts/bench_students.py --device cuda --ks 1 8 --threads 1 --epochs 20 > "$OUT/bench_students.md" 2>&1 \
+  || echo "gpu_check: bench_students failed (see $OUT/bench_students.md)"
+if [[ -d ../shared/data/cifar10 ]]; then
+  "$PYTHON" scripts/bench_students.py --device cuda --ks 1 8 --threads 1 --epochs 5 --dataset cifar10 \
+    --root ../shared/data/cifar10 --arch resnet18 >> "$OUT/bench_students.md" 2>&1 \
+    || echo "gpu_check: bench_students (resnet18) failed (see $OUT/bench_students.md)"
+fi
+cat "$OUT/bench_students.md"
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
