@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision.models
 from omegaconf import OmegaConf
 from torch import nn
 
-import ddist.models.resnet as resnet_module
 from ddist.errors import ConfigError
 from ddist.models import MODEL_NAMES, build_model, preset_names, student_config
 
@@ -172,9 +172,9 @@ def test_pretrained_offline_is_config_error(offline_hub):
 
 
 def test_pretrained_loads_from_local_cache(offline_hub):
-    weights = resnet_module.torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     torch.manual_seed(1)
-    reference = resnet_module.torchvision.models.resnet18(num_classes=1000)
+    reference = torchvision.models.resnet18(num_classes=1000)
     offline_hub.mkdir(parents=True)
     torch.save(reference.state_dict(), offline_hub / Path(weights.url).name)
     model = build_model({"name": "resnet18", "pretrained": "IMAGENET1K_V1"}, 1000, 3, 64)
@@ -184,7 +184,7 @@ def test_pretrained_loads_from_local_cache(offline_hub):
 
 
 def test_corrupt_cached_weights_are_config_error(offline_hub):
-    weights = resnet_module.torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     offline_hub.mkdir(parents=True)
     (offline_hub / Path(weights.url).name).write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="pretrained=false"):
