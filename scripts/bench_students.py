@@ -13,9 +13,10 @@ epochs of evaluate's batch plan, three ways:
                  set's augmented batch and teacher logits and one optimiser update
     grouped      the same with same-architecture students as one stacked model (stacking=grouped)
 Rounds are interleaved (every mode once per round), the median round is reported, with the load
-average beside it. The figure is student-steps per second and its ratio to sequential. Nothing is
-cached: students train from scratch in memory (no store entries). The teacher is the architecture's
-fresh initialisation (its cost, not its accuracy, matters here).
+average beside it. The figure is student-steps per second and its ratio to sequential (in the first
+of `--layouts`: nchw and/or channels_last, evaluate.channels_last). Nothing is cached: students train
+from scratch in memory (no store entries). The teacher is the architecture's fresh initialisation
+(its cost, not its accuracy, matters here).
 
 Measured on the 2-core CPU machine (no GPU), see the README's "Students trained together":
 the numbers are in the closing notes and the README, not here, because they depend on the load.
@@ -64,7 +65,14 @@ def setup(args, tmp: Path):
     if args.root:
         data += ["dataset.format=folder", f"dataset.root={args.root}"]
     cfg = compose(
-        [*data, f"device={args.device}", "teacher.epochs=0", f"evaluate.epochs={args.epochs}", f"paths.cache_dir={args.cache_dir}"], tmp
+        [
+            *data,
+            f"device={args.device}",
+            "teacher.epochs=0",
+            f"evaluate.epochs={args.epochs}",
+            f"paths.cache_dir={args.cache_dir}",
+        ],
+        tmp,
     )
     ctx = RunContext(run_dir=tmp, device=torch.device(args.device), spec=dataset_spec(cfg.dataset))
     ctx = squeeze.run(cfg, ctx)
@@ -75,10 +83,14 @@ def setup(args, tmp: Path):
 
 
 def run_mode(mode: str, k: int, arch: dict, env) -> float:
-    """Seconds to train k students (half on each set) in `mode`."""
+    """Seconds to train k students (half on each set) in `mode` ("sequential", "cohort" or "grouped",
+    then "@" and the layout: nchw or channels_last)."""
     cfg, ctx, sets, test, teacher = env
+    mode, layout = mode.split("@")
+    ev = cfg.evaluate.copy()
+    ev.channels_last = layout == "channels_last"
     members = [Member(arch, r // 2, r % 2, None, f"bench/s{r}") for r in range(k)]
-    shared = Shared(cfg.evaluate, teacher, test, grouped=mode == "grouped")
+    shared = Shared(ev, teacher, test, grouped=mode == "grouped")
     start = time.perf_counter()
     if mode == "sequential":
         for m in members:
@@ -99,6 +111,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (scripts/gpu_check.sh: K=1 vs K=8 there)")
     parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--layouts", nargs="+", default=["channels_last"], help="nchw and/or channels_last")
     parser.add_argument("--cache-dir", default=os.environ.get("DDIST_BENCH_CACHE", "/tmp/ddist_bench_cache"))
     args = parser.parse_args()
     arch = {"name": "convnet"} if args.arch == "convnet" else {"name": "resnet18", "stem": "cifar"}
@@ -113,14 +126,16 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for k in args.ks:
-                times: dict[str, list[float]] = {m: [] for m in args.modes}
+                modes = [f"{m}@{layout}" for layout in args.layouts for m in args.modes]
+                times: dict[str, list[float]] = {m: [] for m in modes}
                 loads: list[float] = []
                 for _ in range(args.rounds):
-                    for mode in args.modes:
+                    for mode in modes:
                         times[mode].append(run_mode(mode, k, arch, env))
                     loads.append(os.getloadavg()[0])
-                base = statistics.median(times["sequential"]) if "sequential" in times else None
-                for mode in args.modes:
+                first = f"sequential@{args.layouts[0]}"
+                base = statistics.median(times[first]) if first in times else None
+                for mode in modes:
                     t = statistics.median(times[mode])
                     ratio = f"{base / t:.2f}x" if base else "-"
                     load = statistics.median(loads)

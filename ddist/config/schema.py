@@ -264,6 +264,7 @@ class EvaluateConfig:
     eval_every: int = MISSING  # epochs between logged test accuracies (0: only the final one)
     parallel: Any = MISSING  # students trained at once in one loop: an int >= 1 or "auto" (ddist.training.cohort)
     stacking: Literal["auto", "grouped", "none"] = MISSING  # how a cohort's same-architecture copies run
+    channels_last: bool = MISSING  # the students' weights and inputs in channels_last layout
 
 
 # ----------------------------------------------------------------------------- diffusion

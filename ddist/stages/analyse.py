@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ddist.config.schema import Config, as_node
+from ddist.config.schema import Config
 from ddist.data import load_split
 from ddist.data.subsets import real_subsample, same_ipc_rows
 from ddist.logging import info
@@ -88,7 +88,7 @@ def run(cfg: Config, ctx: RunContext) -> RunContext:
             spec.denormalize(real_x).clamp(0, 1), spec.denormalize(syn_x).clamp(0, 1), acfg.fid.weights, device
         )
     if acfg.robust_scores:
-        analysis["robust"] = robust_baselines(as_node(cfg), ctx, train, out_dir)
+        analysis["robust"] = robust_baselines(cfg, ctx, train, out_dir)
     analysis["cost"] = {"seconds": dict(ctx.timings), "peak_memory_mb": dict(ctx.peak_memory_mb)}
 
     # -- figures and outputs

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
-
+from ddist.config.schema import Config
 from ddist.logging import info
 from ddist.runtime.context import RunContext
 from ddist.runtime.stages import Stage
@@ -21,7 +20,7 @@ from ddist.training.students import SetJob, evaluate_sets
 STAGE = Stage(name="evaluate", needs=frozenset({"teacher", "distilled"}), shared=True)
 
 
-def run(cfg: DictConfig, ctx: RunContext) -> RunContext:
+def run(cfg: Config, ctx: RunContext) -> RunContext:
     if cfg.evaluate.distilled:
         ctx.distilled = Path(cfg.evaluate.distilled)
     base = baseline_job(cfg, ctx)  # the random-real set beside it (written now), trained together with it

@@ -12,7 +12,7 @@ Layout: <run_dir>/relabel/{meta.json, epoch_0000.safetensors, ...}, written atom
 
 from __future__ import annotations
 
-from ddist.config.schema import Config, as_node
+from ddist.config.schema import Config
 from ddist.runtime.context import RunContext
 from ddist.runtime.stages import Stage
 from ddist.training.students import store_soft_labels
@@ -25,7 +25,7 @@ def run(cfg: Config, ctx: RunContext) -> RunContext:
     if cfg.relabel.mode == "online" or cfg.evaluate.protocol != "soft":
         return ctx
     out = ctx.run_dir / "relabel"
-    nbytes = store_soft_labels(as_node(cfg), ctx, cfg.evaluate.distilled or ctx.require("distilled"), out)
+    nbytes = store_soft_labels(cfg, ctx, cfg.evaluate.distilled or ctx.require("distilled"), out)
     ctx.logger.log({"relabel/bytes": nbytes})
     ctx.results["relabel_bytes"] = nbytes
     ctx.relabel = out

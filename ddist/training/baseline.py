@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from ddist.config.schema import AnyConfig
 from ddist.data import class_indices, load_split
 from ddist.data.subsets import save_random_real
 from ddist.metrics import robust
@@ -38,7 +39,7 @@ from ddist.runtime.context import RunContext
 from ddist.training.students import SetJob, evaluate_set, evaluate_sets, store_soft_labels
 
 
-def baseline_job(cfg: DictConfig, ctx: RunContext) -> SetJob | None:
+def baseline_job(cfg: AnyConfig, ctx: RunContext) -> SetJob | None:
     """The random-real set to evaluate beside the run's (written now), or None: `evaluate.baseline:
     none`, or the run's set is the random-real set itself (pipeline=random)."""
     if cfg.evaluate.baseline == "none" or is_random_real(cfg):
@@ -57,7 +58,7 @@ def baseline_job(cfg: DictConfig, ctx: RunContext) -> SetJob | None:
     return SetJob(distributed.from_main(write_set), stored=stored, log_as="baseline/random")
 
 
-def baseline_record(cfg: DictConfig, ctx: RunContext, job: SetJob | None, students: list[dict]) -> dict | None:
+def baseline_record(cfg: AnyConfig, ctx: RunContext, job: SetJob | None, students: list[dict]) -> dict | None:
     """The baseline's record for results.json (None with `evaluate.baseline: none`): `students` are
     the baseline set's students (the run's own where the set is the random-real set)."""
     if cfg.evaluate.baseline == "none":
@@ -66,7 +67,7 @@ def baseline_record(cfg: DictConfig, ctx: RunContext, job: SetJob | None, studen
     return {"kind": "random", "set": path, "same_as_set": job is None, "students": students}
 
 
-def is_random_real(cfg: DictConfig) -> bool:
+def is_random_real(cfg: AnyConfig) -> bool:
     """Whether the evaluated set is the random stage's output, i.e. the baseline itself."""
     return "random" in cfg.pipeline.stages and not cfg.evaluate.distilled
 
@@ -98,7 +99,7 @@ def with_gains(students: list[dict], baseline: dict | None) -> list[dict]:
 NO_AUGMENT = {"augment": {"crop_scale": None, "flip": False, "roll": 0}, "mix": "none"}
 
 
-def robust_baselines(cfg: DictConfig, ctx: RunContext, train, out_dir: Path) -> dict:
+def robust_baselines(cfg: AnyConfig, ctx: RunContext, train, out_dir: Path) -> dict:
     """Train the students DD-Ranking's scores need and combine their accuracies.
 
     Runs (first configured student, `evaluate.repeats` repeats each):
@@ -142,7 +143,7 @@ def robust_baselines(cfg: DictConfig, ctx: RunContext, train, out_dir: Path) -> 
     }
 
 
-def real_hard_accuracy(cfg: DictConfig, ctx: RunContext, train, hard: dict) -> float:
+def real_hard_accuracy(cfg: AnyConfig, ctx: RunContext, train, hard: dict) -> float:
     """Acc(real, hard): a student trained on the whole train split with hard labels.
 
     `analyse.real_hard_acc` supplies a known value (e.g. a published full-data accuracy);

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from ddist.config.schema import AnyConfig
 from ddist.data.augment import mix_targets, split_mix
 from ddist.data.plan import augmented_batch, plan, plan_settings, stored_batches
 from ddist.models import build_model
@@ -117,7 +118,7 @@ def build_stacks(
 
 
 def train_cohort(
-    cfg: DictConfig, ctx: RunContext, shared: Shared, sources: Sequence[Source], members: Sequence[Member]
+    cfg: AnyConfig, ctx: RunContext, shared: Shared, sources: Sequence[Source], members: Sequence[Member]
 ) -> list[float]:
     """Train `members` together on `sources` (same size, same plan) and return their test accuracies."""
     ev, spec, device = shared.ev, ctx.spec, ctx.device
@@ -131,6 +132,8 @@ def train_cohort(
         seed_everything(cfg.seed * 1000 + m.repeat)
         models.append(build_model(m.model_cfg, spec.num_classes, spec.channels, spec.resolution).to(device))
     net, where = build_stacks(members, models, shared.grouped)
+    layout = torch.channels_last if ev.channels_last else torch.contiguous_format
+    net = net.to(memory_format=layout)
     epochs = epochs_for(ev.epochs, first.ipc)
     settings = plan_settings(ev, spec.resolution, cfg.seed, len(first.labels), epochs)
     streams = [
@@ -179,7 +182,10 @@ def train_cohort(
 
     def step_fn(step: int, batches: Sequence[dict]) -> tuple[torch.Tensor, dict]:
         with autocast(cfg.precision, device.type):
-            xs = [augmented_batch(img, batch, device) for img, batch in zip(images, batches, strict=False)]
+            xs = [
+                augmented_batch(img, batch, device).contiguous(memory_format=layout)
+                for img, batch in zip(images, batches, strict=False)
+            ]
             part, weight = distributed.my_part(len(xs[0]))  # all of it in one process
             xs = [x[part] for x in xs]
             goal = targets(xs, batches, part)
@@ -204,7 +210,9 @@ def train_cohort(
             ctx.logger.log({f"{key}/loss": value.item(), f"{key}/lr": optim.lr()}, step=done)
 
     def scores() -> list[float]:
-        return distributed.from_main(lambda: cohort_accuracy(net, where, shared.test, ctx, ev.test_batch_size))
+        return distributed.from_main(
+            lambda: cohort_accuracy(net, where, shared.test, ctx, (ev.test_batch_size, layout))
+        )
 
     callbacks: list[Callback] = [Log(ev.log_every, total, write)]
     if ev.eval_every > 0:
@@ -236,14 +244,20 @@ def _replayed(streams: Sequence[Any], start: int):
 
 @torch.no_grad()
 def cohort_accuracy(
-    net: CohortNet, where: Sequence[tuple[int, int]], ds: Any, ctx: RunContext, batch_size: int
+    net: CohortNet,
+    where: Sequence[tuple[int, int]],
+    ds: Any,
+    ctx: RunContext,
+    batching: tuple[int, torch.memory_format],
 ) -> list[float]:
-    """Top-1 accuracy (a fraction) of every member on a real split, all from one pass over it."""
+    """Top-1 accuracy (a fraction) of every member on a real split, all from one pass over it
+    (`batching`: the batch size and the layout of the students' inputs)."""
+    batch_size, layout = batching
     net.eval()
     correct = [0] * len(where)
     total = 0
     for x, y in real_batches(ds, ctx.spec, batch_size, shuffle=False):
-        x = x.to(ctx.device)
+        x = x.to(ctx.device).contiguous(memory_format=layout)
         logits = net([x] * (1 + max(max(s) for s in net.sources)))
         for i, (g, k) in enumerate(where):
             correct[i] += int((logits[g][:, k].argmax(1).cpu() == y).sum())

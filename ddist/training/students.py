@@ -26,6 +26,7 @@ from typing import Any, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ddist.config.schema import AnyConfig, StoredRelabelConfig, as_node
 from ddist.data import load_split
 from ddist.data.plan import augmented_batch, compress_logits, plan, plan_settings
 from ddist.logging import info, progress
@@ -60,12 +61,12 @@ class SetJob:
     log_as: str = "evaluate"
 
 
-def evaluate_set(cfg: DictConfig, ctx: RunContext, job: SetJob) -> list[dict]:
+def evaluate_set(cfg: AnyConfig, ctx: RunContext, job: SetJob) -> list[dict]:
     """evaluate_sets of one set."""
     return evaluate_sets(cfg, ctx, [job])[0]
 
 
-def evaluate_sets(cfg: DictConfig, ctx: RunContext, jobs: list[SetJob]) -> list[list[dict]]:
+def evaluate_sets(cfg: AnyConfig, ctx: RunContext, jobs: list[SetJob]) -> list[list[dict]]:
     """Train and test every configured student `repeats` times on each set of `jobs`; per job, per
     student architecture: its accuracies, mean and std.
 
@@ -82,17 +83,18 @@ def evaluate_sets(cfg: DictConfig, ctx: RunContext, jobs: list[SetJob]) -> list[
         distilled = load_distilled(job.path, ctx.spec)
         base_key = student_base_key(cfg, ev, distilled, ctx, stored)
         source = Source(distilled, stored)  # one per set: its students share its batches and teacher logits
-        for entry in ev.students:
+        for index, entry in enumerate(ev.students):
             name, model_cfg = student_config(entry)
             for repeat in range(ev.repeats):
                 work = store.entry(cfg, "student", {**base_key, "student": model_cfg, "repeat": repeat})
-                runs.append(Run(j, name, model_cfg, repeat, work, ev, source, job.log_as))
+                runs.append(Run(j, index, name, model_cfg, repeat, work, ev, source, job.log_as))
     accs = train_runs(cfg, ctx, runs)
     results: list[list[dict]] = [[] for _ in jobs]
     for j in range(len(jobs)):
         mine = [(r, a) for r, a in zip(runs, accs, strict=False) if r.job == j]
-        for name in dict.fromkeys(r.name for r, _ in mine):
-            student_accs = [a for r, a in mine if r.name == name]
+        for index in dict.fromkeys(r.student for r, _ in mine):  # an entry of evaluate.students (names may repeat)
+            name = next(r.name for r, _ in mine if r.student == index)
+            student_accs = [a for r, a in mine if r.student == index]
             protocol = next(r.ev.protocol for r, _ in mine)
             results[j].append(
                 {
@@ -110,9 +112,11 @@ def evaluate_sets(cfg: DictConfig, ctx: RunContext, jobs: list[SetJob]) -> list[
 
 @dataclass
 class Run:
-    """One student to have: its job, name, model config, repeat, store entry, evaluate settings and set."""
+    """One student to have: its job, entry of evaluate.students, name, model config, repeat, store entry,
+    evaluate settings and set."""
 
     job: int
+    student: int
     name: str
     model_cfg: dict
     repeat: int
@@ -126,7 +130,7 @@ class Run:
         return f"{self.log_as}/{self.name}_r{self.repeat}"
 
 
-def train_runs(cfg: DictConfig, ctx: RunContext, runs: list[Run]) -> list[float]:
+def train_runs(cfg: AnyConfig, ctx: RunContext, runs: list[Run]) -> list[float]:
     """Each run's accuracy: read from its finished store entry, or trained now, in cohorts."""
     for r in runs:
         if r.work.done:
@@ -150,7 +154,7 @@ class Needs:
     """What trainings need, loaded once and only when a student is trained: the frozen teacher
     (soft protocol, online labels) and the scored splits."""
 
-    def __init__(self, cfg: DictConfig, ctx: RunContext) -> None:
+    def __init__(self, cfg: AnyConfig, ctx: RunContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         self._teacher: torch.nn.Module | None = None
         self._tests: dict[str, Any] = {}
@@ -187,7 +191,7 @@ def _read_result(e: store.Entry) -> float:
     return float(e.read_json("result.json", RESULT)["acc"])
 
 
-def train_cohort_entries(cfg: DictConfig, ctx: RunContext, needs: Needs, cohort: list[Run]) -> list[float]:
+def train_cohort_entries(cfg: AnyConfig, ctx: RunContext, needs: Needs, cohort: list[Run]) -> list[float]:
     """Train one cohort under its entries' locks (torchrun: one student, all ranks together)."""
     build = needs.build_for(cohort)
     if distributed.active():
@@ -226,7 +230,7 @@ def resume_step(work: store.Entry) -> int:
         return 0
 
 
-def parallel(cfg: DictConfig) -> int:
+def parallel(cfg: AnyConfig) -> int:
     """`evaluate.parallel` resolved: students per cohort (auto: 8; torchrun: 1, DDP trains one at a time)."""
     if distributed.active():
         return 1
@@ -234,7 +238,7 @@ def parallel(cfg: DictConfig) -> int:
     return 8 if value == "auto" else int(value)
 
 
-def stacking(cfg: DictConfig, ctx: RunContext) -> str:
+def stacking(cfg: AnyConfig, ctx: RunContext) -> str:
     """`evaluate.stacking` resolved: auto is grouped on CUDA and none on a CPU (scripts/bench_students.py)."""
     value = str(cfg.evaluate.stacking)
     if value == "auto":
@@ -243,8 +247,8 @@ def stacking(cfg: DictConfig, ctx: RunContext) -> str:
 
 
 # evaluate keys that do not change a student's accuracy (or are in its key otherwise: student, repeat);
-# parallel and stacking change how students are batched together, which changes float rounding at most
-# (as the device does, which no key holds either)
+# parallel, stacking and channels_last change how students are batched and laid out, which changes float
+# rounding at most (as the device does, which no key holds either)
 _NOT_STUDENT_KEYS = (
     "distilled",
     "students",
@@ -255,11 +259,12 @@ _NOT_STUDENT_KEYS = (
     "eval_every",
     "parallel",
     "stacking",
+    "channels_last",
 )
 
 
 def student_base_key(
-    cfg: DictConfig, ev: DictConfig, distilled: DistilledSet, ctx: RunContext, stored: Path | None = None
+    cfg: AnyConfig, ev: DictConfig, distilled: DistilledSet, ctx: RunContext, stored: Path | None = None
 ) -> dict:
     """What a student's accuracy depends on besides its architecture and repeat: the set's tensors,
     the evaluate settings, the seed, the scored split, (soft protocol) the teacher's weights and,
@@ -291,7 +296,7 @@ READ = _read_result
 # ----------------------------------------------------------------------------- stored soft labels
 
 
-def store_soft_labels(cfg: DictConfig, ctx: RunContext, distilled_path: str | Path, out: Path) -> int:
+def store_soft_labels(cfg: AnyConfig, ctx: RunContext, distilled_path: str | Path, out: Path) -> int:
     """The teacher's soft labels for `relabel.epochs` epochs of the batch plan evaluate draws for this
     set and seed, in fp16 (top-k when `relabel.top_k`), written atomically to `out`; returns the bytes.
 
@@ -299,10 +304,11 @@ def store_soft_labels(cfg: DictConfig, ctx: RunContext, distilled_path: str | Pa
     the same label protocol."""
     distilled = load_distilled(distilled_path, ctx.spec)
     teacher, device = frozen_teacher(cfg, load_teacher(cfg, ctx)), ctx.device
-    epochs = epochs_for(cfg.relabel.epochs, distilled.ipc)
+    relabel = cast(StoredRelabelConfig, cfg.relabel)  # called with relabel.mode=stored
+    epochs = epochs_for(relabel.epochs, distilled.ipc)
     settings = {
-        **plan_settings(cfg.evaluate, cfg.dataset.resolution, cfg.seed, len(distilled.labels), epochs),
-        "top_k": cfg.relabel.top_k,
+        **plan_settings(as_node(cfg.evaluate), cfg.dataset.resolution, cfg.seed, len(distilled.labels), epochs),
+        "top_k": relabel.top_k,
         "teacher_sha256": file_sha256(ctx.require("teacher")),
     }
     steps_per_epoch = ceil_div(settings["num_images"], settings["batch_size"])
