@@ -360,10 +360,12 @@ def test_epochs_by_ipc_table():
 
 
 def test_cosine_schedule_reaches_zero():
+    from ddist.config.compat import typed
+    from ddist.config.schema import TeacherConfig
     from ddist.training.loop import make_schedule
 
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    sched = make_schedule(opt, {"schedule": "cosine"}, 10)
+    sched = make_schedule(opt, typed(TeacherConfig, {"schedule": "cosine"}), 10)
     lrs = []
     for _ in range(10):
         opt.step()

@@ -86,8 +86,8 @@ def train_teacher(cfg: Config, ctx: RunContext, entry: Path) -> None:
     model = build_teacher(cfg, spec).to(device)
     tcfg = cfg.teacher
     steps_per_epoch = ceil_div(len(train.targets), tcfg.batch_size)
-    optimizer = make_optimizer(model.parameters(), as_node(tcfg))
-    schedule = make_schedule(optimizer, as_node(tcfg), max(tcfg.epochs * steps_per_epoch, 1))
+    optimizer = make_optimizer(model.parameters(), tcfg)
+    schedule = make_schedule(optimizer, tcfg, max(tcfg.epochs * steps_per_epoch, 1))
     generator = torch.Generator().manual_seed(cfg.teacher.seed)
     augment = as_node(cfg.dataset.augment.student)
 

@@ -34,8 +34,10 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from ddist.config.schema import EvaluateConfig, RecoverConfig, TeacherConfig
 from ddist.data import ImageDataset, torch_dataset
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger
@@ -61,21 +63,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(params, opt: Mapping) -> torch.optim.Optimizer:
-    """SGD (with momentum) or AdamW from a config node with optimizer, lr, momentum, weight_decay."""
-    if opt["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=opt["lr"], momentum=opt["momentum"], weight_decay=opt["weight_decay"])
-    return torch.optim.AdamW(params, lr=opt["lr"], weight_decay=opt["weight_decay"])
+def make_optimizer(params, opt: TeacherConfig | EvaluateConfig | DictConfig) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW from teacher or evaluate: optimizer, lr, momentum, weight_decay."""
+    if opt.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, opt: Mapping, total_steps: int):
+def make_schedule(
+    optimizer: torch.optim.Optimizer, opt: TeacherConfig | EvaluateConfig | RecoverConfig | DictConfig, total_steps: int
+):
     """Per-step schedule (opt.schedule): cosine to zero, step decay at fractions of training
-    (multistep: opt.milestones, opt.gamma), or constant."""
-    if opt["schedule"] == "cosine":
+    (multistep, evaluate's only: opt.milestones, opt.gamma), or constant."""
+    if opt.schedule == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
-    if opt["schedule"] == "multistep":
-        milestones = [int(f * total_steps) for f in opt["milestones"]]
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=opt["gamma"])
+    if opt.schedule == "multistep":
+        ev = cast(EvaluateConfig, opt)  # the one schema whose schedule admits multistep
+        milestones = [int(f * total_steps) for f in ev.milestones]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=ev.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
