@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ddist.config.compat import typed
-from ddist.config.schema import FinetuneConfig, NoiseScheduleConfig, SampleConfig
+from ddist.config.schema import FinetuneConfig, NoiseScheduleConfig, PixelDiffusionConfig, SampleConfig
 from ddist.data import dataset_spec, load_split
 from ddist.diffusion.sampling import CgsReference, make_scheduler, sample_latents
 from ddist.logging import RunLogger
@@ -61,7 +61,9 @@ def maxrss_mb() -> float:
 def finetune_case(objective: str, args) -> dict:
     dataset, dcfg, _ = diffusion_config(args.ipc, args.sample_steps)
     spec, ds = dataset_spec(dataset), load_split(dataset, "train")
-    denoiser = fresh_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, PixelCodec())
+    denoiser = fresh_denoiser(
+        typed(PixelDiffusionConfig, dcfg), spec.num_classes, spec.channels, spec.resolution, PixelCodec()
+    )
     tcfg = dcfg["finetune"]
 
     def fit(steps):
@@ -90,7 +92,9 @@ def sample_case(method: str, args) -> dict:
     dataset, dcfg, ipc = diffusion_config(args.ipc, args.sample_steps)
     spec = dataset_spec(dataset)
     torch.manual_seed(0)
-    denoiser = fresh_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, PixelCodec())
+    denoiser = fresh_denoiser(
+        typed(PixelDiffusionConfig, dcfg), spec.num_classes, spec.channels, spec.resolution, PixelCodec()
+    )
     denoiser.net.eval().requires_grad_(False)
     means = torch.randn(spec.num_classes, *denoiser.latent_shape) * 0.5
     labels = torch.arange(spec.num_classes).repeat_interleave(ipc)

@@ -105,7 +105,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ddist.config.compat import typed
-from ddist.config.schema import NoiseScheduleConfig
+from ddist.config.schema import DiffusionModelConfig, LatentModelConfig, NoiseScheduleConfig
 from ddist.diffusion.sampling import abar_after, guided_eps, kernel_embedding, make_scheduler
 from ddist.models.diffusion import build_dit, latent_denoiser
 from ddist.objectives.cgs import CgsTerms, cosine_kernel, raw_steps, size_step
@@ -129,8 +129,8 @@ def dit_eps(dcfg: dict, depth: int | None, class_id: int, n: int) -> EpsFn:
     """guided_eps of a random-weight DiT of the config's architecture (depth: fewer layers), class `class_id`."""
     model_cfg = {**dcfg["model"], "dit": {**dcfg["model"]["dit"], **({"num_layers": depth} if depth else {})}}
     torch.manual_seed(0)
-    net = build_dit(model_cfg, 1000, 4, 32).eval().requires_grad_(False)
-    denoiser = latent_denoiser(net, {"class_ids": None}, 1000)
+    net = build_dit(typed(LatentModelConfig, model_cfg), 1000, 4, 32).eval().requires_grad_(False)
+    denoiser = latent_denoiser(net, typed(DiffusionModelConfig, {"class_ids": None}), 1000)
     ids = torch.full((n,), class_id)
     s = dcfg["sample"]
     return lambda z, t: guided_eps(denoiser, z, t, ids, s["guidance_scale"], s["batch_size"], s["guidance_channels"])

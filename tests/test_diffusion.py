@@ -8,9 +8,17 @@ import pytest
 import torch
 from conftest import run_pipeline
 from diffusers import UNet2DModel
+from omegaconf import OmegaConf
 
 from ddist.config.compat import typed
-from ddist.config.schema import DiffusionTrainConfig, FinetuneConfig, NoiseScheduleConfig, SampleConfig
+from ddist.config.schema import (
+    DiffusionModelConfig,
+    DiffusionTrainConfig,
+    FinetuneConfig,
+    NoiseScheduleConfig,
+    PixelModelConfig,
+    SampleConfig,
+)
 from ddist.data import dataset_spec, load_split
 from ddist.diffusion.sampling import (
     CgsReference,
@@ -67,7 +75,12 @@ def tiny_denoiser(num_classes=10, seed=0):
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     )
-    return pixel_denoiser(net.eval(), {"class_ids": None}, num_classes)
+    return pixel_denoiser(net.eval(), model_ids(None), num_classes)
+
+
+def model_ids(class_ids):
+    """diffusion.model with only its class_ids set."""
+    return typed(DiffusionModelConfig, {"class_ids": class_ids})
 
 
 def sample_cfg(method, guidance_channels=None, **cgs):
@@ -240,12 +253,12 @@ def test_the_unets_difffit_subset_is_biases_norms_and_embeddings():
 
 
 def test_class_ids_map_labels_to_the_models_classes():
-    assert class_id_map({"class_ids": [0, 217]}, 2, 1000).tolist() == [0, 217]
-    assert class_id_map({"class_ids": None}, 3, 3).tolist() == [0, 1, 2]
+    assert class_id_map(model_ids([0, 217]), 2, 1000).tolist() == [0, 217]
+    assert class_id_map(model_ids(None), 3, 3).tolist() == [0, 1, 2]
     with pytest.raises(ConfigError, match="diffusion.model.class_ids"):
-        class_id_map({"class_ids": None}, 10, 1000)
+        class_id_map(model_ids(None), 10, 1000)
     with pytest.raises(ConfigError, match="diffusion.model.class_ids"):
-        class_id_map({"class_ids": [0, 1000]}, 2, 1000)
+        class_id_map(model_ids([0, 1000]), 2, 1000)
 
 
 @pytest.mark.parametrize("objective,params", [("minimax", "all"), ("rsm", "difffit")])
@@ -344,7 +357,7 @@ def test_a_unet_config_diffusers_rejects_is_a_config_error():
         "norm_num_groups": 8,
     }
     with pytest.raises(ConfigError, match="diffusion.model.unet"):
-        build_unet({"unet": unet}, num_classes=10, channels=1, resolution=16)
+        build_unet(typed(PixelModelConfig, {"unet": unet}), num_classes=10, channels=1, resolution=16)
 
 
 def trained_tiny_denoiser(steps: int, ema: float | None):
@@ -466,7 +479,7 @@ def test_an_unknown_backbone_is_a_config_error_listing_the_registered_ones():
 
     assert set(BACKBONES) == {"pixel", "latent"}
     with pytest.raises(ConfigError, match="diffusion.backbone 'vit'.*pixel, latent"):
-        make_codec({"backbone": "vit", "model": {}}, 1, need_encoder=False)
+        make_codec(OmegaConf.create({"backbone": "vit", "model": {}}), 1, need_encoder=False)  # past the schema
 
 
 def test_measure_cgs_step_tabulates_each_variant_on_a_tiny_dit():

@@ -10,7 +10,7 @@ from test_resume import CrashingCodec, Images, assert_killed_denoiser_resumes
 from torch import nn
 
 from ddist.config.compat import typed
-from ddist.config.schema import FinetuneConfig, NoiseScheduleConfig
+from ddist.config.schema import DiffusionModelConfig, FinetuneConfig, NoiseScheduleConfig
 from ddist.diffusion.sampling import make_scheduler
 from ddist.logging import RunLogger
 from ddist.models.diffusion import WeightAverage, latent_denoiser
@@ -111,7 +111,7 @@ def finetune_cfg(steps, batch_size, params="all", label_dropout=0.1, ema=None, e
 
 
 def finetune(net, tcfg, ds, work_dir=None, crash_at=None):
-    denoiser = latent_denoiser(net, {"class_ids": None}, 4)
+    denoiser = latent_denoiser(net, typed(DiffusionModelConfig, {"class_ids": None}), 4)
     spec = SimpleNamespace(normalize=lambda x: x, denormalize=lambda x: x)
     cpu = torch.device("cpu")
     sched = make_scheduler(SCHEDULE, "ddpm")

@@ -13,7 +13,7 @@ from conftest import kill_when, read_results, run_logged, run_pipeline, start_fo
 from diffusers import UNet2DModel
 
 from ddist.config.compat import typed
-from ddist.config.schema import FinetuneConfig, NoiseScheduleConfig
+from ddist.config.schema import DiffusionModelConfig, FinetuneConfig, NoiseScheduleConfig
 from ddist.diffusion.sampling import make_scheduler
 from ddist.logging import RunLogger
 from ddist.models.diffusion import PixelCodec, pixel_denoiser
@@ -162,7 +162,7 @@ def _train_denoiser(work, objective, crash_at=None, ema=None, ema_schedule="warm
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     )
-    denoiser = pixel_denoiser(net, {"class_ids": None}, 4)
+    denoiser = pixel_denoiser(net, typed(DiffusionModelConfig, {"class_ids": None}), 4)
     spec = SimpleNamespace(normalize=lambda x: x, denormalize=lambda x: x)
     schedule = {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
     tcfg = {

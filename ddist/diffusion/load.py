@@ -34,10 +34,9 @@ def load_denoiser(cfg: AnyConfig, dcfg: DiffusionConfig, ctx: RunContext, train_
     """The denoiser to sample from (base model, fine-tuned when asked; each cached), its codec and image size.
     train_set() gives the real train split (loaded only when a model is trained here)."""
     spec, device, logger = ctx.spec, ctx.device, ctx.logger
-    models_cfg = models_config(dcfg)
-    image_size = model_image_size(models_cfg, spec.resolution)
+    image_size = model_image_size(dcfg, spec.resolution)
     cgs = dcfg.sample.method == "cgs"
-    codec = make_codec(models_cfg, spec.channels, need_encoder=trains(dcfg) or cgs)
+    codec = make_codec(dcfg, spec.channels, need_encoder=trains(dcfg) or cgs)
     train_scheduler = make_scheduler(dcfg.schedule, "ddpm")
 
     def train(denoiser, phase: Phase, work_dir):
@@ -49,17 +48,17 @@ def load_denoiser(cfg: AnyConfig, dcfg: DiffusionConfig, ctx: RunContext, train_
     if dcfg.model.pretrained is not None:
 
         def base():
-            return pretrained_denoiser(models_cfg, spec.num_classes, spec.channels, spec.resolution, codec)
+            return pretrained_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec)
     else:
 
         def base():
             return cached_model(
                 cfg,
-                models_cfg,
+                dcfg,
                 "diffusion",
                 base_model_key,
                 spec,
-                make=lambda: fresh_denoiser(models_cfg, spec.num_classes, spec.channels, spec.resolution, codec),
+                make=lambda: fresh_denoiser(dcfg, spec.num_classes, spec.channels, spec.resolution, codec),
                 fit=lambda d, work: train(d, Phase("train", "plain", dcfg.train), work),
             )
 
@@ -70,7 +69,7 @@ def load_denoiser(cfg: AnyConfig, dcfg: DiffusionConfig, ctx: RunContext, train_
     else:
         denoiser = cached_model(
             cfg,
-            models_cfg,
+            dcfg,
             "diffusion_finetune",
             {"base": base_model_key, "finetune": training_key(dcfg.finetune)},
             spec,
@@ -81,18 +80,12 @@ def load_denoiser(cfg: AnyConfig, dcfg: DiffusionConfig, ctx: RunContext, train_
     return denoiser, codec, image_size
 
 
-def models_config(dcfg: DiffusionConfig) -> dict[str, Any]:
-    """diffusion as the plain dict ddist.models.diffusion builds from (diffusers takes its model keyword
-    arguments, diffusion.model.unet | dit | vae_config, as plain values)."""
-    return cast("dict[str, Any]", to_plain(dcfg))
-
-
 def trains(dcfg: DiffusionConfig) -> bool:
     """Whether real images must be encoded for training (from scratch or fine-tuning)."""
     return dcfg.model.pretrained is None or dcfg.finetune.objective != "none"
 
 
-def cached_model(cfg, models_cfg, kind, key, spec, make, fit):
+def cached_model(cfg, dcfg: DiffusionConfig, kind, key, spec, make, fit):
     """The denoiser cached under <kind>/<hash(key)> (a store entry, ddist/runtime/store.py); else make()
     one, fit(it, work_dir) (which checkpoints into and resumes from the entry), save it and return it."""
     trained = []
@@ -109,7 +102,7 @@ def cached_model(cfg, models_cfg, kind, key, spec, make, fit):
             return trained[0]
         info(f"diffusion: using the cached model {e / 'denoiser'}")
         try:
-            return saved_denoiser(models_cfg, str(e / "denoiser"), spec.num_classes, f"paths.cache_dir ({e.path})")
+            return saved_denoiser(dcfg, str(e / "denoiser"), spec.num_classes, f"paths.cache_dir ({e.path})")
         except ConfigError as err:
             raise e.damaged(f"holds an unreadable denoiser ({str(err)[:200]})") from None
 

@@ -10,7 +10,9 @@ Two backbones, both from diffusers, registered in BACKBONES (diffusion.backbone)
   one being its null class; dataset labels map to the model's class ids
   through `diffusion.model.class_ids` (the ImageNet-1k ids of a subset).
 
-Config nodes arrive as plain dicts (resolved once by the stage). Pretrained
+Config nodes arrive typed (diffusion's DiffusionConfig and its model's PixelModelConfig or
+LatentModelConfig, ddist/config/schema.py), so mypy checks each read; diffusers gets its model
+keyword arguments (unet, dit, vae_config) as plain values, which it stores as its config. Pretrained
 weights come from `from_pretrained` (a hub id or a local
 directory); without them a model is built from the config and trained from
 scratch by the stage. Offline with no local copy the load fails with a
@@ -38,8 +40,10 @@ from diffusers.models.embeddings import LabelEmbedding
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from ddist.config.schema import DiffusionConfig, DiffusionModelConfig, LatentModelConfig, PixelModelConfig
 from ddist.errors import ConfigError
 from ddist.logging import info
+from ddist.runtime.artifacts import to_plain
 
 
 @dataclass
@@ -271,7 +275,7 @@ def from_pretrained(cls, path: str, option: str, **kwargs):
         ) from None
 
 
-def build_unet(model_cfg: Mapping, num_classes: int, channels: int, resolution: int) -> UNet2DModel:
+def build_unet(model_cfg: PixelModelConfig, num_classes: int, channels: int, resolution: int) -> UNet2DModel:
     """A fresh UNet2DModel from `diffusion.model.unet` (class table num_classes + 1: the last id is null)."""
     try:
         return UNet2DModel(
@@ -279,7 +283,7 @@ def build_unet(model_cfg: Mapping, num_classes: int, channels: int, resolution: 
             in_channels=channels,
             out_channels=channels,
             num_class_embeds=num_classes + 1,
-            **model_cfg["unet"],
+            **to_plain(model_cfg.unet),
         )
     except (ValueError, TypeError) as err:  # diffusers validates the block lists in its constructor
         raise ConfigError(
@@ -288,23 +292,25 @@ def build_unet(model_cfg: Mapping, num_classes: int, channels: int, resolution: 
         ) from None
 
 
-def build_vae(model_cfg: Mapping, channels: int) -> AutoencoderKL:
+def build_vae(model_cfg: LatentModelConfig, channels: int) -> AutoencoderKL:
     """A randomly initialised AutoencoderKL from `diffusion.model.vae_config` (tests only).
 
     Seeded on its own, so every stage and process builds the same random VAE.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return AutoencoderKL(in_channels=channels, out_channels=channels, **model_cfg["vae_config"])
+        return AutoencoderKL(in_channels=channels, out_channels=channels, **to_plain(model_cfg.vae_config))
 
 
-def build_dit(model_cfg: Mapping, num_classes: int, latent_channels: int, latent_size: int) -> DiTTransformer2DModel:
+def build_dit(
+    model_cfg: LatentModelConfig, num_classes: int, latent_channels: int, latent_size: int
+) -> DiTTransformer2DModel:
     """A fresh DiTTransformer2DModel from `diffusion.model.dit`, predicting eps and a variance like DiT.
 
     Its class table has `dit.num_embeds_ada_norm` entries (DiT-XL/2: ImageNet-1k's 1000) when
     given, else one per dataset class (plus DiT's null class either way).
     """
-    args = dict(model_cfg["dit"])
+    args = dict(to_plain(model_cfg.dit))
     table = args.pop("num_embeds_ada_norm", None) or num_classes
     return DiTTransformer2DModel(
         in_channels=latent_channels,
@@ -315,15 +321,15 @@ def build_dit(model_cfg: Mapping, num_classes: int, latent_channels: int, latent
     )
 
 
-def load_vae(model_cfg: Mapping, key: str, channels: int) -> AutoencoderKL:
+def load_vae(model_cfg: LatentModelConfig, key: str, channels: int) -> AutoencoderKL:
     """The VAE named by diffusion.model.<key> (hub id or directory); a random one from vae_config when it
     is null or diffusion.model.random_weights is set."""
-    path = model_cfg[key]
-    random = path is None or model_cfg["random_weights"]
+    path = getattr(model_cfg, key)
+    random = path is None or model_cfg.random_weights
     vae = (
         build_vae(model_cfg, channels)
         if random
-        else from_pretrained(AutoencoderKL, path, f"diffusion.model.{key}", subfolder=model_cfg["vae_subfolder"])
+        else from_pretrained(AutoencoderKL, path, f"diffusion.model.{key}", subfolder=model_cfg.vae_subfolder)
     )
     if vae.config.in_channels != channels:
         raise ConfigError(
@@ -338,9 +344,9 @@ def vae_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def class_id_map(model_cfg: Mapping, num_classes: int, table_size: int) -> torch.Tensor:
+def class_id_map(model_cfg: DiffusionModelConfig, num_classes: int, table_size: int) -> torch.Tensor:
     """Dataset label -> model class id: diffusion.model.class_ids, or the identity when the model has our classes."""
-    ids = model_cfg["class_ids"]
+    ids = model_cfg.class_ids
     if ids is None:
         if table_size != num_classes:
             raise ConfigError(
@@ -356,13 +362,13 @@ def class_id_map(model_cfg: Mapping, num_classes: int, table_size: int) -> torch
     return torch.tensor(list(ids), dtype=torch.long)
 
 
-def pixel_denoiser(net: UNet2DModel, model_cfg: Mapping, num_classes: int) -> Denoiser:
+def pixel_denoiser(net: UNet2DModel, model_cfg: DiffusionModelConfig, num_classes: int) -> Denoiser:
     table = net.config.num_class_embeds - 1  # the last embedding is the null class
     c, s = net.config.in_channels, net.config.sample_size
     return Denoiser(net, (c, s, s), class_id_map(model_cfg, num_classes, table), table)
 
 
-def latent_denoiser(net: DiTTransformer2DModel, model_cfg: Mapping, num_classes: int) -> Denoiser:
+def latent_denoiser(net: DiTTransformer2DModel, model_cfg: DiffusionModelConfig, num_classes: int) -> Denoiser:
     """The DiT as a Denoiser, without its own label dropout.
 
     In train mode each of diffusers' DiT blocks drops the label on its own draw (every block's
@@ -381,22 +387,25 @@ def latent_denoiser(net: DiTTransformer2DModel, model_cfg: Mapping, num_classes:
 Codec = PixelCodec | VaeCodec
 
 
-def fresh_unet(dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: Codec) -> UNet2DModel:
-    return build_unet(dcfg["model"], num_classes, channels, resolution)
+def fresh_unet(dcfg: DiffusionConfig, num_classes: int, channels: int, resolution: int, codec: Codec) -> UNet2DModel:
+    return build_unet(cast(PixelModelConfig, dcfg.model), num_classes, channels, resolution)  # backbone pixel
 
 
-def fresh_dit(dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: Codec) -> DiTTransformer2DModel:
+def fresh_dit(
+    dcfg: DiffusionConfig, num_classes: int, channels: int, resolution: int, codec: Codec
+) -> DiTTransformer2DModel:
     vae = cast(VaeCodec, codec).decoder  # a latent backbone always has a VAE codec
-    size = dcfg["model"]["image_size"] // vae_factor(vae)
-    return build_dit(dcfg["model"], num_classes, vae.config.latent_channels, size)
+    model_cfg = cast(LatentModelConfig, dcfg.model)  # and a latent model
+    size = model_cfg.image_size // vae_factor(vae)
+    return build_dit(model_cfg, num_classes, vae.config.latent_channels, size)
 
 
-def vae_codec(dcfg: Mapping, channels: int, need_encoder: bool) -> VaeCodec:
+def vae_codec(dcfg: DiffusionConfig, channels: int, need_encoder: bool) -> VaeCodec:
     """The VAE pair of a latent model; the encoder is loaded only when real images must be encoded."""
-    model_cfg = dcfg["model"]
+    model_cfg = cast(LatentModelConfig, dcfg.model)  # backbone latent
     decoder = load_vae(model_cfg, "vae_decode", channels)
     # random weights: both come from vae_config
-    same = model_cfg["vae"] == model_cfg["vae_decode"] or model_cfg["random_weights"]
+    same = model_cfg.vae == model_cfg.vae_decode or model_cfg.random_weights
     encoder = (decoder if same else load_vae(model_cfg, "vae", channels)) if need_encoder else None
     return VaeCodec(encoder, decoder)
 
@@ -406,10 +415,10 @@ class Backbone:
     """What differs between the backbones; every step below that depends on diffusion.backbone asks it."""
 
     net_cls: type  # what from_pretrained loads
-    fresh: Callable[[Mapping, int, int, int, Codec], torch.nn.Module]  # (dcfg, classes, channels, res, codec)
-    denoiser: Callable[[Any, Mapping, int], Denoiser]  # (net, diffusion.model, classes)
-    codec: Callable[[Mapping, int, bool], Codec]  # (dcfg, channels, need_encoder)
-    image_size: Callable[[Mapping, int], int]  # (dcfg, dataset resolution) -> the side the model sees
+    fresh: Callable[[DiffusionConfig, int, int, int, Codec], torch.nn.Module]  # (dcfg, classes, channels, res, codec)
+    denoiser: Callable[[Any, DiffusionModelConfig, int], Denoiser]  # (net, diffusion.model, classes)
+    codec: Callable[[DiffusionConfig, int, bool], Codec]  # (dcfg, channels, need_encoder)
+    image_size: Callable[[DiffusionConfig, int], int]  # (dcfg, dataset resolution) -> the side the model sees
 
 
 # diffusion.backbone -> its builders
@@ -422,47 +431,52 @@ BACKBONES = {
         fresh_dit,
         latent_denoiser,
         vae_codec,
-        lambda dcfg, r: int(dcfg["model"]["image_size"]),
+        lambda dcfg, r: int(cast(LatentModelConfig, dcfg.model).image_size),
     ),
 }
 
 
-def backbone(dcfg: Mapping) -> Backbone:
-    name = dcfg["backbone"]
+def backbone(dcfg: DiffusionConfig) -> Backbone:
+    name = str(dcfg.backbone)
     if name not in BACKBONES:
         raise ConfigError(f"Unknown diffusion.backbone {name!r}; set it to one of {', '.join(BACKBONES)}.")
     return BACKBONES[name]
 
 
-def fresh_denoiser(dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: Codec) -> Denoiser:
+def fresh_denoiser(dcfg: DiffusionConfig, num_classes: int, channels: int, resolution: int, codec: Codec) -> Denoiser:
     """An untrained denoiser of the configured backbone (trained from scratch by the stage)."""
     b = backbone(dcfg)
-    return b.denoiser(b.fresh(dcfg, num_classes, channels, resolution, codec), dcfg["model"], num_classes)
+    return b.denoiser(b.fresh(dcfg, num_classes, channels, resolution, codec), dcfg.model, num_classes)
 
 
-def pretrained_denoiser(dcfg: Mapping, num_classes: int, channels: int, resolution: int, codec: Codec) -> Denoiser:
+def pretrained_denoiser(
+    dcfg: DiffusionConfig, num_classes: int, channels: int, resolution: int, codec: Codec
+) -> Denoiser:
     """The denoiser `diffusion.model.pretrained` names, or its architecture with random weights when
     diffusion.model.random_weights is set (dry runs and timings without the download)."""
-    model_cfg = dcfg["model"]
-    if model_cfg["random_weights"]:
+    model_cfg = dcfg.model
+    if model_cfg.random_weights:
         return fresh_denoiser(dcfg, num_classes, channels, resolution, codec)
+    assert model_cfg.pretrained is not None, "the stage asks for a pretrained denoiser only when one is named"
     return saved_denoiser(
-        dcfg, model_cfg["pretrained"], num_classes, "diffusion.model.pretrained", subfolder=model_cfg["subfolder"]
+        dcfg, model_cfg.pretrained, num_classes, "diffusion.model.pretrained", subfolder=model_cfg.subfolder
     )
 
 
-def saved_denoiser(dcfg: Mapping, path: str, num_classes: int, option: str, subfolder: str | None = None) -> Denoiser:
+def saved_denoiser(
+    dcfg: DiffusionConfig, path: str, num_classes: int, option: str, subfolder: str | None = None
+) -> Denoiser:
     """A denoiser saved with save_pretrained (a hub id or directory)."""
     b = backbone(dcfg)
-    return b.denoiser(from_pretrained(b.net_cls, path, option, subfolder=subfolder), dcfg["model"], num_classes)
+    return b.denoiser(from_pretrained(b.net_cls, path, option, subfolder=subfolder), dcfg.model, num_classes)
 
 
-def make_codec(dcfg: Mapping, channels: int, need_encoder: bool) -> Codec:
+def make_codec(dcfg: DiffusionConfig, channels: int, need_encoder: bool) -> Codec:
     """The image <-> model-space map; the VAE encoder is loaded only when real images must be encoded."""
     return backbone(dcfg).codec(dcfg, channels, need_encoder)
 
 
-def model_image_size(dcfg: Mapping, resolution: int) -> int:
+def model_image_size(dcfg: DiffusionConfig, resolution: int) -> int:
     """The side the model sees: the dataset's for pixel models, diffusion.model.image_size for latent ones."""
     return backbone(dcfg).image_size(dcfg, resolution)
 
