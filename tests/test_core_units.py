@@ -420,3 +420,14 @@ def test_the_engine_stops_at_a_non_finite_loss_naming_the_stage_and_what_to_chan
         run_loop(
             lambda s, b: (x.sum() * float("nan"), {}), [None], optim, [], Loop(3, "t", "recover", "Lower recover.lr.")
         )
+
+
+def test_a_checkpoint_saved_twice_is_the_same_file(tmp_path):
+    """The student cache keys hash the teacher's file: two saves of one model (through atomic_path's
+    random temporary names) must give the same bytes, so a fresh cache finds the same students."""
+    from ddist.runtime.artifacts import file_sha256, save_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path / "a" / "teacher.pt", model, {"epochs": 1})
+    save_checkpoint(tmp_path / "b" / "teacher.pt", model, {"epochs": 1})
+    assert file_sha256(tmp_path / "a" / "teacher.pt") == file_sha256(tmp_path / "b" / "teacher.pt")

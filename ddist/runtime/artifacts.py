@@ -182,7 +182,16 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, extra: dict
     """A state dict plus JSON-able metadata, loadable with weights_only=True."""
     payload = {"state_dict": model.state_dict(), "extra": extra or {}}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        torch_save(payload, tmp)
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through a file handle: the same object gives the same bytes. Given a path, torch names
+    the archive's folder after the file, here atomic_path's random temporary name, so every save of one
+    teacher hashed differently and the students keyed on its file's hash were not found again from a
+    fresh cache."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | os.PathLike, option: str) -> dict:

@@ -29,7 +29,7 @@ import torch
 from ddist.errors import DivergenceError
 from ddist.logging import info, progress
 from ddist.runtime import distributed
-from ddist.runtime.artifacts import atomic_path
+from ddist.runtime.artifacts import atomic_path, torch_save
 
 CHECKPOINT = "partial.pt"
 
@@ -180,7 +180,7 @@ def save_partial(work_dir: Path, step: int, parts: Mapping[str, Any]) -> None:
     state = {name: part.state_dict() for name, part in parts.items()}
     state.update(step=step, torch_rng=torch.get_rng_state(), cuda_rng=_cuda_rng_states())
     with atomic_path(work_dir / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
+        torch_save(state, tmp)
 
 
 def resume(work_dir: Path | None, parts: Mapping[str, Any]) -> int:
