@@ -5,17 +5,22 @@ option a method or the diffusion stage would refuse late is refused by validatio
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass
 
 import pytest
 import torch.nn.functional as F
 from conftest import CONF, compose_cfg, read_results, run_pipeline
 from hydra import compose, initialize_config_dir
-from omegaconf import MISSING, DictConfig
+from hydra.errors import ConfigCompositionException
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ddist.config import schema
+from ddist.config.compat import for_omegaconf
 from ddist.config.schema import RecoverConfig
 from ddist.errors import ConfigError
-from ddist.methods import Method, choices, diffusion_method, recover_method, register, unregister
+from ddist.methods import Method, choices, diffusion_method, finetune_method, recover_method, register, unregister
 from ddist.runtime.artifacts import load_distilled
 
 
@@ -168,6 +173,53 @@ def test_each_diffusion_pipeline_is_named_as_the_method_that_makes_its_set(pipel
         assert diffusion_method(cfg.diffusion.finetune.objective, cfg.diffusion.sample.method) == pipeline
     if "recover" in cfg.pipeline.stages:
         assert recover_method(cfg.recover.objective).name == pipeline
+
+
+# ----------------------------------------------------------------------------- a fine-tuning method's settings
+
+
+@pytest.mark.parametrize("name", ["rsm", "minimax"])
+def test_a_finetune_methods_settings_node_is_typed_by_its_descriptors_schema(name, tmp_path, cache_dir):
+    """diffusion.finetune.<name> is typed by the schema its method's module declares (the descriptor's
+    `settings`), which ddist/config/schema.py neither declares nor imports."""
+    settings = finetune_method(name).settings
+    assert settings is not None and settings.__module__ == f"ddist.methods.{name}"
+    assert not hasattr(schema, settings.__name__)
+    assert name not in {f.name for f in dataclasses.fields(schema.FinetuneConfig)}
+    cfg = compose_cfg(f"pipeline={name}", cache_dir=cache_dir, run_dir=tmp_path)
+    node = cfg.diffusion.finetune[name]
+    assert OmegaConf.get_type(node) is for_omegaconf(settings)
+    assert list(node) == [f.name.removesuffix("_") for f in dataclasses.fields(settings)]  # rsm's lambda_: lambda
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "diffusion.finetune.rsm.lamda=1",
+            r"Key 'lamda' not in 'RsmConfig'\s+full_key: diffusion\.finetune\.rsm\.lamda",
+        ),
+        (
+            "diffusion.finetune.rsm.reduction=median",
+            r"'median', expected one of \[mean, sum\]\s+full_key: diffusion\.finetune\.rsm\.reduction",
+        ),
+        ("diffusion.finetune.minimax.memory=lots", r"'lots'.*Integer\s+full_key: diffusion\.finetune\.minimax\.memory"),
+    ],
+)
+def test_a_finetune_methods_schema_refuses_an_unknown_key_or_a_bad_value_at_composition(override, message, tmp_path):
+    with pytest.raises(ConfigCompositionException) as failed:
+        compose_cfg("pipeline=rsm", override, cache_dir=tmp_path / "cache", run_dir=tmp_path)
+    assert failed.value.__cause__ is not None
+    assert re.search(message, str(failed.value.__cause__)), str(failed.value.__cause__)
+
+
+def test_a_finetune_method_without_its_settings_fails_in_validation_naming_them(tmp_path, cache_dir):
+    from ddist.pipeline import validate
+
+    cfg = compose_cfg("pipeline=minimax", cache_dir=cache_dir, run_dir=tmp_path)
+    cfg.diffusion.finetune.minimax = MISSING  # an option file that does not set them
+    with pytest.raises(ConfigError, match=r"objective=minimax needs its settings diffusion\.finetune\.minimax"):
+        validate(cfg)
 
 
 # ----------------------------------------------------------------------------- late checks, now up front

@@ -159,11 +159,11 @@ def test_every_stage_module_declares_its_stage_and_the_registry_reads_it_as_impo
 def test_the_schemas_and_the_objectives_list_the_same_choices():
     """Objectives take choices as plain strings (they import no config): their tuples and the
     schema's Literals must agree."""
-    from ddist.config import schema
     from ddist.methods import deda as method
+    from ddist.methods import rsm as rsm_method
     from ddist.objectives import deda, rsm
 
     assert get_args(method.RegNormalisation) == deda.REG_NORMALISATIONS
     assert get_args(method.GammaScope) == deda.GAMMA_SCOPES
     assert get_args(method.ClassReduction) == deda.CLASS_REDUCTIONS
-    assert get_args(schema.RsmReduction) == rsm.REDUCTIONS
+    assert get_args(rsm_method.RsmReduction) == rsm.REDUCTIONS

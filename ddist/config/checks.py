@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddist.config.schema import RecoverConfig
 from ddist.errors import ConfigError
 from ddist.logging import warn
-from ddist.methods import choices, recover_method
+from ddist.methods import choices, finetune_method, recover_method
 from ddist.methods.base import warn_large_weights
 from ddist.runtime.context import how_to_get
 from ddist.runtime.stages import stage as lookup_stage
@@ -251,6 +251,16 @@ def check_diffusion(cfg: DictConfig) -> None:
         raise ConfigError(
             f"diffusion.finetune.objective={objective} is not a fine-tuning method; choose none or one of "
             f"{', '.join(choices('finetune'))} (each a module of ddist/methods/)."
+        )
+    # its own settings node (diffusion.finetune.<name>, typed by its descriptor's schema) set by the option file
+    if (
+        objective != "none"
+        and finetune_method(objective).settings is not None
+        and OmegaConf.is_missing(dcfg.finetune, str(objective))
+    ):
+        raise ConfigError(
+            f"diffusion.finetune.objective={objective} needs its settings diffusion.finetune.{objective}, which "
+            f"this diffusion option file does not set: add them to it (as conf/diffusion/pixel.yaml does)."
         )
     stages = list(cfg.pipeline.stages)
     if "diffusion" not in stages:

@@ -21,9 +21,10 @@ enum_to_str=True) gives plain strings.
 ConfigStore names: `config_schema` (the whole config), `<group>/schema` for a group with one
 schema, `<group>/<kind>_schema` for a group whose options differ in keys (model: convnet, resnet,
 resnet_ap; dataset: imagenet_subset; relabel: online, stored; diffusion: pixel, latent; logger:
-none, wandb). A method's own settings (recover.deda) are a schema beside its code, which its
-descriptor registers as `<group>/<name>_schema` (ddist/methods/), and the choice of a method
-(recover.objective) is checked against the registry of methods by validation.
+none, wandb). A method's own settings are a schema beside its code (ddist/methods/), which its
+descriptor registers: a recover method's (recover.deda) as `<group>/<name>_schema`, a fine-tuning
+method's (diffusion.finetune.rsm) as a field of FinetuneConfig (`add_finetune_settings`); the choice
+of a method (recover.objective) is checked against the registry of methods by validation.
 """
 
 from __future__ import annotations
@@ -34,11 +35,7 @@ from typing import Any, Literal
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from ddist.config.compat import for_omegaconf
-
-# choices that the objectives also list as plain strings (ddist.objectives.rsm; tests/test_schemas.py
-# checks that they agree)
-RsmReduction = Literal["mean", "sum"]
+from ddist.config.compat import extend, for_omegaconf
 
 # ----------------------------------------------------------------------------- top level
 
@@ -319,25 +316,12 @@ class DiffusionTrainConfig:
 
 
 @dataclass
-class RSMConfig:
-    lambda_: float = MISSING  # the key `lambda`
-    reduction: RsmReduction = MISSING
-
-
-@dataclass
-class MinimaxConfig:
-    lambda_pos: float = MISSING
-    lambda_neg: float = MISSING
-    memory: int = MISSING
-
-
-@dataclass
 class FinetuneConfig(DiffusionTrainConfig):
     objective: str = MISSING  # none | a fine-tuning method of ddist/methods/ (checked by validation)
     params: Literal["all", "difffit"] = MISSING
     epochs: int = MISSING
-    rsm: RSMConfig = MISSING
-    minimax: MinimaxConfig = MISSING
+    # and, as OmegaConf sees it, one node per fine-tuning method with settings of its own (rsm, minimax):
+    # diffusion.finetune.<name>, typed by its descriptor's schema (`add_finetune_settings`)
 
 
 @dataclass
@@ -499,6 +483,23 @@ def register() -> None:
     store = ConfigStore.instance()
     for group, name, schema in SCHEMAS:
         store.store(group=group, name=name, node=for_omegaconf(schema))
+
+
+# The fine-tuning methods' settings nodes (name -> schema), added by their descriptors (ddist/methods/), and
+# their order in a composed config: rsm and minimax as this module declared them before they moved to their
+# methods (meta.json holds the diffusion config unsorted, so its bytes keep that order), then the others by name.
+_FINETUNE_SETTINGS: dict[str, type] = {}
+_FINETUNE_ORDER = ("rsm", "minimax")
+
+
+def add_finetune_settings(name: str, settings: type) -> None:
+    """Type diffusion.finetune.<name> by the fine-tuning method `name`'s own settings schema (its descriptor's,
+    ddist/methods/, which this module cannot import): FinetuneConfig gains the field as for_omegaconf rebuilds
+    it, and the diffusion schemas that hold it are stored again, so a composed config is checked against it."""
+    _FINETUNE_SETTINGS[name] = settings
+    order = sorted(_FINETUNE_SETTINGS, key=lambda n: (_FINETUNE_ORDER.index(n) if n in _FINETUNE_ORDER else 2, n))
+    extend(FinetuneConfig, {n: _FINETUNE_SETTINGS[n] for n in order})
+    register()
 
 
 register()

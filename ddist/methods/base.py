@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ddist.config.compat import for_omegaconf
+from ddist.config.schema import add_finetune_settings
 from ddist.errors import ConfigError
 
 Kind = Literal["recover", "finetune"]
@@ -31,9 +32,8 @@ Kind = Literal["recover", "finetune"]
 #   and the builder gets their size (`ipc=`)
 Need = Literal["teacher", "bn_hooks", "class_stats", "whole_class_batches"]
 NEEDS: tuple[Need, ...] = ("teacher", "bn_hooks", "class_stats", "whole_class_batches")
-# the option that names a method of each kind, and the group of its option files (None: no option files)
+# the option that names a method of each kind
 OPTION: dict[Kind, str] = {"recover": "recover.objective", "finetune": "diffusion.finetune.objective"}
-GROUP: dict[Kind, str | None] = {"recover": "recover", "finetune": None}
 
 
 def _nothing(cfg: DictConfig) -> None:
@@ -49,9 +49,21 @@ class Method:
     kind:     recover | finetune
     build:    makes the method's objective from its settings node and, as keywords, exactly what
               `needs` asks for (recover: teacher=, class_stats=, ipc=; finetune: num_classes=)
-    settings: its own settings: a dataclass schema extending its group's (DedaRecoverConfig extends
-              RecoverConfig with recover.deda), stored in ConfigStore as <group>/<name>_schema for its
-              option file's defaults list; None when the group's schema holds them all
+    settings: its own settings schema (a dataclass in its module), or None when it has none:
+              - recover: one extending RecoverConfig (DedaRecoverConfig adds recover.deda), stored in
+                ConfigStore as recover/<name>_schema, which its option file conf/recover/<name>.yaml
+                lists first in its defaults: recover=<name> retypes the recover node
+              - finetune: the node diffusion.finetune.<name> itself (RsmConfig: lambda, reduction).
+                Every diffusion option file holds every fine-tuning method's settings side by side
+                (finetune.objective picks one at the command line, so there is no option file to swap
+                in), so the node is a field of the finetune schema: register adds it to FinetuneConfig
+                as OmegaConf sees it (schema.add_finetune_settings; schema.py cannot import the methods
+                above it) and stores the diffusion schemas again, all at import of ddist, before any
+                config is composed. So the composed config is typed exactly as when schema.py declared the
+                node (same keys, order and values: same cache keys and meta.json): an unknown key or a
+                choice outside a Literal fails at composition naming the option, and to_object gives the
+                schema's objects. (Checking the node only in validation, by merging it with the schema,
+                would leave it untyped in every config built without validation and in OmegaConf.to_object.)
     check:    the rules between its options, given the whole config (ConfigError / warn); run by
               validation before the first stage, after the generic ones its `needs` imply
     dry_run:  cuts its own loops to one step in a dry run (the shared loops are cut already)
@@ -83,14 +95,17 @@ REGISTRY: dict[Kind, dict[str, Method]] = {"recover": {}, "finetune": {}}
 
 
 def register(method: Method) -> Method:
-    """Add `method` to its kind's registry and its settings schema (if any) to Hydra's ConfigStore
-    (<group>/<name>_schema), so `<group>=<name>` composes once its option file names that schema.
+    """Add `method` to its kind's registry and its settings schema (if any) to Hydra's ConfigStore: a
+    recover method's as recover/<name>_schema, so `recover=<name>` composes once its option file names that
+    schema; a fine-tuning method's as the diffusion schemas' finetune.<name> node (see Method.settings).
     Registering the same name again replaces it (a test's toy method, a reloaded module)."""
     REGISTRY[method.kind][method.name] = method
-    group = GROUP[method.kind]
-    if method.settings is not None:
-        assert group is not None, f"{method.kind} methods have no option files to take settings"
-        ConfigStore.instance().store(group=group, name=f"{method.name}_schema", node=for_omegaconf(method.settings))
+    if method.settings is None:
+        pass
+    elif method.kind == "finetune":
+        add_finetune_settings(method.name, method.settings)
+    else:
+        ConfigStore.instance().store(group="recover", name=f"{method.name}_schema", node=for_omegaconf(method.settings))
     return method
 
 

@@ -1,14 +1,25 @@
 """MiniMax's fine-tuning objective (Gu et al., CVPR 2024): the denoising loss, each clean estimate pulled
 towards the real latents of its class and pushed from earlier estimates of it, both kept in per-class
 memories (ddist/objectives/minimax.py). Settings: diffusion.finetune.minimax (lambda_pos, lambda_neg,
-memory)."""
+memory), typed by MinimaxConfig below (its descriptor's settings)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
 
-from ddist.config.schema import FinetuneConfig, MinimaxConfig
+from omegaconf import MISSING
+
+from ddist.config.schema import FinetuneConfig, as_node
 from ddist.methods.base import Method, register
+
+
+@dataclass
+class MinimaxConfig:
+    lambda_pos: float = MISSING
+    lambda_neg: float = MISSING
+    memory: int = MISSING
 
 
 class MinimaxObjective:
@@ -37,7 +48,8 @@ class MinimaxObjective:
 
 
 def build(fcfg: FinetuneConfig, *, num_classes: int) -> MinimaxObjective:
-    return MinimaxObjective(fcfg.minimax, num_classes)
+    # its node: typed by MinimaxConfig, which FinetuneConfig does not declare
+    return MinimaxObjective(cast(MinimaxConfig, as_node(fcfg).minimax), num_classes)
 
 
-METHOD = register(Method(name="minimax", kind="finetune", build=build))
+METHOD = register(Method(name="minimax", kind="finetune", build=build, settings=MinimaxConfig))

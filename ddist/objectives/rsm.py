@@ -9,7 +9,7 @@ import torch
 from ddist.objectives.diffusion import denoising_loss
 
 # How l1_sparsity reduces a sample's |x0_hat| entries (see its docstring): diffusion.finetune.rsm.reduction's
-# choices, as the schema's RsmReduction lists them (tests/test_schemas.py checks they agree).
+# choices, as ddist/methods/rsm.py's RsmReduction lists them (tests/test_schemas.py checks they agree).
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 
 
