@@ -258,3 +258,32 @@ def test_a_layer_of_a_resnet_teacher_is_checked_without_its_weights(tmp_path, ca
     validate(compose_cfg(*base, "recover.class_stats.layers=[stage4]", cache_dir=cache_dir, run_dir=tmp_path))
     with pytest.raises(ConfigError, match=r"stage5"):
         validate(compose_cfg(*base, "recover.class_stats.layers=[stage5]", cache_dir=cache_dir, run_dir=tmp_path))
+
+
+def test_a_finetune_methods_check_and_dry_run_cut_are_run(monkeypatch, tmp_path):
+    """Validation runs a fine-tuning method's own check, and a dry run its own cut, as for recover methods."""
+    import dataclasses
+
+    from ddist.config.checks import check_diffusion
+    from ddist.methods import base
+
+    seen: list[str] = []
+    rsm = base.lookup("finetune", "rsm")
+
+    def check(cfg):
+        seen.append("check")
+        raise ConfigError("diffusion.finetune.rsm: refused by the method's own check")
+
+    def dry_run(cfg):
+        seen.append("dry_run")
+        cfg.diffusion.finetune.steps = 7
+
+    monkeypatch.setitem(base.REGISTRY["finetune"], "rsm", dataclasses.replace(rsm, check=check, dry_run=dry_run))
+    cfg = compose_cfg("pipeline=rsm_cgs", cache_dir=tmp_path, run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="method's own check"):
+        check_diffusion(cfg)
+    assert seen == ["check"]
+    from ddist.config.dry_run import prepare
+
+    cut = prepare(compose_cfg("pipeline=rsm_cgs", "dry_run=true", cache_dir=tmp_path, run_dir=tmp_path))
+    assert seen == ["check", "dry_run"] and cut.diffusion.finetune.steps == 7

@@ -262,6 +262,8 @@ def check_diffusion(cfg: DictConfig) -> None:
             f"diffusion.finetune.objective={objective} needs its settings diffusion.finetune.{objective}, which "
             f"this diffusion option file does not set: add them to it (as conf/diffusion/pixel.yaml does)."
         )
+    if objective != "none":
+        finetune_method(objective).check(cfg)  # the method's own rules between its options
     stages = list(cfg.pipeline.stages)
     if "diffusion" not in stages:
         return

@@ -36,7 +36,7 @@ from ddist.data import dataset_spec
 from ddist.data.spec import data_present
 from ddist.errors import ConfigError
 from ddist.logging import info, warn
-from ddist.methods import recover_method
+from ddist.methods import finetune_method, recover_method
 
 CACHE_DIR = "dry_run_cache"  # the dry run's private cache, under its run directory
 CLASSES = 2  # classes kept (fewer when the dataset has fewer)
@@ -130,6 +130,8 @@ def _drop_given_artifacts(cfg: DictConfig) -> None:
 
 
 def _cut_diffusion(cfg: DictConfig, classes: int) -> None:
+    if cfg.diffusion.finetune.objective != "none":
+        finetune_method(cfg.diffusion.finetune.objective).dry_run(cfg)  # the method's own loops, if any
     model = cfg.diffusion.model
     ids = model.class_ids
     if not OmegaConf.is_interpolation(model, "class_ids") and ids is not None:
