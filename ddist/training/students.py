@@ -205,7 +205,9 @@ def cohorts(runs: list[Run], size: int) -> list[list[Run]]:
     same-architecture runs next to each other, so they stack."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        settings = OmegaConf.to_container(r.ev, resolve=True, enum_to_str=True)
+        settings = cast("dict[str, Any]", OmegaConf.to_container(r.ev, resolve=True, enum_to_str=True))
+        for key in _NOT_STUDENT_KEYS:  # which students and where they log do not change the loop
+            settings.pop(key, None)
         together = json.dumps(
             [settings, len(r.source.distilled.labels), r.source.distilled.ipc, resume_step(r.work)],
             sort_keys=True,
