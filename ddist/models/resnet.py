@@ -5,6 +5,7 @@ import pickle
 from urllib.parse import urlparse
 
 import torch
+import torchvision
 from torch import nn
 
 from ddist.errors import ConfigError
@@ -33,7 +34,7 @@ class TorchvisionResNet(FeatureModel):
 
     def __init__(self, arch: str, num_classes: int, channels: int, stem: str):
         super().__init__()
-        net = getattr(_models(), arch)(weights=None, num_classes=num_classes)
+        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         if stem == "cifar":
             net.conv1 = _kaiming(nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False))
             net.maxpool = nn.Identity()
@@ -59,14 +60,6 @@ class TorchvisionResNet(FeatureModel):
             x = layer(x)
             stages.append(x)
         return stages, x.mean(dim=(2, 3))
-
-
-def _models():
-    """torchvision.models, imported when a ResNet is built: torchvision's import (its ops pull in
-    torch._dynamo, sympy and triton) was a third of `import ddist.pipeline`, which ConvNet jobs never need."""
-    import torchvision.models
-
-    return torchvision.models
 
 
 def _kaiming(conv: nn.Conv2d) -> nn.Conv2d:
@@ -119,7 +112,7 @@ def _weights(arch: str, pretrained: bool | str):
     """The torchvision weights enum member `pretrained` names, or None for no weights."""
     if pretrained is False or pretrained is None:
         return None
-    enum = _models().get_model_weights(arch)
+    enum = torchvision.models.get_model_weights(arch)
     if pretrained is True:
         return enum.DEFAULT
     name = str(pretrained).split(".")[-1]

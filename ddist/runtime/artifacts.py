@@ -186,12 +186,19 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, extra: dict
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save through a file handle: the same object gives the same bytes. Given a path, torch names
-    the archive's folder after the file, here atomic_path's random temporary name, so every save of one
-    teacher hashed differently and the students keyed on its file's hash were not found again from a
-    fresh cache."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
+    """torch.save so that the same object gives the same bytes. torch names the archive's folder after
+    the file it writes, which at `path` is atomic_path's random temporary name: every save of one
+    teacher hashed differently, and the students keyed on its file's hash were not found again from a
+    fresh cache. So torch writes a fixed name in a private directory beside `path`, moved into place.
+    (Not through a Python file object: torch's writer then calls back into Python for every block, and
+    a Ctrl-C landing in such a call killed the process by SIGINT instead of raising KeyboardInterrupt.)"""
+    path = Path(path)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        torch.save(obj, scratch / "checkpoint.pt")
+        os.replace(scratch / "checkpoint.pt", path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_checkpoint(path: str | os.PathLike, option: str) -> dict:
