@@ -4,7 +4,7 @@ stack_models([m_1, ..., m_K]) builds a model whose every tensor is the K copies'
 along dim 0 (copy k owns the k-th chunk), so copy k's parameters, buffers, gradients and optimiser
 state are `.chunk(K)[k]` of the stacked ones, and its input and output are:
 
-    input   [B, K*C, H, W]   copy k reads channels k*C .. (k+1)*C - 1   (stacked_input)
+    input   [B, K*C, H, W]   copy k reads channels k*C .. (k+1)*C - 1   (the inputs concatenated on dim 1)
     output  [B, K, classes]  copy k's logits at [:, k]
 
 The layers: Conv2d(C_in, C_out, groups=g) -> Conv2d(K*C_in, K*C_out, groups=K*g) (group k only sees
@@ -55,28 +55,11 @@ class StackedLinear(nn.Module):
         return y.transpose(0, 1)  # [B, K, out]
 
 
-class _OneCopy(nn.Module):
-    """A single model as a stack of one: its logits viewed as [B, 1, classes]."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).unsqueeze(1)
-
-    def state_dict(self, *args, **kwargs):  # the plain model's names: a copy's checkpoint is a student's
-        return self.model.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state, strict: bool = True, assign: bool = False):
-        return self.model.load_state_dict(state, strict=strict, assign=assign)
-
-
 def stack_models(models: Sequence[nn.Module]) -> nn.Module:
     """One model computing all of `models` (same architecture, any weights) at once; see the module
     docstring. Its state_dict has the plain models' names, each tensor the copies' concatenated."""
     if len(models) == 1:
-        return _OneCopy(models[0])
+        return _Stack(models[0], 1)
     if not all(isinstance(m, FeatureModel) for m in models):
         raise NotStackable("only FeatureModels (a trunk and an `fc` head) stack")
     stacked = copy.deepcopy(models[0])
@@ -90,14 +73,17 @@ def stack_models(models: Sequence[nn.Module]) -> nn.Module:
 
 
 class _Stack(nn.Module):
-    """The stacked FeatureModel; forward returns [B, K, classes]."""
+    """The stacked model; forward returns [B, K, classes]. One copy is the plain model itself, its
+    logits viewed as [B, 1, classes]: the exact numerics of training it alone. Its state_dict has the
+    plain model's names, so a copy's checkpoint is a student's."""
 
     def __init__(self, model: nn.Module, copies: int) -> None:
         super().__init__()
         self.model, self.copies = model, copies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        out = self.model(x)
+        return out.unsqueeze(1) if self.copies == 1 else out
 
     def state_dict(self, *args, **kwargs):
         return self.model.state_dict(*args, **kwargs)
@@ -142,11 +128,12 @@ def _stacked_layer(name: str, layers: list[nn.Module]) -> nn.Module | None:
 
 def _filled(layer: nn.Module, copies: list[nn.Module]) -> nn.Module:
     """`layer` with each tensor the copies' tensors concatenated (a counter: the first copy's)."""
+    states = [c.state_dict() for c in copies]
     state = {}
-    for key, value in copies[0].state_dict().items():
-        parts = [c.state_dict()[key] for c in copies]
+    for key, value in states[0].items():
+        parts = [st[key] for st in states]
         state[key] = parts[0].clone() if value.dim() == 0 else torch.cat(parts)
-    like = next(v for v in copies[0].state_dict().values() if v.is_floating_point())
+    like = next(v for v in states[0].values() if v.is_floating_point())
     layer.to(device=like.device, dtype=like.dtype)  # floating tensors take the copies' dtype; counters stay
     layer.load_state_dict(state)
     return layer
@@ -155,11 +142,6 @@ def _filled(layer: nn.Module, copies: list[nn.Module]) -> nn.Module:
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def stacked_input(inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Copies' inputs [B, C, H, W] each -> [B, K*C, H, W] (one input for all: repeated)."""
-    return inputs[0] if len(inputs) == 1 else torch.cat(list(inputs), dim=1)
 
 
 def copy_state(state: dict[str, torch.Tensor], k: int, copies: int) -> dict[str, torch.Tensor]:

@@ -199,11 +199,8 @@ def train_cohort(
                     else soft_label_loss(out, goal[m.source], ev.temperature)
                 )
                 losses[m.key] = weight * loss
-        values = list(losses.values())
-        summed = values[0]
-        for v in values[1:]:
-            summed = summed + v
-        return summed, losses
+        first, *rest = losses.values()
+        return sum(rest, first), losses  # one student: its own loss tensor, as when trained alone
 
     def write(done: int, loss: torch.Tensor, parts: Mapping) -> None:
         for key, value in parts.items():
