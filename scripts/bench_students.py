@@ -12,11 +12,13 @@ epochs of evaluate's batch plan, three ways:
     cohort       one loop, each student its own forward (evaluate.stacking=none), sharing each
                  set's augmented batch and teacher logits and one optimiser update
     grouped      the same with same-architecture students as one stacked model (stacking=grouped)
-Rounds are interleaved (every mode once per round), the median round is reported, with the load
-average beside it. The figure is student-steps per second and its ratio to sequential (in the first
-of `--layouts`: nchw and/or channels_last, evaluate.channels_last). Nothing is cached: students train
-from scratch in memory (no store entries). The teacher is the architecture's fresh initialisation
-(its cost, not its accuracy, matters here).
+each in every `--layouts` (nchw and/or channels_last: evaluate.channels_last) and `--precisions` (fp32
+and/or bf16: evaluate.precision), or as listed in `--variants`. Rounds are interleaved (every variant
+once per round), the median round is reported, with the load average beside it. The figure is
+student-steps per second and its ratio to the baseline: sequential in the first layout and precision
+given, or the first of `--variants` (sequential@nchw@fp32 is the path before students were trained
+together). Nothing is cached: students train from scratch in memory (no store entries). The teacher
+is the architecture's fresh initialisation (its cost, not its accuracy, matters here).
 
 Measured on the 2-core CPU machine (no GPU), see the README's "Students trained together":
 the numbers are in the closing notes and the README, not here, because they depend on the load.
@@ -84,11 +86,12 @@ def setup(args, tmp: Path):
 
 def run_mode(mode: str, k: int, arch: dict, env) -> float:
     """Seconds to train k students (half on each set) in `mode` ("sequential", "cohort" or "grouped",
-    then "@" and the layout: nchw or channels_last)."""
+    then "@" the layout, nchw or channels_last, and "@" the precision, fp32 or bf16)."""
     cfg, ctx, sets, test, teacher = env
-    mode, layout = mode.split("@")
+    mode, layout, precision = mode.split("@")
     ev = cfg.evaluate.copy()
     ev.channels_last = layout == "channels_last"
+    ev.precision = precision
     members = [Member(arch, r // 2, r % 2, None, f"bench/s{r}") for r in range(k)]
     shared = Shared(ev, teacher, test, grouped=mode == "grouped")
     start = time.perf_counter()
@@ -112,6 +115,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (scripts/gpu_check.sh: K=1 vs K=8 there)")
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--layouts", nargs="+", default=["channels_last"], help="nchw and/or channels_last")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], help="fp32 and/or bf16 (evaluate.precision)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="MODE@LAYOUT@PRECISION each, instead of every mode x layout x precision; the first is the baseline",
+    )
     parser.add_argument("--cache-dir", default=os.environ.get("DDIST_BENCH_CACHE", "/tmp/ddist_bench_cache"))
     args = parser.parse_args()
     arch = {"name": "convnet"} if args.arch == "convnet" else {"name": "resnet18", "stem": "cifar"}
@@ -121,19 +131,21 @@ def main() -> None:
         env = (cfg, ctx, sets, test, teacher)
         steps = args.epochs * 2
         print(f"{args.dataset}, {args.arch}, soft protocol, {steps} steps of 64 per student; {args.rounds} rounds")
-        print("| threads | K | mode | s | student-steps/s | vs sequential | load (1 min) |")
+        print("| threads | K | mode | s | student-steps/s | vs baseline | load (1 min) |")
         print("|---|---|---|---|---|---|---|")
         for threads in args.threads:
             torch.set_num_threads(threads)
             for k in args.ks:
-                modes = [f"{m}@{layout}" for layout in args.layouts for m in args.modes]
+                modes = args.variants or [
+                    f"{m}@{lay}@{p}" for p in args.precisions for lay in args.layouts for m in args.modes
+                ]
                 times: dict[str, list[float]] = {m: [] for m in modes}
                 loads: list[float] = []
                 for _ in range(args.rounds):
                     for mode in modes:
                         times[mode].append(run_mode(mode, k, arch, env))
                     loads.append(os.getloadavg()[0])
-                first = f"sequential@{args.layouts[0]}"
+                first = modes[0] if args.variants else f"sequential@{args.layouts[0]}@{args.precisions[0]}"
                 base = statistics.median(times[first]) if first in times else None
                 for mode in modes:
                     t = statistics.median(times[mode])

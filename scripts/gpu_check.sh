@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 "$PYTHON" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 for precision in fp32 bf16; do
   for pipeline in sre2l deda rsm_cgs; do
-    "$PYTHON" -m ddist pipeline=$pipeline device=cuda precision=$precision logger=none \
+    "$PYTHON" -m ddist pipeline=$pipeline device=cuda precision=$precision evaluate.precision=$precision logger=none \
       "paths.cache_dir=$OUT/cache" "hydra.run.dir=$OUT/${pipeline}_${precision}" "$@" \
       > "$OUT/${pipeline}_${precision}.log" 2>&1 || echo "gpu_check: $pipeline $precision failed (see its log)"
   done
@@ -32,11 +32,11 @@ done
   || echo "gpu_check: sre2l parallel_groups=1 failed (see its log)"
 # students trained together (evaluate.parallel, issue 24): K=1 vs K=8 ConvNet-3 student throughput on CUDA,
 # one after another vs one cohort vs one grouped (stacked) model; then ResNet-18 on CIFAR-10 where the data is
-"$PYTHON" scripts/bench_students.py --device cuda --ks 1 8 --threads 1 --epochs 20 > "$OUT/bench_students.md" 2>&1 \
+"$PYTHON" scripts/bench_students.py --device cuda --ks 1 8 --threads 1 --epochs 20 --precisions fp32 bf16 > "$OUT/bench_students.md" 2>&1 \
   || echo "gpu_check: bench_students failed (see $OUT/bench_students.md)"
 if [[ -d ../shared/data/cifar10 ]]; then
   "$PYTHON" scripts/bench_students.py --device cuda --ks 1 8 --threads 1 --epochs 5 --dataset cifar10 \
-    --root ../shared/data/cifar10 --arch resnet18 >> "$OUT/bench_students.md" 2>&1 \
+    --root ../shared/data/cifar10 --arch resnet18 --precisions fp32 bf16 >> "$OUT/bench_students.md" 2>&1 \
     || echo "gpu_check: bench_students (resnet18) failed (see $OUT/bench_students.md)"
 fi
 cat "$OUT/bench_students.md"

@@ -70,6 +70,7 @@ def compose_cfg(*overrides: str, cache_dir: Path, run_dir: Path):
             overrides=[
                 "logger=none",
                 "device=cpu",
+                "evaluate.precision=fp32",  # not auto: a test's numbers must not depend on whether the CPU has AMX
                 f"paths.cache_dir={cache_dir}",
                 f"paths.output_dir={run_dir}",
                 *overrides,
@@ -152,7 +153,13 @@ def run_ddist(
 ) -> subprocess.CompletedProcess:
     """`python -m ddist OVERRIDES` in a subprocess; returns the completed process."""
     flags = [a for a in overrides if a.startswith("-")]  # Hydra wants its flags before the overrides
-    args = [*flags, *(TINY if tiny else []), f"paths.cache_dir={cache_dir}", *(a for a in overrides if a not in flags)]
+    args = [
+        *flags,
+        *(TINY if tiny else []),
+        "evaluate.precision=fp32",
+        f"paths.cache_dir={cache_dir}",
+        *(a for a in overrides if a not in flags),
+    ]
     if not flags:
         args.append(f"hydra.run.dir={run_dir}")
     full_env = {**os.environ, "DDIST_PROGRESS": "0", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", **(env or {})}

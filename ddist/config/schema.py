@@ -262,6 +262,7 @@ class EvaluateConfig:
     parallel: Any = MISSING  # students trained at once in one loop: an int >= 1 or "auto" (ddist.training.cohort)
     stacking: Literal["auto", "grouped", "none"] = MISSING  # how a cohort's same-architecture copies run
     channels_last: bool = MISSING  # the students' weights and inputs in channels_last layout
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = MISSING  # the students' autocast (auto: by the device)
 
 
 # ----------------------------------------------------------------------------- diffusion

@@ -40,7 +40,15 @@ from ddist.runtime import distributed
 from ddist.runtime.artifacts import DistilledSet
 from ddist.runtime.context import RunContext
 from ddist.training.engine import Callback, Checkpoint, Log, Loop, Optim, run_loop
-from ddist.training.loop import autocast, epochs_for, make_optimizer, make_schedule, real_batches, seed_everything
+from ddist.training.loop import (
+    autocast,
+    epochs_for,
+    make_optimizer,
+    make_schedule,
+    real_batches,
+    seed_everything,
+    student_precision,
+)
 from ddist.utils import ceil_div
 
 
@@ -143,7 +151,8 @@ def train_cohort(
     total = epochs * steps_per_epoch
     optimizer = make_optimizer(net.parameters(), ev)
     schedule = make_schedule(optimizer, ev, total)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    precision = student_precision(ev.precision, cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     optim = Optim(optimizer, list(net.parameters()), schedule, ev.clip_grad_norm, scaler)
     if len(members) > 1:
         optim.clip = per_copy_clip(net)
@@ -181,7 +190,7 @@ def train_cohort(
         return out
 
     def step_fn(step: int, batches: Sequence[dict]) -> tuple[torch.Tensor, dict]:
-        with autocast(cfg.precision, device.type):
+        with autocast(precision, device.type):
             xs = [
                 augmented_batch(img, batch, device).contiguous(memory_format=layout)
                 for img, batch in zip(images, batches, strict=False)
@@ -208,7 +217,7 @@ def train_cohort(
 
     def scores() -> list[float]:
         return distributed.from_main(
-            lambda: cohort_accuracy(net, where, shared.test, ctx, (ev.test_batch_size, layout))
+            lambda: cohort_accuracy(net, where, shared.test, ctx, (ev.test_batch_size, layout, precision))
         )
 
     callbacks: list[Callback] = [Log(ev.log_every, total, write)]
@@ -245,17 +254,19 @@ def cohort_accuracy(
     where: Sequence[tuple[int, int]],
     ds: Any,
     ctx: RunContext,
-    batching: tuple[int, torch.memory_format],
+    batching: tuple[int, torch.memory_format, str],
 ) -> list[float]:
     """Top-1 accuracy (a fraction) of every member on a real split, all from one pass over it
-    (`batching`: the batch size and the layout of the students' inputs)."""
-    batch_size, layout = batching
+    (`batching`: the batch size, the layout of the students' inputs and the precision they train in,
+    which their forward passes here use too)."""
+    batch_size, layout, precision = batching
     net.eval()
     correct = [0] * len(where)
     total = 0
     for x, y in real_batches(ds, ctx.spec, batch_size, shuffle=False):
         x = x.to(ctx.device).contiguous(memory_format=layout)
-        logits = net([x] * (1 + max(max(s) for s in net.sources)))
+        with autocast(precision, ctx.device.type):
+            logits = net([x] * (1 + max(max(s) for s in net.sources)))
         for i, (g, k) in enumerate(where):
             correct[i] += int((logits[g][:, k].argmax(1).cpu() == y).sum())
         total += len(y)

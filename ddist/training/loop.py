@@ -135,6 +135,25 @@ def accuracy(model: torch.nn.Module, ds: ImageDataset, spec, device: torch.devic
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: a CUDA GPU with bf16 units (Ampere and
+    later), or a CPU with AMX, whose oneDNN bf16 convolutions trained a ConvNet-3 student step 3-4x
+    faster than fp32 at 32 px (README "Students in bf16"). Elsewhere bf16 is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+    return False
+
+
+def student_precision(setting: str, run_precision: str, device: torch.device) -> str:
+    """`evaluate.precision` resolved: fp32 | bf16 | fp16 as given; auto is bf16 where the device computes
+    it natively (native_bf16) and the run's `precision` elsewhere."""
+    if setting != "auto":
+        return setting
+    return "bf16" if native_bf16(device) else run_precision
+
+
 def autocast(precision: str, device_type: str):
     """Mixed precision for the forward pass: torch.autocast at bf16/fp16, nothing at fp32."""
     dtype = PRECISIONS[precision]

@@ -43,7 +43,7 @@ from ddist.runtime.artifacts import (
 from ddist.runtime.context import RunContext
 from ddist.training.cohort import Member, Shared, Source, train_cohort
 from ddist.training.engine import CHECKPOINT
-from ddist.training.loop import epochs_for
+from ddist.training.loop import epochs_for, student_precision
 from ddist.training.teacher import frozen_teacher, load_teacher
 from ddist.utils import ceil_div
 
@@ -275,6 +275,9 @@ def student_base_key(
     settings = cast("dict[str, Any]", OmegaConf.to_container(ev, resolve=True, enum_to_str=True))
     for key in _NOT_STUDENT_KEYS:
         settings.pop(key, None)
+    # the precision students train in, resolved (auto: by the device), keyed where the run's precision
+    # was before evaluate.precision existed, so an fp32 student keeps its key
+    precision = student_precision(settings.pop("precision"), cfg.precision, ctx.device)
     dataset = cast("dict[str, Any]", OmegaConf.to_container(cfg.dataset, resolve=True, enum_to_str=True))
     dataset.pop("protocol", None)
     labels = {"stored": "fp16", "top_k": json.loads((stored / "meta.json").read_text())["top_k"]} if stored else None
@@ -284,7 +287,7 @@ def student_base_key(
         "evaluate": settings,
         "seed": cfg.seed,
         "dataset": dataset,
-        "precision": cfg.precision,
+        "precision": precision,
         "teacher": file_sha256(ctx.require("teacher")) if ev.protocol == "soft" else None,
         "world_size": distributed.world(),
     }
