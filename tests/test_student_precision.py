@@ -104,3 +104,11 @@ def test_bf16_students_train_and_test_in_bf16(digits_set):
         cohort.cohort_accuracy = real_accuracy
     assert torch.bfloat16 in seen["train"] and seen["test"] == {torch.bfloat16}
     assert 0.0 <= bf16 <= 1.0 and abs(bf16 - fp32) < 0.25  # two epochs on 20 images: same ballpark, not equal
+
+
+def test_the_results_say_which_precision_the_students_trained_in(tmp_path, cache_dir):
+    from conftest import run_pipeline
+
+    results = run_pipeline("ipc=1", "evaluate.precision=bf16", run_dir=tmp_path / "run", cache_dir=cache_dir)
+    assert [s["precision"] for s in results["students"]] == ["bf16"]
+    assert [s["precision"] for s in results["baseline"]["students"]] == ["bf16"]

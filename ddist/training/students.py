@@ -95,18 +95,20 @@ def evaluate_sets(cfg: AnyConfig, ctx: RunContext, jobs: list[SetJob]) -> list[l
         for index in dict.fromkeys(r.student for r, _ in mine):  # an entry of evaluate.students (names may repeat)
             name = next(r.name for r, _ in mine if r.student == index)
             student_accs = [a for r, a in mine if r.student == index]
-            protocol = next(r.ev.protocol for r, _ in mine)
+            ev = next(r.ev for r, _ in mine if r.student == index)
+            protocol, precision = ev.protocol, student_precision(ev.precision, cfg.precision, ctx.device)
             results[j].append(
                 {
                     "name": name,
                     "protocol": protocol,
+                    "precision": precision,  # evaluate.precision resolved (auto: by the device)
                     "accs": student_accs,
                     "acc_mean": statistics.fmean(student_accs),
                     "acc_std": statistics.pstdev(student_accs) if len(student_accs) > 1 else 0.0,
                 }
             )
             mean = 100 * results[j][-1]["acc_mean"]
-            info(f"student {name} ({protocol}): {mean:.2f}% over {len(student_accs)} repeat(s)")
+            info(f"student {name} ({protocol}, {precision}): {mean:.2f}% over {len(student_accs)} repeat(s)")
     return results
 
 
