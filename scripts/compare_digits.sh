@@ -26,6 +26,7 @@ COMMON=(
   teacher.model.width=32
   "evaluate.students=[{name:convnet,width:32}]"
   "evaluate.epochs={1:200,10:100,max:40}"
+  evaluate.precision=fp32  # the README's digits tables trained their students in fp32
 )
 
 sweep() {  # sweep NAME OVERRIDES...: one multirun into $OUT/NAME
