@@ -148,7 +148,7 @@ def test_the_rank_count_keys_the_teacher_and_the_students(tmp_path, monkeypatch)
     """DDP's ranks train another teacher and other students than one process (issue 23: 86.39% vs 86.11% on
     digits): the rank count is in their keys, so torchrun and one-process runs never share those entries, and
     what is keyed on the teacher (teacher_identity: recover, class statistics, diffusion) follows."""
-    from conftest import compose_cfg
+    from conftest import compose_cfg, stage_ctx
     from omegaconf import OmegaConf
 
     from ddist.runtime.artifacts import DistilledSet
@@ -158,11 +158,12 @@ def test_the_rank_count_keys_the_teacher_and_the_students(tmp_path, monkeypatch)
     cfg = compose_cfg(cache_dir=tmp_path, run_dir=tmp_path)
     ev = OmegaConf.merge(cfg.evaluate, {"protocol": "hard"})
     distilled = DistilledSet(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), {"sha256": "0" * 64})
+    ctx = stage_ctx(cfg, tmp_path)  # its device resolves evaluate.precision
 
     def keys(world: int) -> tuple[dict, dict, dict]:
         monkeypatch.setenv("WORLD_SIZE", str(world))  # torchrun's launch: the squeeze stage's ranks
         monkeypatch.setattr(distributed, "world", lambda: world)  # the ranks training the students now
-        return teacher_key(cfg), teacher_identity(cfg), student_base_key(cfg, ev, distilled, None)  # type: ignore[arg-type]
+        return teacher_key(cfg), teacher_identity(cfg), student_base_key(cfg, ev, distilled, ctx)
 
     one, two = keys(1), keys(2)
     assert one[0]["world_size"] == 1 and two[0]["world_size"] == 2  # declared always, 1 included
