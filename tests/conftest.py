@@ -52,6 +52,10 @@ TINY = [
 ]
 
 
+# Students in fp32, not evaluate.precision=auto: a test's numbers must not depend on whether the CPU has AMX.
+PINNED_PRECISION = "evaluate.precision=fp32"
+
+
 # A digits teacher that is trained (93% test accuracy) yet quick (~10 s on one CPU thread): the
 # realistic features (post-ReLU, correlated) the DEDA tests measure the regulariser on.
 TRAINED_TEACHER = ["teacher.epochs=8", "teacher.model.width=16"]
@@ -70,7 +74,7 @@ def compose_cfg(*overrides: str, cache_dir: Path, run_dir: Path):
             overrides=[
                 "logger=none",
                 "device=cpu",
-                "evaluate.precision=fp32",  # not auto: a test's numbers must not depend on whether the CPU has AMX
+                PINNED_PRECISION,
                 f"paths.cache_dir={cache_dir}",
                 f"paths.output_dir={run_dir}",
                 *overrides,
@@ -156,7 +160,7 @@ def run_ddist(
     args = [
         *flags,
         *(TINY if tiny else []),
-        "evaluate.precision=fp32",
+        PINNED_PRECISION,
         f"paths.cache_dir={cache_dir}",
         *(a for a in overrides if a not in flags),
     ]

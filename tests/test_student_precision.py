@@ -65,7 +65,7 @@ def test_an_fp32_student_keeps_its_key_and_a_bf16_one_gets_another(digits_set, m
     assert key("auto") == key("bf16")
 
 
-def test_bf16_students_train_and_test_in_bf16(digits_set):
+def test_bf16_students_train_and_test_in_bf16(digits_set, monkeypatch):
     cfg, ctx, path = digits_set
     from ddist.training.teacher import frozen_teacher, load_teacher
 
@@ -92,7 +92,7 @@ def test_bf16_students_train_and_test_in_bf16(digits_set):
         if isinstance(module, torch.nn.Conv2d) and module.training:
             seen["train"].add(out.dtype)
 
-    cohort.cohort_accuracy = spy
+    monkeypatch.setattr(cohort, "cohort_accuracy", spy)
     hook = torch.nn.modules.module.register_module_forward_hook(conv_dtype)
     try:
         fp32 = trained("fp32")
@@ -101,7 +101,6 @@ def test_bf16_students_train_and_test_in_bf16(digits_set):
         bf16 = trained("bf16")
     finally:
         hook.remove()
-        cohort.cohort_accuracy = real_accuracy
     assert torch.bfloat16 in seen["train"] and seen["test"] == {torch.bfloat16}
     assert 0.0 <= bf16 <= 1.0 and abs(bf16 - fp32) < 0.25  # two epochs on 20 images: same ballpark, not equal
 

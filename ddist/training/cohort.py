@@ -217,7 +217,7 @@ def train_cohort(
 
     def scores() -> list[float]:
         return distributed.from_main(
-            lambda: cohort_accuracy(net, where, shared.test, ctx, (ev.test_batch_size, layout, precision))
+            lambda: cohort_accuracy(net, where, shared.test, ctx, (ev.test_batch_size, layout), precision)
         )
 
     callbacks: list[Callback] = [Log(ev.log_every, total, write)]
@@ -254,12 +254,13 @@ def cohort_accuracy(
     where: Sequence[tuple[int, int]],
     ds: Any,
     ctx: RunContext,
-    batching: tuple[int, torch.memory_format, str],
+    batching: tuple[int, torch.memory_format],
+    precision: str,
 ) -> list[float]:
     """Top-1 accuracy (a fraction) of every member on a real split, all from one pass over it
-    (`batching`: the batch size, the layout of the students' inputs and the precision they train in,
-    which their forward passes here use too)."""
-    batch_size, layout, precision = batching
+    (`batching`: the batch size and the layout of the students' inputs), under the autocast
+    `precision` they trained in."""
+    batch_size, layout = batching
     net.eval()
     correct = [0] * len(where)
     total = 0
