@@ -34,6 +34,7 @@ ERRORS = [
     (["seed=-1"], r"seed must be an integer in \[0"),  # numpy's SeedSequence: ValueError
     (["ipc=0"], "ipc"),
     (["threads=0"], "threads"),
+    (["checkpoint_interval=-1"], "checkpoint_interval"),
     (["evaluate.batch_size=0"], "evaluate.batch_size"),
     (["evaluate.epochs=0"], "evaluate.epochs"),
     (["evaluate.repeats=0"], "evaluate.repeats"),

@@ -244,7 +244,7 @@ def test_a_killed_cohort_resumes_each_student_from_its_own_checkpoint(tmp_path):
     uninterrupted run."""
     from conftest import kill_when, start_forked_run
 
-    common = ["pipeline=random", "evaluate.repeats=3", "evaluate.epochs=40"]
+    common = ["pipeline=random", "evaluate.repeats=3", "evaluate.epochs=40", "checkpoint_interval=0"]
     full = run_pipeline(*common, "evaluate.parallel=3", run_dir=tmp_path / "full", cache_dir=tmp_path / "c_full")
     for k in (3, 1):
         cache = tmp_path / f"c_kill{k}"

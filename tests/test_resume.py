@@ -18,6 +18,7 @@ from ddist.diffusion.sampling import make_scheduler
 from ddist.logging import RunLogger
 from ddist.models.diffusion import PixelCodec, pixel_denoiser
 from ddist.runtime.artifacts import load_checkpoint
+from ddist.training import engine
 from ddist.training.denoiser import Phase, TrainData, train_denoiser
 from ddist.training.engine import Loop, Optim
 from ddist.training.loop import CHECKPOINT, Amp, Logging, fit
@@ -68,10 +69,48 @@ def test_fit_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(tmp_pa
     assert not (tmp_path / CHECKPOINT).exists()  # a finished fit leaves no partial checkpoint
 
 
+def test_a_throttle_spaces_checkpoints_and_decides_once_per_step_for_all_that_share_it(tmp_path, monkeypatch):
+    """A clock that ticks one second per reading: with a 2.5 s throttle the checkpoints due every step
+    are taken at steps 3 and 6 (the first due 2.5 s after the last), and a second Checkpoint that reads
+    the clock later within the same step (a cohort's next student) decides alike."""
+    ticks = iter(range(100))
+    monkeypatch.setattr(engine.time, "monotonic", lambda: float(next(ticks)))
+    saved: list[tuple[str, int]] = []
+    monkeypatch.setattr(engine, "save_partial", lambda work_dir, step, parts: saved.append((work_dir.name, step)))
+    throttle = engine.Throttle(2.5)  # made at t = 0
+    students = [engine.Checkpoint(tmp_path / name, 1, 100, {}, throttle) for name in ("a", "b")]
+    for done in range(1, 8):
+        for checkpoint in students:
+            checkpoint.on_step(done, torch.tensor(0.0), {})
+    assert saved == [("a", 3), ("b", 3), ("a", 6), ("b", 6)]
+
+
+def test_checkpoint_interval_spaces_the_fit_checkpoints_in_time(tmp_path, monkeypatch):
+    """fit with a long checkpoint_interval saves none of its epochs; with 0 it saves every one."""
+    saved: list[int] = []
+    monkeypatch.setattr(engine, "save_partial", lambda work_dir, step, parts: saved.append(step))
+    for interval, want in ((3600.0, []), (0.0, [3, 6, 9])):
+        saved.clear()
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        stream = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(12)]
+        fit(
+            model,
+            stream,
+            lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
+            Optim(opt, list(model.parameters())),
+            Loop(total=12, desc="t", stage="t", hint=""),
+            Logging(RunLogger(None), every=100, steps_per_epoch=3),
+            work_dir=tmp_path,
+            checkpoint_interval=interval,
+        )
+        assert saved == want
+
+
 @pytest.mark.slow
 def test_a_killed_teacher_training_resumes_to_the_same_weights(tmp_path, caplog):
     """The run that is killed is a forked child (SIGKILL); the reference and the rerun run in-process."""
-    args = ["pipeline.stages=[squeeze]", "teacher.epochs=8"]
+    args = ["pipeline.stages=[squeeze]", "teacher.epochs=8", "checkpoint_interval=0"]
     run_pipeline(*args, run_dir=tmp_path / "ref", cache_dir=tmp_path / "ref_cache")
     cache = tmp_path / "cache"
     proc = start_forked_run(*args, run_dir=tmp_path / "a", cache_dir=cache)

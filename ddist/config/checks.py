@@ -72,6 +72,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "recover.class_stats.images_per_class": (AT_LEAST_1[0], "an integer >= 1 (real images per class), or null for all"),
     "recover.class_stats.batch_size": AT_LEAST_1,
     "dataset.val_per_class": (AT_LEAST_0[0], "an integer >= 0 (images per class carved from train), or null"),
+    "checkpoint_interval": (NON_NEGATIVE[0], "a number of seconds >= 0 (0: a checkpoint every epoch)"),
     "shard.count": AT_LEAST_1,
     "shard.index": AT_LEAST_0,
     "diffusion.train.checkpoint_every": AT_LEAST_1,

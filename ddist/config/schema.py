@@ -441,6 +441,7 @@ class Config:
     compile: bool = MISSING
     threads: Any = MISSING  # auto or a count (checked in ddist.runtime.threads)
     cpu_allocator: Literal["cache", "system"] = MISSING  # ddist.runtime.allocator
+    checkpoint_interval: float = MISSING  # seconds at least between the teacher's or students' checkpoints
     dry_run: bool = MISSING
     objective_metric: str | None = MISSING  # the results value a job returns to an optimising sweeper
     shard: ShardConfig = MISSING

@@ -80,7 +80,7 @@ def train_teacher(cfg: Config, ctx: RunContext, entry: Path) -> None:
     cache_dir = Path(cfg.paths.cache_dir)
     path, meta_path = entry / "teacher.pt", entry / "meta.json"
 
-    # -- train on the real train split (resumable: fit checkpoints each epoch into the entry)
+    # -- train on the real train split (resumable: fit checkpoints epochs into the entry, checkpoint_interval apart)
     seed_everything(cfg.teacher.seed)
     train, test = load_split(cfg.dataset, "train", cache_dir), load_split(cfg.dataset, "test", cache_dir)
     model = build_teacher(cfg, spec).to(device)
@@ -117,6 +117,7 @@ def train_teacher(cfg: Config, ctx: RunContext, entry: Path) -> None:
         ),
         work_dir=entry,
         amp=Amp(cfg.precision, cfg.compile),
+        checkpoint_interval=cfg.checkpoint_interval,
     )
 
     # -- measure and cache on rank 0 (checkpoint first, meta last: meta marks a complete entry)

@@ -15,8 +15,9 @@ A summed loss gives each student exactly its own gradient, and SGD/AdamW update 
 alone, so this is K separate trainings. `evaluate.stacking` says how a stack computes its K copies:
 `grouped` as one stacked model (ddist.models.stack: grouped convolutions, equal to the copies within
 float rounding) or `none`, each copy its own forward (byte-identical to training each student alone).
-Gradient clipping is per student. Each student checkpoints into its own store entry in the format
-of a student trained alone, so a killed cohort resumes, alone or in any cohort.
+Gradient clipping is per student. Each student checkpoints (at the end of an epoch, `checkpoint_interval`
+seconds after the last) into its own store entry in the format of a student trained alone, so a killed
+cohort resumes, alone or in any cohort.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ddist.objectives.distill import hard_label_loss, soft_label_loss
 from ddist.runtime import distributed
 from ddist.runtime.artifacts import DistilledSet
 from ddist.runtime.context import RunContext
-from ddist.training.engine import Callback, Checkpoint, Log, Loop, Optim, run_loop
+from ddist.training.engine import Callback, Checkpoint, Log, Loop, Optim, Throttle, run_loop
 from ddist.training.loop import (
     autocast,
     epochs_for,
@@ -156,12 +157,14 @@ def train_cohort(
     optim = Optim(optimizer, list(net.parameters()), schedule, ev.clip_grad_norm, scaler)
     if len(members) > 1:
         optim.clip = per_copy_clip(net)
+    throttle = Throttle(cfg.checkpoint_interval)  # one for all: the students checkpoint at the same steps
     checkpoints = [
         Checkpoint(
             m.work,
             steps_per_epoch,
             total,
             member_parts(net, optimizer, where[i], {"schedule": schedule, "scaler": scaler}),
+            throttle,
         )
         for i, m in enumerate(members)
     ]

@@ -11,14 +11,15 @@ run_loop(step_fn, batches, optim, callbacks, loop):
 
 Callbacks are tiny objects (below): EMA (an average of the weights), ClampPixels (the image range),
 Log (every `every` steps and at the last), Checkpoint (every `every` steps into a work directory,
-which also gives the step to resume at). They run in list order after the update, so an EMA before
-a Checkpoint is saved updated. Gradient clipping and the lr schedule belong to the update itself
-(clipping sits between backward and step), so they are Optim's fields; DDP is the step function's
-(it calls the model through ddist.runtime.distributed.wrap).
+which also gives the step to resume at; a Throttle spaces them in time). They run in list order
+after the update, so an EMA before a Checkpoint is saved updated. Gradient clipping and the lr
+schedule belong to the update itself (clipping sits between backward and step), so they are Optim's
+fields; DDP is the step function's (it calls the model through ddist.runtime.distributed.wrap).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,13 +144,43 @@ class Log(Callback):
             self.write(done, loss, parts)
 
 
-class Checkpoint(Callback):
-    """Every `every` steps (but the last) rank 0 saves `parts` (anything with state_dict) into
-    work_dir's partial checkpoint (ddist.training.loop.save_partial); resume() loads it and says the
-    step to start at; the finished loop removes it (its caller keeps the result). No work_dir: off."""
+class Throttle:
+    """Spaces checkpoints in time: of the steps where one is due, take(step) says yes to the first that
+    comes at least `seconds` after the last one taken (or after the Throttle was made); 0: to all.
+    It decides once per step, so the Checkpoints that share one (a cohort's students) save at the
+    same steps and resume together. A kill then loses at most `seconds` plus one saving period."""
 
-    def __init__(self, work_dir: Path | None, every: int, total: int, parts: Mapping[str, Any]) -> None:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = time.monotonic()
+        self.decided = (-1, False)  # (step, taken) of the last decision
+
+    def take(self, step: int) -> bool:
+        if self.decided[0] != step:
+            now = time.monotonic()
+            taken = now - self.last >= self.seconds
+            if taken:
+                self.last = now
+            self.decided = (step, taken)
+        return self.decided[1]
+
+
+class Checkpoint(Callback):
+    """Every `every` steps (but the last), where `throttle` takes it (None: always), rank 0 saves
+    `parts` (anything with state_dict) into work_dir's partial checkpoint (save_partial); resume()
+    loads it and says the step to start at; the finished loop removes it (its caller keeps the
+    result). No work_dir: off."""
+
+    def __init__(
+        self,
+        work_dir: Path | None,
+        every: int,
+        total: int,
+        parts: Mapping[str, Any],
+        throttle: Throttle | None = None,
+    ) -> None:
         self.work_dir, self.every, self.total, self.parts = work_dir, every, total, parts
+        self.throttle = throttle
 
     def resume(self, desc: str) -> int:
         start = resume(self.work_dir, self.parts)
@@ -158,7 +189,9 @@ class Checkpoint(Callback):
         return start
 
     def on_step(self, done: int, loss: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> None:
-        if self.work_dir is not None and done % self.every == 0 and done < self.total and distributed.is_main():
+        if self.work_dir is None or done % self.every or done >= self.total:
+            return
+        if (self.throttle is None or self.throttle.take(done)) and distributed.is_main():
             save_partial(self.work_dir, done, self.parts)
 
     def on_end(self) -> None:

@@ -7,7 +7,8 @@ fit:
         loss = loss_fn(model, batch)
         step the optimiser and the per-step lr schedule (gradients clipped when asked)
         every log_every steps: log loss and lr against the stage's step
-        every epoch: checkpoint (model, optimiser, schedule, step) into the work directory
+        at the end of an epoch, checkpoint_interval seconds after the last: checkpoint (model, optimiser,
+        schedule, step) into the work directory
 
 Under torchrun the model is DistributedDataParallel: every rank replays the same stream and
 its loss_fn trains on its part of each batch (ddist.runtime.distributed.my_part), so the batch size,
@@ -42,7 +43,7 @@ from ddist.data import ImageDataset, torch_dataset
 from ddist.errors import ConfigError
 from ddist.logging import RunLogger
 from ddist.runtime import distributed
-from ddist.training.engine import CHECKPOINT, Checkpoint, Log, Loop, Optim, check_finite, run_loop
+from ddist.training.engine import CHECKPOINT, Checkpoint, Log, Loop, Optim, Throttle, check_finite, run_loop
 
 __all__ = ["CHECKPOINT", "check_finite"]  # re-exported: where the checkpoint and divergence check used to live
 
@@ -193,14 +194,16 @@ def fit(
     log: Logging,
     work_dir: Path | None = None,
     amp: Amp | None = None,
+    checkpoint_interval: float = 0.0,
 ) -> None:
     """Train `model` on `stream` (loop.total batches, an epoch every `log.steps_per_epoch`) with
-    `optim` (its params: the model's); `work_dir` enables the per-epoch checkpoint and resume."""
+    `optim` (its params: the model's); `work_dir` enables the checkpoint at the end of an epoch, at
+    least `checkpoint_interval` seconds after the last (0: every epoch), and the resume from it."""
     amp = amp or Amp()
     device_type = next(model.parameters()).device.type
     optim.scaler = torch.amp.GradScaler(device_type, enabled=amp.precision == "fp16")
     parts = {"model": model, "optimizer": optim.optimizer, "schedule": optim.schedule, "scaler": optim.scaler}
-    checkpoint = Checkpoint(work_dir, log.steps_per_epoch, loop.total, parts)
+    checkpoint = Checkpoint(work_dir, log.steps_per_epoch, loop.total, parts, Throttle(checkpoint_interval))
     start = checkpoint.resume(loop.desc)
     # torch.compile of a Module returns a Module (OptimizedModule); its stubs only promise a callable
     forward = distributed.wrap(model)  # DDP under torchrun: gradients averaged over the ranks
