@@ -100,9 +100,8 @@ def test_checkpoint_interval_spaces_the_fit_checkpoints_in_time(tmp_path, monkey
             lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
             Optim(opt, list(model.parameters())),
             Loop(total=12, desc="t", stage="t", hint=""),
-            Logging(RunLogger(None), every=100, steps_per_epoch=3),
+            Logging(RunLogger(None), every=100, steps_per_epoch=3, checkpoint_interval=interval),
             work_dir=tmp_path,
-            checkpoint_interval=interval,
         )
         assert saved == want
 

@@ -114,10 +114,10 @@ def train_teacher(cfg: Config, ctx: RunContext, entry: Path) -> None:
             steps_per_epoch=steps_per_epoch,
             test=lambda: distributed.from_main(lambda: accuracy(model, test, spec, device)),
             test_every=tcfg.eval_every,
+            checkpoint_interval=cfg.checkpoint_interval,
         ),
         work_dir=entry,
         amp=Amp(cfg.precision, cfg.compile),
-        checkpoint_interval=cfg.checkpoint_interval,
     )
 
     # -- measure and cache on rank 0 (checkpoint first, meta last: meta marks a complete entry)

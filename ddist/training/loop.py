@@ -164,12 +164,14 @@ def autocast(precision: str, device_type: str):
 @dataclass
 class Logging:
     """Where and how often a classifier loop logs: `logger` every `every` steps, its names prefixed
-    by `key` (default: the loop's stage); `steps_per_epoch` also spaces the checkpoints."""
+    by `key` (default: the loop's stage); `steps_per_epoch` also spaces the checkpoints, at the end of
+    an epoch at least `checkpoint_interval` seconds after the last (0: every epoch)."""
 
     logger: RunLogger
     every: int
     steps_per_epoch: int
     key: str | None = None
+    checkpoint_interval: float = 0.0
     # the model's accuracy on its test split, logged as `key`/test_acc every `test_every` epochs
     # (0: never) before the last step, which the caller measures and logs as the reported number
     test: Callable[[], float] | None = None
@@ -194,16 +196,15 @@ def fit(
     log: Logging,
     work_dir: Path | None = None,
     amp: Amp | None = None,
-    checkpoint_interval: float = 0.0,
 ) -> None:
     """Train `model` on `stream` (loop.total batches, an epoch every `log.steps_per_epoch`) with
-    `optim` (its params: the model's); `work_dir` enables the checkpoint at the end of an epoch, at
-    least `checkpoint_interval` seconds after the last (0: every epoch), and the resume from it."""
+    `optim` (its params: the model's); `work_dir` enables the checkpoints (spaced by `log`) and the
+    resume from the last."""
     amp = amp or Amp()
     device_type = next(model.parameters()).device.type
     optim.scaler = torch.amp.GradScaler(device_type, enabled=amp.precision == "fp16")
     parts = {"model": model, "optimizer": optim.optimizer, "schedule": optim.schedule, "scaler": optim.scaler}
-    checkpoint = Checkpoint(work_dir, log.steps_per_epoch, loop.total, parts, Throttle(checkpoint_interval))
+    checkpoint = Checkpoint(work_dir, log.steps_per_epoch, loop.total, parts, Throttle(log.checkpoint_interval))
     start = checkpoint.resume(loop.desc)
     # torch.compile of a Module returns a Module (OptimizedModule); its stubs only promise a callable
     forward = distributed.wrap(model)  # DDP under torchrun: gradients averaged over the ranks
