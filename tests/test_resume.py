@@ -71,13 +71,12 @@ def test_fit_resumes_from_the_last_epoch_and_matches_an_uninterrupted_run(tmp_pa
 
 def test_a_throttle_spaces_checkpoints_and_decides_once_per_step_for_all_that_share_it(tmp_path, monkeypatch):
     """A clock that ticks one second per reading: with a 2.5 s throttle the checkpoints due every step
-    are taken at steps 3 and 6 (the first due 2.5 s after the last), and a second Checkpoint that reads
-    the clock later within the same step (a cohort's next student) decides alike."""
+    are taken at steps 3 and 6 (the first due 2.5 s after the last), and a second Checkpoint asking in
+    the same step (a cohort's next student), when the clock has moved on, gets the same answer."""
     ticks = iter(range(100))
-    monkeypatch.setattr(engine.time, "monotonic", lambda: float(next(ticks)))
     saved: list[tuple[str, int]] = []
     monkeypatch.setattr(engine, "save_partial", lambda work_dir, step, parts: saved.append((work_dir.name, step)))
-    throttle = engine.Throttle(2.5)  # made at t = 0
+    throttle = engine.Throttle(2.5, clock=lambda: float(next(ticks)))  # made at t = 0
     students = [engine.Checkpoint(tmp_path / name, 1, 100, {}, throttle) for name in ("a", "b")]
     for done in range(1, 8):
         for checkpoint in students:

@@ -150,14 +150,14 @@ class Throttle:
     It decides once per step, so the Checkpoints that share one (a cohort's students) save at the
     same steps and resume together. A kill then loses at most `seconds` plus one saving period."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.last = time.monotonic()
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self.clock = seconds, clock
+        self.last = clock()
         self.decided = (-1, False)  # (step, taken) of the last decision
 
     def take(self, step: int) -> bool:
         if self.decided[0] != step:
-            now = time.monotonic()
+            now = self.clock()
             taken = now - self.last >= self.seconds
             if taken:
                 self.last = now
