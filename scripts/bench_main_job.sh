@@ -39,8 +39,8 @@ for round in $(seq 1 "$rounds"); do
 import re, sys
 text, (round_, rev) = open(sys.argv[1]).read(), sys.argv[2:]
 def grab(pattern): return re.search(pattern, text)
-h, m, s = ("0:" * 2 + grab(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)")[1]).split(":")[-3:]
-wall = 3600 * float(h) + 60 * float(m) + float(s)
+elapsed = grab(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)")[1].split(":")  # [h:]m:ss
+wall = sum(float(part) * 60**i for i, part in enumerate(reversed(elapsed)))
 cpu = float(grab(r"User time \(seconds\): (\S+)")[1]) + float(grab(r"System time \(seconds\): (\S+)")[1])
 peak = int(grab(r"Maximum resident set size \(kbytes\): (\d+)")[1]) // 1024
 stages = grab(r"time: (.*)")

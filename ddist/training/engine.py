@@ -166,7 +166,7 @@ class Throttle:
 
 
 class Checkpoint(Callback):
-    """Every `every` steps (but the last), where `throttle` takes it (None: always), rank 0 saves
+    """Every `every` steps (but the last), where `throttle` takes it (default: always), rank 0 saves
     `parts` (anything with state_dict) into work_dir's partial checkpoint (save_partial); resume()
     loads it and says the step to start at; the finished loop removes it (its caller keeps the
     result). No work_dir: off."""
@@ -180,7 +180,7 @@ class Checkpoint(Callback):
         throttle: Throttle | None = None,
     ) -> None:
         self.work_dir, self.every, self.total, self.parts = work_dir, every, total, parts
-        self.throttle = throttle
+        self.throttle = throttle if throttle is not None else Throttle(0.0)
 
     def resume(self, desc: str) -> int:
         start = resume(self.work_dir, self.parts)
@@ -191,7 +191,7 @@ class Checkpoint(Callback):
     def on_step(self, done: int, loss: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> None:
         if self.work_dir is None or done % self.every or done >= self.total:
             return
-        if (self.throttle is None or self.throttle.take(done)) and distributed.is_main():
+        if self.throttle.take(done) and distributed.is_main():
             save_partial(self.work_dir, done, self.parts)
 
     def on_end(self) -> None:
