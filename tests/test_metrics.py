@@ -55,6 +55,22 @@ def test_ssim_of_constant_images_by_hand():
     assert diversity.mean_pairwise_ssim(images) == pytest.approx((1 + 2 * x) / 3, abs=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(6, 1, 16, 16), (5, 3, 32, 32), (4, 3, 6, 9)])
+def test_ssim_equals_torchmetrics(shape):
+    # ddist's SSIM is written out (analyse need not import torchmetrics); it must give torchmetrics'
+    # numbers, on pairs that are alike (a shared image plus noise), so the structure term matters
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(shape[1:], generator=g)
+    images = (base + 0.3 * torch.rand(shape, generator=g)).clamp(0, 1)
+    i, j = torch.triu_indices(shape[0], shape[0], offset=1)
+    expected = structural_similarity_index_measure(images[i], images[j], data_range=1.0, reduction="none")
+    assert float(expected.mean()) > 0.3
+    assert diversity.mean_pairwise_ssim(images) == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert diversity.mean_pairwise_ssim(images, chunk=4) == pytest.approx(float(expected.mean()), abs=1e-5)
+
+
 def test_pairwise_cosine_by_hand():
     feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     # pairs: 0, 1/sqrt2, 1/sqrt2
