@@ -11,6 +11,7 @@ from torch import nn
 
 from ddist.errors import ConfigError
 from ddist.models import MODEL_NAMES, build_model, preset_names, student_config
+from ddist.models.base import spatial_mean
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 SIZES = [(1, 16), (3, 32), (3, 64)]
@@ -71,6 +72,27 @@ def test_stage_features_are_pooled_block_outputs():
     assert torch.allclose(feats["stage1"], block1.mean(dim=(2, 3)))
     assert torch.allclose(feats["stage2"], block2.mean(dim=(2, 3)))
     assert torch.equal(feats["penultimate"], block2.flatten(1))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_spatial_mean_is_the_mean_with_its_gradient_in_the_input_layout(layout):
+    # a map that feeds the next conv and, afterwards, its stage feature (as FeatureModel.features after
+    # _trunk, in DEDA's recover): the two gradients meet at it, the feature's first. torch's mean backward
+    # made their sum NCHW for a channels_last map (then every layer below ran its NCHW backward and
+    # converted layouts). The values must be the mean's, forward and backward.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1).to(memory_format=layout)
+    x0, grads = torch.randn(3, 4, 6, 6).contiguous(memory_format=layout), {}
+    for name, mean in (("torch", lambda t: t.mean(dim=(2, 3))), ("ddist", spatial_mean)):
+        x = x0.clone().requires_grad_()
+        h = torch.relu(x)
+        h.register_hook(lambda g, name=name: grads.setdefault(name, g))
+        out = conv(h)
+        y = mean(h)
+        assert torch.equal(y, h.detach().mean(dim=(2, 3)))
+        (y.square().sum() + out.square().sum()).backward()
+    assert torch.equal(grads["ddist"], grads["torch"])
+    assert grads["ddist"].is_contiguous(memory_format=layout)
 
 
 def test_convnet_stops_pooling_at_one_pixel():

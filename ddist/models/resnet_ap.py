@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ddist.models.base import FeatureModel, make_norm
+from ddist.models.base import FeatureModel, make_norm, spatial_mean
 
 WIDTHS = (64, 128, 256, 512)
 
@@ -76,7 +76,7 @@ class ResNetAP10(FeatureModel):
         for layer in self.layers:
             x = layer(x)
             stages.append(x)
-        return stages, x.mean(dim=(2, 3))
+        return stages, spatial_mean(x)
 
 
 def min_resolution(stem: str) -> int:
