@@ -76,9 +76,9 @@ def mean_pairwise_ssim(images01: torch.Tensor, chunk: int = 256) -> float:
                      (2 mu_a mu_b + C1)(2 sigma_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(sigma_a^2 + sigma_b^2 + C2)),
     the variances clamped at 0 against rounding; then the mean over pairs. This is torchmetrics'
     `structural_similarity_index_measure(a, b, data_range=1.0)` (the test checks it to 1e-5),
-    written here so the analyse stage does not import torchmetrics (1.3 s of start-up, with
-    torchvision and torch._dynamo another 1.1 s, in a 40 s main job) and so each image's local
-    mean and variance are computed once, not once per pair. Images must be in [0, 1] and at
+    written here so a run that computes no FID never imports torchmetrics (1.3 s, of which
+    matplotlib, which the figures load anyway, is 0.4 s, in a 40 s main job) and so each image's
+    local mean and variance are computed once, not once per pair. Images must be in [0, 1] and at
     least 6 pixels on a side (reflection padding by 5). NaN for fewer than two images.
     """
     n = images01.shape[0]

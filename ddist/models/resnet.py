@@ -5,10 +5,11 @@ import pickle
 from urllib.parse import urlparse
 
 import torch
+import torchvision
 from torch import nn
 
 from ddist.errors import ConfigError
-from ddist.models.base import FeatureModel, spatial_mean
+from ddist.models.base import FeatureModel
 
 
 class TorchvisionResNet(FeatureModel):
@@ -33,8 +34,6 @@ class TorchvisionResNet(FeatureModel):
 
     def __init__(self, arch: str, num_classes: int, channels: int, stem: str):
         super().__init__()
-        import torchvision  # on use: it pulls in torch._dynamo (~1 s of start-up), and most runs build no ResNet
-
         net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         if stem == "cifar":
             net.conv1 = _kaiming(nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False))
@@ -60,7 +59,7 @@ class TorchvisionResNet(FeatureModel):
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
             stages.append(x)
-        return stages, spatial_mean(x)
+        return stages, x.mean(dim=(2, 3))
 
 
 def _kaiming(conv: nn.Conv2d) -> nn.Conv2d:
@@ -113,8 +112,6 @@ def _weights(arch: str, pretrained: bool | str):
     """The torchvision weights enum member `pretrained` names, or None for no weights."""
     if pretrained is False or pretrained is None:
         return None
-    import torchvision  # as in TorchvisionResNet
-
     enum = torchvision.models.get_model_weights(arch)
     if pretrained is True:
         return enum.DEFAULT
