@@ -95,6 +95,15 @@ def test_spatial_mean_is_the_mean_with_its_gradient_in_the_input_layout(layout):
     assert grads["ddist"].is_contiguous(memory_format=layout)
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_global_average_pool_is_spatial_mean(name):
+    # the stage features, and the ResNets' head (ConvNet's penultimate is its flattened map)
+    model = build_model(name, num_classes=10, channels=3, resolution=32)
+    _, feats = model.forward_features(torch.randn(2, 3, 32, 32))
+    pooled = [key for key in feats if key != "penultimate" or name != "convnet"]
+    assert {key: type(feats[key].grad_fn).__name__ for key in pooled} == dict.fromkeys(pooled, "_SpatialMeanBackward")
+
+
 def test_convnet_stops_pooling_at_one_pixel():
     model = build_model({"name": "convnet", "depth": 6, "width": 4}, 10, 1, 16)
     pools = [isinstance(b[-1], nn.AvgPool2d) for b in model.blocks]

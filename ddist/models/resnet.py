@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from ddist.errors import ConfigError
-from ddist.models.base import FeatureModel
+from ddist.models.base import FeatureModel, spatial_mean
 
 
 class TorchvisionResNet(FeatureModel):
@@ -59,7 +59,7 @@ class TorchvisionResNet(FeatureModel):
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = layer(x)
             stages.append(x)
-        return stages, x.mean(dim=(2, 3))
+        return stages, spatial_mean(x)
 
 
 def _kaiming(conv: nn.Conv2d) -> nn.Conv2d:
