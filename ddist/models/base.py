@@ -34,8 +34,8 @@ class _SpatialMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.shape = x.shape
-        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        ctx.layout = torch.channels_last if channels_last else torch.contiguous_format
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.layout = torch.channels_last if channels_last else torch.contiguous_format  # NCHW where ambiguous
         return x.mean(dim=(2, 3))
 
     @staticmethod
