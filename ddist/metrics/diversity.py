@@ -93,8 +93,9 @@ def mean_pairwise_ssim(images01: torch.Tensor, chunk: int = 256) -> float:
     # Chunked: a class of 50 images has 1225 pairs, more at ImageNet resolution than fit at once.
     for start in range(0, len(i), chunk):
         a, b = i[start : start + chunk], j[start : start + chunk]
-        cov = _local_mean(x[a] * x[b], window) - mu[a] * mu[b]
-        luminance = (2 * mu[a] * mu[b] + _SSIM_C1) / (mu[a] ** 2 + mu[b] ** 2 + _SSIM_C1)
+        mu_a, mu_b = mu[a], mu[b]  # gathered once: each index copies a chunk of maps
+        cov = _local_mean(x[a] * x[b], window) - mu_a * mu_b
+        luminance = (2 * mu_a * mu_b + _SSIM_C1) / (mu_a**2 + mu_b**2 + _SSIM_C1)
         structure = (2 * cov + _SSIM_C2) / (var[a] + var[b] + _SSIM_C2)
         total += float((luminance * structure).flatten(1).mean(1).sum())
     return total / len(i)
